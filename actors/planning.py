@@ -1,0 +1,139 @@
+"""Planning: how many docs to draw for each (node, task) on one Manager tick.
+
+need = min(max_in_flight - in_flight, target - in_flight - valid samples younger than
+the TTL) (docs already in flight will fill the buffer too, so they are not drawn twice),
+further limited by task dependencies, the node's hourly budget and failure backoff.
+This is the Manager's hot path (100,000 pairs a round at scale), so it is plain
+Python over small slotted objects: no pydantic, no per-pair allocations beyond the
+result.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class PairState:
+    """What the Manager knows about one (node, task)."""
+
+    # (created_at, doc_id) of valid samples, oldest first; expired ones are dropped lazily.
+    valid: deque[tuple[float, int]] = field(default_factory=deque)
+    in_flight: set[int] = field(default_factory=set)
+    # docs planned but not yet drawn by a Sampler (their ids are not known yet)
+    reserved: int = 0
+    # docs whose sample failed on the bench's side this epoch: not redrawn until the next
+    skip: set[int] = field(default_factory=set)
+    skip_epoch: int = -1
+    consecutive_failures: int = 0
+    backoff_until: float = 0.0
+
+    def valid_count(self, now: float, ttl_s: float) -> int:
+        horizon = now - ttl_s
+        valid = self.valid
+        while valid and valid[0][0] <= horizon:
+            valid.popleft()
+        return len(valid)
+
+    def valid_doc_ids(self) -> list[int]:
+        return [doc_id for _, doc_id in self.valid]
+
+
+@dataclass(slots=True)
+class NodeBudget:
+    """Docs dispatched to a node in the current hour window."""
+
+    window_start: float = 0.0
+    used: int = 0
+
+    def remaining(self, now: float, per_hour: int) -> int:
+        if now - self.window_start >= 3600.0:
+            self.window_start = now
+            self.used = 0
+        return per_hour - self.used
+
+
+@dataclass(frozen=True, slots=True)
+class PlanLimits:
+    target_samples: int
+    max_in_flight: int
+    sample_ttl_s: float
+    node_budget_per_hour: int
+    # task -> tasks whose buffers must be full for that node before it is planned
+    dependencies: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanItem:
+    node_id: str
+    task: str
+    count: int
+
+
+def plan_samples(
+    node_tasks: Iterable[tuple[str, Sequence[str]]],
+    states: Mapping[tuple[str, str], PairState],
+    budgets: Mapping[str, NodeBudget],
+    limits: PlanLimits,
+    now: float,
+) -> list[PlanItem]:
+    """Plan one round. ``node_tasks`` yields (node_id, tasks to measure on it).
+
+    Pairs missing from ``states`` are treated as empty. Budgets are consumed here so that
+    the caller dispatches exactly what was planned.
+    """
+    target = limits.target_samples
+    max_in_flight = limits.max_in_flight
+    ttl = limits.sample_ttl_s
+    per_hour = limits.node_budget_per_hour
+    deps = limits.dependencies
+    plan: list[PlanItem] = []
+    append = plan.append
+    empty = PairState()
+    for node_id, tasks in node_tasks:
+        budget = budgets.get(node_id)
+        remaining = budget.remaining(now, per_hour) if budget is not None else per_hour
+        if remaining <= 0:
+            continue
+        full: dict[str, bool] | None = None
+        for task in tasks:
+            state = states.get((node_id, task), empty)
+            if state.backoff_until > now:
+                continue
+            required = deps.get(task)
+            if required:
+                if full is None:
+                    full = {}
+                blocked = False
+                for dep in required:
+                    ok = full.get(dep)
+                    if ok is None:
+                        dep_state = states.get((node_id, dep), empty)
+                        ok = full[dep] = dep_state.valid_count(now, ttl) >= target
+                    if not ok:
+                        blocked = True
+                        break
+                if blocked:
+                    continue
+            in_flight = len(state.in_flight) + state.reserved
+            need = min(max_in_flight - in_flight, target - in_flight - state.valid_count(now, ttl))
+            if need <= 0:
+                continue
+            if need > remaining:
+                need = remaining
+            remaining -= need
+            if budget is not None:
+                budget.used += need
+            append(PlanItem(node_id, task, need))
+            if remaining <= 0:
+                break
+    return plan
+
+
+def backoff_s(consecutive_failures: int, after: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff once a node has failed ``after`` samples in a row."""
+    if consecutive_failures < after:
+        return 0.0
+    return min(max_s, base_s * (2.0 ** (consecutive_failures - after)))

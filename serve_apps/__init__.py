@@ -1,0 +1,1 @@
+"""Ray Serve applications (LLM node, diffusion node, jobs, evaluations, proof of compute)."""

@@ -1,0 +1,83 @@
+from actors.planning import NodeBudget, PairState, PlanItem, PlanLimits, backoff_s, plan_samples
+
+NOW = 1_000_000.0
+TTL = 1000.0
+
+
+def limits(**kw: object) -> PlanLimits:
+    base: dict = dict(target_samples=50, max_in_flight=10, sample_ttl_s=TTL,
+                      node_budget_per_hour=10_000)
+    base.update(kw)
+    return PlanLimits(**base)
+
+
+def state(valid: int = 0, in_flight: int = 0, expired: int = 0) -> PairState:
+    s = PairState()
+    for i in range(expired):
+        s.valid.append((NOW - TTL - 1 - i, 1000 + i))
+    s.valid = type(s.valid)(sorted(s.valid))
+    for i in range(valid):
+        s.valid.append((NOW - 10 + i * 0.001, i))
+    s.in_flight = set(range(500, 500 + in_flight))
+    return s
+
+
+def test_need_is_bounded_by_in_flight_limit_and_target() -> None:
+    states = {("a", "t"): state(valid=0), ("b", "t"): state(valid=45), ("c", "t"): state(valid=50),
+              ("d", "t"): state(valid=10, in_flight=8)}
+    plan = plan_samples([(n, ["t"]) for n in "abcd"], states, {}, limits(), NOW)
+    assert plan == [PlanItem("a", "t", 10), PlanItem("b", "t", 5), PlanItem("d", "t", 2)]
+
+
+def test_expired_samples_do_not_count_and_are_dropped() -> None:
+    s = state(valid=45, expired=20)
+    plan = plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW)
+    assert plan == [PlanItem("a", "t", 5)]
+    assert len(s.valid) == 45
+
+
+def test_docs_in_flight_count_towards_the_target() -> None:
+    plan = plan_samples([("a", ["t"])], {("a", "t"): state(valid=45, in_flight=3)}, {},
+                        limits(), NOW)
+    assert plan == [PlanItem("a", "t", 2)]
+
+
+def test_reserved_docs_count_as_in_flight() -> None:
+    s = state()
+    s.reserved = 10
+    assert plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW) == []
+
+
+def test_backed_off_pairs_are_skipped_until_backoff_ends() -> None:
+    s = state()
+    s.backoff_until = NOW + 5
+    assert plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW) == []
+    assert plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW + 6) == [
+        PlanItem("a", "t", 10)]
+
+
+def test_dependencies_gate_a_task_until_its_prerequisite_is_full() -> None:
+    lim = limits(dependencies={"bench": ["signature"]})
+    states = {("a", "signature"): state(valid=49)}
+    plan = plan_samples([("a", ["signature", "bench"])], states, {}, lim, NOW)
+    assert plan == [PlanItem("a", "signature", 1)]
+    states = {("a", "signature"): state(valid=50)}
+    plan = plan_samples([("a", ["signature", "bench"])], states, {}, lim, NOW)
+    assert plan == [PlanItem("a", "bench", 10)]
+
+
+def test_node_budget_caps_docs_per_hour_and_resets() -> None:
+    budgets = {"a": NodeBudget(window_start=NOW)}
+    lim = limits(node_budget_per_hour=15)
+    plan = plan_samples([("a", ["t1", "t2"])], {}, budgets, lim, NOW)
+    assert plan == [PlanItem("a", "t1", 10), PlanItem("a", "t2", 5)]
+    assert plan_samples([("a", ["t1", "t2"])], {}, budgets, lim, NOW + 10) == []
+    assert sum(i.count for i in plan_samples([("a", ["t1", "t2"])], {}, budgets, lim,
+                                             NOW + 3601)) == 15
+
+
+def test_backoff_grows_exponentially_and_is_capped() -> None:
+    assert backoff_s(2, after=3, base_s=30, max_s=1800) == 0
+    assert backoff_s(3, after=3, base_s=30, max_s=1800) == 30
+    assert backoff_s(4, after=3, base_s=30, max_s=1800) == 60
+    assert backoff_s(20, after=3, base_s=30, max_s=1800) == 1800
