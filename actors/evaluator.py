@@ -116,4 +116,9 @@ class Evaluator:
         summary = summarize_buffer(
             node_id, task, recent, adapter.metric_names, now, aggregate=adapter.aggregate
         )
-        await mongo.buffers.set_summary(summary.model_dump())
+        entries = [
+            {k: row.get(k) for k in ("doc_id", "error_code", "metrics", "latency_s", "created_at")}
+            | {"sample_key": row["_id"]}
+            for row in reversed(recent)
+        ]
+        await mongo.buffers.set_summary(summary.model_dump(), entries)

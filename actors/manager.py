@@ -214,7 +214,8 @@ class Manager:
         for attempt in range(attempts):
             try:
                 mongo = await self._stores.mongo()
-                prompts = await mongo.prompts.by_sample_keys(keys)
+                by_key = await mongo.prompts.by_sample_keys(keys)
+                prompts = [p for key in keys for p in by_key.get(key, [])]
                 if not prompts:
                     return None
                 have = await mongo.relays.get_for_prompts([p.prompt_id for p in prompts])

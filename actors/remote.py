@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from actors.evaluator import Evaluator
+from actors.local import MongoRelaySink
 from actors.manager import Manager
 from actors.requester import Requester
 from actors.sampler import Sampler
@@ -30,22 +31,11 @@ SamplerActor = ray.remote(**_CHILD)(Sampler)
 EvaluatorActor = ray.remote(**_CHILD)(Evaluator)
 
 
-class MongoRelaySink:
-    """Where the Requester records every relay before returning it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._stores = StoreConnections(settings)
-
-    async def record_relays(self, relays: list[Relay]) -> None:
-        mongo = await self._stores.mongo()
-        await mongo.relays.record_relays(relays)
-
-
 class RequesterHost:
     """The Requester with its MongoDB sink, as one async actor."""
 
     def __init__(self, settings: Settings) -> None:
-        self._requester = Requester(settings.requester, MongoRelaySink(settings))
+        self._requester = Requester(settings.requester, MongoRelaySink(StoreConnections(settings)))
 
     async def relay(self, prompts: list[Prompt], nodes: dict[str, Node]) -> list[Relay]:
         return await self._requester.relay(prompts, nodes)

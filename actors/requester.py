@@ -1,0 +1,441 @@
+"""Requester: sends prompts to untrusted nodes and turns every outcome into a Relay.
+
+The throughput hot path of the measuring loop (DESIGN §3). A plain class; ``ray.remote``
+is applied in ``actors/remote.py`` (an async actor). One aiohttp session is reused for
+everything; a per-node and a global semaphore bound concurrency (a node's waiting
+prompts never hold a global slot). Each prompt yields exactly one Relay, in order:
+
+- 2xx with a JSON object body → ``OK`` (the object is the relay's ``response``);
+- anything the node does wrong → ``NODE`` with ``status`` and ``error``: timeouts,
+  refused or reset connections, non-2xx statuses, bodies that are not a JSON object,
+  bodies above ``response_size_cap_bytes``;
+- a bug on our side → ``RELAY``; a prompt whose node is not given → ``BAD_PARAMS``.
+
+Retries (up to ``max_retries``, exponential backoff with jitter) happen only where a retry
+is correct: connection failures before any response arrived, and HTTP 429/502/503/504.
+Never after a sent request timed out, never on 500, invalid JSON or an oversize body.
+
+Timing: ``ttft_s`` is the time to the response headers and ``latency_s`` the time to the
+end of the body, both of the final attempt; ``started_at``/``finished_at`` bracket all
+attempts (from the first send, after the concurrency slots were acquired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from yarl import URL
+
+from cluster.config import RequesterSettings
+from cluster.errors import ErrorCode
+from cluster.schemas import Node, Prompt, Relay
+from cluster.sla import SlaTimeout
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+MAX_BACKOFF_S = 30.0
+ERROR_SNIPPET_BYTES = 2048
+_SMALL_ERROR_BODY = 64 * 1024
+_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",  # compressed bodies would dodge the size cap
+    "User-Agent": "testbench-requester/0.1",
+}
+
+try:  # orjson is faster when it is installed; json is the fallback
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class RelaySink(Protocol):
+    """Where relays are recorded (MongoDB in production) before ``relay`` returns them."""
+
+    async def record_relays(self, relays: list[Relay]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The outcome of one HTTP attempt."""
+
+    code: ErrorCode
+    status: int | None = None
+    error: str | None = None
+    response: dict[str, Any] | None = None
+    retryable: bool = False
+    retry_after_s: float | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+
+
+def _snippet(data: bytes, limit: int = 200) -> str:
+    text = data[:limit].decode("utf-8", errors="replace")
+    text = " ".join(text.split())
+    return text + ("…" if len(data) > limit else "")
+
+
+def _retry_after(headers: Any) -> float | None:
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None  # HTTP-date form: ignored, the backoff applies
+    return value if value >= 0 else None
+
+
+class Requester:
+    """Relays prompts to nodes under concurrency limits and SLA timeouts."""
+
+    def __init__(
+        self,
+        settings: RequesterSettings,
+        relay_sink: RelaySink | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sink = relay_sink
+        self._clock = clock
+        self._rng = rng or random.Random(0)
+        self._sla = SlaTimeout(settings.sla)
+        self._session: aiohttp.ClientSession | None = None
+        self._global = asyncio.Semaphore(settings.global_concurrency)
+        self._node_slots: dict[str, asyncio.Semaphore] = {}
+        self._urls: dict[tuple[str, str], URL] = {}
+        self._by_code: Counter[str] = Counter()
+        self._in_flight = 0
+        self._pending = 0
+        self._attempts = 0
+        self._retries = 0
+
+    # -- public -------------------------------------------------------------------------
+
+    async def relay(self, prompts: Sequence[Prompt], nodes: dict[str, Node]) -> list[Relay]:
+        """One Relay per prompt, in order. Node misbehaviour never raises.
+
+        The relays are recorded through the sink (if any) before they are returned; a
+        failing sink raises, since the relays would otherwise be lost.
+        """
+        if not prompts:
+            return []
+        session = self._ensure_session()
+        t0 = time.perf_counter()
+        self._pending += len(prompts)
+        try:
+            relays = list(
+                await asyncio.gather(*(self._relay_one(session, p, nodes) for p in prompts))
+            )
+        finally:
+            self._pending -= len(prompts)
+        if self._sink is not None:
+            await self._sink.record_relays(relays)
+        if log.isEnabledFor(logging.INFO):
+            codes = Counter(r.error_code.name for r in relays)
+            log.info(
+                "relay_batch_done prompts=%d nodes=%d seconds=%.3f %s",
+                len(relays),
+                len({p.node_id for p in prompts}),
+                time.perf_counter() - t0,
+                " ".join(f"{name.lower()}={n}" for name, n in sorted(codes.items())),
+            )
+        return relays
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: relays by error code, attempts, retries, in flight."""
+        return {
+            "relays": sum(self._by_code.values()),
+            "by_code": dict(self._by_code),
+            "attempts": self._attempts,
+            "retries": self._retries,
+            "in_flight": self._in_flight,
+            "pending": self._pending,
+        }
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None or session.closed:
+            s = self.settings
+            connector = aiohttp.TCPConnector(
+                limit=s.global_concurrency,
+                limit_per_host=0,  # the per-node semaphores rule (nodes may share a host)
+                ttl_dns_cache=300,
+                keepalive_timeout=30,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                headers=_HEADERS,
+                auto_decompress=False,
+                raise_for_status=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+            self._session = session
+            if self._pending == 0:  # a new session may run on a new loop: fresh semaphores
+                self._global = asyncio.Semaphore(s.global_concurrency)
+                self._node_slots.clear()
+        return session
+
+    def _node_slot(self, node_id: str) -> asyncio.Semaphore:
+        slot = self._node_slots.get(node_id)
+        if slot is None:
+            slot = self._node_slots[node_id] = asyncio.Semaphore(
+                self.settings.per_node_concurrency
+            )
+        return slot
+
+    def _url(self, node: Node, path: str) -> URL:
+        key = (node.base_url, path)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = URL(node.base_url + path)
+        return url
+
+    def _relay_of(
+        self,
+        prompt: Prompt,
+        code: ErrorCode,
+        started_at: float,
+        finished_at: float,
+        attempts: int,
+        status: int | None = None,
+        error: str | None = None,
+        response: dict[str, Any] | None = None,
+        latency_s: float | None = None,
+        ttft_s: float | None = None,
+    ) -> Relay:
+        self._by_code[code.name] += 1
+        return Relay(
+            prompt_id=prompt.prompt_id,
+            sample_key=prompt.sample_key,
+            node_id=prompt.node_id,
+            task=prompt.task,
+            doc_id=prompt.doc_id,
+            request_index=prompt.request_index,
+            error_code=code,
+            status=status,
+            error=error,
+            response=response,
+            latency_s=latency_s,
+            ttft_s=ttft_s,
+            attempts=attempts,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+
+    async def _relay_one(
+        self, session: aiohttp.ClientSession, prompt: Prompt, nodes: dict[str, Node]
+    ) -> Relay:
+        started_at = self._clock()
+        attempts = 0
+        try:
+            node = nodes.get(prompt.node_id)
+            if node is None:
+                return self._relay_of(
+                    prompt,
+                    ErrorCode.BAD_PARAMS,
+                    started_at,
+                    started_at,
+                    0,
+                    error=f"node {prompt.node_id!r} is not among the nodes given to relay()",
+                )
+            url = self._url(node, prompt.path)
+            data = _dumps(prompt.body)
+            total_s = self._sla.timeout_s(prompt.prompt_tokens, prompt.max_output_tokens)
+            timeout = aiohttp.ClientTimeout(
+                total=total_s, sock_connect=self.settings.connect_timeout_s
+            )
+            node_slot = self._node_slot(node.node_id)
+            max_attempts = self.settings.max_retries + 1
+            while True:
+                async with node_slot, self._global:
+                    attempts += 1
+                    if attempts == 1:
+                        started_at = self._clock()
+                    self._attempts += 1
+                    self._in_flight += 1
+                    try:
+                        out = await self._attempt(session, url, data, timeout, total_s)
+                    finally:
+                        self._in_flight -= 1
+                if not out.retryable or attempts >= max_attempts:
+                    break
+                self._retries += 1
+                await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
+            return self._relay_of(
+                prompt,
+                out.code,
+                started_at,
+                self._clock(),
+                attempts,
+                status=out.status,
+                error=out.error,
+                response=out.response,
+                latency_s=out.latency_s,
+                ttft_s=out.ttft_s,
+            )
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose the relay
+            log.exception(
+                "relay_internal_error prompt_id=%s node_id=%s", prompt.prompt_id, prompt.node_id
+            )
+            return self._relay_of(
+                prompt,
+                ErrorCode.RELAY,
+                started_at,
+                self._clock(),
+                max(attempts, 1),
+                error=f"internal error: {type(exc).__name__}: {exc}",
+            )
+
+    def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
+        base = min(self.settings.retry_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+        delay = base * (0.5 + 0.5 * self._rng.random())
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, MAX_BACKOFF_S))
+        return delay
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        url: URL,
+        data: bytes,
+        timeout: aiohttp.ClientTimeout,
+        total_s: float,
+    ) -> _Attempt:
+        t0 = time.perf_counter()
+        ttft: float | None = None
+        try:
+            async with session.post(
+                url, data=data, timeout=timeout, allow_redirects=False
+            ) as resp:
+                ttft = time.perf_counter() - t0
+                status = resp.status
+                if not 200 <= status < 300:
+                    return await self._http_error(resp, status, t0, ttft)
+                body = await self._read_capped(resp)
+                latency = time.perf_counter() - t0
+                if body is None:
+                    resp.close()  # drop the connection: the rest of the body is never read
+                    cap = self.settings.response_size_cap_bytes
+                    return _Attempt(
+                        ErrorCode.NODE,
+                        status,
+                        f"response exceeded {cap} bytes",
+                        ttft_s=ttft,
+                        latency_s=latency,
+                    )
+                content_type = resp.headers.get("Content-Type", "")
+        except aiohttp.ConnectionTimeoutError:
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"connect timed out after {self.settings.connect_timeout_s:g} s",
+                retryable=True,
+                latency_s=time.perf_counter() - t0,
+            )
+        except TimeoutError:
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"timed out after {total_s:.1f} s (SLA)"
+                + (" waiting for the response" if ttft is None else " reading the body"),
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - t0,
+            )
+        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+            # Before any response arrived: the node never answered, a retry is correct.
+            # After the headers: the body was cut, the request was served; no retry.
+            where = "before the response" if ttft is None else "while reading the body"
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"connection error {where}: {type(exc).__name__}: {exc}",
+                retryable=ttft is None,
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - t0,
+            )
+        except aiohttp.ClientError as exc:  # malformed HTTP, truncated payload, ...
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"bad HTTP response: {type(exc).__name__}: {exc}",
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - t0,
+            )
+        try:
+            parsed = _loads(body)
+        except ValueError:
+            return _Attempt(
+                ErrorCode.NODE,
+                status,
+                f"invalid JSON body (Content-Type {content_type or 'missing'}): {_snippet(body)}",
+                ttft_s=ttft,
+                latency_s=latency,
+            )
+        if not isinstance(parsed, dict):
+            return _Attempt(
+                ErrorCode.NODE,
+                status,
+                f"response is a JSON {type(parsed).__name__}, not an object: {_snippet(body)}",
+                ttft_s=ttft,
+                latency_s=latency,
+            )
+        return _Attempt(ErrorCode.OK, status, response=parsed, ttft_s=ttft, latency_s=latency)
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes | None:
+        """The whole body, or None as soon as it exceeds the size cap."""
+        cap = self.settings.response_size_cap_bytes
+        length = resp.content_length
+        if length is not None:
+            if length > cap:
+                return None
+            return await resp.read()  # the parser stops at Content-Length
+        buf = bytearray()
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            if len(buf) > cap:
+                return None
+        return bytes(buf)
+
+    async def _http_error(
+        self, resp: aiohttp.ClientResponse, status: int, t0: float, ttft: float
+    ) -> _Attempt:
+        length = resp.content_length
+        if length is not None and length <= _SMALL_ERROR_BODY:
+            body = await resp.read()  # read it all: the connection stays reusable
+        else:
+            body = await resp.content.read(ERROR_SNIPPET_BYTES)
+            resp.close()
+        retryable = status in RETRYABLE_STATUSES
+        return _Attempt(
+            ErrorCode.NODE,
+            status,
+            f"HTTP {status}: {_snippet(body)}" if body else f"HTTP {status}",
+            retryable=retryable,
+            retry_after_s=_retry_after(resp.headers) if retryable else None,
+            ttft_s=ttft,
+            latency_s=time.perf_counter() - t0,
+        )

@@ -1,0 +1,300 @@
+"""Requester throughput against named anchors, on the same prompts and the same node.
+
+Starts a test node in its own process (``python -m cluster.testnode``, so the server does
+not share the clients' event loop), builds gsm8k requests exactly as lm-eval 0.4.13's
+``local-completions`` does (token ids, its ``_create_payload``), and measures relays/s for:
+
+- ``requester``: testbench's ``actors.requester.Requester`` (``relay()`` over all prompts);
+- ``bare aiohttp``: one session, a semaphore, ``gather`` of posts + ``json.loads`` (the floor);
+- ``lm-eval http``: lm-eval's own async client, ``TemplateAPI.get_batched_requests``
+  (``amodel_call`` + tenacity retry + parsing), with ``num_concurrent`` equal;
+- ``lm-eval full``: lm-eval's ``generate_until`` / ``loglikelihood`` on Instances (adds its
+  tokenisation and request sorting, which testbench does in the Sampler).
+
+Every client runs on the same default asyncio loop in this process. Each is run
+``--rounds`` times, interleaved, after a warm-up; the table shows the median round, with
+this process's CPU time per relay (what each client costs, even when the node is the
+bottleneck). Goals: requester ≥ 0.7× bare aiohttp, ≥ 2× lm-eval.
+
+Usage: ``.venv/bin/python bench/requester.py [--n 2000] [--concurrency 64]
+[--kind generate|loglikelihood] [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars: not what we measure
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+
+from actors.requester import Requester  # noqa: E402
+from cluster.config import RequesterSettings  # noqa: E402
+from cluster.errors import ErrorCode  # noqa: E402
+from cluster.schemas import Node, Prompt  # noqa: E402
+
+GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
+MODEL = "smollm2"
+
+
+@dataclass
+class Round:
+    name: str
+    n: int
+    ok: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.wall_s
+
+    @property
+    def cpu_us(self) -> float:
+        return 1e6 * self.cpu_s / self.n
+
+
+def load_docs(n: int) -> list[dict[str, str]]:
+    for folder in (ROOT / "datasets" / "gsm8k", Path("/work/shared/datasets/gsm8k")):
+        path = folder / "test.jsonl"
+        if path.is_file():
+            with path.open() as fh:
+                docs = [json.loads(line) for line in fh if line.strip()]
+            return [docs[i % len(docs)] for i in range(n)]
+    raise SystemExit("no gsm8k data found")
+
+
+def start_node(tokenizer: str) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "cluster.testnode", "--port", "0", "--tokenizer", tokenizer]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "url=" not in line:
+        proc.kill()
+        raise SystemExit(f"test node did not start: {line!r}")
+    return proc, line.strip().split("url=", 1)[1]
+
+
+class Workload:
+    """The same requests, in each client's own form."""
+
+    def __init__(self, kind: str, n: int, lm: Any) -> None:
+        self.kind = kind
+        docs = load_docs(n)
+        self.gen_kwargs = {"until": GSM8K_UNTIL, "do_sample": False, "temperature": 0.0,
+                           "max_gen_toks": 256}
+        self.contexts: list[str] = []
+        self.continuations: list[str] = []
+        self.token_ids: list[list[int]] = []
+        self.ctxlens: list[int] = []
+        self.bodies: list[dict[str, Any]] = []
+        for doc in docs:
+            context = f"Question: {doc['question']}\nAnswer:"
+            ctx_ids = lm.tok_encode(context)
+            if kind == "generate":
+                ids = ctx_ids
+                body = lm._create_payload(
+                    lm.create_message([ids]), generate=True,
+                    gen_kwargs=copy.deepcopy(self.gen_kwargs), seed=lm._seed, eos=lm.eos_string,
+                )
+            else:
+                continuation = " " + " ".join(doc["answer"].split()[:12])
+                self.continuations.append(continuation)
+                ids = ctx_ids + lm.tok_encode(continuation)
+                body = lm._create_payload(lm.create_message([ids]), generate=False, seed=lm._seed)
+            self.contexts.append(context)
+            self.token_ids.append(ids)
+            self.ctxlens.append(len(ctx_ids))
+            self.bodies.append(body)
+        self.max_out = 256 if kind == "generate" else 1
+        self.prompts = [
+            Prompt(
+                prompt_id=f"bench|gsm8k|{i}|0|0", sample_key=f"bench|gsm8k|{i}|0", node_id="bench",
+                task="gsm8k", doc_id=i, request_index=0, n_requests=1, path="/v1/completions",
+                body=body, prompt_tokens=len(ids), max_output_tokens=self.max_out, created_at=0.0,
+            )
+            for i, (body, ids) in enumerate(zip(self.bodies, self.token_ids, strict=True))
+        ]
+
+
+async def run_requester(url: str, work: Workload, concurrency: int) -> int:
+    settings = RequesterSettings(global_concurrency=concurrency, per_node_concurrency=concurrency)
+    requester = Requester(settings)
+    nodes = {"bench": Node(node_id="bench", url=url, model=MODEL)}
+    try:
+        relays = await requester.relay(work.prompts, nodes)
+    finally:
+        await requester.close()
+    return sum(r.error_code == ErrorCode.OK for r in relays)
+
+
+async def run_bare(url: str, work: Workload, concurrency: int) -> int:
+    endpoint = url + "/v1/completions"
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Content-Type": "application/json"}
+
+    async def one(data: bytes) -> bool:
+        async with sem, session.post(endpoint, data=data, headers=headers) as resp:
+            body = await resp.read()
+            return resp.status == 200 and isinstance(json.loads(body), dict)
+
+    datas = [json.dumps(b).encode() for b in work.bodies]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        results = await asyncio.gather(*(one(d) for d in datas))
+    return sum(results)
+
+
+async def run_lmeval_http(lm: Any, work: Workload) -> int:
+    keys = [(c, work.gen_kwargs) for c in work.contexts]
+    if work.kind == "generate":
+        out = await lm.get_batched_requests(
+            work.token_ids, keys, generate=True, gen_kwargs=copy.deepcopy(work.gen_kwargs)
+        )
+    else:
+        out = await lm.get_batched_requests(
+            work.token_ids, keys, generate=False, ctxlens=work.ctxlens
+        )
+    return sum(1 for batch in out for answer in batch if answer is not None)
+
+
+async def run_lmeval_full(lm: Any, work: Workload) -> int:
+    from lm_eval.api.instance import Instance
+
+    def call() -> int:
+        if work.kind == "generate":
+            reqs = [
+                Instance("generate_until", {}, (c, copy.deepcopy(work.gen_kwargs)), i)
+                for i, c in enumerate(work.contexts)
+            ]
+            return sum(1 for r in lm.generate_until(reqs, disable_tqdm=True) if r is not None)
+        reqs = [
+            Instance("loglikelihood", {}, (c, cont), i)
+            for i, (c, cont) in enumerate(zip(work.contexts, work.continuations, strict=True))
+        ]
+        return sum(1 for r in lm.loglikelihood(reqs, disable_tqdm=True) if r is not None)
+
+    # lm-eval drives its own asyncio.run(): give it a thread with no running loop.
+    return await asyncio.to_thread(call)
+
+
+async def measure(name: str, n: int, fn: Callable[[], Awaitable[int]]) -> Round:
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    ok = await fn()
+    return Round(name, n, ok, time.perf_counter() - t0, time.process_time() - cpu0)
+
+
+def make_lm(url: str, tokenizer: str, concurrency: int) -> Any:
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    return LocalCompletionsAPI(
+        base_url=url + "/v1/completions",
+        model=MODEL,
+        tokenizer=tokenizer,
+        tokenizer_backend="huggingface",
+        num_concurrent=concurrency,
+        max_retries=3,
+        max_length=4096,
+        seed=1234,
+    )
+
+
+async def bench(args: argparse.Namespace, url: str) -> list[list[Round]]:
+    lm = make_lm(url, args.tokenizer, args.concurrency)
+    work = Workload(args.kind, args.n, lm)
+    warm = Workload(args.kind, min(args.n, 200), lm)
+    c = args.concurrency
+    clients: list[tuple[str, Callable[[Workload], Awaitable[int]]]] = [
+        ("requester", lambda w: run_requester(url, w, c)),
+        ("bare aiohttp", lambda w: run_bare(url, w, c)),
+        ("lm-eval http", lambda w: run_lmeval_http(lm, w)),
+    ]
+    if not args.skip_full:
+        clients.append(("lm-eval full", lambda w: run_lmeval_full(lm, w)))
+    if args.only:
+        clients = [c for c in clients if c[0] in args.only]
+    for _, fn in clients:
+        await fn(warm)
+    if not args.no_gc_freeze:
+        # The bench's own heap (lm-eval, transformers, the workloads) is large: a full
+        # collection over it costs ~100 ms and lands on whichever client triggers it.
+        gc.collect()
+        gc.freeze()
+    rounds: list[list[Round]] = [[] for _ in clients]
+    for _ in range(args.rounds):
+        for k, (name, fn) in enumerate(clients):
+            rounds[k].append(await measure(name, args.n, lambda fn=fn: fn(work)))
+    gc.unfreeze()
+    return rounds
+
+
+def report(args: argparse.Namespace, rounds: list[list[Round]]) -> None:
+    med = [sorted(rs, key=lambda r: r.rate)[len(rs) // 2] for rs in rounds]
+    by = {r.name: r for r in med}
+    req = by["requester"]
+    print(
+        f"\nrequester bench: kind={args.kind} n={args.n} concurrency={args.concurrency} "
+        f"rounds={args.rounds} cpus={os.cpu_count()} python={sys.version.split()[0]}"
+    )
+    print(f"{'client':<14} {'relays/s':>10} {'ok':>6} {'client CPU µs/relay':>20} "
+          f"{'requester ÷ this':>17}  rounds relays/s")
+    for r, rs in zip(med, rounds, strict=True):
+        spread = " ".join(f"{x.rate:.0f}" for x in rs)
+        print(f"{r.name:<14} {r.rate:>10.0f} {r.ok:>6} {r.cpu_us:>20.0f} "
+              f"{req.rate / r.rate:>16.2f}×  [{spread}]")
+    bare, lmh = by["bare aiohttp"], by["lm-eval http"]
+    print(
+        f"\nrequester/bare = {req.rate / bare.rate:.2f}× (goal ≥ 0.7)   "
+        f"requester/lm-eval http = {req.rate / lmh.rate:.2f}× (goal ≥ 2)"
+        + (f"   requester/lm-eval full = {req.rate / by['lm-eval full'].rate:.2f}×"
+           if "lm-eval full" in by else "")
+    )
+    if any(r.ok != r.n for r in med):
+        print("WARNING: some requests failed; see the ok column")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="requests per round and client")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--kind", choices=["generate", "loglikelihood"], default="generate")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokenizer", default=str(ROOT / ".cache" / "models" / "smollm2"))
+    parser.add_argument("--url", default=None, help="use a running node instead of starting one")
+    parser.add_argument("--no-gc-freeze", action="store_true", help="keep the setup heap in GC")
+    parser.add_argument("--only", nargs="*", help="run only these clients (by name)")
+    parser.add_argument("--skip-full", action="store_true", help="skip lm-eval's full path")
+    args = parser.parse_args()
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_node(args.tokenizer)
+    try:
+        rounds = asyncio.run(bench(args, url))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    report(args, rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

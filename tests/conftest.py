@@ -1,0 +1,70 @@
+"""Session-wide fixtures: one set of embedded stores, one Ray cluster, one tokenizer.
+
+Everything here is real: pgserver's PostgreSQL, nx-27017's MongoDB wire protocol,
+a local Ray cluster. Nothing reaches a model or dataset hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from cluster.config import PROJECT_ROOT, Settings, StoreSettings  # noqa: E402
+
+CACHE_DIR = PROJECT_ROOT / ".cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from cluster.models import prepare_smollm2
+
+    return prepare_smollm2(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def session_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSettings]:
+    """Embedded PostgreSQL and MongoDB for the whole session."""
+    from cluster.embedded import EmbeddedStores
+
+    data_dir = tmp_path_factory.mktemp("stores")
+    embedded = EmbeddedStores(StoreSettings(data_dir=data_dir))
+    resolved = embedded.start()
+    try:
+        yield resolved
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def loaded_stores(session_stores: StoreSettings) -> StoreSettings:
+    """The shipped task datasets loaded into the session's PostgreSQL."""
+    from cluster.cli import load_datasets
+
+    asyncio.run(load_datasets(Settings(stores=session_stores)))
+    return session_stores
+
+
+@pytest.fixture
+def fresh_settings(loaded_stores: StoreSettings) -> Settings:
+    """Settings on the session stores with a MongoDB database of its own."""
+    stores = loaded_stores.model_copy(update={"mongo_database": f"t_{uuid.uuid4().hex[:10]}"})
+    return Settings(stores=stores)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, namespace="testbench", include_dashboard=False,
+                 log_to_driver=False)
+    yield

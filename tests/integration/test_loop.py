@@ -1,0 +1,159 @@
+"""The measuring loop end to end on a local Ray cluster with three test nodes.
+
+correct: answers gsm8k right; wrong: answers wrongly; faulty: 500s, garbage JSON and
+hangs on a share of requests. The loop must fill every buffer, score the nodes as they
+deserve, record each failure with its code, and keep exactly one relay per prompt, also
+when its actors are killed mid-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from actors.remote import MANAGER_NAME, get_or_create_manager
+from cluster.cli import run_loop
+from cluster.config import Settings
+from cluster.errors import ErrorCode
+from cluster.runtime import StoreConnections
+from cluster.schemas import Node
+from cluster.testnode import NodeBehaviour, TestNode
+
+TARGET = 6
+
+BEHAVIOURS = {
+    "correct": NodeBehaviour(mode="correct"),
+    "wrong": NodeBehaviour(mode="wrong"),
+    "faulty": NodeBehaviour(mode="correct", error_rate=0.2, invalid_json_rate=0.1,
+                            hang_rate=0.05, seed=3),
+}
+
+
+@pytest.fixture(scope="module")
+def test_nodes(smollm2_dir: Path) -> Iterator[dict[str, Node]]:
+    servers = []
+    nodes = {}
+    for name, behaviour in BEHAVIOURS.items():
+        server = TestNode(behaviour, tokenizer_path=str(smollm2_dir))
+        url = server.start_in_thread()
+        servers.append(server)
+        nodes[name] = Node(node_id=f"node-{name}", url=url, model="smollm2",
+                           tokenizer=str(smollm2_dir))
+    yield nodes
+    for server in servers:
+        server.stop()
+
+
+def loop_settings(base: Settings) -> Settings:
+    return base.model_copy(update={
+        "manager": base.manager.model_copy(update={
+            "target_samples": TARGET, "max_in_flight": 4, "tick_s": 0.5,
+            "backoff_base_s": 0.5, "backoff_max_s": 2.0, "redrive_after_s": 20.0,
+            "node_refresh_s": 0.0}),
+        "requester": base.requester.model_copy(update={
+            "sla": base.requester.sla.model_copy(update={"queue_s": 2.0})}),
+    })
+
+
+async def _register(settings: Settings, nodes: list[Node]) -> None:
+    conns = StoreConnections(settings)
+    mongo = await conns.mongo()
+    await mongo.ensure_indexes()
+    for node in nodes:
+        await mongo.nodes.add(node)
+    await conns.close()
+
+
+async def _collect(settings: Settings) -> dict[str, Any]:
+    conns = StoreConnections(settings)
+    mongo = await conns.mongo()
+    db = mongo.db
+    out = {
+        "prompts": await db["prompts"].find({}, {"_id": 1, "sample_key": 1}).to_list(None),
+        "relays": await db["relays"].find({}, {"_id": 1, "error_code": 1}).to_list(None),
+        "samples": await db["samples"].find({}).to_list(None),
+        "buffers": await mongo.buffers.summaries(),
+    }
+    await conns.close()
+    return out
+
+
+def _kill_manager() -> None:
+    try:
+        ray.kill(ray.get_actor(MANAGER_NAME, namespace="testbench"), no_restart=True)
+    except ValueError:
+        pass
+
+
+@pytest.fixture
+def loop_env(fresh_settings: Settings, ray_session: None, test_nodes: dict[str, Node]
+             ) -> Iterator[Settings]:
+    _kill_manager()
+    settings = loop_settings(fresh_settings)
+    asyncio.run(_register(settings, list(test_nodes.values())))
+    yield settings
+    _kill_manager()
+
+
+def _check_no_loss_no_duplicates(data: dict[str, Any]) -> None:
+    prompt_ids = [p["_id"] for p in data["prompts"]]
+    relay_ids = [r["_id"] for r in data["relays"]]
+    assert len(prompt_ids) == len(set(prompt_ids))
+    # every prompt has exactly one recorded relay, and no relay lacks its prompt
+    assert sorted(relay_ids) == sorted(prompt_ids)
+    sample_keys = {s["_id"] for s in data["samples"]}
+    assert {p["sample_key"] for p in data["prompts"]} == sample_keys
+    per_doc = collections.Counter((s["node_id"], s["task"], s["doc_id"]) for s in data["samples"])
+    assert max(per_doc.values()) == 1, "a (node, task, doc) was sampled twice in the window"
+
+
+def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> None:
+    t0 = time.monotonic()
+    assert run_loop(loop_env, until_full=True, once=False, timeout_s=400)
+    elapsed = time.monotonic() - t0
+    data = asyncio.run(_collect(loop_env))
+    buffers = {(b["node_id"], b["task"]): b for b in data["buffers"]}
+    assert set(buffers) == {(f"node-{n}", t) for n in BEHAVIOURS for t in loop_env.tasks}
+    for b in buffers.values():
+        assert b["n"] >= TARGET, b
+    correct = buffers[("node-correct", "gsm8k")]["metrics"]
+    wrong = buffers[("node-wrong", "gsm8k")]["metrics"]
+    assert correct["exact_match,strict-match"]["mean"] == 1.0
+    assert wrong["exact_match,strict-match"]["mean"] == 0.0
+    assert buffers[("node-correct", "gsm8k")]["error_rate"] == 0.0
+    faulty = [buffers[("node-faulty", t)] for t in loop_env.tasks]
+    assert any(b["errors_by_code"].get("node", 0) > 0 for b in faulty)
+    failed = [s for s in data["samples"] if s["node_id"] == "node-faulty"
+              and s["error_code"] == ErrorCode.NODE]
+    assert failed and all(s["error"] for s in failed), "node failures carry their reason"
+    _check_no_loss_no_duplicates(data)
+    print(f"loop filled {len(buffers)} buffers of {TARGET} in {elapsed:.1f}s")
+
+
+def test_killing_actors_mid_run_loses_and_duplicates_nothing(loop_env: Settings) -> None:
+    manager = get_or_create_manager(loop_env)
+    ray.get(manager.ensure_started.remote())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = ray.get(manager.status.remote())
+        if st["samples"] >= 3:
+            break
+        time.sleep(0.2)
+    children = ray.get(manager.children.remote())
+    ray.kill(children["requester"], no_restart=False)
+    ray.kill(children["samplers"][0], no_restart=False)
+    ray.kill(children["evaluators"][0], no_restart=False)
+    time.sleep(1.0)
+    ray.kill(manager, no_restart=False)  # restarts, rebuilds from MongoDB
+    assert run_loop(loop_env, until_full=True, once=False, timeout_s=400)
+    data = asyncio.run(_collect(loop_env))
+    _check_no_loss_no_duplicates(data)
+    for b in data["buffers"]:
+        assert b["n"] >= TARGET

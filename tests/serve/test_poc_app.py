@@ -1,0 +1,202 @@
+"""The PoC node Serve app through real HTTP: pow routes, control API, state machine.
+
+Self-contained: reuses Ray/Serve when this session already runs them (another module's
+fixtures), else starts Ray with 4 logical CPUs and Serve on a free port. The app has its
+own name and route prefix and is deleted at the end; Serve itself is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import ray
+import requests
+from ray import serve
+
+from cluster.poc.compute import PocComputer, configure_torch
+from cluster.poc.config import PocModelParams, ValidationConfig
+from cluster.poc.validator import ClaimedProof, PocValidator
+from serve_apps.poc.app import build_poc_node_app
+from serve_apps.poc.deployers import LlmEndpoint
+from serve_apps.poc.protocol import PowInitRequest
+
+APP_NAME = "poc-node-test"
+PREFIX = "/poc-node-test"
+MODEL = PocModelParams(dim=32, n_layers=1, n_heads=4, vocab_size=512, seq_len=8, out_dim=32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fake_deployer() -> Any:
+    """A deployer that deploys nothing; defined locally so Ray pickles it by value."""
+
+    class FakeDeployer:
+        async def deploy(self, model: str, config: dict[str, Any]) -> LlmEndpoint:
+            return LlmEndpoint(model=model, app_name="fake-llm", route_prefix="/fake-llm")
+
+        async def teardown(self, endpoint: LlmEndpoint) -> None:
+            return None
+
+    return FakeDeployer()
+
+
+class CallbackReceiver:
+    """A tiny HTTP server that records JSON POSTs by path."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's spelling
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.posts.append((self.path, json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/poc"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def node_url() -> Iterator[str]:
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    from ray.serve.context import _get_global_client  # the running proxy's port
+
+    port = _get_global_client().http_config.port
+    config = {"workers": 2, "cpus_per_worker": 0.25, "threads_per_worker": 1,
+              "batches_per_chunk": 2, "callback_timeout_s": 5.0}
+    serve.run(build_poc_node_app(config, deployer=_fake_deployer()), name=APP_NAME,
+              route_prefix=PREFIX)
+    try:
+        yield f"http://127.0.0.1:{port}{PREFIX}/api/v1"
+    finally:
+        serve.delete(APP_NAME)
+        if started_ray:
+            ray.shutdown()
+
+
+@pytest.fixture()
+def receiver() -> Iterator[CallbackReceiver]:
+    r = CallbackReceiver()
+    yield r
+    r.close()
+
+
+def call(method: str, url: str, body: dict[str, Any] | None = None) -> requests.Response:
+    return requests.request(method, url, json=body, timeout=30)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
+
+
+def init_body(url: str | None = None, **kw: Any) -> dict[str, Any]:
+    body = {"block_hash": "0xfeed", "public_key": "node-pk", "r_target": 1.36, "batch_size": 32,
+            "params": MODEL.model_dump(), "url": url, **kw}
+    return PowInitRequest.model_validate(body).model_dump(mode="json")
+
+
+def pow_status(base: str) -> dict[str, Any]:
+    return call("GET", f"{base}/pow/status").json()
+
+
+def test_generation_over_http_yields_proofs_a_validator_accepts(
+    node_url: str, receiver: CallbackReceiver
+) -> None:
+    assert call("GET", f"{node_url}/state").json()["state"] == "STOPPED"
+    r = call("POST", f"{node_url}/pow/init/generate", init_body(receiver.url))
+    assert r.status_code == 200 and r.json()["state"] == "POW"
+    wait_for(lambda: pow_status(node_url)["batches"] >= 3)
+    status = pow_status(node_url)
+    assert status["status"] == "GENERATING" and status["workers"] == 2
+    assert status["nonces_per_s"] > 0
+    assert call("POST", f"{node_url}/pow/stop").json()["state"] == "STOPPED"
+
+    got = call("GET", f"{node_url}/pow/batches?offset=0&limit=100000").json()
+    nonces = [n for b in got["batches"] for n in b["nonces"]]
+    dists = [d for b in got["batches"] for d in b["dist"]]
+    assert got["total"] == len(got["batches"]) >= 3 and len(nonces) == len(set(nonces))
+    configure_torch(1)
+    round_params = PowInitRequest.model_validate(init_body()).round_params()
+    validator = PocValidator(PocComputer(round_params, "validator"), ValidationConfig())
+    verdict = validator.validate(
+        ClaimedProof(node_id="n", public_key="node-pk", nonces=nonces, distances=dists), 7)
+    assert not verdict.fraud and verdict.n_mismatch == 0
+    # the same batches reached the callback, in order
+    assert [p for p, _ in receiver.posts] == ["/poc/generated"] * got["total"]
+    assert [b for _, b in receiver.posts] == got["batches"]
+
+
+def test_refused_transitions_answer_409_and_train_501(node_url: str) -> None:
+    assert call("POST", f"{node_url}/pow/init", init_body()).status_code == 200
+    r = call("POST", f"{node_url}/inference/up", {"model": "smollm2"})
+    assert r.status_code == 409 and "POST /api/v1/pow/stop first" in r.json()["detail"]
+    r = call("POST", f"{node_url}/pow/init/generate", init_body())
+    assert r.status_code == 409 and "already initialised" in r.json()["detail"]
+    assert call("POST", f"{node_url}/inference/down").status_code == 409
+    for method, path in [("POST", "train/start"), ("POST", "train/stop"), ("GET", "train/status")]:
+        r = call(method, f"{node_url}/{path}")
+        assert r.status_code == 501 and "training" in r.json()["detail"]
+    assert call("POST", f"{node_url}/pow/stop").status_code == 200
+
+    r = call("POST", f"{node_url}/inference/up", {"model": "smollm2", "config": {"a": 1}})
+    assert r.status_code == 200 and r.json()["state"] == "INFERENCE"
+    wait_for(lambda: call("GET", f"{node_url}/state").json()["inference"]["status"] == "running")
+    state = call("GET", f"{node_url}/state").json()
+    assert state["state"] == "INFERENCE" and state["inference"]["app_name"] == "fake-llm"
+    r = call("POST", f"{node_url}/pow/init/generate", init_body())
+    assert r.status_code == 409 and "inference/down first" in r.json()["detail"]
+    assert call("POST", f"{node_url}/pow/stop").status_code == 409
+    assert call("POST", f"{node_url}/inference/up", {"model": "x"}).status_code == 409
+    assert call("POST", f"{node_url}/inference/down").json()["state"] == "STOPPED"
+    state = call("GET", f"{node_url}/state").json()
+    assert state == {"state": "STOPPED", "pow": "STOPPED", "inference": None}
+    # malformed bodies are refused before they reach the node
+    assert call("POST", f"{node_url}/pow/init", {**init_body(), "bogus": 1}).status_code == 422
+    assert call("POST", f"{node_url}/inference/up", {}).status_code == 422
+
+
+def test_validation_phase_over_http(node_url: str) -> None:
+    r = call("POST", f"{node_url}/pow/init/validate", init_body(fraud_threshold=1e-3))
+    assert r.status_code == 200
+    wait_for(lambda: pow_status(node_url)["status"] == "VALIDATING")
+    configure_torch(1)
+    other = PocComputer(PowInitRequest.model_validate(init_body()).round_params(), "other-pk")
+    nonces, dist = other.find_valid(range(200))
+    batch = {"public_key": "other-pk", "block_hash": "0xfeed", "nonces": nonces, "dist": dist}
+    ok = call("POST", f"{node_url}/pow/validate", batch).json()
+    assert ok["received_dist"] == dist and ok["n_invalid"] == 0 and not ok["fraud_detected"]
+    forged = call("POST", f"{node_url}/pow/validate",
+                  {**batch, "dist": [d * 0.99 for d in dist]}).json()
+    assert forged["fraud_detected"] and forged["n_invalid"] == len(nonces)
+    r = call("POST", f"{node_url}/pow/validate", {**batch, "block_hash": "0xother"})
+    assert r.status_code == 400
+    assert call("POST", f"{node_url}/pow/phase/generate").status_code == 200
+    assert call("POST", f"{node_url}/pow/validate", batch).status_code == 409
+    assert call("POST", f"{node_url}/stop").json()["state"] == "STOPPED"

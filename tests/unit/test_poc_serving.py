@@ -1,0 +1,191 @@
+"""The node's state machine and PoC rounds, in-process (no Ray, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cluster.poc.compute import PocComputer, configure_torch
+from cluster.poc.config import PocModelParams
+from serve_apps.poc.config import PocNodeConfig
+from serve_apps.poc.deployers import LlmEndpoint
+from serve_apps.poc.pool import LocalWorkerPool
+from serve_apps.poc.protocol import (
+    InferenceUpRequest,
+    NodeState,
+    PowInitRequest,
+    PowState,
+    ProofBatch,
+)
+from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
+from serve_apps.poc.worker import GeneratedChunk, NonceChunk, PowWorkerSpec
+
+MODEL = PocModelParams(dim=32, n_layers=1, n_heads=4, vocab_size=512, seq_len=8, out_dim=32)
+
+
+class FakeDeployer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.deployed: list[tuple[str, dict[str, Any]]] = []
+        self.torn_down: list[LlmEndpoint] = []
+
+    async def deploy(self, model: str, config: dict[str, Any]) -> LlmEndpoint:
+        if self.fail:
+            raise RuntimeError("no GPU for you")
+        self.deployed.append((model, config))
+        return LlmEndpoint(model=model, app_name="llm-fake", route_prefix="/llm-fake")
+
+    async def teardown(self, endpoint: LlmEndpoint) -> None:
+        self.torn_down.append(endpoint)
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+
+    async def post(self, url: str, payload: dict[str, Any]) -> None:
+        self.posts.append((url, payload))
+
+    async def close(self) -> None:
+        pass
+
+
+class BrokenPool(LocalWorkerPool):
+    async def generate(self, worker: int, chunk: NonceChunk) -> GeneratedChunk:
+        raise RuntimeError("worker died")
+
+
+def init_request(**kw: Any) -> PowInitRequest:
+    base: dict[str, Any] = {"block_hash": "block-1", "public_key": "node-key", "r_target": 1.36,
+                            "batch_size": 32, "params": MODEL.model_dump(), "node_id": 1,
+                            "node_count": 3, "url": "http://callback.test/poc"}
+    return PowInitRequest.model_validate({**base, **kw})
+
+
+def make_service(deployer: FakeDeployer | None = None, pool: type[LocalWorkerPool] = LocalWorkerPool
+                 ) -> tuple[PocNodeService, RecordingSender]:
+    configure_torch(1)
+    sender = RecordingSender()
+    config = PocNodeConfig(workers=2, batches_per_chunk=2, callback_timeout_s=2.0)
+
+    def factory(spec: PowWorkerSpec) -> LocalWorkerPool:
+        return pool(spec, config.workers)
+
+    return PocNodeService(config, factory, deployer or FakeDeployer(), sender), sender
+
+
+async def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_generation_stores_valid_batches_and_posts_them() -> None:
+    service, sender = make_service()
+    assert service.state().state == NodeState.STOPPED
+    ack = await service.pow_init(init_request(), "generate")
+    assert ack.state == NodeState.POW
+    await wait_for(lambda: service.pow_status().batches >= 3)
+    status = service.pow_status()
+    assert status.status == PowState.GENERATING and status.is_model_initialized
+    assert status.workers == 2 and status.nonces_valid > 0
+    await service.pow_stop()
+    assert service.state().state == NodeState.STOPPED
+    status = service.pow_status()
+    assert status.status == PowState.STOPPED and status.workers == 0
+
+    got = service.pow_batches(0, 10_000)
+    assert got.total == len(got.batches) == status.batches
+    nonces = [n for b in got.batches for n in b.nonces]
+    dists = [d for b in got.batches for d in b.dist]
+    assert len(set(nonces)) == len(nonces) == status.nonces_valid
+    assert all(n % 3 == 1 for n in nonces)  # node 1 of 3 owns nonces 1, 4, 7, ...
+    check = PocComputer(init_request().round_params(), "node-key")
+    assert check.compute_distances(nonces).tolist() == dists
+    assert all(d < 1.36 for d in dists)
+    # every stored batch was posted, in order, to {url}/generated
+    assert [u for u, _ in sender.posts] == ["http://callback.test/poc/generated"] * got.total
+    assert [p for _, p in sender.posts] == [b.model_dump(mode="json") for b in got.batches]
+    assert (await service.pow_stop()).message == "PoW was not running"
+
+
+async def test_one_mode_at_a_time_with_clear_refusals() -> None:
+    deployer = FakeDeployer()
+    service, _ = make_service(deployer)
+    await service.pow_init(init_request(), "idle")
+    with pytest.raises(StateConflict, match="already initialised"):
+        await service.pow_init(init_request(), "generate")
+    with pytest.raises(StateConflict, match=r"runs POW \(POST /api/v1/pow/stop first\)"):
+        await service.inference_up(InferenceUpRequest(model="m"))
+    with pytest.raises(StateConflict, match="runs POW"):
+        await service.inference_down()
+    with pytest.raises(NotSupported, match="training"):
+        service.train("start")
+    await wait_for(lambda: service.pow_status().status == PowState.IDLE)
+    await service.pow_stop()
+
+    await service.inference_up(InferenceUpRequest(model="smollm2", config={"max_len": 512}))
+    await wait_for(lambda: service.state().inference.status == "running")  # type: ignore[union-attr]
+    state = service.state()
+    assert state.state == NodeState.INFERENCE and state.pow == PowState.STOPPED
+    assert deployer.deployed == [("smollm2", {"max_len": 512})]
+    with pytest.raises(StateConflict, match="runs INFERENCE of 'smollm2'"):
+        await service.pow_init(init_request(), "generate")
+    with pytest.raises(StateConflict, match="inference/down"):
+        await service.pow_stop()
+    with pytest.raises(StateConflict, match="POST /api/v1/pow/init first"):
+        await service.pow_phase("generate")
+    await service.inference_down()
+    assert service.state().state == NodeState.STOPPED and service.state().inference is None
+    assert [e.app_name for e in deployer.torn_down] == ["llm-fake"]
+    assert (await service.stop()).message == "nothing was running"
+
+
+async def test_validation_phase_recomputes_other_nodes_batches() -> None:
+    service, sender = make_service()
+    await service.pow_init(init_request(fraud_threshold=1e-3), "validate")
+    await wait_for(lambda: service.pow_status().status == PowState.VALIDATING)
+    other = PocComputer(init_request().round_params(), "other-key")
+    nonces, dist = other.find_valid(range(300))
+    batch = ProofBatch(public_key="other-key", block_hash="block-1", nonces=nonces, dist=dist)
+    ok = await service.pow_validate(batch)
+    assert ok.received_dist == dist and ok.n_invalid == 0 and not ok.fraud_detected
+    assert ok.fraud_threshold == 1e-3
+    forged = batch.model_copy(update={"dist": [d - 1e-3 for d in dist]})
+    bad = await service.pow_validate(forged)
+    assert bad.n_invalid == len(nonces) and bad.fraud_detected and bad.probability_honest < 1e-3
+    with pytest.raises(BadRequest, match="block_hash"):
+        await service.pow_validate(batch.model_copy(update={"block_hash": "block-0"}))
+    await wait_for(lambda: len(sender.posts) == 2)  # posted off the request path
+    assert [u.rsplit("/", 1)[1] for u, _ in sender.posts] == ["validated", "validated"]
+
+    await service.pow_phase("generate")  # switch phases without re-loading
+    await wait_for(lambda: service.pow_status().nonces_computed > 0)
+    with pytest.raises(StateConflict, match="not VALIDATING"):
+        await service.pow_validate(batch)
+    await service.stop()
+    assert service.state().state == NodeState.STOPPED
+
+
+async def test_failures_free_the_node_and_are_reported() -> None:
+    service, _ = make_service(FakeDeployer(fail=True))
+    await service.inference_up(InferenceUpRequest(model="big"))
+    await wait_for(lambda: service.state().state == NodeState.STOPPED)
+    inference = service.state().inference
+    assert inference is not None and inference.status == "failed"
+    assert "no GPU for you" in (inference.error or "")
+
+    broken, _ = make_service(pool=BrokenPool)
+    await broken.pow_init(init_request(), "generate")
+    await wait_for(lambda: broken.state().state == NodeState.STOPPED)
+    status = broken.pow_status()
+    assert status.status == PowState.STOPPED
+    assert "generation failed: RuntimeError: worker died" in (status.last_error or "")
+    await broken.pow_init(init_request(), "idle")  # the node can start a new round
+    await broken.stop()
