@@ -2,8 +2,10 @@
 
 The throughput hot path of the measuring loop (DESIGN §3). A plain class; ``ray.remote``
 is applied in ``actors/remote.py`` (an async actor). One aiohttp session is reused for
-everything; a per-node and a global semaphore bound concurrency (a node's waiting
-prompts never hold a global slot). Each prompt yields exactly one Relay, in order:
+everything; a per-node and a global semaphore bound concurrency across all concurrent
+``relay()`` calls, taken in that order so a node's waiting prompts never hold a global
+slot. Within a call, a few workers per node pull that node's prompts (no task per
+prompt). Each prompt yields exactly one Relay, in order:
 
 - 2xx with a JSON object body → ``OK`` (the object is the relay's ``response``);
 - anything the node does wrong → ``NODE`` with ``status`` and ``error``: timeouts,
@@ -28,7 +30,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -124,6 +126,7 @@ class Requester:
         self._global = asyncio.Semaphore(settings.global_concurrency)
         self._node_slots: dict[str, asyncio.Semaphore] = {}
         self._urls: dict[tuple[str, str], URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._by_code: Counter[str] = Counter()
         self._in_flight = 0
         self._pending = 0
@@ -142,13 +145,29 @@ class Requester:
             return []
         session = self._ensure_session()
         t0 = time.perf_counter()
+        slots: list[Relay | None] = [None] * len(prompts)
+        by_node: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_node.setdefault(prompt.node_id, []).append(i)
+        # A few workers per node (not one task per prompt): each pulls the node's next
+        # prompt, so a node's backlog neither creates tasks nor holds global slots.
+        workers = []
+        for node_id, indexes in by_node.items():
+            queue = iter(indexes)
+            n_workers = min(self.settings.per_node_concurrency, len(indexes))
+            workers += [
+                self._worker(session, queue, prompts, nodes.get(node_id), slots)
+                for _ in range(n_workers)
+            ]
         self._pending += len(prompts)
         try:
-            relays = list(
-                await asyncio.gather(*(self._relay_one(session, p, nodes) for p in prompts))
-            )
+            await asyncio.gather(*workers)
         finally:
             self._pending -= len(prompts)
+        relays = [
+            r if r is not None else self._lost(prompts[i], "no relay was produced")
+            for i, r in enumerate(slots)
+        ]
         if self._sink is not None:
             await self._sink.record_relays(relays)
         if log.isEnabledFor(logging.INFO):
@@ -232,7 +251,8 @@ class Requester:
         ttft_s: float | None = None,
     ) -> Relay:
         self._by_code[code.name] += 1
-        return Relay(
+        # Every field is built here with its declared type: skip re-validating (hot path).
+        return Relay.model_construct(
             prompt_id=prompt.prompt_id,
             sample_key=prompt.sample_key,
             node_id=prompt.node_id,
@@ -250,13 +270,27 @@ class Requester:
             finished_at=finished_at,
         )
 
+    async def _worker(
+        self,
+        session: aiohttp.ClientSession,
+        queue: Iterator[int],
+        prompts: Sequence[Prompt],
+        node: Node | None,
+        slots: list[Relay | None],
+    ) -> None:
+        for i in queue:
+            slots[i] = await self._relay_one(session, prompts[i], node)
+
+    def _lost(self, prompt: Prompt, why: str) -> Relay:
+        now = self._clock()
+        return self._relay_of(prompt, ErrorCode.RELAY, now, now, 0, error=f"internal error: {why}")
+
     async def _relay_one(
-        self, session: aiohttp.ClientSession, prompt: Prompt, nodes: dict[str, Node]
+        self, session: aiohttp.ClientSession, prompt: Prompt, node: Node | None
     ) -> Relay:
         started_at = self._clock()
         attempts = 0
         try:
-            node = nodes.get(prompt.node_id)
             if node is None:
                 return self._relay_of(
                     prompt,
@@ -269,9 +303,13 @@ class Requester:
             url = self._url(node, prompt.path)
             data = _dumps(prompt.body)
             total_s = self._sla.timeout_s(prompt.prompt_tokens, prompt.max_output_tokens)
-            timeout = aiohttp.ClientTimeout(
-                total=total_s, sock_connect=self.settings.connect_timeout_s
-            )
+            timeout = self._timeouts.get(total_s)
+            if timeout is None:
+                if len(self._timeouts) > 4096:
+                    self._timeouts.clear()
+                timeout = self._timeouts[total_s] = aiohttp.ClientTimeout(
+                    total=total_s, sock_connect=self.settings.connect_timeout_s
+                )
             node_slot = self._node_slot(node.node_id)
             max_attempts = self.settings.max_retries + 1
             while True:

@@ -249,6 +249,12 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, target=args.target, timeout_s=args.timeout)
 
 
+def _cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
+    from cluster.poc.cli import cmd_poc
+
+    return cmd_poc(settings, args)
+
+
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbench", description=__doc__)
@@ -301,15 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="what `make run` does: measure local nodes end to end")
     dm.add_argument("--target", type=int, default=20, help="samples per (node, task)")
     dm.add_argument("--timeout", type=float, default=1200.0)
+
+    from cluster.poc.cli import add_poc_parser
+
+    add_poc_parser(sub)
     return p
 
 
 COMMANDS = {
     "up": cmd_up, "datasets": cmd_datasets, "nodes": cmd_nodes, "run": cmd_run,
-    "scores": cmd_scores, "models": cmd_models, "demo": cmd_demo,
+    "scores": cmd_scores, "models": cmd_models, "demo": cmd_demo, "poc": _cmd_poc,
 }
 # Commands that need running stores (started here when nothing is running yet).
-NEEDS_STORES = {"datasets", "nodes", "run", "scores"}
+NEEDS_STORES = {"datasets", "nodes", "run", "scores", "poc"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ thread count set by :func:`configure_torch` in each process that computes.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,8 +29,16 @@ MAX_NONCE = (1 << 64) - 1
 
 
 def configure_torch(threads: int | None = None) -> None:
-    """Deterministic kernels and a fixed intra-op thread count for this process."""
+    """Deterministic kernels, true float32 and a fixed intra-op thread count for this process.
+
+    On GPUs: cuBLAS needs a fixed workspace to be deterministic (set before CUDA starts),
+    and TF32 would silently round float32 matmuls to 10-bit mantissas.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
     if threads is not None:
         torch.set_num_threads(threads)
 

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import threading
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ _GREEDY_SHARE = 96  # out of 256: about 37% of actual tokens are greedy
 _EOS_FILLER_WORDS = 48
 _POSITION_CACHE_MAX = 200_000
 _ENCODE_CACHE_MAX = 20_000
+_DIGITS = 7  # logprobs are rounded (float32 servers carry about 7 significant digits)
 
 _WORDS = (
     "the of and to in is it that was for on are with as be at by this had not but what all "
@@ -161,6 +163,7 @@ class FakeModel:
         self._salt = _SALTS[mode]
         self._positions: dict[tuple[int, int, int, bool], Position] = {}
         self._encoded: dict[str, list[int]] = {}
+        self._encoded_ends: dict[str, tuple[list[int], list[int]]] = {}
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -172,6 +175,15 @@ class FakeModel:
                 self._encoded.clear()
             self._encoded[text] = ids
         return ids
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        found = self._encoded_ends.get(text)
+        if found is None:
+            found = self.codec.encode_with_ends(text)
+            if len(self._encoded_ends) >= _ENCODE_CACHE_MAX:
+                self._encoded_ends.clear()
+            self._encoded_ends[text] = found
+        return found
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.codec.decode(ids)
@@ -209,12 +221,12 @@ class FakeModel:
             ranked = [(alts[0], q), (text, p)]
             ranked += [(a, rest * 0.6 * 0.4**j) for j, a in enumerate(alts[1:])]
             ranked.sort(key=lambda item: -item[1])
-        logprob = math.log(p)
+        logprob = round(math.log(p), _DIGITS)
         top: dict[str, float] = {}
         if k == 0:
             top[text] = logprob
         for name, prob in ranked[:k]:
-            top[name] = logprob if name == text else math.log(prob)
+            top[name] = logprob if name == text else round(math.log(prob), _DIGITS)
         pos = Position(logprob, top)
         if len(self._positions) >= _POSITION_CACHE_MAX:
             self._positions.clear()
@@ -312,18 +324,20 @@ class FakeModel:
         if max_tokens <= 0:
             return Generation("", [], "length")
         full = self.continuation(prompt_text, variant)
-        ids = self.encode(full)
+        ids, ends = self.encode_with_ends(full)
         finish: Literal["stop", "length"] = "stop"
-        text = full
+        limit = len(full)
         if len(ids) > max_tokens:
             ids = ids[:max_tokens]
-            text = self.decode(ids)
+            limit = ends[max_tokens - 1]
             finish = "length"
-        cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+        cut = min((i for i in (full.find(s, 0, limit) for s in stop if s) if i >= 0), default=-1)
         if cut >= 0:
-            text = text[:cut]
-            ids = self.codec.encode(text)
+            # keep the tokens that end within the cut (a token straddling it is dropped)
+            ids = ids[: bisect_right(ends, cut, hi=len(ids))]
+            limit = cut
             finish = "stop"
+        text = full[:limit]
         return Generation(text, ids, finish)
 
 

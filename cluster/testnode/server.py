@@ -257,7 +257,7 @@ class _Done:
     """An awaitable that is already done (``stop()`` in thread mode may be awaited or not)."""
 
     def __await__(self) -> Generator[Any, None, None]:
-        return iter(())
+        yield from ()
 
 
 class TestNode:

@@ -18,6 +18,10 @@ class TokenCodec(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and, per token, the character offset where it ends in ``text``."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def token_text(self, token_id: int) -> str: ...
@@ -33,6 +37,15 @@ class ByteCodec:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        ends: list[int] = []
+        for i, char in enumerate(text):
+            data = char.encode("utf-8")
+            ids.extend(data)
+            ends.extend([i + 1] * len(data))
+        return ids, ends
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i & 0xFF for i in ids).decode("utf-8", errors="replace")
@@ -72,6 +85,13 @@ class HfCodec:
         if self._fast is not None:
             return list(self._fast.encode(text, add_special_tokens=False).ids)
         return list(self._auto(text, add_special_tokens=False).input_ids)
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        if self._fast is not None:
+            enc = self._fast.encode(text, add_special_tokens=False)
+            return list(enc.ids), [end for _, end in enc.offsets]
+        out = self._auto(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(out.input_ids), [end for _, end in out.offset_mapping]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [i for i in ids if 0 <= i < self.vocab_size]

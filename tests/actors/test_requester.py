@@ -33,7 +33,7 @@ def settings(**overrides: Any) -> RequesterSettings:
 
 
 def make_node(node_id: str, url: str) -> Node:
-    return Node(node_id=node_id, url=url, model="smollm2")
+    return Node.model_validate({"node_id": node_id, "url": url, "model": "smollm2"})
 
 
 def make_prompt(i: int, node_id: str = "n1", body: dict[str, Any] | None = None) -> Prompt:
@@ -226,6 +226,8 @@ async def test_every_prompt_gets_exactly_one_relay_in_order(
     prompts.append(make_prompt(61, body={"prompt": "x", "bad": {1, 2}}))  # not JSON-able
     relays = await requester.relay(prompts, nodes)
     assert [r.prompt_id for r in relays] == [p.prompt_id for p in prompts]
+    for r in relays:  # built without re-validation on the hot path: still valid records
+        assert Relay.model_validate(r.model_dump()) == r
     codes = {r.error_code for r in relays[:60]}
     assert codes == {ErrorCode.OK, ErrorCode.NODE}
     assert relays[60].error_code == ErrorCode.BAD_PARAMS and relays[60].attempts == 0

@@ -8,7 +8,6 @@ deleted at the end.
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,30 +30,18 @@ CACHE_DIR = PROJECT_ROOT / ".cache"
 TIMEOUT_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def diffusion_url(ray_session: None) -> Iterator[str]:
+def diffusion_url(serve_http_port: int) -> Iterator[str]:
+    """The app's base URL; Serve itself (and its port) is the session's, from conftest."""
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    # A no-op (with a warning) when the session already runs Serve: its port is read back.
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-    config = DiffusionNodeConfig(
-        cache_dir=CACHE_DIR,
-        torch_threads=1,
-        # A small share: the session's other Serve apps (the vLLM node) need the rest.
-        deployment={"num_cpus": 0.5},
+    # A small CPU share: the session's other Serve apps (the vLLM node) need the rest.
+    config = DiffusionNodeConfig.model_validate(
+        {"cache_dir": CACHE_DIR, "torch_threads": 1, "deployment": {"num_cpus": 0.5}}
     )
     serve.run(build_diffusion_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    http = _get_global_client().http_config
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "", None) else http.host
     try:
-        yield f"http://{host}:{http.port}{ROUTE_PREFIX}"
+        yield f"http://127.0.0.1:{serve_http_port}{ROUTE_PREFIX}"
     finally:
         serve.delete(APP_NAME)
 
@@ -140,6 +127,18 @@ def test_different_seeds_or_prompts_give_different_images(diffusion_url: str) ->
     (other_prompt,) = _images(diffusion_url, prompt="a red bicycle", seed=42)
     assert psnr(base, other_seed) < 20 and not reproducible(base, other_seed)
     assert psnr(base, other_prompt) < math.inf
+
+
+def test_a_served_image_is_regenerated_exactly_in_another_process(diffusion_url: str) -> None:
+    """What a validator does: same prompt, settings and seed on its own copy of the model."""
+    from serve_apps.diffusion.engine import DiffusersEngine, GenerationJob
+    from serve_apps.diffusion.protocol import encode_png_b64
+
+    (served,) = _images(diffusion_url, prompt="a lighthouse at dusk", seed=42, steps=3)
+    engine = DiffusersEngine.load(DiffusionNodeConfig(cache_dir=CACHE_DIR, torch_threads=2))
+    job = GenerationJob("a lighthouse at dusk", None, 64, 64, 3, 7.5, (42,))
+    (local,) = engine.generate(job)
+    assert psnr(served, encode_png_b64(local)) == math.inf
 
 
 def test_n_images_carry_consecutive_seeds_each_reproducible_alone(diffusion_url: str) -> None:

@@ -7,6 +7,7 @@ own name and route prefix and is deleted at the end; Serve itself is left runnin
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import threading
@@ -18,14 +19,26 @@ from typing import Any
 import pytest
 import ray
 import requests
+import torch
 from ray import serve
 
+from cluster.config import Settings
+from cluster.poc.cli import add_poc_parser, cmd_poc
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, ValidationConfig
 from cluster.poc.validator import ClaimedProof, PocValidator
 from serve_apps.poc.app import build_poc_node_app
 from serve_apps.poc.deployers import LlmEndpoint
 from serve_apps.poc.protocol import PowInitRequest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_settings() -> Iterator[None]:
+    """configure_torch changes process-wide settings: give the rest of the session them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 APP_NAME = "poc-node-test"
 PREFIX = "/poc-node-test"
@@ -81,9 +94,10 @@ def node_url() -> Iterator[str]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     from ray.serve.context import _get_global_client  # the running proxy's port
 
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     port = _get_global_client().http_config.port
     config = {"workers": 2, "cpus_per_worker": 0.25, "threads_per_worker": 1,
               "batches_per_chunk": 2, "callback_timeout_s": 5.0}
@@ -200,3 +214,20 @@ def test_validation_phase_over_http(node_url: str) -> None:
     assert call("POST", f"{node_url}/pow/phase/generate").status_code == 200
     assert call("POST", f"{node_url}/pow/validate", batch).status_code == 409
     assert call("POST", f"{node_url}/stop").json()["state"] == "STOPPED"
+
+
+def test_cli_round_judges_the_node_honest(node_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="testbench")
+    add_poc_parser(parser.add_subparsers(dest="cmd", required=True))
+    base = node_url.removesuffix("/api/v1")
+    small = ["--dim", "32", "--layers", "1", "--heads", "4", "--vocab", "512", "--seq-len", "8",
+             "--out-dim", "32", "--batch-size", "32"]
+    args = parser.parse_args(["poc", "round", "--node", f"local={base}", "--seconds", "2",
+                              "--valid-fraction", "0.2", "--sample-seed", "5", "--no-store",
+                              *small])
+    code = cmd_poc(Settings(), args)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(row for row in out.splitlines() if row.startswith("local"))
+    assert line.endswith("honest")
+    assert call("GET", f"{node_url}/state").json()["state"] == "STOPPED"

@@ -83,7 +83,7 @@ def test_psnr_refuses_different_shapes(noise: np.ndarray) -> None:
 
 def test_as_image_array_refuses_float_arrays() -> None:
     with pytest.raises(ValueError, match="uint8"):
-        as_image_array(np.zeros((4, 4, 3), dtype=np.float32))  # type: ignore[arg-type]
+        as_image_array(np.zeros((4, 4, 3), dtype=np.float32))
 
 
 def test_reproducible_accepts_small_noise_and_rejects_other_images(noise: np.ndarray) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams
@@ -23,6 +24,15 @@ from serve_apps.poc.protocol import (
 )
 from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
 from serve_apps.poc.worker import GeneratedChunk, NonceChunk, PowWorkerSpec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_settings() -> Iterator[None]:
+    """configure_torch changes process-wide settings: give the rest of the session them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 MODEL = PocModelParams(dim=32, n_layers=1, n_heads=4, vocab_size=512, seq_len=8, out_dim=32)
 
@@ -52,6 +62,11 @@ class RecordingSender:
 
     async def close(self) -> None:
         pass
+
+
+class UnloadablePool(LocalWorkerPool):
+    async def ready(self) -> list[str]:
+        raise RuntimeError("out of memory")
 
 
 class BrokenPool(LocalWorkerPool):
@@ -189,3 +204,76 @@ async def test_failures_free_the_node_and_are_reported() -> None:
     assert "generation failed: RuntimeError: worker died" in (status.last_error or "")
     await broken.pow_init(init_request(), "idle")  # the node can start a new round
     await broken.stop()
+
+    unloadable, _ = make_service(pool=UnloadablePool)
+    await unloadable.pow_init(init_request(), "generate")
+    await wait_for(lambda: unloadable.state().state == NodeState.STOPPED)
+    assert "loading failed: RuntimeError: out of memory" in (unloadable.pow_status().last_error or "")
+
+
+class SlowPool(LocalWorkerPool):
+    closed = 0
+
+    async def ready(self) -> list[str]:
+        await asyncio.sleep(60)
+        return await super().ready()
+
+    async def close(self) -> None:
+        SlowPool.closed += 1
+        await super().close()
+
+
+async def test_stop_while_loading_releases_the_workers_at_once() -> None:
+    service, _ = make_service(pool=SlowPool)
+    await service.pow_init(init_request(), "generate")
+    await asyncio.sleep(0.05)
+    assert service.pow_status().status == PowState.LOADING
+    await service.pow_phase("validate")  # remembered for when loading ends
+    started = time.monotonic()
+    await service.pow_stop()
+    assert time.monotonic() - started < 5
+    assert SlowPool.closed == 1 and service.state().state == NodeState.STOPPED
+
+
+async def test_old_batches_are_dropped_beyond_the_cap_and_paging_skips_them() -> None:
+    configure_torch(1)
+    sender = RecordingSender()
+    config = PocNodeConfig(workers=1, batches_per_chunk=1, max_stored_batches=3)
+    service = PocNodeService(config, lambda spec: LocalWorkerPool(spec, 1), FakeDeployer(), sender)
+    await service.pow_init(init_request(url=None), "generate")
+    await wait_for(lambda: service.pow_status().batches >= 6)
+    await service.pow_stop()
+    total = service.pow_status().batches
+    page = service.pow_batches(0, 2)
+    assert page.total == total and page.offset == total - 3 and len(page.batches) == 2
+    rest = service.pow_batches(page.next_offset, 100)
+    assert len(rest.batches) == 1 and rest.next_offset == total
+    assert sender.posts == []  # no url, no callbacks
+
+
+async def test_real_deployer_builds_the_llm_app_for_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    from serve_apps.poc import deployers
+
+    built: list[dict[str, Any]] = []
+    runs: list[tuple[Any, dict[str, Any]]] = []
+    deleted: list[str] = []
+    monkeypatch.setattr(deployers, "load_object", lambda path: lambda cfg: built.append(cfg) or "app")
+    monkeypatch.setattr(serve, "run", lambda app, **kw: runs.append((app, kw)))
+    monkeypatch.setattr(serve, "delete", lambda name: deleted.append(name))
+    deployer = deployers.ServeLlmDeployer(app_name="llm-x", route_prefix="/x")
+    endpoint = await deployer.deploy("smollm2", {"model_source": "/models/smollm2", "device": "cpu"})
+    assert built == [{"model_id": "smollm2", "model_source": "/models/smollm2", "device": "cpu"}]
+    assert runs == [("app", {"name": "llm-x", "route_prefix": "/x"})]
+    assert endpoint == LlmEndpoint(model="smollm2", app_name="llm-x", route_prefix="/x")
+    await deployer.teardown(endpoint)
+    assert deleted == ["llm-x"]
+
+
+async def test_missing_llm_builder_is_a_clear_deploy_error() -> None:
+    from serve_apps.poc.deployers import DeployError, ServeLlmDeployer
+
+    deployer = ServeLlmDeployer(builder="serve_apps.no_such_app:build")
+    with pytest.raises(DeployError, match="serve_apps.no_such_app:build is not available"):
+        await deployer.deploy("m", {})

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from cluster.poc.binomial import (
@@ -23,6 +25,15 @@ from cluster.poc.calibration import calibrate_r_target
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, PocRoundParams, ValidationConfig
 from cluster.poc.validator import ClaimedProof, PocValidator, judge
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_settings() -> Iterator[None]:
+    """configure_torch changes process-wide settings: give the rest of the session them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 SEED = "block-0x5eed"
 MODEL = PocModelParams(dim=32, n_layers=2, n_heads=4, vocab_size=1024, seq_len=8, out_dim=32)

@@ -26,6 +26,13 @@ needs_tokenizer = pytest.mark.skipif(
     not (TOKENIZER / "tokenizer.json").is_file(), reason=f"no SmolLM2 tokenizer at {TOKENIZER}"
 )
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval gsm8k strict-match
+
+
+def final_number(text: str) -> str:
+    match = STRICT.search(text)
+    assert match is not None, f"no '#### N' in {text!r}"
+    return match.group(1)
+
 GSM8K_STOP = ["Question:", "</s>", "<|im_end|>"]
 
 
@@ -100,7 +107,8 @@ async def test_models_health_and_stats_routes(http: aiohttp.ClientSession, node:
 
 
 async def test_bad_requests_get_400(http: aiohttp.ClientSession, node: TestNode) -> None:
-    for body in ({"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "x", "logprobs": 99}, [1]):
+    bodies: list[Any] = [{"prompt": []}, {"prompt": [1, "a"]}, {"prompt": "x", "logprobs": 99}, [1]]
+    for body in bodies:
         async with http.post(f"{node.base_url}/v1/completions", json=body) as resp:
             assert resp.status == 400
             assert "error" in await resp.json()
@@ -205,7 +213,7 @@ async def test_correct_mode_answers_gsm8k_with_the_dataset_answer(
         choice = out["choices"][0]
         assert choice["text"] == " " + target["answer"] + "\n\n"
         assert choice["finish_reason"] == "stop"
-        assert STRICT.search(choice["text"]).group(1) == STRICT.search(target["answer"]).group(1)
+        assert final_number(choice["text"]) == final_number(target["answer"])
         assert 0 < out["usage"]["completion_tokens"] <= 256
 
 
@@ -219,8 +227,8 @@ async def test_wrong_mode_answers_gsm8k_with_a_wrong_number(
         http, wrong_node, prompt=gsm8k_prompt(docs[:5], target), max_tokens=256, stop=GSM8K_STOP
     )
     text = out["choices"][0]["text"]
-    right = int(STRICT.search(target["answer"]).group(1).replace(",", ""))
-    assert int(STRICT.search(text).group(1).replace(",", "")) == right + 1
+    right = int(final_number(target["answer"]).replace(",", ""))
+    assert int(final_number(text).replace(",", "")) == right + 1
     assert text == " " + wrong_answer(target["answer"]) + "\n\n"
 
 

@@ -1,0 +1,146 @@
+"""Running a PoC round against nodes over HTTP and judging what they return.
+
+For each node: ``/pow/init/generate`` with the round's seed and the node's key, wait
+until it generates, let it work ``seconds``, ``/pow/stop``, page through
+``/pow/batches``, then validate a random sample. A node that fails on the way gets a
+:class:`NodeRoundResult` with its error, never a silent gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.errors import NodeError
+from cluster.poc.config import PocRoundParams
+from cluster.poc.validator import ClaimedProof, PocValidator, Verdict
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1"
+
+
+class PocNodeTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node_id: str = Field(min_length=1)
+    url: str = Field(min_length=1, description="base URL; the routes are under {url}/api/v1")
+    public_key: str = Field(min_length=1)
+
+
+class NodeRoundResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str
+    verdict: Verdict | None = None
+    error: str | None = None
+    nonces_computed: int = 0
+    generate_s: float = 0.0
+
+
+class PocRoundDriver:
+    def __init__(
+        self,
+        params: PocRoundParams,
+        validator: PocValidator,
+        rng: random.Random,
+        load_timeout_s: float = 180.0,
+        http_timeout_s: float = 60.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._params = params
+        self._validator = validator
+        self._rng = rng
+        self._load_timeout_s = load_timeout_s
+        self._http_timeout_s = http_timeout_s
+        self._sleep = sleep
+        self._clock = clock
+
+    def init_body(self, target: PocNodeTarget, callback_url: str | None = None) -> dict[str, Any]:
+        from serve_apps.poc.protocol import PowInitRequest
+
+        p = self._params
+        return PowInitRequest(
+            block_hash=p.seed, public_key=target.public_key, r_target=p.r_target,
+            batch_size=p.batch_size, params=p.model, url=callback_url,
+        ).model_dump(mode="json")
+
+    async def run(self, targets: list[PocNodeTarget], seconds: float) -> list[NodeRoundResult]:
+        """All nodes generate at the same time; each is judged on its own claim."""
+        import aiohttp
+
+        seeds = [self._rng.getrandbits(63) for _ in targets]
+        timeout = aiohttp.ClientTimeout(total=self._http_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            results = await asyncio.gather(*(
+                self._one(http, t, seconds, s) for t, s in zip(targets, seeds, strict=True)))
+        return list(results)
+
+    async def _one(self, http: Any, target: PocNodeTarget, seconds: float,
+                   sample_seed: int) -> NodeRoundResult:
+        import aiohttp
+
+        try:
+            claim, computed, took = await self.collect(http, target, seconds)
+        except (TimeoutError, NodeError, OSError, aiohttp.ClientError, ValidationError) as exc:
+            log.warning("poc.round.node_failed node=%s error=%s", target.node_id, exc)
+            return NodeRoundResult(node_id=target.node_id, error=f"{type(exc).__name__}: {exc}")
+        verdict = await asyncio.to_thread(self._validator.validate, claim, sample_seed)
+        return NodeRoundResult(node_id=target.node_id, verdict=verdict,
+                               nonces_computed=computed, generate_s=took)
+
+    async def collect(self, http: Any, target: PocNodeTarget,
+                      seconds: float) -> tuple[ClaimedProof, int, float]:
+        """(the node's claim, nonces it reports computed, seconds it generated)."""
+        from serve_apps.poc.protocol import BatchesResponse, PowStatusResponse
+
+        base = target.url.rstrip("/") + API
+        await _call(http, "POST", f"{base}/pow/init/generate", self.init_body(target))
+        deadline = self._clock() + self._load_timeout_s
+        while True:
+            status = PowStatusResponse.model_validate(
+                await _call(http, "GET", f"{base}/pow/status"))
+            if status.status == "GENERATING":
+                break
+            if status.status == "STOPPED" or self._clock() > deadline:
+                raise NodeError(f"node {target.node_id} did not start generating "
+                                f"(status {status.status}, error {status.last_error})")
+            await self._sleep(0.2)
+        started = self._clock()
+        await self._sleep(seconds)
+        await _call(http, "POST", f"{base}/pow/stop")
+        took = self._clock() - started
+        status = PowStatusResponse.model_validate(await _call(http, "GET", f"{base}/pow/status"))
+        nonces: list[int] = []
+        dist: list[float] = []
+        offset = 0
+        while True:
+            page = BatchesResponse.model_validate(
+                await _call(http, "GET", f"{base}/pow/batches?offset={offset}&limit=10000"))
+            for batch in page.batches:
+                if batch.public_key != target.public_key or batch.block_hash != self._params.seed:
+                    raise NodeError(f"node {target.node_id} returned a batch for another "
+                                    f"key or seed ({batch.public_key}, {batch.block_hash})")
+                nonces.extend(batch.nonces)
+                dist.extend(batch.dist)
+            if page.next_offset >= page.total or not page.batches:
+                break
+            offset = page.next_offset
+        claim = ClaimedProof(node_id=target.node_id, public_key=target.public_key,
+                             nonces=nonces, distances=dist)
+        return claim, status.nonces_computed, took
+
+
+async def _call(http: Any, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    async with http.request(method, url, json=body) as resp:
+        if resp.status >= 300:
+            text = (await resp.text())[:300]
+            raise NodeError(f"{method} {url} answered HTTP {resp.status}: {text}")
+        return await resp.json()

@@ -1,0 +1,50 @@
+"""The diffusion node's Serve replica and its application builder.
+
+``DiffusionServer`` is a plain class (loads the engine, builds the FastAPI app); the
+builder wraps it with ``serve.ingress`` (late-bound: Serve calls
+``__serve_build_asgi_app__`` after the constructor) and ``serve.deployment``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+
+from serve_apps.diffusion.config import DiffusionNodeConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ray.serve import Application
+
+    from serve_apps.diffusion.serving import ImageServing
+
+
+class DiffusionServer:
+    """One replica of a diffusion node: a loaded pipeline behind the node's routes."""
+
+    def __init__(self, config: DiffusionNodeConfig) -> None:
+        from serve_apps.diffusion.engine import DiffusersEngine
+        from serve_apps.diffusion.serving import ImageServing
+
+        self._serving: ImageServing = ImageServing(DiffusersEngine.load(config), config)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        from serve_apps.diffusion.routes import create_api
+
+        return create_api(self._serving)
+
+
+def build_diffusion_app(config: dict[str, Any] | DiffusionNodeConfig) -> Application:
+    """The bound Serve application of a diffusion node (the YAML ``import_path`` target)."""
+    node = config if isinstance(config, DiffusionNodeConfig) else (
+        DiffusionNodeConfig.model_validate(config)
+    )
+    options = node.deployment
+    deployment = serve.deployment(
+        name=options.name,
+        num_replicas=options.num_replicas,
+        max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
+    )(serve.ingress()(DiffusionServer))
+    return deployment.bind(node)

