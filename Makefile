@@ -38,9 +38,9 @@ test: install model
 lint: install
 	$(PY) -m ruff check .
 
+# Every bench in bench/, each against its anchor in the same run; writes bench/RESULTS.md.
 bench: install model
-	$(OFFLINE) $(PY) bench/manager_plan.py
-	$(OFFLINE) $(PY) bench/requester.py
+	$(OFFLINE) $(PY) bench/run_all.py
 
 clean:
 	rm -rf data .pytest_cache .ruff_cache

@@ -12,12 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 
+from actors import metrics
 from cluster.buffers import summarize_buffer
 from cluster.config import Settings
-from cluster.errors import ErrorCode, EvaluationError
-from cluster.lmeval_adapter import TaskAdapter, load_task_adapter
+from cluster.errors import ErrorCode, EvaluationError, NodeError
+from cluster.lmeval_adapter import TaskAdapter
 from cluster.runtime import StoreConnections
 from cluster.schemas import Node, Relay, Sample, ScoreSamples
+from cluster.tasks import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,7 @@ class Evaluator:
         self._clock = clock
 
     def adapter(self, node: Node, task: str) -> TaskAdapter:
-        return load_task_adapter(
-            task, self._settings.datasets_dir, node.tokenizer, node.api, node.model
-        )
+        return load_adapter(task, self._settings.datasets_dir, node)
 
     def score_doc(
         self, adapter: TaskAdapter, doc_id: int, doc: dict, relays: list[Relay], now: float
@@ -77,6 +77,8 @@ class Evaluator:
             metrics = adapter.score(doc_id, doc, sorted(relays, key=lambda r: r.request_index))
         except EvaluationError as exc:
             return Sample(error_code=ErrorCode.EVALUATION, error=str(exc)[:2000], **base)
+        except NodeError as exc:  # e.g. an image that does not decode: the node's answer is bad
+            return Sample(error_code=ErrorCode.NODE, error=str(exc)[:2000], **base)
         return Sample(error_code=ErrorCode.OK, metrics=metrics, **base)
 
     async def score(self, relays: list[Relay], node: Node) -> ScoreSamples:
@@ -97,6 +99,7 @@ class Evaluator:
         ]
         mongo = await self._stores.mongo()
         new = await mongo.samples.record_samples(samples)
+        metrics.record_samples(new)  # only new ones: a replayed batch is not counted twice
         await mongo.prompts.mark_done(list(groups))
         await self.refresh_buffer(node.node_id, task, adapter)
         log.info(
@@ -111,7 +114,9 @@ class Evaluator:
         mongo = await self._stores.mongo()
         recent = await mongo.samples.latest(
             node_id, task, since_ts=now - self._settings.manager.sample_ttl_s,
-            limit=self._settings.manager.target_samples,
+            limit=self._settings.manager.task_targets.get(
+                task, self._settings.manager.target_samples
+            ),
         )
         summary = summarize_buffer(
             node_id, task, recent, adapter.metric_names, now, aggregate=adapter.aggregate

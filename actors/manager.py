@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from actors import metrics
 from actors.planning import NodeBudget, PairState, PlanItem, PlanLimits, backoff_s, plan_samples
 from cluster.config import Settings
 from cluster.errors import ErrorCode
@@ -66,6 +67,7 @@ class Manager:
             sample_ttl_s=self._cfg.sample_ttl_s,
             node_budget_per_hour=self._cfg.node_budget_per_hour,
             dependencies=self._cfg.task_dependencies,
+            task_targets=self._cfg.task_targets,
         )
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -123,9 +125,12 @@ class Manager:
         return state
 
     def _node_tasks(self, node: Node) -> list[str]:
+        configured = (
+            self._settings.diffusion_tasks if node.kind == "diffusion" else self._settings.tasks
+        )
         if node.tasks is None:
-            return list(self._settings.tasks)
-        return [t for t in node.tasks if t in self._settings.tasks]
+            return list(configured)
+        return [t for t in node.tasks if t in configured]
 
     async def _refresh_nodes(self, force: bool = False) -> None:
         now = self._clock()
@@ -151,6 +156,7 @@ class Manager:
             self._state(item.node_id, item.task).reserved += item.count
             self._spawn(self._dispatch(item))
         self._ticks += 1
+        metrics.set_manager_queue(len(self._inflight_keys), planned=sum(i.count for i in plan))
         await self._sweep(older_than=now - self._cfg.redrive_after_s)
         if plan:
             log.info("manager.tick planned=%d docs=%d", len(plan), sum(i.count for i in plan))
@@ -247,6 +253,9 @@ class Manager:
             if node is None:
                 continue
             self._spawn(self._redrive_tracked(node, task, keys))
+        metrics.set_manager_queue(
+            len(self._inflight_keys), redriven=sum(len(keys) for keys in groups.values())
+        )
 
     async def _redrive_tracked(self, node: Node, task: str, keys: list[str]) -> None:
         state = self._state(node.node_id, task)
@@ -297,10 +306,11 @@ class Manager:
             for task in self._node_tasks(node):
                 state = self._state(nid, task)
                 valid = state.valid_count(now, self._cfg.sample_ttl_s)
+                target = self._limits.target(task)
                 pairs.append({
                     "node_id": nid, "task": task, "valid": valid,
-                    "in_flight": len(state.in_flight), "target": self._cfg.target_samples,
+                    "in_flight": len(state.in_flight), "target": target,
                     "backoff_s": max(0.0, state.backoff_until - now),
                 })
-                full = full and valid >= self._cfg.target_samples
+                full = full and valid >= target
         return {"full": full, "ticks": self._ticks, "pairs": pairs, **self._counters}

@@ -63,6 +63,11 @@ class PlanLimits:
     node_budget_per_hour: int
     # task -> tasks whose buffers must be full for that node before it is planned
     dependencies: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # task -> its own buffer size where it differs from target_samples
+    task_targets: Mapping[str, int] = field(default_factory=dict)
+
+    def target(self, task: str) -> int:
+        return self.task_targets.get(task, self.target_samples)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,8 @@ def plan_samples(
     Pairs missing from ``states`` are treated as empty. Budgets are consumed here so that
     the caller dispatches exactly what was planned.
     """
-    target = limits.target_samples
+    default_target = limits.target_samples
+    task_targets = limits.task_targets
     max_in_flight = limits.max_in_flight
     ttl = limits.sample_ttl_s
     per_hour = limits.node_budget_per_hour
@@ -111,12 +117,14 @@ def plan_samples(
                     ok = full.get(dep)
                     if ok is None:
                         dep_state = states.get((node_id, dep), empty)
-                        ok = full[dep] = dep_state.valid_count(now, ttl) >= target
+                        dep_target = task_targets.get(dep, default_target) if task_targets else default_target
+                        ok = full[dep] = dep_state.valid_count(now, ttl) >= dep_target
                     if not ok:
                         blocked = True
                         break
                 if blocked:
                     continue
+            target = task_targets.get(task, default_target) if task_targets else default_target
             in_flight = len(state.in_flight) + state.reserved
             need = min(max_in_flight - in_flight, target - in_flight - state.valid_count(now, ttl))
             if need <= 0:

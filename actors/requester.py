@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
+from actors import metrics
 from cluster.config import RequesterSettings
 from cluster.errors import ErrorCode
 from cluster.schemas import Node, Prompt, Relay
@@ -160,16 +161,19 @@ class Requester:
                 for _ in range(n_workers)
             ]
         self._pending += len(prompts)
+        metrics.set_requester_queue(self._pending, self._in_flight)
         try:
             await asyncio.gather(*workers)
         finally:
             self._pending -= len(prompts)
+            metrics.set_requester_queue(self._pending, self._in_flight)
         relays = [
             r if r is not None else self._lost(prompts[i], "no relay was produced")
             for i, r in enumerate(slots)
         ]
         if self._sink is not None:
             await self._sink.record_relays(relays)
+        metrics.record_relays(relays)
         if log.isEnabledFor(logging.INFO):
             codes = Counter(r.error_code.name for r in relays)
             log.info(

@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 from cluster.config import Settings
 from cluster.errors import DatasetError
-from cluster.lmeval_adapter import TaskAdapter, load_task_adapter
+from cluster.lmeval_adapter import TaskAdapter
 from cluster.runtime import StoreConnections
 from cluster.schemas import Node, Prompt, SampleRequest, sample_key
+from cluster.tasks import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,7 @@ class Sampler:
         self._doc_ids: dict[tuple[str, str], list[int]] = {}
 
     def adapter(self, node: Node, task: str) -> TaskAdapter:
-        return load_task_adapter(
-            task, self._settings.datasets_dir, node.tokenizer, node.api, node.model
-        )
+        return load_adapter(task, self._settings.datasets_dir, node)
 
     async def _all_doc_ids(self, task: str, split: str) -> list[int]:
         key = (task, split)

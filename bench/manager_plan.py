@@ -91,6 +91,12 @@ def main() -> None:
     print(f"  docs planned in the last round: {planned:,}")
     ok = best <= args.goal_s and total_gib <= args.goal_gib
     print(f"  goal met: {'yes' if ok else 'NO'}")
+    from bench_results import report
+
+    report("manager_plan.py", f"planning round, {args.nodes:,} nodes x {args.tasks} tasks",
+           f"{best:.3f} s, {total_gib:.3f} GiB", "the goal",
+           f"{best / args.goal_s:.2f}x of goal time", f"<= {args.goal_s} s, <= {args.goal_gib} GiB",
+           ok)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ def measure(params: PocRoundParams, chunk: int, workers: int, seconds: float, re
     print(f"  ratio per CPU, wall:     {wall_ratio:.3f}x (best runs "
           f"{best(ray_wall) / workers / best(bare_wall):.3f}x)  [goal >= 0.9x: "
           f"{verdict(wall_ratio >= 0.9)}]")
+    from bench_results import report
+
+    report("poc.py", f"nonces/s per CPU, {workers} Ray worker(s)",
+           f"{med(ray_wall) / workers:.0f}/s", "bare single-process torch loop, same run",
+           f"{wall_ratio:.2f}x", ">= 0.9x", wall_ratio >= 0.9)
     print(f"  ratio per CPU, CPU time: {cpu_ratio:.3f}x (best runs "
           f"{best(ray_cpu) / best(bare_cpu):.3f}x)  [goal >= 0.9x: {verdict(cpu_ratio >= 0.9)}]")
     if side:
@@ -220,6 +225,10 @@ def main() -> None:
           f"on 1 CPU = {frac_wall:.3%} of the {gen_wall:.1f} s generation it checks "
           f"({frac_cpu:.3%} of its CPU time)  [goal <= 2%: {verdict(frac_wall <= 0.02)}]")
     print(f"  (2% is reached only by rounds shorter than {val_s / 0.02:.2f} s of generation)")
+    from bench_results import report
+
+    report("poc.py", "validation time / generation time", f"{val_s * 1000:.1f} ms",
+           "the generation it checks, same run", f"{frac_wall:.2%}", "<= 2%", frac_wall <= 0.02)
 
 
 if __name__ == "__main__":

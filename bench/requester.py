@@ -281,6 +281,16 @@ def report(args: argparse.Namespace, rounds: list[list[Round]]) -> None:
         print("\n" + line)
     if any(r.ok != r.n for rs in rounds for r in rs):
         print("WARNING: some requests failed in some rounds")
+    from bench_results import report
+
+    if "requester" in by and "bare aiohttp" in by:
+        ratio = req.rate / by["bare aiohttp"].rate
+        report("requester.py", f"relays/s, test node, {args.kind}", f"{req.rate:.0f}/s",
+               "bare aiohttp loop, same run", f"{ratio:.2f}x", ">= 0.7x", ratio >= 0.7)
+    if "requester" in by and "lm-eval http" in by:
+        ratio = req.rate / by["lm-eval http"].rate
+        report("requester.py", f"relays/s, test node, {args.kind}", f"{req.rate:.0f}/s",
+               "lm-eval's API client, same run", f"{ratio:.2f}x", ">= 2x", ratio >= 2.0)
 
 
 def main() -> int:

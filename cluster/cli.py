@@ -143,7 +143,7 @@ async def fetch_scores(settings: Settings) -> list[dict[str, Any]]:
 
 
 def format_scores(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'node':<16} {'task':<12} {'metric':<31} {'mean ± stderr':>17} {'n':>4} "
+    header = (f"{'node':<22} {'task':<16} {'metric':<31} {'mean ± stderr':>17} {'n':>4} "
               f"{'err%':>6} {'p50 s':>7} {'p95 s':>7}  errors")
     lines = [header, "-" * len(header)]
     for row in sorted(rows, key=lambda r: (r["node_id"], r["task"])):
@@ -160,7 +160,7 @@ def format_scores(rows: list[dict[str, Any]]) -> str:
             p50s = f"{p50:.3f}" if first and p50 is not None else ""
             p95s = f"{p95:.3f}" if first and p95 is not None else ""
             lines.append(
-                f"{row['node_id'] if first else '':<16} {row['task'] if first else '':<12} "
+                f"{row['node_id'] if first else '':<22} {row['task'] if first else '':<16} "
                 f"{name:<31} {val:>17} {row['n'] if first else '':>4} "
                 f"{err_pct:>6} {p50s:>7} {p95s:>7}  {errs if first else ''}")
     return "\n".join(lines)
@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name")
 
     dm = sub.add_parser("demo", help="what `make run` does: measure local nodes end to end")
-    dm.add_argument("--target", type=int, default=20, help="samples per (node, task)")
-    dm.add_argument("--timeout", type=float, default=1200.0)
+    dm.add_argument("--target", type=int, default=None,
+                    help="samples per (node, task) (default: sized per task to take minutes)")
+    dm.add_argument("--timeout", type=float, default=1800.0)
 
     from cluster.poc.cli import add_poc_parser
 

@@ -9,9 +9,10 @@ Override rules (applied after the YAML file):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,11 +77,130 @@ class ManagerSettings(StrictModel):
         default_factory=dict, description="task -> tasks whose buffers must be full first"
     )
     node_refresh_s: float = Field(default=10.0, ge=0, description="re-read the node registry")
+    task_targets: dict[str, int] = Field(
+        default_factory=dict, description="task -> buffer size where it differs from target_samples"
+    )
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> ManagerSettings:
+        bad = {t: n for t, n in self.task_targets.items() if n < 1}
+        if bad:
+            raise ValueError(f"task_targets must be >= 1: {bad}")
+        return self
 
 
 class PoolSettings(StrictModel):
     samplers: int = Field(default=2, ge=1)
     evaluators: int = Field(default=2, ge=1)
+
+
+PEER_KEY_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+PeerPurpose = Literal["control", "jobs"]
+
+
+class PeerKeySettings(StrictModel):
+    """A registered peer: its ed25519 public key and the routes it may call."""
+
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="ed25519 public key, hex")
+    purposes: list[PeerPurpose] = Field(
+        default_factory=lambda: ["control", "jobs"], min_length=1,
+        description="control = node control routes (PoC, inference up/down); jobs = job routes",
+    )
+
+
+class AuthSettings(StrictModel):
+    """Peer authentication (DESIGN §5): requests signed by registered ed25519 keys.
+
+    On when keys are configured, unless ``enabled: false`` (the explicit local-dev opt-out).
+    ``signing_key_id`` / ``signing_key_file`` are this process's own key, for the requests
+    it sends (e.g. ``testbench poc round``); the file holds the 32-byte seed as hex.
+    """
+
+    enabled: bool | None = Field(
+        default=None, description="None = on when keys are configured; false = off (local dev)"
+    )
+    keys: dict[str, PeerKeySettings] = Field(default_factory=dict, description="key id -> key")
+    max_skew_s: float = Field(default=30.0, gt=0, description="request timestamp tolerance")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    nonce_mongo_url: str | None = Field(
+        default=None,
+        description="remember nonces in MongoDB (apps with several replicas); None = in process",
+    )
+    nonce_mongo_database: str = "testbench"
+    signing_key_id: str | None = Field(default=None, pattern=PEER_KEY_ID_PATTERN)
+    signing_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthSettings:
+        bad = [k for k in self.keys if not re.fullmatch(PEER_KEY_ID_PATTERN, k)]
+        if bad:
+            raise ValueError(f"auth.keys: invalid key ids {bad} (letters, digits, ._:@-)")
+        if self.enabled and not self.keys:
+            raise ValueError("auth.enabled is true but auth.keys is empty: every request "
+                             "would be refused")
+        if (self.signing_key_id is None) != (self.signing_key_file is None):
+            raise ValueError("auth.signing_key_id and auth.signing_key_file go together")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keys) if self.enabled is None else self.enabled
+
+
+class ReceiptSettings(StrictModel):
+    """Verifying the signed receipts of streaming jobs (DESIGN §5)."""
+
+    max_clock_skew_s: float = Field(
+        default=5.0, ge=0, description="receipt times vs the validator's send/receive times"
+    )
+    rerun_fraction: float = Field(
+        default=0.02, ge=0, le=1,
+        description="share of temperature-0 answers re-run on the reference (seed 003: 1-2%)",
+    )
+    rerun_min: int = Field(default=1, ge=0, description="re-run at least this many per audit")
+    max_evidence_chars: int = Field(default=2000, ge=100)
+
+
+class EvaluationSettings(StrictModel):
+    """Evaluation as a service (issue 6): who may submit runs and how runs execute.
+
+    ``tenants`` maps a tenant name to its bearer token; a tenant sees only its own runs.
+    Runs execute inside the evaluations Serve app's replicas, each holding a lease on the
+    runs it executes (renewed every ``poll_s``), so a replica that dies loses them after
+    ``lease_s`` and another (or its restarted self) resumes them.
+    """
+
+    tenants: dict[str, str] = Field(
+        default_factory=dict, description="tenant name -> bearer token (keep it in a Secret)"
+    )
+    max_concurrent_runs: int = Field(
+        default=2, ge=0, description="runs one replica executes at once; 0 = API only"
+    )
+    per_run_concurrency: int = Field(default=8, ge=1, description="requests in flight per run")
+    chunk_docs: int = Field(default=32, ge=1, description="docs built and sent per step")
+    lease_s: float = Field(default=30.0, gt=0, description="a dead replica's runs resume after")
+    poll_s: float = Field(default=1.0, gt=0, description="lease renewal and queue polling")
+    max_tasks: int = Field(default=16, ge=1, description="tasks per run")
+    max_limit: int = Field(default=100_000, ge=1, description="largest accepted `limit`")
+    page_size: int = Field(default=20, ge=1)
+    max_page_size: int = Field(default=100, ge=1)
+    leaderboard_history_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="how far back the score charts reach"
+    )
+    leaderboard_max_samples: int = Field(
+        default=20_000, ge=1, description="samples read for the charts (newest first)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationSettings:
+        short = sorted(name for name, token in self.tenants.items() if len(token) < 16)
+        if short:
+            raise ValueError(f"evaluations.tenants: tokens of {short} are shorter than 16 chars")
+        if len(set(self.tenants.values())) != len(self.tenants):
+            raise ValueError("evaluations.tenants: two tenants share a token")
+        if self.page_size > self.max_page_size:
+            raise ValueError("evaluations.page_size exceeds max_page_size")
+        return self
 
 
 class Settings(StrictModel):
@@ -89,9 +209,14 @@ class Settings(StrictModel):
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
     requester: RequesterSettings = Field(default_factory=RequesterSettings)
     pools: PoolSettings = Field(default_factory=PoolSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    receipts: ReceiptSettings = Field(default_factory=ReceiptSettings)
+    evaluations: EvaluationSettings = Field(default_factory=EvaluationSettings)
     datasets_dir: Path = PROJECT_ROOT / "datasets"
     cache_dir: Path = PROJECT_ROOT / ".cache"
     tasks: list[str] = Field(default_factory=lambda: ["gsm8k", "openbookqa"])
+    # what diffusion nodes (kind: diffusion) are measured on
+    diffusion_tasks: list[str] = Field(default_factory=lambda: ["diffusion_repro"])
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

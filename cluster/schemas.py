@@ -76,7 +76,7 @@ class Prompt(Record):
     doc_id: int
     request_index: int
     n_requests: int = Field(description="how many prompts make up this doc's sample")
-    path: Literal["/v1/completions", "/v1/chat/completions"]
+    path: Literal["/v1/completions", "/v1/chat/completions", "/v1/images/generations"]
     body: dict[str, Any]
     prompt_tokens: int = 0
     max_output_tokens: int = 0

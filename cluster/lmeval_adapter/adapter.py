@@ -69,6 +69,10 @@ class RequestSettings(BaseModel):
     system_instruction: str | None = None
     fewshot_as_multiturn: bool = Field(default=True, description="chat-completions only")
     bootstrap_iters: int = Field(default=100000, ge=0)
+    # Not an lm-eval knob: send all of a doc's loglikelihood requests (a multiple-choice
+    # doc's choices) as one batched /v1/completions body, as lm-eval itself does with
+    # batch_size > 1. Fewer round trips; the engine sees the shared context at once.
+    batch_doc_requests: bool = False
 
 
 class FailedRelayError(TestbenchError):
@@ -225,6 +229,40 @@ class TaskAdapter:
         body["model"] = model
         return body, prompt_tokens
 
+    def _batched(self, instances: list[Instance]) -> bool:
+        return (
+            self.settings.batch_doc_requests
+            and self.repeats == 1
+            and len(instances) > 1
+            and all(inst.request_type in LOGLIKELIHOOD_TYPES for inst in instances)
+        )
+
+    def batched_request_body(
+        self, instances: list[Instance], model: str
+    ) -> tuple[dict[str, Any], int]:
+        """One body for all of a doc's loglikelihood instances (prompt = a list of token
+        lists), exactly what lm-eval's ``model_call`` posts for such a batch."""
+        lm = self.lm
+        tokens = [self._loglikelihood_input(inst)[0] for inst in instances]
+        body = lm._create_payload(
+            lm.create_message(tokens), generate=False, gen_kwargs=None, seed=lm._seed,
+            eos=lm.eos_string,
+        )
+        body["model"] = model
+        return body, sum(len(t) for t in tokens)
+
+    def _split_batched(self, response: dict[str, Any], n: int, where: str) -> list[dict[str, Any]]:
+        """A batched answer as ``n`` single-choice answers, in prompt order (by ``index``)."""
+        choices = response.get("choices")
+        if not isinstance(choices, list) or len(choices) != n or not all(
+            isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices
+        ):
+            raise EvaluationError(f"{where}: expected {n} indexed choices, got {_brief(choices)}")
+        ordered = sorted(choices, key=lambda c: c["index"])
+        if [c["index"] for c in ordered] != list(range(n)):
+            raise EvaluationError(f"{where}: choice indexes are not 0..{n - 1}")
+        return [{**response, "choices": [{**c, "index": 0}]} for c in ordered]
+
     def _estimate_tokens(self, message: Any) -> int:
         text = message.prompt if hasattr(message, "prompt") else str(message)
         return max(1, len(text) // 4)
@@ -234,7 +272,10 @@ class TaskAdapter:
     ) -> list[Prompt]:
         """The HTTP requests that make up one sample of this doc for ``node``."""
         instances = self.build_instances(doc_id, doc)
-        bodies = [self.request_body(inst, node.model) for inst in instances]
+        if self._batched(instances):
+            bodies = [self.batched_request_body(instances, node.model)]
+        else:
+            bodies = [self.request_body(inst, node.model) for inst in instances]
         n_requests = len(bodies) * self.repeats
         prompts: list[Prompt] = []
         for body, prompt_tokens in bodies:
@@ -360,6 +401,14 @@ class TaskAdapter:
         :class:`FailedRelayError` (carrying the relay's code) when a relay is not OK and
         :class:`TaskError` when the relays do not match the doc's requests."""
         instances = self.build_instances(doc_id, doc)
+        if self._batched(instances):
+            (relay,) = self._ordered_relays(doc_id, relays, 1)
+            where = f"{self.name} doc {doc_id} batched request"
+            answers = self._split_batched(relay.response or {}, len(instances), where)
+            for i, (instance, answer) in enumerate(zip(instances, answers, strict=True)):
+                tokens, ctxlen = self._loglikelihood_input(instance)
+                instance.resps = [self._parse_loglikelihood(answer, tokens, ctxlen, f"{where} #{i}")]
+            return self.score_instances(instances)
         ordered = self._ordered_relays(doc_id, relays, len(instances) * self.repeats)
         for i, instance in enumerate(instances):
             instance.resps = []

@@ -119,6 +119,7 @@ def cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
 async def run_round(settings: Settings, params: PocRoundParams, validation: ValidationConfig,
                     nodes: dict[str, str], keys: dict[str, str],
                     args: argparse.Namespace) -> list[Any]:
+    from cluster.honesty.auth import RequestSigner
     from cluster.poc.compute import PocComputer
     from cluster.poc.round import PocNodeTarget, PocRoundDriver
     from cluster.poc.validator import PocValidator
@@ -127,7 +128,9 @@ async def run_round(settings: Settings, params: PocRoundParams, validation: Vali
                for n, u in nodes.items()]
     validator = PocValidator(PocComputer(params, "validator"), validation)
     seed = args.sample_seed if args.sample_seed is not None else random.SystemRandom().getrandbits(63)
-    driver = PocRoundDriver(params, validator, random.Random(seed))
+    # auth.signing_key_id / signing_key_file: the key nodes with peer auth expect
+    driver = PocRoundDriver(params, validator, random.Random(seed),
+                            signer=RequestSigner.from_settings(settings.auth))
     results = await driver.run(targets, args.seconds)
     verdicts = [r.verdict for r in results if r.verdict is not None]
     if verdicts and not args.no_store and settings.stores.mongo_url:

@@ -13,13 +13,16 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.errors import NodeError
 from cluster.poc.config import PocRoundParams
 from cluster.poc.validator import ClaimedProof, PocValidator, Verdict
+
+if TYPE_CHECKING:
+    from cluster.honesty.auth import RequestSigner
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class PocRoundDriver:
         http_timeout_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        signer: RequestSigner | None = None,
     ) -> None:
         self._params = params
         self._validator = validator
@@ -62,6 +66,8 @@ class PocRoundDriver:
         self._http_timeout_s = http_timeout_s
         self._sleep = sleep
         self._clock = clock
+        # nodes with peer auth on take only signed control requests
+        self._signer = signer
 
     def init_body(self, target: PocNodeTarget, callback_url: str | None = None) -> dict[str, Any]:
         from serve_apps.poc.protocol import PowInitRequest
@@ -78,7 +84,8 @@ class PocRoundDriver:
 
         seeds = [self._rng.getrandbits(63) for _ in targets]
         timeout = aiohttp.ClientTimeout(total=self._http_timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        middlewares = (self._signer.aiohttp_middleware,) if self._signer is not None else ()
+        async with aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http:
             results = await asyncio.gather(*(
                 self._one(http, t, seconds, s) for t, s in zip(targets, seeds, strict=True)))
         return list(results)

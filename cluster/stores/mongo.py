@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import bson
 from bson.errors import InvalidDocument
@@ -51,6 +51,8 @@ PROMPTS = "prompts"
 RELAYS = "relays"
 SAMPLES = "samples"
 BUFFERS = "buffers"
+RECEIPTS = "receipts"
+VERDICTS = "verdicts"
 
 COUNTED_CODES = [int(c) for c in ErrorCode if c.counts_against_node]
 
@@ -502,6 +504,78 @@ class BufferStore:
         return [_decode_buffer(d) for d in docs]
 
 
+class ReceiptStore:
+    """Receipts validators accepted (DESIGN §5); ``_id`` = the receipt's replay key
+    ("job|request"), so a receipt counts once, across validator restarts and processes.
+
+    A plain ``insert_one`` on a unique ``_id`` is the whole protocol (no read-then-write
+    race): the insert that wins records the receipt; any later one sees a duplicate key.
+    """
+
+    def __init__(self, collection: AsyncCollection[Document], clock: Callable[[], float] = time.time) -> None:
+        self.collection = collection
+        self._clock = clock
+
+    async def claim(self, replay_key: str, digest: str, fields: Mapping[str, Any]) -> str | None:
+        """Record the receipt the first time ``replay_key`` is seen and return None; else
+        return the digest recorded under it (equal to ``digest`` for the same receipt)."""
+        doc: Document = {**fields, "_id": replay_key, "digest": digest,
+                         "accepted_at": float(self._clock())}
+        try:
+            await self.collection.insert_one(doc)
+        except DuplicateKeyError:
+            existing = await self.collection.find_one({"_id": replay_key}, {"digest": 1})
+            log.info("stores.receipts.replay key=%s", replay_key)
+            return str(existing.get("digest", "")) if existing else ""
+        return None
+
+    async def get(self, replay_key: str) -> Document | None:
+        return await self.collection.find_one({"_id": replay_key})
+
+    async def count(self, *, job_id: str | None = None) -> int:
+        return await self.collection.count_documents({} if job_id is None else {"job_id": job_id})
+
+
+class VerdictRecord(BaseModel):
+    """One honesty verdict about a node: which check, pass or fail, why, and the evidence.
+
+    ``evidence`` is kept to strings, numbers and lists/dicts of them (MongoDB stand-ins
+    turn bools into 0/1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict_id: str = Field(min_length=1)
+    node_id: str
+    check: str = Field(min_length=1)
+    verdict: Literal["pass", "fail"]
+    reason: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    ts: float
+
+
+class VerdictStore:
+    """Honesty verdicts (``verdicts`` collection); ``_id`` = verdict_id, written with a
+    whole-document replace so a replayed check writes the same document again.
+
+    The PoC validator writes its own verdict shape here too (``kind: "poc"``); reads
+    select documents that have a ``check`` field."""
+
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
+        self.collection = collection
+
+    async def record(self, verdicts: Sequence[VerdictRecord]) -> int:
+        for verdict in verdicts:
+            doc = to_document(verdict, id_field="verdict_id")
+            await self.collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+        return len(verdicts)
+
+    async def for_node(self, node_id: str, check: str | None = None) -> builtins.list[VerdictRecord]:
+        """The node's verdicts, oldest first (by ts, then id)."""
+        query: Document = {"node_id": node_id, "check": {"$exists": True} if check is None else check}
+        docs = await self.collection.find(query).sort([("ts", ASCENDING), ("_id", ASCENDING)]).to_list()
+        return [from_document(VerdictRecord, d) for d in docs]
+
+
 class MongoStores:
     """The MongoDB collections of the bench. Create with ``await MongoStores.connect(url, db)``."""
 
@@ -520,6 +594,8 @@ class MongoStores:
         self.relays = RelayStore(db[RELAYS], db[PROMPTS])
         self.samples = SampleStore(db[SAMPLES])
         self.buffers = BufferStore(db[BUFFERS], clock)
+        self.receipts = ReceiptStore(db[RECEIPTS], clock)
+        self.verdicts = VerdictStore(db[VERDICTS])
 
     @classmethod
     async def connect(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
+from cluster.config import AuthSettings
+from serve_apps.peer_auth import install_peer_auth
 from serve_apps.poc.protocol import (
     Ack,
     BatchesResponse,
@@ -22,8 +24,11 @@ API_PREFIX = "/api/v1"
 _STATUS = {StateConflict: 409, NotSupported: 501, BadRequest: 400}
 
 
-def create_api(service: PocNodeService) -> FastAPI:
+def create_api(service: PocNodeService, auth: AuthSettings | None = None) -> FastAPI:
+    """The node's routes; with ``auth`` active every route takes only requests signed by a
+    key registered for the "control" purpose (a refused one never reaches the service)."""
     app = FastAPI(title="testbench PoC node", version="1")
+    install_peer_auth(app, auth or AuthSettings(), purpose="control")
 
     async def _error(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=_STATUS[type(exc)], content={"detail": str(exc)})

@@ -68,13 +68,14 @@ def ray_pool_factory(config: PocNodeConfig) -> WorkerPoolFactory:
 class PocNodeIngress:
     def __init__(self, config: dict[str, Any], deployer: LlmDeployer | None = None) -> None:
         cfg = PocNodeConfig.model_validate(config)
+        self._auth = cfg.auth
         self._service = PocNodeService(
             cfg, ray_pool_factory(cfg), deployer or load_object(cfg.deployer)(**cfg.deployer_args),
             AiohttpCallbackSender(cfg.callback_timeout_s),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self._service)
+        return create_api(self._service, self._auth)
 
     async def __del__(self) -> None:
         await self._service.shutdown()

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.config import AuthSettings
 from cluster.poc.config import ValidationConfig
 
 
@@ -38,6 +39,11 @@ class PocNodeConfig(BaseModel):
         description="keyword arguments the deployer class is built with",
     )
     ingress_num_cpus: float = Field(default=0.0, ge=0)
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings,
+        description="peer authentication of the control routes: on when keys are configured "
+        "(purpose 'control'), off without keys or with enabled: false (local dev)",
+    )
 
     @model_validator(mode="after")
     def _device_matches_gpus(self) -> PocNodeConfig:

@@ -209,3 +209,62 @@ def test_a_body_that_is_not_json_gets_422(diffusion_url: str) -> None:
     )
     assert response.status_code == 422
     assert "JSON" in response.json()["error"]["message"]
+
+
+# ---- the diffusion_repro task: what the measuring loop does with a diffusion node --------
+def _repro_adapter(model: str = "tiny-diffusion") -> Any:
+    from cluster.schemas import Node
+    from cluster.tasks import load_adapter
+
+    node = Node(node_id="diff", url="http://127.0.0.1:1", model=model, kind="diffusion")
+    return load_adapter("diffusion_repro", PROJECT_ROOT / "datasets", node)
+
+
+def test_the_loop_measures_a_serve_diffusion_node_as_reproducible(diffusion_url: str) -> None:
+    import asyncio
+
+    from cluster.full_pass import read_rows, run_pass
+    from cluster.schemas import Node
+
+    adapter = _repro_adapter()
+    node = Node(node_id="tiny-diffusion-serve", url=diffusion_url, model="tiny-diffusion",
+                kind="diffusion")
+    rows = read_rows(PROJECT_ROOT / "datasets", "diffusion_repro")
+    result = asyncio.run(run_pass(adapter, node, {i: rows[i] for i in range(3)}, concurrency=2))
+    assert not result.failed
+    for metrics in result.per_doc.values():
+        assert metrics == {"reproducible": 1.0, "psnr_db": 100.0}
+
+
+def test_a_different_image_is_flagged_and_garbage_is_the_nodes_fault() -> None:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cluster.errors import ErrorCode, EvaluationError, NodeError
+    from cluster.schemas import Relay
+
+    adapter = _repro_adapter()
+    doc = {"prompt": "a lighthouse at sunset", "seed": 5}
+    honest = adapter.reference_image(doc)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(honest.astype(int) + rng.integers(-40, 40, honest.shape), 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(noisy.astype(np.uint8)).save(buf, format="PNG")
+
+    def relay(response: dict[str, Any]) -> Relay:
+        return Relay(prompt_id="k|0", sample_key="k", node_id="diff", task="diffusion_repro",
+                     doc_id=0, request_index=0, error_code=ErrorCode.OK, response=response,
+                     started_at=0.0, finished_at=0.0)
+
+    image = {"data": [{"b64_json": base64.b64encode(buf.getvalue()).decode()}]}
+    other = adapter.score(0, doc, [relay(image)])
+    assert other["reproducible"] == 0.0 and other["psnr_db"] < 30
+    with pytest.raises(NodeError):
+        adapter.score(0, doc, [relay({"data": [{"b64_json": "not-base64!"}]})])
+    with pytest.raises(NodeError):
+        adapter.score(0, doc, [relay({"images": []})])
+    with pytest.raises(EvaluationError, match="no reference pipeline"):
+        _repro_adapter("sdxl-claimed").score(0, doc, [relay(image)])

@@ -1,4 +1,5 @@
-"""The PoC node Serve app through real HTTP: pow routes, control API, state machine.
+"""The PoC node Serve app through real HTTP: pow routes, control API, state machine,
+and peer authentication of every control route (signed requests only).
 
 Self-contained: reuses Ray/Serve when this session already runs them (another module's
 fixtures), else starts Ray with 4 logical CPUs and Serve on a free port. The app has its
@@ -22,7 +23,9 @@ import requests
 import torch
 from ray import serve
 
-from cluster.config import Settings
+from cluster.config import AuthSettings, Settings
+from cluster.honesty.auth import RequestSigner
+from cluster.honesty.keys import Ed25519Key
 from cluster.poc.cli import add_poc_parser, cmd_poc
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, ValidationConfig
@@ -43,6 +46,15 @@ def _restore_torch_settings() -> Iterator[None]:
 APP_NAME = "poc-node-test"
 PREFIX = "/poc-node-test"
 MODEL = PocModelParams(dim=32, n_layers=1, n_heads=4, vocab_size=512, seq_len=8, out_dim=32)
+VALIDATOR_KEY = Ed25519Key(bytes([41]) * 32)  # registered for control routes
+JOBS_KEY = Ed25519Key(bytes([42]) * 32)  # registered, but for job routes only
+STRANGER_KEY = Ed25519Key(bytes([43]) * 32)  # not registered
+SIGNER = RequestSigner("validator", VALIDATOR_KEY)
+MAX_SKEW_S = 30.0
+AUTH = AuthSettings(keys={
+    "validator": {"public_key": VALIDATOR_KEY.public_key, "purposes": ["control"]},
+    "job-client": {"public_key": JOBS_KEY.public_key, "purposes": ["jobs"]},
+}, max_skew_s=MAX_SKEW_S)
 
 
 def _free_port() -> int:
@@ -100,7 +112,8 @@ def node_url() -> Iterator[str]:
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
     port = _get_global_client().http_config.port
     config = {"workers": 2, "cpus_per_worker": 0.25, "threads_per_worker": 1,
-              "batches_per_chunk": 2, "callback_timeout_s": 5.0}
+              "batches_per_chunk": 2, "callback_timeout_s": 5.0,
+              "auth": AUTH.model_dump(mode="json")}
     serve.run(build_poc_node_app(config, deployer=_fake_deployer()), name=APP_NAME,
               route_prefix=PREFIX)
     try:
@@ -118,8 +131,19 @@ def receiver() -> Iterator[CallbackReceiver]:
     r.close()
 
 
+def send(method: str, url: str, body: dict[str, Any] | None = None,
+         headers: dict[str, str] | None = None, data: bytes | None = None) -> requests.Response:
+    """A request with exactly these bytes and headers (nothing added but Content-Type)."""
+    if data is None:
+        data = b"" if body is None else json.dumps(body).encode()
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    return requests.request(method, url, data=data, headers=all_headers, timeout=30)
+
+
 def call(method: str, url: str, body: dict[str, Any] | None = None) -> requests.Response:
-    return requests.request(method, url, json=body, timeout=30)
+    """A request signed by the registered validator key (the node takes no other)."""
+    data = b"" if body is None else json.dumps(body).encode()
+    return send(method, url, headers=SIGNER.headers(method, url, data), data=data)
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -216,7 +240,9 @@ def test_validation_phase_over_http(node_url: str) -> None:
     assert call("POST", f"{node_url}/stop").json()["state"] == "STOPPED"
 
 
-def test_cli_round_judges_the_node_honest(node_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_round_judges_the_node_honest(
+    node_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
     parser = argparse.ArgumentParser(prog="testbench")
     add_poc_parser(parser.add_subparsers(dest="cmd", required=True))
     base = node_url.removesuffix("/api/v1")
@@ -225,9 +251,92 @@ def test_cli_round_judges_the_node_honest(node_url: str, capsys: pytest.CaptureF
     args = parser.parse_args(["poc", "round", "--node", f"local={base}", "--seconds", "2",
                               "--valid-fraction", "0.2", "--sample-seed", "5", "--no-store",
                               *small])
-    code = cmd_poc(Settings(), args)
+    key_file = tmp_path / "validator.key"
+    key_file.write_text(VALIDATOR_KEY.seed_hex)
+    # the CLI signs its control requests with the key the settings name
+    settings = Settings(auth=AuthSettings(signing_key_id="validator", signing_key_file=key_file))
+    code = cmd_poc(settings, args)
     out = capsys.readouterr().out
     assert code == 0, out
     line = next(row for row in out.splitlines() if row.startswith("local"))
     assert line.endswith("honest")
     assert call("GET", f"{node_url}/state").json()["state"] == "STOPPED"
+
+
+# ---- peer authentication -------------------------------------------------------------
+
+def control_routes() -> list[tuple[str, str, dict[str, Any] | None]]:
+    """Every route of the node, with a body that would do something if it got through."""
+    batch = {"public_key": "pk", "block_hash": "0xfeed", "nonces": [1], "dist": [0.5]}
+    return [
+        ("POST", "pow/init", init_body()),
+        ("POST", "pow/init/generate", init_body()),
+        ("POST", "pow/init/validate", init_body()),
+        ("POST", "pow/phase/generate", None),
+        ("POST", "pow/phase/validate", None),
+        ("POST", "pow/validate", batch),
+        ("GET", "pow/status", None),
+        ("GET", "pow/batches?offset=0&limit=10", None),
+        ("POST", "pow/stop", None),
+        ("POST", "inference/up", {"model": "smollm2"}),
+        ("POST", "inference/down", None),
+        ("GET", "state", None),
+        ("POST", "stop", None),
+        ("POST", "train/start", None),
+        ("POST", "train/stop", None),
+        ("GET", "train/status", None),
+    ]
+
+
+def node_snapshot(base: str) -> tuple[Any, ...]:
+    status = pow_status(base)
+    batches = call("GET", f"{base}/pow/batches?offset=0&limit=1").json()["total"]
+    return call("GET", f"{base}/state").json(), status["status"], batches
+
+
+def refusal(r: requests.Response) -> tuple[int, str]:
+    return r.status_code, r.json().get("reason", "")
+
+
+def test_every_control_route_refuses_unsigned_unknown_expired_and_replayed_requests(
+    node_url: str,
+) -> None:
+    before = node_snapshot(node_url)
+    assert before[0]["state"] == "STOPPED"
+    stranger = RequestSigner("stranger", STRANGER_KEY)
+    impostor = RequestSigner("validator", STRANGER_KEY)  # a registered id, the wrong key
+    jobs_only = RequestSigner("job-client", JOBS_KEY)
+    for method, path, body in control_routes():
+        url = f"{node_url}/{path}"
+        data = b"" if body is None else json.dumps(body).encode()
+        where = f"{method} {path}"
+        assert refusal(send(method, url, data=data)) == (401, "unsigned"), where
+        assert refusal(send(method, url, data=data,
+                            headers=stranger.headers(method, url, data))) == (401, "unknown_key"), where
+        for skew in (-(MAX_SKEW_S + 5), MAX_SKEW_S + 5):
+            stale = SIGNER.headers(method, url, data, timestamp=time.time() + skew)
+            assert refusal(send(method, url, data=data, headers=stale)) == (401, "expired"), where
+        assert refusal(send(method, url, data=data,
+                            headers=impostor.headers(method, url, data))) == (403, "bad_signature"), where
+        tampered = data + b" " if data else b"{}"  # still valid JSON, not what was signed
+        assert refusal(send(method, url, data=tampered,
+                            headers=SIGNER.headers(method, url, data))) == (403, "bad_signature"), where
+        assert refusal(send(method, url, data=data,
+                            headers=jobs_only.headers(method, url, data))) == (403, "wrong_purpose"), where
+    assert node_snapshot(node_url) == before  # nothing refused reached the node
+
+
+def test_a_replayed_control_request_is_refused(node_url: str) -> None:
+    before = node_snapshot(node_url)
+    for method, path, body in control_routes():
+        url = f"{node_url}/{path}"
+        # bodies the node rejects (422) or routes that change nothing while it is stopped:
+        # the first copy passes authentication, the replay must not
+        data = b"{}" if body is not None and path in {"pow/init", "pow/init/generate",
+                                                      "pow/init/validate", "inference/up",
+                                                      "pow/validate"} else b""
+        headers = SIGNER.headers(method, url, data)
+        first = send(method, url, data=data, headers=headers)
+        assert first.status_code not in (401, 403), (method, path, first.text)
+        assert refusal(send(method, url, data=data, headers=headers)) == (403, "replayed"), path
+    assert node_snapshot(node_url) == before

@@ -490,3 +490,40 @@ def test_aggregate_is_lm_eval_mean_with_analytic_stderr(gsm8k: TaskAdapter) -> N
     values = [1.0, 0.0, 1.0, 1.0]
     assert gsm8k.aggregate("exact_match,strict-match", values) == (0.75, mean_stderr(values))
     assert gsm8k.aggregate("exact_match,strict-match", [1.0]) == (1.0, None)
+
+
+# ---------------------------------------------------------------- batched doc requests
+def batched_logprobs_response(body: dict[str, Any]) -> dict[str, Any]:
+    """A batched answer: one choice per prompt, in scrambled order (clients sort by index)."""
+    choices = []
+    for index, tokens in enumerate(body["prompt"]):
+        single = fake_logprobs_response({**body, "prompt": [tokens]})["choices"][0]
+        choices.append({**single, "index": index})
+    return {"object": "text_completion", "choices": list(reversed(choices))}
+
+
+def test_batched_doc_requests_score_exactly_like_one_request_per_choice(
+    openbookqa: TaskAdapter, smollm2_dir: Path
+) -> None:
+    from cluster.lmeval_adapter import RequestSettings
+
+    batched = load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions", MODEL,
+                                RequestSettings(batch_doc_requests=True))
+    rows = _rows("openbookqa")
+    for doc_id in range(20):
+        key = sample_key(NODE.node_id, "openbookqa", doc_id, 0)
+        singles = openbookqa.build_prompts(NODE, doc_id, rows[doc_id], key, now=1.0)
+        (one,) = batched.build_prompts(NODE, doc_id, rows[doc_id], key, now=1.0)
+        # the batch carries exactly the single requests' token prompts, in order
+        assert one.body["prompt"] == [p.body["prompt"][0] for p in singles]
+        assert one.n_requests == 1 and len(singles) == 4
+        expected = openbookqa.score(doc_id, rows[doc_id], relays_for(singles, fake_logprobs_response))
+        got = batched.score(doc_id, rows[doc_id], relays_for([one], batched_logprobs_response))
+        assert got == expected
+    # a batched answer missing a choice is an evaluation error, not a silent score
+    (one,) = batched.build_prompts(NODE, 0, rows[0], "k|0", now=1.0)
+    short = batched_logprobs_response(one.body)
+    short["choices"] = short["choices"][:3]
+    (relay,) = relays_for([one], lambda body: short)
+    with pytest.raises(EvaluationError, match="expected 4 indexed choices"):
+        batched.score(0, rows[0], [relay])

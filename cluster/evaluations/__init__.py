@@ -1,0 +1,34 @@
+"""Evaluation as a service, the core: lm-eval runs as resumable full passes (issue 6).
+
+- :class:`EvaluationSpec`, :class:`EvaluationRun`, :class:`RunState`: what a run is;
+- :class:`EvaluationStore`: runs, relays, scored docs, logs and results in MongoDB;
+- :class:`EvaluationRunner`: executes one run with the measuring loop's parts;
+- :class:`EvaluationWorker`: claims, leases and cancels runs in one process;
+- :mod:`cluster.evaluations.cli`: ``testbench eval``.
+
+The REST API and the leaderboard page are the Serve app ``serve_apps.evaluations``.
+"""
+
+from cluster.evaluations.runner import EvaluationRunner, LeaseLostError, RunFailedError
+from cluster.evaluations.runs import SpecError, check_spec, new_run, request_cancel
+from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState, TaskProgress
+from cluster.evaluations.store import EvalSample, EvaluationStore, LogLine
+from cluster.evaluations.worker import EvaluationWorker
+
+__all__ = [
+    "EvalSample",
+    "EvaluationRun",
+    "EvaluationRunner",
+    "EvaluationSpec",
+    "EvaluationStore",
+    "EvaluationWorker",
+    "LeaseLostError",
+    "LogLine",
+    "RunFailedError",
+    "RunState",
+    "SpecError",
+    "TaskProgress",
+    "check_spec",
+    "new_run",
+    "request_cancel",
+]

@@ -1,0 +1,165 @@
+"""A run's results in lm-eval 0.4.13's results JSON shape, and lm-eval's table of them.
+
+``results``, ``configs``, ``versions``, ``n-shot``, ``higher_is_better``, ``n-samples`` and
+``config`` are built as ``lm_eval.evaluator`` builds them (``_collect_results`` and
+``simple_evaluate``): per-doc values in doc order, aggregated with the task's own aggregation
+and stderr (``TaskAdapter.aggregate``). Unlike lm-eval, a failed request does not abort
+the run: a doc whose answer counts against the node (node or evaluation error) scores 0 on
+every metric, bench-side failures are left out, and both are reported under ``testbench``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from cluster.errors import ErrorCode
+from cluster.evaluations.spec import EvaluationRun
+from cluster.evaluations.store import EvalSample
+from cluster.lmeval_adapter import TaskAdapter
+
+LMEVAL_VERSION = "0.4.13"
+MAX_REPORTED_ERRORS = 5
+
+
+def _json_safe(value: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(value, default=handle_non_serializable, ensure_ascii=False))
+
+
+def task_config_dump(adapter: TaskAdapter, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The task's config as lm-eval reports it after ``simple_evaluate``'s overrides."""
+    config = _json_safe(adapter.task.dump_config())
+    config["num_fewshot"] = adapter.num_fewshot
+    if gen_kwargs and adapter.output_type == "generate_until":
+        config["generation_kwargs"] = {**(config.get("generation_kwargs") or {}), **gen_kwargs}
+    return config
+
+
+def task_metrics(adapter: TaskAdapter, samples: Sequence[EvalSample]) -> dict[str, Any]:
+    """lm-eval's ``results[task]`` entry from the run's scored docs of that task."""
+    counted = sorted(
+        (s for s in samples if s.error_code.counts_against_node), key=lambda s: s.doc_id
+    )
+    entry: dict[str, Any] = {"name": adapter.name, "alias": adapter.name,
+                             "sample_len": len(counted)}
+    if not counted:
+        return entry
+    for key in adapter.metric_names:
+        metric, flt = key.split(",", 1)
+        values = [s.metrics.get(key, 0.0) if s.error_code == ErrorCode.OK else 0.0
+                  for s in counted]
+        value, stderr = adapter.aggregate(key, values)
+        entry[key] = value
+        entry[f"{metric}_stderr,{flt}"] = "N/A" if stderr is None else stderr
+    return entry
+
+
+def build_results(
+    run: EvaluationRun,
+    adapters: dict[str, TaskAdapter],
+    samples: Sequence[EvalSample],
+    n_docs: dict[str, int],
+    finished_at: float,
+) -> dict[str, Any]:
+    """The results JSON of a finished run (without per-sample records)."""
+    spec = run.spec
+    by_task: dict[str, list[EvalSample]] = {task: [] for task in spec.tasks}
+    for sample in samples:
+        by_task.setdefault(sample.task, []).append(sample)
+    results: dict[str, Any] = {}
+    configs: dict[str, Any] = {}
+    versions: dict[str, Any] = {}
+    n_shot: dict[str, int] = {}
+    higher: dict[str, Any] = {}
+    n_samples: dict[str, Any] = {}
+    failed: dict[str, dict[str, int]] = {}
+    excluded: dict[str, dict[str, int]] = {}
+    errors: dict[str, list[str]] = {}
+    for task in spec.tasks:
+        adapter, task_samples = adapters[task], by_task[task]
+        entry = task_metrics(adapter, task_samples)
+        results[task] = entry
+        configs[task] = task_config_dump(adapter, dict(spec.gen_kwargs))
+        versions[task] = adapter.task.VERSION
+        n_shot[task] = adapter.num_fewshot
+        higher[task] = adapter.task.higher_is_better()
+        n_samples[task] = {"original": n_docs[task], "effective": entry["sample_len"]}
+        bad = [s for s in task_samples if s.error_code != ErrorCode.OK]
+        failed[task] = dict(Counter(s.error_code.name.lower() for s in bad
+                                    if s.error_code.counts_against_node))
+        excluded[task] = dict(Counter(s.error_code.name.lower() for s in bad
+                                      if not s.error_code.counts_against_node))
+        errors[task] = [f"doc {s.doc_id}: {s.error}" for s in bad[:MAX_REPORTED_ERRORS]]
+    started = run.started_at or run.created_at
+    model = "local-chat-completions" if spec.api == "chat-completions" else "local-completions"
+    return _json_safe({
+        "results": results,
+        "group_subtasks": {},
+        "configs": dict(sorted(configs.items())),
+        "versions": dict(sorted(versions.items())),
+        "n-shot": dict(sorted(n_shot.items())),
+        "higher_is_better": dict(sorted(higher.items())),
+        "n-samples": n_samples,
+        "config": {
+            "model": model,
+            "model_args": spec.lmeval_model_args(),
+            "batch_size": 1,
+            "batch_sizes": [],
+            "device": None,
+            "use_cache": None,
+            "limit": spec.limit,
+            "bootstrap_iters": next(iter(adapters.values())).settings.bootstrap_iters,
+            "gen_kwargs": dict(spec.gen_kwargs) or None,
+            "random_seed": 0,
+            "numpy_seed": 1234,
+            "torch_seed": 1234,
+            "fewshot_seed": next(iter(adapters.values())).settings.fewshot_seed,
+        },
+        "date": started,
+        "total_evaluation_time_seconds": str(finished_at - started),
+        "lm_eval_version": LMEVAL_VERSION,
+        "model_source": model,
+        "model_name": spec.model,
+        "testbench": {
+            "run_id": run.run_id,
+            "endpoint": spec.endpoint,
+            "failed_docs": failed,
+            "excluded_docs": excluded,
+            "errors": errors,
+        },
+    })
+
+
+def with_samples(results: dict[str, Any], samples: Sequence[EvalSample]) -> dict[str, Any]:
+    """``results`` plus lm-eval's ``samples`` section: per task, filter-major, doc order."""
+    out: dict[str, list[dict[str, Any]]] = {task: [] for task in results.get("results", {})}
+    by_task: dict[str, list[EvalSample]] = {}
+    for sample in samples:
+        by_task.setdefault(sample.task, []).append(sample)
+    for task, task_samples in by_task.items():
+        ordered = sorted(task_samples, key=lambda s: s.doc_id)
+        filters: list[str] = []
+        for sample in ordered:
+            for record in sample.records:
+                if record["filter"] not in filters:
+                    filters.append(record["filter"])
+        rows = out.setdefault(task, [])
+        for flt in filters:
+            rows.extend(r for s in ordered for r in s.records if r["filter"] == flt)
+        # Failed docs have no lm-eval record; say so in the same list, after the others.
+        rows.extend(
+            {"doc_id": s.doc_id, "error_code": s.error_code.name.lower(), "error": s.error}
+            for s in ordered if s.error_code != ErrorCode.OK
+        )
+    return {**results, "samples": out}
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """lm-eval's own markdown table (``lm_eval.utils.make_table``)."""
+    from lm_eval.utils import make_table
+
+    return make_table(results)

@@ -1,0 +1,209 @@
+"""Executing one evaluation run: a full, resumable pass over the first ``limit`` docs.
+
+The measuring loop's parts do the work: docs come from PostgreSQL (the Sampler's
+``DatasetStore``), requests from the lm-eval :class:`~cluster.lmeval_adapter.TaskAdapter`,
+HTTP from the :class:`~actors.requester.Requester` (its limits, SLA timeouts, retries and
+error codes; relays recorded in MongoDB before they are used), scores as the Evaluator
+makes them. Instead of rolling buffers a run walks its docs in chunks and records one
+sample per doc.
+
+Resume: a doc's relays are keyed by run, task, doc and request index, and its sample by
+run, task and doc. A restarted run skips docs already scored and sends only the requests
+of the others that have no recorded relay.
+
+lm-eval's Task machinery and the tokenizer are CPU-bound and not async: that work runs on
+one worker thread (``offload``), so the event loop keeps serving HTTP meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
+
+from actors.requester import Requester
+from cluster.config import Settings
+from cluster.errors import DatasetError, ErrorCode, TestbenchError
+from cluster.evaluations.results import build_results
+from cluster.evaluations.scoring import build_doc_prompts, score_doc
+from cluster.evaluations.spec import EvaluationRun, EvaluationSpec
+from cluster.evaluations.store import EvalSample, EvaluationStore
+from cluster.lmeval_adapter import RequestSettings, TaskAdapter, load_task_adapter
+from cluster.runtime import StoreConnections
+from cluster.schemas import Node, Prompt, Relay
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RunFailedError(TestbenchError):
+    """The run cannot produce results (e.g. the endpoint answered no request at all)."""
+
+
+class LeaseLostError(TestbenchError):
+    """Another replica took the run over (this one stalled past its lease): stop quietly."""
+
+
+class RunReporter(Protocol):
+    """Where a run's progress and log lines go (MongoDB; the CLI also draws a bar)."""
+
+    async def progress(self, task: str, done: int, total: int, failed: int) -> None: ...
+
+    async def log(self, message: str, level: str = "info") -> None: ...
+
+
+class RelayRecorder:
+    """The Requester's relay sink: the evaluation relays collection, first-wins."""
+
+    def __init__(self, store: EvaluationStore) -> None:
+        self._store = store
+
+    async def record_relays(self, relays: list[Relay]) -> None:
+        await self._store.relays.record_relays(relays)
+
+
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+class EvaluationRunner:
+    """Runs evaluation runs with shared parts: one Requester, one lm-eval thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stores: StoreConnections,
+        store: EvaluationStore,
+        requester: Requester,
+        executor: Executor,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._stores = stores
+        self._store = store
+        self._requester = requester
+        self._executor = executor
+        self._clock = clock
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def _adapter(self, spec: EvaluationSpec, task: str) -> TaskAdapter:
+        return load_task_adapter(
+            task, self._settings.datasets_dir, spec.tokenizer, spec.api, spec.model,
+            RequestSettings(num_fewshot=spec.num_fewshot),
+        )
+
+    async def run(self, run: EvaluationRun, reporter: RunReporter) -> dict[str, Any]:
+        """Measure every requested doc (resuming), then return lm-eval's results JSON."""
+        spec = run.spec
+        node = spec.node(run.run_id)
+        datasets = await self._stores.datasets()
+        adapters: dict[str, TaskAdapter] = {}
+        wanted: dict[str, list[int]] = {}
+        n_docs: dict[str, int] = {}
+        for task in spec.tasks:
+            adapter = adapters[task] = await self.offload(self._adapter, spec, task)
+            ids = await datasets.doc_ids(task, adapter.eval_split)
+            if not ids:
+                raise DatasetError(
+                    f"task {task!r} has no docs in split {adapter.eval_split!r}: "
+                    "run `testbench datasets load`"
+                )
+            n_docs[task] = len(ids)
+            # lm-eval's --limit: the first N docs of the eval split, in order.
+            wanted[task] = ids[: spec.limit] if spec.limit is not None else ids
+            await reporter.progress(task, 0, len(wanted[task]), 0)
+        for task in spec.tasks:
+            await self._run_task(run, node, adapters[task], wanted[task], reporter)
+        samples = await self._store.samples(run.run_id)
+        ok = [s for s in samples if s.error_code == ErrorCode.OK]
+        if samples and not ok:
+            example = next((s.error for s in samples if s.error), "no answer")
+            raise RunFailedError(
+                f"every one of {len(samples)} docs failed; e.g. {example[:300]}"
+            )
+        return await self.offload(
+            build_results, run, adapters, samples, n_docs, float(self._clock())
+        )
+
+    async def _run_task(
+        self,
+        run: EvaluationRun,
+        node: Node,
+        adapter: TaskAdapter,
+        doc_ids: list[int],
+        reporter: RunReporter,
+    ) -> None:
+        task, total = adapter.name, len(doc_ids)
+        scored = await self._store.scored_docs(run.run_id, task)
+        done = sum(1 for d in doc_ids if d in scored)
+        failed = sum(1 for d in doc_ids if d in scored and scored[d] != ErrorCode.OK)
+        remaining = [d for d in doc_ids if d not in scored]
+        if done:
+            await reporter.log(f"{task}: resuming, {done}/{total} docs already scored")
+        elif remaining:
+            await reporter.log(
+                f"{task}: {total} docs, {adapter.num_fewshot}-shot, {adapter.output_type}"
+            )
+        await reporter.progress(task, done, total, failed)
+        datasets = await self._stores.datasets()
+        for chunk in _chunks(remaining, self._settings.evaluations.chunk_docs):
+            docs = await datasets.fetch_docs(task, adapter.eval_split, chunk)
+            now = float(self._clock())
+            prompts: dict[int, list[Prompt]] = await self.offload(
+                self._build_chunk, adapter, node, docs, chunk, now, run.spec.gen_kwargs
+            )
+            recorded = await self._store.relays.get_for_prompts(
+                [p.prompt_id for ps in prompts.values() for p in ps]
+            )
+            samples = await asyncio.gather(*(
+                self._measure_doc(run, node, adapter, d, docs[d], prompts[d], recorded)
+                for d in chunk
+            ))
+            done += len(samples)
+            failed += sum(1 for s in samples if s.error_code != ErrorCode.OK)
+            await reporter.progress(task, done, total, failed)
+        if remaining:
+            await reporter.log(f"{task}: done, {done}/{total} docs, {failed} failed")
+
+    @staticmethod
+    def _build_chunk(
+        adapter: TaskAdapter,
+        node: Node,
+        docs: dict[int, dict[str, Any]],
+        chunk: list[int],
+        now: float,
+        gen_kwargs: dict[str, Any],
+    ) -> dict[int, list[Prompt]]:
+        return {d: build_doc_prompts(adapter, node, d, docs[d], now, gen_kwargs) for d in chunk}
+
+    async def _measure_doc(
+        self,
+        run: EvaluationRun,
+        node: Node,
+        adapter: TaskAdapter,
+        doc_id: int,
+        doc: dict[str, Any],
+        prompts: list[Prompt],
+        recorded: dict[str, Relay],
+    ) -> EvalSample:
+        # One Requester call per doc: its relays are recorded as soon as the doc is
+        # answered, so a restart loses at most the docs in flight, not a whole chunk.
+        missing = [p for p in prompts if p.prompt_id not in recorded]
+        fresh = await self._requester.relay(missing, {node.node_id: node}) if missing else []
+        by_id = {**recorded, **{r.prompt_id: r for r in fresh}}
+        relays = [by_id[p.prompt_id] for p in prompts]
+        sample = await self.offload(
+            score_doc, adapter, run.run_id, doc_id, doc, relays, float(self._clock()),
+            run.spec.gen_kwargs,
+        )
+        await self._store.record_samples([sample])
+        return sample
+

@@ -1,0 +1,175 @@
+"""One doc of an evaluation run: its prompts, and its score with lm-eval's per-sample record.
+
+Prompts come from the measuring loop's :class:`~cluster.lmeval_adapter.TaskAdapter`; a run's
+``gen_kwargs`` are merged into each generation request's arguments exactly as lm-eval's
+``simple_evaluate(gen_kwargs=...)`` merges them into the task's ``generation_kwargs``.
+
+Scoring follows the Evaluator (a doc whose relays are not all OK fails with the node's
+code; an unparseable answer fails with EVALUATION) and ``TaskAdapter.score``, keeping the
+answered Instances so the doc's record has lm-eval's own ``samples`` shape (arguments,
+resps, filtered_resps, hashes, metrics per filter).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from actors.evaluator import failure_code
+from cluster.errors import ErrorCode, EvaluationError, TaskError
+from cluster.evaluations.store import EvalSample
+from cluster.lmeval_adapter import TaskAdapter
+from cluster.schemas import Node, Prompt, Relay, prompt_id, sample_key
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+
+LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
+MAX_ERROR_CHARS = 2000
+
+
+def doc_sample_key(node: Node, task: str, doc_id: int) -> str:
+    """Epoch 0: a run measures each doc once, so its relay ids depend on run, doc, index."""
+    return sample_key(node.node_id, task, doc_id, 0)
+
+
+def _with_gen_kwargs(instances: list[Instance], gen_kwargs: Mapping[str, Any]) -> None:
+    for inst in instances:
+        if inst.request_type == "generate_until" and gen_kwargs:
+            context, kwargs = inst.arguments
+            inst.arguments = (context, {**kwargs, **copy.deepcopy(dict(gen_kwargs))})
+
+
+def build_doc_prompts(
+    adapter: TaskAdapter,
+    node: Node,
+    doc_id: int,
+    doc: dict[str, Any],
+    now: float,
+    gen_kwargs: Mapping[str, Any] | None = None,
+) -> list[Prompt]:
+    """The HTTP requests of one doc, as ``TaskAdapter.build_prompts`` makes them."""
+    key = doc_sample_key(node, adapter.name, doc_id)
+    if not gen_kwargs or adapter.output_type != "generate_until":
+        return adapter.build_prompts(node, doc_id, doc, key, now)
+    instances = adapter.build_instances(doc_id, doc)
+    _with_gen_kwargs(instances, gen_kwargs)
+    bodies = [adapter.request_body(inst, node.model) for inst in instances]
+    n_requests = len(bodies) * adapter.repeats
+    prompts: list[Prompt] = []
+    for body, prompt_tokens in bodies:
+        for _ in range(adapter.repeats):
+            index = len(prompts)
+            prompts.append(Prompt(
+                prompt_id=prompt_id(key, index), sample_key=key, node_id=node.node_id,
+                task=adapter.name, doc_id=doc_id, request_index=index, n_requests=n_requests,
+                path=adapter.path, body=copy.deepcopy(body), prompt_tokens=prompt_tokens,
+                max_output_tokens=int(body.get("max_tokens", 0) or 0), created_at=now,
+            ))
+    return prompts
+
+
+def _answered_instances(
+    adapter: TaskAdapter, doc_id: int, doc: dict[str, Any], relays: list[Relay]
+) -> list[Instance]:
+    """``TaskAdapter.score`` up to its last step, returning the answered Instances.
+
+    Same calls in the same order as ``score`` (it keeps its Instances private, and lm-eval's
+    per-sample records need them), so the metrics are identical to the loop's.
+    """
+    instances = adapter.build_instances(doc_id, doc)
+    ordered = adapter._ordered_relays(doc_id, relays, len(instances) * adapter.repeats)
+    for i, instance in enumerate(instances):
+        instance.resps = []
+        tokens_ctx = (
+            adapter._loglikelihood_input(instance)
+            if instance.request_type in LOGLIKELIHOOD_TYPES else None
+        )
+        for r in range(adapter.repeats):
+            relay = ordered[i * adapter.repeats + r]
+            response = relay.response or {}
+            where = f"{adapter.name} doc {doc_id} request {relay.request_index}"
+            if tokens_ctx is not None:
+                instance.resps.append(adapter._parse_loglikelihood(response, *tokens_ctx, where))
+            else:
+                instance.resps.append(adapter._parse_generation(response, where))
+    return instances
+
+
+def _json_safe(value: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(value, default=handle_non_serializable, ensure_ascii=False))
+
+
+def lmeval_records(
+    adapter: TaskAdapter, doc_id: int, instances: list[Instance], metrics: dict[str, float]
+) -> list[dict[str, Any]]:
+    """lm-eval's ``samples`` entries of one doc, one per filter (``evaluator.evaluate``)."""
+    from lm_eval.utils import handle_non_serializable, hash_string
+
+    requests = sorted(instances, key=lambda x: x.idx)
+    doc = requests[0].doc
+    target = adapter.task.doc_to_target(doc)
+    doc_hash = hash_string(
+        json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    )
+    records = []
+    for filter_key in requests[0].filtered_resps:
+        values = {
+            name.split(",", 1)[0]: value
+            for name, value in metrics.items()
+            if name.split(",", 1)[1] == filter_key
+        }
+        record: dict[str, Any] = {
+            "doc_id": doc_id,
+            "doc": doc,
+            "target": target,
+            "arguments": [req.args for req in requests],
+            "resps": [req.resps for req in requests],
+            "filtered_resps": [req.filtered_resps[filter_key] for req in requests],
+            "filter": filter_key,
+            "metrics": list(values),
+            "doc_hash": doc_hash,
+            "prompt_hash": hash_string(requests[0].arguments[0]),
+            "target_hash": hash_string(str(target)),
+        }
+        record.update(values)
+        records.append(_json_safe(record))
+    return records
+
+
+def score_doc(
+    adapter: TaskAdapter,
+    run_id: str,
+    doc_id: int,
+    doc: dict[str, Any],
+    relays: list[Relay],
+    now: float,
+    gen_kwargs: Mapping[str, Any] | None = None,
+) -> EvalSample:
+    """The doc's sample: lm-eval's metrics and records, or a failure with its code."""
+    latencies = [r.latency_s for r in relays if r.latency_s is not None]
+    base: dict[str, Any] = {
+        "run_id": run_id, "task": adapter.name, "doc_id": doc_id, "created_at": now,
+        "latency_s": max(latencies) if latencies else None,
+    }
+    code = failure_code(relays)
+    if code is not None:
+        errors = "; ".join(
+            f"#{r.request_index}: {r.error}" for r in relays if r.error_code != ErrorCode.OK
+        )
+        return EvalSample(error_code=code, error=errors[:MAX_ERROR_CHARS], **base)
+    try:
+        ordered = sorted(relays, key=lambda r: r.request_index)
+        instances = _answered_instances(adapter, doc_id, doc, ordered)
+        _with_gen_kwargs(instances, gen_kwargs or {})
+        metrics = adapter.score_instances(instances)
+        records = lmeval_records(adapter, doc_id, instances, metrics)
+    except EvaluationError as exc:
+        return EvalSample(error_code=ErrorCode.EVALUATION, error=str(exc)[:MAX_ERROR_CHARS], **base)
+    except TaskError as exc:  # relays that do not fit the doc: ours, not the node's fault
+        return EvalSample(error_code=ErrorCode.RELAY, error=str(exc)[:MAX_ERROR_CHARS], **base)
+    return EvalSample(error_code=ErrorCode.OK, metrics=metrics, records=records, **base)

@@ -1,0 +1,130 @@
+"""What an evaluation run is: its spec (what to measure), its state and its progress.
+
+These are the domain records the runner, the store and the API share; the HTTP wire
+models live in ``serve_apps/evaluations/protocol.py``. A run is identified by an opaque id;
+its relays are keyed ``eval-<run id>|<task>|<doc>|0|<request index>`` so a resumed run finds
+the answers it already has.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+from cluster.schemas import ApiKind, Node
+
+# lm-eval's own API suffixes: an endpoint given with them is the same server.
+_API_SUFFIXES = ("/v1/completions", "/v1/chat/completions", "/v1")
+
+GenValue = str | bool | int | float | list[str]
+
+
+class RunState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+
+def endpoint_base_url(url: str) -> str:
+    """The server's base URL: lm-eval users give ``.../v1/completions``, nodes ``...``."""
+    base = url.rstrip("/")
+    for suffix in _API_SUFFIXES:
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+class EvaluationSpec(BaseModel):
+    """An lm-eval run against one OpenAI-compatible endpoint (already validated)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: str = Field(description="base URL of the OpenAI-compatible server")
+    model: str = Field(min_length=1, max_length=256)
+    api: ApiKind = "completions"
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    limit: int | None = Field(default=None, ge=1, description="first N docs of each eval split")
+    gen_kwargs: dict[str, GenValue] = Field(default_factory=dict)
+    tokenizer: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        url = HttpUrl(value)
+        if url.query or url.fragment:
+            raise ValueError("endpoint must be a base URL without query or fragment")
+        return endpoint_base_url(str(url))
+
+    def node(self, run_id: str) -> Node:
+        """The endpoint as the measuring loop's Node: the Requester and adapters take it."""
+        return Node(
+            node_id=f"eval-{run_id}", url=self.endpoint, model=self.model, api=self.api,
+            tokenizer=self.tokenizer,
+        )
+
+    def lmeval_model_args(self) -> str:
+        """The ``model_args`` string an equivalent ``lm_eval`` command line would carry."""
+        path = "/v1/chat/completions" if self.api == "chat-completions" else "/v1/completions"
+        args = [f"base_url={self.endpoint}{path}", f"model={self.model}"]
+        if self.tokenizer:
+            args.append(f"tokenizer={self.tokenizer}")
+        return ",".join(args)
+
+
+class TaskProgress(BaseModel):
+    """Docs of one task scored so far (``failed`` of them without a valid answer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    done: int = 0
+    total: int | None = Field(default=None, description="None until the task's docs are counted")
+    failed: int = 0
+
+
+class EvaluationRun(BaseModel):
+    """One run as stored: spec, state machine, progress, lease and revision.
+
+    ``rev`` increases with every write; writers replace the whole document only if ``rev``
+    is unchanged (compare-and-swap), so the API (cancel) and the executing replica
+    (progress, lease) never overwrite each other's changes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    tenant: str
+    spec: EvaluationSpec
+    state: RunState = RunState.QUEUED
+    progress: list[TaskProgress] = Field(default_factory=list)
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    owner: str | None = Field(default=None, description="the replica executing it")
+    lease_until: float = 0.0
+    attempts: int = Field(default=0, description="times a replica claimed it")
+    rev: int = 0
+
+    def progress_of(self, task: str) -> TaskProgress:
+        for item in self.progress:
+            if item.task == task:
+                return item
+        item = TaskProgress(task=task)
+        self.progress.append(item)
+        return item
+
+    def summary(self) -> dict[str, Any]:
+        """Fields for log lines."""
+        return {"run": self.run_id, "tenant": self.tenant, "state": self.state.value}

@@ -1,0 +1,44 @@
+"""One entry point for a (node, task) adapter, whatever the task's kind.
+
+lm-eval tasks (``datasets/<task>/<task>.yaml`` with ``task:``) go through
+:mod:`cluster.lmeval_adapter`; testbench's diffusion tasks (``kind: diffusion``) through
+:mod:`cluster.diffusion_task`. Both expose ``build_prompts``, ``score``, ``aggregate``,
+``metric_names`` and ``eval_split``, which is all the Sampler and Evaluator use.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from cluster.diffusion_task import DiffusionTaskAdapter, diffusion_task_config
+from cluster.errors import TaskError
+from cluster.lmeval_adapter import load_task_adapter
+from cluster.schemas import Node
+
+_lock = threading.Lock()
+_diffusion: dict[tuple[str, Path, str], DiffusionTaskAdapter] = {}
+
+
+def task_kind(name: str, datasets_dir: Path) -> str:
+    """``"diffusion"`` for testbench's diffusion tasks, ``"llm"`` for lm-eval tasks."""
+    return "diffusion" if diffusion_task_config(name, datasets_dir) is not None else "llm"
+
+
+def load_adapter(name: str, datasets_dir: Path, node: Node) -> Any:
+    """The adapter measuring task ``name`` on ``node`` (cached)."""
+    root = Path(datasets_dir).resolve()
+    config = diffusion_task_config(name, root)
+    if config is None:
+        if node.kind == "diffusion":
+            raise TaskError(f"task {name!r} is an LLM task; node {node.node_id} is a diffusion node")
+        return load_task_adapter(name, root, node.tokenizer, node.api, node.model)
+    if node.kind != "diffusion":
+        raise TaskError(f"task {name!r} is a diffusion task; node {node.node_id} is an LLM node")
+    key = (name, root, node.model)
+    with _lock:
+        adapter = _diffusion.get(key)
+        if adapter is None:
+            adapter = _diffusion[key] = DiffusionTaskAdapter(config, node.model)
+    return adapter

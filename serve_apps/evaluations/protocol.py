@@ -1,0 +1,210 @@
+"""Wire format of the evaluations API and the leaderboard: the only module spelling JSON names.
+
+``POST /v1/evaluations`` takes an :class:`EvaluationRequest` and answers 202 with an
+:class:`EvaluationStatus`; the results endpoint answers lm-eval's own results JSON (not
+modelled here: it is lm-eval's format). Malformed bodies get HTTP 422, well-formed ones the
+deployment cannot run HTTP 400, both with an :class:`ErrorResponse` body.
+
+Every number is bounded and every string free of control characters, so anything that passes
+validation can be stored and echoed without surprises.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, field_validator
+
+RunStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ApiName = Literal["completions", "chat-completions"]
+
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+MAX_INT = 2**53  # exact in JSON doubles and BSON int64 alike
+MAX_GEN_KWARGS = 32
+
+TaskName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.\-]{1,128}$")]
+GenKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+GenString = Annotated[str, StringConstraints(max_length=1000, pattern=r"^[^\x00]*$")]
+GenInt = Annotated[int, Field(ge=-MAX_INT, le=MAX_INT, strict=True)]
+GenFloat = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
+GenValue = bool | GenInt | GenFloat | GenString | Annotated[list[GenString], Field(max_length=16)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvaluationRequest(_Wire):
+    """An lm-eval run against one OpenAI-compatible endpoint."""
+
+    endpoint: HttpUrl = Field(
+        description="the server's base URL (a trailing /v1/completions is accepted)"
+    )
+    model: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE,
+                       description="the model name sent in every request body")
+    api: ApiName = Field(default="completions", description="which OpenAI API to call")
+    tasks: list[TaskName] = Field(min_length=1, max_length=16, description="lm-eval task names")
+    num_fewshot: int | None = Field(default=None, ge=0, le=64, strict=True,
+                                    description="None = each task's own")
+    limit: int | None = Field(default=None, ge=1, le=1_000_000, strict=True,
+                              description="first N docs of each task's eval split (lm-eval --limit)")
+    gen_kwargs: dict[GenKey, GenValue] = Field(
+        default_factory=dict, description="merged into generation tasks' generation_kwargs"
+    )
+    tokenizer: str | None = Field(
+        default=None, min_length=1, max_length=1024, pattern=_PRINTABLE,
+        description="Hugging Face tokenizer path or id; None = the model name (as lm-eval)",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _base_url(cls, value: HttpUrl) -> HttpUrl:
+        if value.query or value.fragment:
+            raise ValueError("endpoint must be a base URL without query or fragment")
+        if value.username or value.password:
+            raise ValueError("endpoint must not carry credentials")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("tasks must be distinct")
+        return value
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _few(cls, value: dict[str, object]) -> dict[str, object]:
+        if len(value) > MAX_GEN_KWARGS:
+            raise ValueError(f"at most {MAX_GEN_KWARGS} gen_kwargs")
+        return value
+
+
+class EvaluationSpecOut(_Wire):
+    """The run's request as the service normalised it."""
+
+    endpoint: str
+    model: str
+    api: ApiName
+    tasks: list[str]
+    num_fewshot: int | None
+    limit: int | None
+    gen_kwargs: dict[str, bool | int | float | str | list[str]]
+    tokenizer: str | None
+
+
+class TaskProgressOut(_Wire):
+    task: str
+    done: int = Field(description="docs scored")
+    total: int | None = Field(description="docs to score; null until counted")
+    failed: int = Field(description="docs without a valid answer (scored 0 or left out)")
+
+
+class EvaluationStatus(_Wire):
+    id: str
+    object: Literal["evaluation"] = "evaluation"
+    state: RunStateName
+    request: EvaluationSpecOut
+    progress: list[TaskProgressOut]
+    cancel_requested: bool
+    error: str | None
+    attempts: int = Field(description="times a replica started or resumed it")
+    created_at: float = Field(description="unix seconds")
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+class EvaluationList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[EvaluationStatus]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+
+
+class ErrorDetail(_Wire):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Wire):
+    error: ErrorDetail
+
+
+class LogEvent(_Wire):
+    """One log line of a run (the ``data`` of a ``log`` server-sent event)."""
+
+    ts: float
+    level: str
+    message: str
+
+
+class EndEvent(_Wire):
+    """The ``data`` of the ``end`` event: the run reached a terminal state."""
+
+    state: RunStateName
+    error: str | None
+
+
+class HealthResponse(_Wire):
+    status: Literal["ok"] = "ok"
+    owner: str | None = Field(description="this replica's run-owner id (null: API only)")
+    active_runs: int
+
+
+# ---------------------------------------------------------------------- leaderboard
+class MetricScore(_Wire):
+    mean: float
+    stderr: float | None
+
+
+class LeaderboardCell(_Wire):
+    """One node on one task: its buffer's summary (the measuring loop's last N samples)."""
+
+    node_id: str
+    task: str
+    metric: str | None = Field(description="the headline metric shown in the table")
+    mean: float | None
+    stderr: float | None
+    metrics: dict[str, MetricScore]
+    n: int
+    error_rate: float
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    updated_at: float
+
+
+class VerdictOut(_Wire):
+    kind: str = Field(description="what was checked (poc, identity, substitution...)")
+    label: str = Field(description="pass, fail, or the verdict's own word")
+    passed: bool | None
+    at: float | None
+
+
+class LeaderboardNode(_Wire):
+    node_id: str
+    model: str | None
+    verdicts: list[VerdictOut]
+
+
+class ScoreSeries(_Wire):
+    """A node's headline score on one task over time: the mean of its last ``window``
+    counted samples after each sample (failed ones as 0), as ``[unix seconds, score]``."""
+
+    node_id: str
+    task: str
+    metric: str
+    window: int
+    points: list[tuple[float, float]]
+
+
+class LeaderboardResponse(_Wire):
+    generated_at: float
+    tasks: list[str]
+    nodes: list[LeaderboardNode]
+    cells: list[LeaderboardCell]
+    series: list[ScoreSeries]

@@ -1,0 +1,58 @@
+"""Acceptance (#3): lm-eval's own client and testbench score the real SmolLM2 Serve node alike.
+
+lm-eval 0.4.13's ``local-completions`` and testbench's full pass (the task adapter builds the
+requests, the loop's Requester sends them, the adapter scores them) run against the same
+vLLM node on all 500 openbookqa docs, at the same concurrency. Per-doc metrics must be
+identical, and the aggregate is what the anchor run on this machine gave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from llm_node_under_test import LLMNode
+
+from cluster.config import PROJECT_ROOT
+from cluster.full_pass import (
+    compare_doc_metrics,
+    lm_eval_doc_metrics,
+    read_rows,
+    run_lm_eval,
+    run_pass,
+)
+from cluster.lmeval_adapter import load_task_adapter
+from cluster.schemas import Node
+
+pytestmark = pytest.mark.slow
+
+DATASETS = PROJECT_ROOT / "datasets"
+CONCURRENCY = 8
+
+
+def test_openbookqa_500_docs_on_the_serve_node_score_exactly_as_lm_eval(
+    llm_node: LLMNode, smollm2_dir: Path
+) -> None:
+    task = "openbookqa"
+    adapter = load_task_adapter(task, DATASETS, str(smollm2_dir), "completions", llm_node.model_id)
+    results = run_lm_eval(task, llm_node.url, llm_node.model_id, smollm2_dir, DATASETS,
+                          concurrency=CONCURRENCY)
+    theirs = lm_eval_doc_metrics(results, task)
+
+    rows = read_rows(DATASETS, task)
+    node = Node(node_id="smollm2-serve", url=llm_node.url, model=llm_node.model_id,
+                tokenizer=str(smollm2_dir))
+    ours = asyncio.run(run_pass(adapter, node, dict(enumerate(rows)), concurrency=CONCURRENCY))
+
+    assert not ours.failed, list(ours.failed.items())[:3]
+    assert len(ours.per_doc) == len(theirs) == 500
+    differ = compare_doc_metrics(ours.per_doc, theirs)
+    assert not differ, f"{len(differ)} docs differ, e.g. {list(differ.items())[:3]}"
+    res = results["results"][task]
+    for key in adapter.metric_names:
+        value, _ = adapter.aggregate(key, [ours.per_doc[d][key] for d in sorted(ours.per_doc)])
+        assert value == res[key], key
+    # the anchor run of lm-eval on this node and machine: acc 0.208, acc_norm 0.316
+    assert res["acc,none"] == pytest.approx(0.208, abs=0.02)
+    assert res["acc_norm,none"] == pytest.approx(0.316, abs=0.02)
