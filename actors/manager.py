@@ -138,7 +138,7 @@ class Manager:
             return
         mongo = await self._stores.mongo()
         nodes = await mongo.nodes.list()
-        self._nodes = {n.node_id: n for n in nodes if n.enabled and n.kind == "llm"}
+        self._nodes = {n.node_id: n for n in nodes if n.enabled}
         self._nodes_read_at = now
 
     def plan(self, now: float) -> list[PlanItem]:

@@ -24,15 +24,20 @@ Every function here is a no-op unless Ray is initialised in this process, and Ra
 imported by this module: the domain classes that call it stay usable in plain unit tests
 and benches, and cost nothing there. The metric objects are created on first use, once
 per process (each Ray worker exports its own series, labelled with its ``WorkerId``).
+
+Ray drops a gauge that was not set during the last couple of report intervals, so the
+queue gauges here keep their last value and a daemon thread sets it again every
+``GAUGE_REFRESH_S``: a queue that stopped moving still shows its depth.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from cluster.errors import ErrorCode
 from cluster.schemas import Relay, Sample
@@ -41,6 +46,28 @@ from cluster.schemas import Relay, Sample
 LATENCY_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 PREFIX = "testbench_"
+# Well under Ray's default report interval (10 s), after which an unset gauge ages out.
+GAUGE_REFRESH_S = 2.5
+
+
+class _RayGauge(Protocol):
+    def set(self, value: float | None, tags: dict[str, str] | None = None) -> None: ...
+
+
+class StickyGauge:
+    """A Ray gauge that remembers its value, so that it can be set again periodically."""
+
+    def __init__(self, gauge: _RayGauge) -> None:
+        self._gauge = gauge
+        self._value: float | None = None
+
+    def set(self, value: float) -> None:
+        self._value = value
+        self._gauge.set(value)
+
+    def refresh(self) -> None:
+        if self._value is not None:
+            self._gauge.set(self._value)
 
 
 class LoopMetrics:
@@ -49,6 +76,9 @@ class LoopMetrics:
     def __init__(self) -> None:
         from ray.util.metrics import Counter as RayCounter
         from ray.util.metrics import Gauge, Histogram
+
+        def gauge(name: str, description: str) -> StickyGauge:
+            return StickyGauge(Gauge(PREFIX + name, description))
 
         self.relays = RayCounter(
             PREFIX + "relays", "relays produced (one per prompt sent), by node and error code",
@@ -59,32 +89,42 @@ class LoopMetrics:
             "time from sending a prompt to the end of the node's answer (final attempt)",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("error_code",),
         )
-        self.requester_pending = Gauge(
-            PREFIX + "requester_prompts_pending",
+        self.requester_pending = gauge(
+            "requester_prompts_pending",
             "prompts inside Requester.relay calls: waiting for a slot or in flight",
         )
-        self.requester_in_flight = Gauge(
-            PREFIX + "requester_requests_in_flight", "HTTP requests open to nodes",
+        self.requester_in_flight = gauge(
+            "requester_requests_in_flight", "HTTP requests open to nodes"
         )
         self.samples = RayCounter(
             PREFIX + "samples", "samples written (replays not counted), by node, task, code",
             tag_keys=("node_id", "task", "error_code"),
         )
-        self.manager_in_flight = Gauge(
-            PREFIX + "manager_samples_in_flight",
+        self.manager_in_flight = gauge(
+            "manager_samples_in_flight",
             "samples the Manager is driving through sampler, requester and evaluator",
         )
-        self.manager_planned = Gauge(
-            PREFIX + "manager_samples_planned", "docs planned by the Manager's last tick",
+        self.manager_planned = gauge(
+            "manager_samples_planned", "docs planned by the Manager's last tick"
         )
-        self.manager_redriven = Gauge(
-            PREFIX + "manager_samples_redriven",
+        self.manager_redriven = gauge(
+            "manager_samples_redriven",
             "samples left pending in MongoDB that the last sweep re-drove",
         )
         self.verdicts = RayCounter(
             PREFIX + "verdicts", "honesty verdicts, by check and outcome",
             tag_keys=("check", "outcome"),
         )
+        self._gauges = [self.requester_pending, self.requester_in_flight,
+                        self.manager_in_flight, self.manager_planned, self.manager_redriven]
+        threading.Thread(target=self._refresh_forever, name="testbench-metrics",
+                         daemon=True).start()
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            for g in self._gauges:
+                g.refresh()
 
 
 _metrics: LoopMetrics | None = None

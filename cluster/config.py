@@ -203,6 +203,65 @@ class EvaluationSettings(StrictModel):
         return self
 
 
+class ReferenceSettings(StrictModel):
+    """testbench's own trusted deployment of one claimed model (DESIGN §5)."""
+
+    url: str | None = Field(
+        default=None, description="base URL of a Serve LLM app (serve_apps/llm) of the model",
+    )
+    served_model: str | None = Field(
+        default=None, description="the model name on that app; None = the claimed name",
+    )
+    model_dir: Path | None = Field(
+        default=None,
+        description="local model directory: the tokenizer for `url`; without `url`, the "
+        "model itself, run in process with transformers (float32, CPU: small models only)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReferenceSettings:
+        if self.model_dir is None:
+            raise ValueError("a reference needs model_dir (the model, or the tokenizer of url)")
+        return self
+
+
+class HonestySettings(StrictModel):
+    """Signatures, synthetic jobs and the model-substitution check (issue 4).
+
+    Thresholds were calibrated on a 2-core CPU box with SmolLM2-135M (README, Honesty).
+    """
+
+    references: dict[str, ReferenceSettings] = Field(
+        default_factory=dict, description="claimed model name -> its trusted reference",
+    )
+    operators: dict[str, str] = Field(
+        default_factory=dict, description="node id -> operator; a node missing here is its own",
+    )
+    seed: int | None = Field(default=None, description="None = a fresh random seed per round")
+    max_tokens: int = Field(default=16, ge=1, le=256, description="answer length of every probe")
+    identity_prompts: int = Field(default=4, ge=1)
+    identity_words: int = Field(default=10, ge=1)
+    synthetic_prompts: int = Field(default=4, ge=0)
+    canary_prompts: int = Field(default=6, ge=1)
+    identity_match_share: float = Field(
+        default=0.9, gt=0, le=1, description="answers coincide from this share of prompts",
+    )
+    synthetic_tie_margin: float = Field(
+        default=0.05, ge=0, description="nats: a parting token this close to the best is a tie",
+    )
+    synthetic_min_share: float = Field(default=0.75, ge=0, le=1)
+    tie_margin: float = Field(default=0.05, ge=0, description="nats, substitution check")
+    max_mean_abs_logprob_diff: float = Field(default=0.02, gt=0)
+    max_mean_regret: float = Field(default=0.02, gt=0)
+    min_reference_agreement: float = Field(default=0.9, ge=0, le=1)
+    min_node_agreement: float = Field(default=0.9, ge=0, le=1)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    max_traffic_share: float = Field(
+        default=0.10, gt=0, le=1,
+        description="verification tokens per node as a share of its measuring tokens",
+    )
+
+
 class Settings(StrictModel):
     stores: StoreSettings = Field(default_factory=StoreSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
@@ -212,6 +271,7 @@ class Settings(StrictModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     receipts: ReceiptSettings = Field(default_factory=ReceiptSettings)
     evaluations: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    honesty: HonestySettings = Field(default_factory=HonestySettings)
     datasets_dir: Path = PROJECT_ROOT / "datasets"
     cache_dir: Path = PROJECT_ROOT / ".cache"
     tasks: list[str] = Field(default_factory=lambda: ["gsm8k", "openbookqa"])

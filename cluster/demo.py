@@ -9,6 +9,7 @@ the shipped Serve configs, registers them as nodes, runs the measuring loop unti
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -45,6 +46,13 @@ async def _register(settings: Settings, nodes: list[Node]) -> None:
         await conns.close()
 
 
+def _quiet_logs() -> None:
+    """Ray Serve LLM's imports install INFO-level (JSON) handlers on the driver's loggers;
+    ``make run`` should show progress and the leaderboard, not every library's log."""
+    for name in ("", "ray", "ray.serve", "vllm", "cluster", "actors", "serve_apps"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1800.0) -> int:
     from cluster.bootstrap import init_ray, stores_running
     from cluster.cli import fetch_scores, format_scores, load_datasets, run_loop
@@ -60,9 +68,11 @@ def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1
         try:
             init_ray(s)
             port = start_serve()
+            _quiet_logs()
             print(f"Ray Serve on http://127.0.0.1:{port}; deploying the SmolLM2 node "
                   "(vLLM on CPU, ~1-2 min) ...", flush=True)
             apps: list[Any] = [deploy_llm_node(s, port, model_dir)]
+            _quiet_logs()
             print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
                   f"ready in {apps[-1].start_s:.0f}s", flush=True)
             apps.append(deploy_diffusion_node(s, port))

@@ -80,10 +80,10 @@ def parse_gen_kwargs(raw: str | None) -> dict[str, Any]:
 class ProgressDisplay:
     """One status line on stderr (redrawn in place on a terminal) and log lines above it."""
 
-    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
-        self._stream = stream
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self._stream = stream if stream is not None else sys.stderr  # as it is now, not at import
         self._enabled = enabled
-        self._tty = stream.isatty()
+        self._tty = self._stream.isatty()
         self._t0 = time.monotonic()
         self._last = ""
 

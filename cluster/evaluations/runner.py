@@ -108,6 +108,7 @@ class EvaluationRunner:
         adapters: dict[str, TaskAdapter] = {}
         wanted: dict[str, list[int]] = {}
         n_docs: dict[str, int] = {}
+        scored: dict[str, dict[int, ErrorCode]] = {}
         for task in spec.tasks:
             adapter = adapters[task] = await self.offload(self._adapter, spec, task)
             ids = await datasets.doc_ids(task, adapter.eval_split)
@@ -119,9 +120,13 @@ class EvaluationRunner:
             n_docs[task] = len(ids)
             # lm-eval's --limit: the first N docs of the eval split, in order.
             wanted[task] = ids[: spec.limit] if spec.limit is not None else ids
-            await reporter.progress(task, 0, len(wanted[task]), 0)
+            # Every task's total up front, with what a previous attempt already scored.
+            scored[task] = await self._store.scored_docs(run.run_id, task)
+            done = [d for d in wanted[task] if d in scored[task]]
+            await reporter.progress(task, len(done), len(wanted[task]),
+                                    sum(1 for d in done if scored[task][d] != ErrorCode.OK))
         for task in spec.tasks:
-            await self._run_task(run, node, adapters[task], wanted[task], reporter)
+            await self._run_task(run, node, adapters[task], wanted[task], scored[task], reporter)
         samples = await self._store.samples(run.run_id)
         ok = [s for s in samples if s.error_code == ErrorCode.OK]
         if samples and not ok:
@@ -139,10 +144,10 @@ class EvaluationRunner:
         node: Node,
         adapter: TaskAdapter,
         doc_ids: list[int],
+        scored: dict[int, ErrorCode],
         reporter: RunReporter,
     ) -> None:
         task, total = adapter.name, len(doc_ids)
-        scored = await self._store.scored_docs(run.run_id, task)
         done = sum(1 for d in doc_ids if d in scored)
         failed = sum(1 for d in doc_ids if d in scored and scored[d] != ErrorCode.OK)
         remaining = [d for d in doc_ids if d not in scored]
@@ -152,7 +157,6 @@ class EvaluationRunner:
             await reporter.log(
                 f"{task}: {total} docs, {adapter.num_fewshot}-shot, {adapter.output_type}"
             )
-        await reporter.progress(task, done, total, failed)
         datasets = await self._stores.datasets()
         for chunk in _chunks(remaining, self._settings.evaluations.chunk_docs):
             docs = await datasets.fetch_docs(task, adapter.eval_split, chunk)

@@ -251,9 +251,10 @@ class EvaluationWorker:
             )
             results = await self._runner.run(run, reporter)
             await self._store.save_results(run_id, results)
-            if await finish_run(self._store, run_id, self.owner, RunState.SUCCEEDED,
-                                float(self._clock())):
-                await reporter.log("succeeded")
+            # Log before the state flips: a log stream ends at the terminal state.
+            await reporter.log("succeeded")
+            await finish_run(self._store, run_id, self.owner, RunState.SUCCEEDED,
+                             float(self._clock()))
         except asyncio.CancelledError:
             reason = self._reasons.pop(run_id, "shutdown")
             await asyncio.shield(self._after_stop(run_id, reason))
@@ -275,9 +276,9 @@ class EvaluationWorker:
     async def _after_stop(self, run_id: str, reason: StopReason) -> None:
         try:
             if reason == "cancel":
-                if await finish_run(self._store, run_id, self.owner, RunState.CANCELLED,
-                                    float(self._clock())):
-                    await self._store.append_log(run_id, "cancelled")
+                await self._store.append_log(run_id, "cancelled")
+                await finish_run(self._store, run_id, self.owner, RunState.CANCELLED,
+                                 float(self._clock()))
             elif reason == "shutdown":
                 await self._release(run_id)
         except Exception:  # noqa: BLE001 - the lease runs out anyway

@@ -3,10 +3,13 @@
 A signed request carries four headers: the key id, a timestamp (seconds since the epoch),
 a fresh nonce, and the signature over::
 
-    testbench-peer-auth-v1\\n METHOD\\n PATH\\n QUERY\\n TIMESTAMP\\n NONCE\\n KEY_ID\\n SHA256(BODY)
+    testbench-peer-auth-v1\\n METHOD\\n HOST\\n PATH\\n QUERY\\n TIMESTAMP\\n NONCE\\n KEY_ID\\n
+    SHA256(BODY)
 
-(newline-separated; PATH percent-decoded and with any route prefix, as the client
-addressed it; QUERY raw, as sent).
+(newline-separated; HOST the ``Host`` header lowercased, without a ``:80``/``:443`` port,
+so a request signed for one node cannot be replayed to another; PATH percent-decoded and
+with any route prefix, as the client addressed it; QUERY raw, as sent). Proxies in front
+of a node must keep the ``Host`` header.
 The server refuses, before the request reaches any route (so a refused request changes
 nothing):
 
@@ -110,10 +113,21 @@ def body_sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def canonical_host(host: str) -> str:
+    """``Host`` as signed: lowercase, default ports dropped (clients omit them or not)."""
+    host = host.strip().lower()
+    for default in (":80", ":443"):
+        if host.endswith(default):
+            return host[: -len(default)]
+    return host
+
+
 def canonical_request(
-    method: str, path: str, query: str, timestamp: str, nonce: str, key_id: str, body: bytes
+    method: str, host: str, path: str, query: str, timestamp: str, nonce: str, key_id: str,
+    body: bytes,
 ) -> bytes:
-    parts = [method.upper(), path, query, timestamp, nonce, key_id, body_sha256(body)]
+    parts = [method.upper(), canonical_host(host), path, query, timestamp, nonce, key_id,
+             body_sha256(body)]
     return b"\n".join([AUTH_DOMAIN, *(p.encode("utf-8") for p in parts)])
 
 
@@ -221,7 +235,7 @@ class RequestVerifier:
     ) -> PeerKey:
         """The peer that signed the request; raises :class:`AuthRefused`.
 
-        ``headers`` must be keyed by lowercase names (ASGI and aiohttp both provide them).
+        ``headers`` must be keyed by lowercase names; ``host`` among them.
         """
         values = [headers.get(h) for h in AUTH_HEADERS]
         if all(v is None for v in values):
@@ -246,7 +260,8 @@ class RequestVerifier:
         if abs(now - ts) > self._max_skew_s:
             raise AuthRefused(AuthProblem.EXPIRED, f"timestamp is {now - ts:+.1f} s from the "
                                                   f"server's clock (limit {self._max_skew_s} s)")
-        message = canonical_request(method, path, query, timestamp, nonce, key_id, body)
+        host = headers.get("host", "")
+        message = canonical_request(method, host, path, query, timestamp, nonce, key_id, body)
         if not verify_signature(peer.public_key, message, signature):
             raise AuthRefused(AuthProblem.BAD_SIGNATURE,
                               f"the signature does not verify with key {key_id!r}")
@@ -308,27 +323,29 @@ class RequestSigner:
         return self._key.public_key
 
     def sign(
-        self, method: str, path: str, query: str, body: bytes, *,
+        self, method: str, host: str, path: str, query: str, body: bytes, *,
         timestamp: float | None = None, nonce: str | None = None,
     ) -> dict[str, str]:
         """The auth headers for one request (``timestamp``/``nonce`` override: tests)."""
         ts = f"{self._clock() if timestamp is None else timestamp:.3f}"
         n = self._nonce() if nonce is None else nonce
-        message = canonical_request(method, path, query, ts, n, self.key_id, body)
+        message = canonical_request(method, host, path, query, ts, n, self.key_id, body)
         return {HEADER_KEY_ID: self.key_id, HEADER_TIMESTAMP: ts, HEADER_NONCE: n,
                 HEADER_SIGNATURE: self._key.sign(message)}
 
     def headers(self, method: str, url: str, body: bytes = b"", **kw: Any) -> dict[str, str]:
-        """:meth:`sign` for a full URL (path and raw query taken from it)."""
+        """:meth:`sign` for a full URL (host, path and raw query taken from it)."""
         parts = urlsplit(url)
-        return self.sign(method, unquote(parts.path) or "/", parts.query, body, **kw)
+        return self.sign(method, parts.netloc.rpartition("@")[2], unquote(parts.path) or "/",
+                         parts.query, body, **kw)
 
     def httpx_auth(self, request: httpx.Request) -> httpx.Request:
         """An httpx auth callable. Streaming request bodies cannot be hashed up front and
         are refused: pass ``content=`` bytes or ``json=``."""
         body = request.content  # raises httpx.RequestNotRead for a streaming body
         url = request.url
-        request.headers.update(self.sign(request.method, url.path, url.query.decode("ascii"), body))
+        request.headers.update(self.sign(request.method, request.headers["host"], url.path,
+                                         url.query.decode("ascii"), body))
         return request
 
     async def aiohttp_middleware(
@@ -340,7 +357,8 @@ class RequestSigner:
         payload = request.body
         body = b"" if isinstance(payload, bytes | bytearray) else await payload.as_bytes()
         url = request.url
-        signed = self.sign(request.method, url.path, url.raw_query_string, bytes(body))
+        host = request.headers.get("Host") or url.raw_authority
+        signed = self.sign(request.method, host, url.path, url.raw_query_string, bytes(body))
         for name, value in signed.items():
             request.headers[name] = value
         return await handler(request)

@@ -243,49 +243,46 @@ class ReceiptVerifier:
         ``received_at`` is when the client got the answer (default: now, for a client that
         verifies on receipt); ``sent_at``, when it sent the request, if it knows.
         """
-        def refuse(problem: ReceiptProblem, detail: str) -> ReceiptRejected:
-            return ReceiptRejected(problem, detail)
-
         if receipt.job_id != assignment.job_id:
-            raise refuse(ReceiptProblem.WRONG_JOB,
+            raise ReceiptRejected(ReceiptProblem.WRONG_JOB,
                          f"receipt is for job {receipt.job_id!r}, expected {assignment.job_id!r}")
         if receipt.node_key != assignment.node_key:
-            raise refuse(ReceiptProblem.WRONG_KEY,
+            raise ReceiptRejected(ReceiptProblem.WRONG_KEY,
                          f"signed by key {receipt.node_key[:16]}..., job {assignment.job_id!r} "
                          f"is assigned to node {assignment.node_id!r} "
                          f"(key {assignment.node_key[:16]}...)")
         if not verify_signature(receipt.node_key, receipt.canonical_bytes(), receipt.signature):
-            raise refuse(ReceiptProblem.BAD_SIGNATURE,
+            raise ReceiptRejected(ReceiptProblem.BAD_SIGNATURE,
                          "the signature does not verify with the node's key")
         if request_id is not None and receipt.request_id != request_id:
-            raise refuse(ReceiptProblem.WRONG_REQUEST,
+            raise ReceiptRejected(ReceiptProblem.WRONG_REQUEST,
                          f"receipt is for request {receipt.request_id!r}, not {request_id!r}")
         if endpoint is not None and receipt.endpoint != endpoint:
-            raise refuse(ReceiptProblem.WRONG_ENDPOINT,
+            raise ReceiptRejected(ReceiptProblem.WRONG_ENDPOINT,
                          f"receipt is for {receipt.endpoint!r}, the request went to {endpoint!r}")
         if receipt.input_sha256 != sha256_hex(input_bytes):
-            raise refuse(ReceiptProblem.INPUT_MISMATCH,
+            raise ReceiptRejected(ReceiptProblem.INPUT_MISMATCH,
                          "sha256 of the request sent differs from the receipt's input_sha256")
         if receipt.output_sha256 != sha256_hex(output_bytes):
-            raise refuse(ReceiptProblem.OUTPUT_MISMATCH,
+            raise ReceiptRejected(ReceiptProblem.OUTPUT_MISMATCH,
                          "sha256 of the answer received differs from the receipt's output_sha256")
         if receipt.ts_to_ms < receipt.ts_from_ms:
-            raise refuse(ReceiptProblem.TIME_ORDER,
+            raise ReceiptRejected(ReceiptProblem.TIME_ORDER,
                          f"ts_to_ms {receipt.ts_to_ms} is before ts_from_ms {receipt.ts_from_ms}")
         received_ms = to_ms(self._clock() if received_at is None else received_at)
         # The node cannot have finished after the client received the answer, nor long before.
         if abs(receipt.ts_to_ms - received_ms) > self._skew_ms:
-            raise refuse(ReceiptProblem.CLOCK_SKEW,
+            raise ReceiptRejected(ReceiptProblem.CLOCK_SKEW,
                          f"ts_to_ms {receipt.ts_to_ms} is {receipt.ts_to_ms - received_ms} ms from "
                          f"the receive time {received_ms} (bound {self._skew_ms} ms)")
         if sent_at is not None:
             sent_ms = to_ms(sent_at)
             if receipt.ts_from_ms < sent_ms - self._skew_ms:
-                raise refuse(ReceiptProblem.CLOCK_SKEW,
+                raise ReceiptRejected(ReceiptProblem.CLOCK_SKEW,
                              f"ts_from_ms {receipt.ts_from_ms} is before the request was sent "
                              f"({sent_ms}) by more than {self._skew_ms} ms")
             if receipt.ts_from_ms > received_ms + self._skew_ms:
-                raise refuse(ReceiptProblem.CLOCK_SKEW,
+                raise ReceiptRejected(ReceiptProblem.CLOCK_SKEW,
                              f"ts_from_ms {receipt.ts_from_ms} is after the answer arrived")
 
     async def verify(

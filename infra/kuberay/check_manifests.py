@@ -679,6 +679,8 @@ def serve_config_errors(text: Any, where: str) -> tuple[list[str], list[str]]:
 SERVE_ARG_MODELS = {
     "serve_apps.llm:build_llm_node_app": "serve_apps.llm.config:LLMNodeConfig",
     "serve_apps.diffusion:build_diffusion_app": "serve_apps.diffusion.config:DiffusionNodeConfig",
+    "serve_apps.evaluations:build_evaluations_app":
+        "serve_apps.evaluations.config:EvaluationsAppConfig",
 }
 
 

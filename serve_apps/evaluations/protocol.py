@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    UrlConstraints,
+    field_validator,
+)
 
 RunStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ApiName = Literal["completions", "chat-completions"]
@@ -37,7 +45,7 @@ class _Wire(BaseModel):
 class EvaluationRequest(_Wire):
     """An lm-eval run against one OpenAI-compatible endpoint."""
 
-    endpoint: HttpUrl = Field(
+    endpoint: Annotated[HttpUrl, UrlConstraints(max_length=2000)] = Field(
         description="the server's base URL (a trailing /v1/completions is accepted)"
     )
     model: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE,

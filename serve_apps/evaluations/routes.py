@@ -3,9 +3,10 @@
 ``/v1/evaluations*`` need ``Authorization: Bearer <tenant token>``; ``/leaderboard``,
 ``/v1/leaderboard`` and ``/health`` are public. The app's lifespan starts and stops the
 service (and with it the replica's run executor).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations,
+which name values local to :func:`create_api` (the tenant dependency, page-size bounds).
+"""
 
 import json
 from collections.abc import AsyncIterator

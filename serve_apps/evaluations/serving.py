@@ -21,11 +21,20 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pydantic import ValidationError
+
 from cluster.config import RequesterSettings, Settings
 from cluster.errors import TestbenchError
 from cluster.evaluations.results import with_samples
 from cluster.evaluations.runner import EvaluationRunner, RelayRecorder
-from cluster.evaluations.runs import SpecError, check_spec, new_run, new_run_id, request_cancel
+from cluster.evaluations.runs import (
+    SpecError,
+    available_tasks,
+    check_spec,
+    new_run,
+    new_run_id,
+    request_cancel,
+)
 from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState
 from cluster.evaluations.store import EvaluationStore, LogLine
 from cluster.evaluations.worker import EvaluationWorker
@@ -119,6 +128,9 @@ class EvaluationService:
         mongo = await self._stores.mongo()
         self._store = EvaluationStore(mongo, self._clock)
         await self._store.ensure_indexes()
+        # Import lm-eval and index the task YAMLs now (seconds), not in the first request.
+        tasks = await asyncio.to_thread(available_tasks, self.settings.datasets_dir)
+        log.info("evaluations.started tasks=%s", ",".join(tasks))
         cfg = self.settings.evaluations
         if cfg.max_concurrent_runs > 0:
             await self._stores.datasets()  # fail at start, not at the first run
@@ -181,11 +193,18 @@ class EvaluationService:
 
     # ------------------------------------------------------------------ runs
     async def submit(self, tenant: str, request: wire.EvaluationRequest) -> wire.EvaluationStatus:
-        spec = EvaluationSpec(
-            endpoint=str(request.endpoint), model=request.model, api=request.api,
-            tasks=list(request.tasks), num_fewshot=request.num_fewshot, limit=request.limit,
-            gen_kwargs=dict(request.gen_kwargs), tokenizer=request.tokenizer,
-        )
+        try:
+            spec = EvaluationSpec(
+                endpoint=str(request.endpoint), model=request.model, api=request.api,
+                tasks=list(request.tasks), num_fewshot=request.num_fewshot,
+                limit=request.limit, gen_kwargs=dict(request.gen_kwargs),
+                tokenizer=request.tokenizer,
+            )
+        except ValidationError as exc:  # the wire model let through what the run cannot hold
+            first = exc.errors(include_url=False, include_input=False)[0]
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            raise ApiError(422, f"{param or 'body'}: {first.get('msg', 'invalid')}",
+                           code="invalid_request", param=param) from exc
         if spec.limit is not None and spec.limit > self.settings.evaluations.max_limit:
             raise ApiError(400, f"limit exceeds this deployment's maximum of "
                            f"{self.settings.evaluations.max_limit}", code="invalid_value",
@@ -199,8 +218,9 @@ class EvaluationService:
         except SpecError as exc:
             raise ApiError(400, str(exc), code="invalid_value", param=exc.param) from exc
         run = new_run(spec, tenant, self._new_id(), float(self._clock()))
-        await self.store.create(run)
+        # The first line before the run exists: no replica can log ahead of it.
         await self.store.append_log(run.run_id, f"queued by tenant {tenant}")
+        await self.store.create(run)
         log.info("evaluations.submitted run=%s tenant=%s tasks=%s limit=%s",
                  run.run_id, tenant, ",".join(spec.tasks), spec.limit)
         if self.worker is not None:

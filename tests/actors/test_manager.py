@@ -100,3 +100,26 @@ async def test_restarted_manager_rebuilds_state_and_redrives_orphans(
     assert await mongo.relays.count() == await mongo.prompts.collection.count_documents({})
     await second.stop()
     await stores.close()
+
+
+async def test_nodes_get_the_tasks_of_their_kind_with_per_task_targets(
+    fresh_settings: Settings, correct_node: Node
+) -> None:
+    settings = fresh_settings.model_copy(update={
+        "tasks": ["openbookqa", "gsm8k"], "diffusion_tasks": ["diffusion_repro"],
+        "manager": fresh_settings.manager.model_copy(update={
+            "target_samples": 5, "task_targets": {"gsm8k": 2, "diffusion_repro": 3},
+            "max_in_flight": 10, "node_refresh_s": 0}),
+    })
+    stores = StoreConnections(settings)
+    mongo = await stores.mongo()
+    await mongo.nodes.add(correct_node)
+    await mongo.nodes.add(Node(node_id="d1", url="http://127.0.0.1:9", model="tiny-diffusion",
+                               kind="diffusion"))
+    manager = Manager(settings, LocalPipeline, stores=stores)
+    await manager.ensure_started(loop=False)
+    plan = {(i.node_id, i.task): i.count for i in manager.plan(time.time())}
+    assert plan == {("n1", "openbookqa"): 5, ("n1", "gsm8k"): 2, ("d1", "diffusion_repro"): 3}
+    targets = {(p["node_id"], p["task"]): p["target"] for p in (await manager.status())["pairs"]}
+    assert targets == {("n1", "openbookqa"): 5, ("n1", "gsm8k"): 2, ("d1", "diffusion_repro"): 3}
+    await manager.stop()

@@ -127,6 +127,10 @@ def test_every_refusal_changes_nothing(served: tuple[str, dict[str, Any]]) -> No
                    ) == (403, "bad_signature")
     assert refusal(post_signed(f"{url}/api/v1/count", body, signer().headers("POST", add, body))
                    ) == (403, "bad_signature")
+    # signed for another node (host), presented to this one
+    elsewhere = add.replace("127.0.0.1", "localhost")
+    assert refusal(post_signed(add, body, signer().headers("POST", elsewhere, body))
+                   ) == (403, "bad_signature")
     # a key registered for job routes only, on a control route
     assert refusal(post_signed(add, body, signer(JOBS_ONLY, "job-client").headers("POST", add, body))
                    ) == (403, "wrong_purpose")
@@ -183,7 +187,8 @@ async def test_nonces_in_mongodb_are_shared_by_replicas(mongo: MongoStores) -> N
     collection = mongo.collection(f"nonces_{uuid.uuid4().hex[:6]}")
     replicas = [RequestVerifier(registry, MongoNonceStore(collection, lambda: now), "control",
                                 30.0, lambda: now) for _ in range(2)]
-    headers = signer().sign("POST", "/api/v1/add", "", b"{}", timestamp=now)
+    headers = {"host": "node-a:8000",
+               **signer().sign("POST", "node-a:8000", "/api/v1/add", "", b"{}", timestamp=now)}
     assert (await replicas[0].verify("POST", "/api/v1/add", "", headers, b"{}")).key_id \
         == "validator-1"
     with pytest.raises(AuthRefused) as info:
@@ -197,9 +202,19 @@ async def test_memory_nonces_are_forgotten_once_their_timestamp_expired() -> Non
     verifier = RequestVerifier(KeyRegistry.from_settings(SETTINGS), store, "control", 30.0,
                                lambda: now[0])
     for i in range(50):
-        headers = signer().sign("GET", "/x", "", b"", timestamp=now[0], nonce=f"nonce-{i:012d}")
+        headers = {"host": "node-a", **signer().sign("GET", "node-a", "/x", "", b"",
+                                                     timestamp=now[0], nonce=f"nonce-{i:012d}")}
         await verifier.verify("GET", "/x", "", headers, b"")
     assert len(store) == 50
     now[0] += 100.0
     await store.first_use("validator-1", "another-nonce-0000", now[0] + 31)
     assert len(store) == 1
+
+
+def test_the_signed_host_ignores_case_and_default_ports() -> None:
+    from cluster.honesty.auth import canonical_request
+
+    a = canonical_request("get", "Node-A:80", "/p", "q=1", "1.000", "n" * 16, "k", b"")
+    b = canonical_request("GET", "node-a", "/p", "q=1", "1.000", "n" * 16, "k", b"")
+    c = canonical_request("GET", "node-a:8080", "/p", "q=1", "1.000", "n" * 16, "k", b"")
+    assert a == b != c

@@ -233,7 +233,9 @@ def test_the_loop_measures_a_serve_diffusion_node_as_reproducible(diffusion_url:
     result = asyncio.run(run_pass(adapter, node, {i: rows[i] for i in range(3)}, concurrency=2))
     assert not result.failed
     for metrics in result.per_doc.values():
-        assert metrics == {"reproducible": 1.0, "psnr_db": 100.0}
+        # same pipeline, seed and dtype: identical up to float rounding of thread splits
+        assert metrics["reproducible"] == 1.0
+        assert metrics["psnr_db"] >= 60.0
 
 
 def test_a_different_image_is_flagged_and_garbage_is_the_nodes_fault() -> None:

@@ -1,0 +1,244 @@
+"""The trusted reference of a claimed model: what the honesty checks compare nodes with.
+
+One small interface, :class:`TrustedReference`, two implementations:
+
+- :class:`ServeReference` (production): testbench's own Serve LLM app
+  (``serve_apps/llm``, vLLM) running the claimed model, reached by URL. Generation is a
+  temperature-0 ``/v1/completions`` call; logprobs are lm-eval's echo request (token ids,
+  ``echo``, ``logprobs=1``); the expected signatures are its own ``/signature/...`` routes.
+- :class:`TransformersReference` (CPU tests, small models): the model loaded in this
+  process with transformers in float32 (:class:`~cluster.honesty.local_lm.LocalCausalLM`),
+  teacher-forced and greedy, deterministic. The expected signatures are the digests of its
+  model directory, computed exactly as the Serve app's signature routes compute them.
+
+Generated token ids are the reference tokenizer's encoding of the answer text: the same
+rule is applied to a node's answers, so both sides are compared in one token space even
+when a server does not report token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from cluster.errors import TestbenchError
+from cluster.honesty import openai_wire as wire
+from cluster.honesty.local_lm import LocalCausalLM
+from cluster.honesty.node_client import NodeClient, NodeUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceUnavailable(TestbenchError):
+    """The reference could not answer: a bench-side failure, never blamed on a node."""
+
+
+@dataclass(frozen=True)
+class ReferenceAnswer:
+    """The reference's greedy answer to one text prompt."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """A token's logprob under the reference and the best logprob at its position."""
+
+    logprob: float
+    top_logprob: float
+
+    @property
+    def regret(self) -> float:
+        """How far below the reference's greedy choice the token is (0 = greedy)."""
+        return max(0.0, self.top_logprob - self.logprob)
+
+
+@dataclass(frozen=True)
+class ExpectedSignatures:
+    """The combined sha256 digests an honest node of the model reports (None: unknown)."""
+
+    tokenizer_sha256: str | None
+    config_sha256: str | None
+
+
+class TrustedReference(Protocol):
+    """What the checks need from a reference deployment of the claimed model."""
+
+    model: str
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids a completions server feeds the model for this text prompt."""
+        ...
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of generated text (no special tokens)."""
+        ...
+
+    async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
+        """Greedy (temperature 0) answers of up to ``max_tokens`` tokens, in prompt order."""
+        ...
+
+    async def logprobs(
+        self, items: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[list[TokenScore]]:
+        """Teacher-forced scores of each ``continuation`` after its ``prompt`` (token ids)."""
+        ...
+
+    async def signatures(self) -> ExpectedSignatures: ...
+
+
+def directory_signatures(model_dir: Path) -> ExpectedSignatures:
+    """The digests the LLM node's ``/signature/...`` routes report for ``model_dir``."""
+    from serve_apps.llm.signature import (
+        CONFIG_FILES,
+        TOKENIZER_FILES,
+        combined_sha256,
+        digest_files,
+    )
+
+    tokenizer = digest_files(model_dir, TOKENIZER_FILES)
+    config = digest_files(model_dir, CONFIG_FILES)
+    return ExpectedSignatures(
+        tokenizer_sha256=combined_sha256(tokenizer) if tokenizer else None,
+        config_sha256=combined_sha256(config) if config else None,
+    )
+
+
+class TransformersReference:
+    """The claimed model in this process (float32, CPU); compute runs in a worker thread."""
+
+    def __init__(self, model: str, lm: LocalCausalLM) -> None:
+        self.model = model
+        self.lm = lm
+
+    @classmethod
+    def load(cls, model: str, model_dir: str | Path, threads: int | None = None
+             ) -> TransformersReference:
+        return cls(model, LocalCausalLM(model_dir, threads=threads))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.lm.encode_prompt(text)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self.lm.encode(text)
+
+    async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
+        ids = [self.encode_prompt(p) for p in prompts]
+        generated = await asyncio.to_thread(self.lm.generate, ids, max_tokens)
+        answers = []
+        for prompt, gen in zip(prompts, generated, strict=True):
+            text = self.lm.decode(gen.token_ids)
+            answers.append(ReferenceAnswer(prompt, gen.prompt_ids, text,
+                                           tuple(self.encode_continuation(text))))
+        return answers
+
+    async def logprobs(
+        self, items: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[list[TokenScore]]:
+        # Identical (prompt, continuation) pairs are scored once: honest nodes and proxies
+        # mostly return the reference's own tokens, so most of a round's work is shared.
+        keys = [(tuple(p), tuple(c)) for p, c in items]
+        unique = list(dict.fromkeys(k for k in keys if k[1]))
+        scored = await asyncio.to_thread(
+            self.lm.score, [list(p + c) for p, c in unique], first=[len(p) for p, _ in unique])
+        by_key: dict[tuple[tuple[int, ...], tuple[int, ...]], list[TokenScore]] = {}
+        for (prompt, cont), seq in zip(unique, scored, strict=True):
+            positions = seq.positions[len(prompt):len(prompt) + len(cont)]
+            by_key[(prompt, cont)] = [TokenScore(p.logprob, p.top_logprob)
+                                      for p in positions if p is not None]
+        return [list(by_key.get(k, [])) for k in keys]
+
+    async def signatures(self) -> ExpectedSignatures:
+        return directory_signatures(self.lm.model_dir)
+
+
+class ServeReference:
+    """testbench's own Serve LLM app for the claimed model, reached over HTTP."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        tokenizer_dir: str | Path,
+        http: aiohttp.ClientSession,
+        *,
+        seed: int,
+        timeout_s: float = 300.0,
+        served_model: str | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.model = model
+        self._served = served_model or model  # the app may serve the model under another name
+        self._client = NodeClient(base_url, http, timeout_s)
+        self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self._seed = seed
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def _post(self, body: dict[str, object], n: int) -> list[wire.CompletionChoice]:
+        try:
+            answer, _ = await self._client.post_json(wire.COMPLETIONS_PATH, body)
+            return wire.parse_completion(answer, n)
+        except (NodeUnavailable, wire.MalformedAnswer) as exc:
+            raise ReferenceUnavailable(f"reference {self._client.base_url}: {exc}") from exc
+
+    async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
+        if not prompts:
+            return []
+        body = wire.completion_body(self._served, list(prompts), max_tokens, seed=self._seed)
+        choices = await self._post(body, len(prompts))
+        return [ReferenceAnswer(p, tuple(self.encode_prompt(p)), c.text,
+                                tuple(self.encode_continuation(c.text)))
+                for p, c in zip(prompts, choices, strict=True)]
+
+    async def logprobs(
+        self, items: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[list[TokenScore]]:
+        todo = [(list(p), list(c)) for p, c in items]
+        asked = [p + c for p, c in todo if c]
+        if not asked:
+            return [[] for _ in todo]
+        body = wire.completion_body(self._served, asked, 1, seed=self._seed, logprobs=1, echo=True)
+        choices = iter(await self._post(body, len(asked)))
+        out: list[list[TokenScore]] = []
+        for prompt, cont in todo:
+            if not cont:
+                out.append([])
+                continue
+            choice = next(choices)
+            lps, tops = choice.token_logprobs, choice.top_logprobs
+            if lps is None or len(lps) < len(prompt) + len(cont):
+                raise ReferenceUnavailable("reference echoed fewer logprobs than tokens sent")
+            scores = []
+            for i in range(len(prompt), len(prompt) + len(cont)):
+                lp = lps[i]
+                if lp is None:
+                    raise ReferenceUnavailable(f"reference gave no logprob at position {i}")
+                top = tops[i] if tops is not None and tops[i] is not None else lp
+                scores.append(TokenScore(lp, max(lp, top)))
+            out.append(scores)
+        return out
+
+    async def signatures(self) -> ExpectedSignatures:
+        found: list[str | None] = []
+        for path in (wire.TOKENIZER_SIGNATURE_PATH, wire.CONFIG_SIGNATURE_PATH):
+            try:
+                found.append(wire.signature_sha256(await self._client.get_json(path)))
+            except (NodeUnavailable, wire.MalformedAnswer) as exc:
+                log.warning("honesty.reference_signature_missing path=%s error=%s", path, exc)
+                found.append(None)
+        return ExpectedSignatures(found[0], found[1])

@@ -1,0 +1,486 @@
+"""One verification round: signatures, identity, synthetic jobs and the substitution check
+for every node claiming a model, against that model's trusted reference.
+
+A round, for the nodes claiming model M and M's reference R:
+
+1. draw the round's probes from its seed (:mod:`cluster.honesty.probes`);
+2. at once: R answers every probe greedily; every node is asked for its signatures and
+   answers every probe in **one** shuffled, batched temperature-0 ``/v1/completions``
+   request with ``logprobs=1`` (chat nodes: one request per probe), so probes of different
+   checks are indistinguishable and cost one round trip;
+3. at once: every completions node scores R's canary answers (lm-eval's echo request), and
+   R scores every node's canary and synthetic answers teacher-forced (pairs shared by
+   several nodes, e.g. honest ones, are scored once);
+4. judge each check per node; identity is judged across all nodes of the round.
+
+Verdicts carry their evidence and the traffic they cost; :func:`record_verdicts` writes
+them to MongoDB. Failures of the node are verdicts (``unknown`` when it did not answer,
+``fail`` when it answered nonsense); failures of the reference raise
+:class:`~cluster.honesty.reference.ReferenceUnavailable` (nothing is blamed on a node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from cluster.config import HonestySettings
+from cluster.honesty import openai_wire as wire
+from cluster.honesty.identity import judge_identities, reference_hashes, signature_from_answers
+from cluster.honesty.node_client import NodeClient, NodeUnavailable
+from cluster.honesty.probes import ProbeKind, ProbeSet, build_probes
+from cluster.honesty.reference import (
+    ExpectedSignatures,
+    ReferenceAnswer,
+    TokenScore,
+    TrustedReference,
+)
+from cluster.honesty.substitution import (
+    EchoScores,
+    SubstitutionThresholds,
+    judge_substitution,
+    substitution_stats,
+)
+from cluster.honesty.synthetic import SyntheticItem, judge_item, judge_synthetic
+from cluster.honesty.verdicts import (
+    CHECK_CONFIG,
+    CHECK_IDENTITY,
+    CHECK_SUBSTITUTION,
+    CHECK_SYNTHETIC,
+    CHECK_TOKENIZER,
+    Outcome,
+    Traffic,
+    Verdict,
+)
+from cluster.schemas import ApiKind, Node
+from cluster.stores.mongo import VerdictStore
+
+log = logging.getLogger(__name__)
+
+NO_ENDPOINT_STATUSES = (404, 405, 501)
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """A node as the checks see it: where it is, what it claims, who runs it, and its
+    seniority (lower = registered earlier; decides who holds a shared identity)."""
+
+    node_id: str
+    base_url: str
+    model: str
+    api: ApiKind = "completions"
+    operator: str | None = None
+    seniority: float = 0.0
+
+    @classmethod
+    def from_node(cls, node: Node, *, operator: str | None = None, seniority: float = 0.0
+                  ) -> NodeTarget:
+        return cls(node.node_id, node.base_url, node.model, node.api, operator, seniority)
+
+    @property
+    def operator_name(self) -> str:
+        return self.operator or self.node_id
+
+
+@dataclass
+class _Exchange:
+    """What one node answered in this round."""
+
+    target: NodeTarget
+    signatures: dict[str, str | Exception] = field(default_factory=dict)
+    answers: list[wire.CompletionChoice | None] = field(default_factory=list)
+    answer_ids: list[list[int]] = field(default_factory=list)
+    generation_error: Exception | None = None
+    generation_latency_s: float | None = None
+    echo: list[EchoScores | None] | None = None
+    echo_error: Exception | None = None
+    traffic: dict[str, Traffic] = field(default_factory=dict)
+
+    def charge(self, check: str, traffic: Traffic) -> None:
+        self.traffic[check] = self.traffic.get(check, Traffic()) + traffic
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round_id: str
+    seed: int
+    model: str
+    verdicts: list[Verdict]
+    started_at: float
+    finished_at: float
+
+    def traffic(self, node_id: str) -> Traffic:
+        total = Traffic()
+        for verdict in self.verdicts:
+            if verdict.node_id == node_id:
+                total = total + verdict.traffic
+        return total
+
+
+_CHECK_OF_KIND: dict[ProbeKind, str] = {
+    "identity": CHECK_IDENTITY, "synthetic": CHECK_SYNTHETIC, "canary": CHECK_SUBSTITUTION}
+
+
+class UnsupportedApi(Exception):
+    """The node's API cannot carry this check (chat-only nodes: no prompt lists, no echo)."""
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class Verifier:
+    """Runs verification rounds for the nodes claiming one reference's model."""
+
+    def __init__(
+        self,
+        settings: HonestySettings,
+        reference: TrustedReference,
+        http: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.reference = reference
+        self._http = http
+        self._clock = clock
+
+    def thresholds(self) -> SubstitutionThresholds:
+        s = self.settings
+        return SubstitutionThresholds(
+            max_mean_abs_logprob_diff=s.max_mean_abs_logprob_diff,
+            max_mean_regret=s.max_mean_regret,
+            min_reference_agreement=s.min_reference_agreement,
+            min_node_agreement=s.min_node_agreement,
+            tie_margin=s.tie_margin,
+        )
+
+    def probes(self, seed: int) -> ProbeSet:
+        s = self.settings
+        return build_probes(seed, identity=s.identity_prompts, identity_words=s.identity_words,
+                            synthetic=s.synthetic_prompts, canary=s.canary_prompts)
+
+    # -- talking to nodes -------------------------------------------------------------------
+
+    def _client(self, target: NodeTarget) -> NodeClient:
+        return NodeClient(target.base_url, self._http, self.settings.request_timeout_s)
+
+    async def _signatures(self, ex: _Exchange) -> None:
+        client = self._client(ex.target)
+        for check, path in ((CHECK_TOKENIZER, wire.TOKENIZER_SIGNATURE_PATH),
+                            (CHECK_CONFIG, wire.CONFIG_SIGNATURE_PATH)):
+            ex.charge(check, Traffic(requests=1))
+            try:
+                ex.signatures[check] = wire.signature_sha256(await client.get_json(path))
+            except (NodeUnavailable, wire.MalformedAnswer) as exc:
+                ex.signatures[check] = exc
+
+    async def _generate(self, ex: _Exchange, order: list[tuple[ProbeKind, int, str]],
+                        prompt_ids: list[list[int]], seed: int) -> None:
+        client = self._client(ex.target)
+        n = len(order)
+        max_tokens = self.settings.max_tokens
+        shares = [1.0 / n] * n  # one request, split between the prompts it carried
+        if ex.target.api != "completions":
+            ex.generation_error = UnsupportedApi(
+                f"{ex.target.api} node: the checks need /v1/completions (prompt lists, echo)")
+            ex.answers = [None] * n
+            shares = [0.0] * n
+        else:
+            try:
+                body = wire.completion_body(ex.target.model, [p for _, _, p in order],
+                                            max_tokens, seed=seed, logprobs=1)
+                answer, latency = await client.post_json(wire.COMPLETIONS_PATH, body)
+                ex.answers = list(wire.parse_completion(answer, n))
+                ex.generation_latency_s = latency
+            except (NodeUnavailable, wire.MalformedAnswer) as exc:
+                ex.generation_error = exc
+                ex.answers = [None] * n
+        encode = self.reference.encode_continuation
+        ex.answer_ids = [encode(a.text) if a is not None else [] for a in ex.answers]
+        for (kind, _, _), ids, share, answer_ids in zip(order, prompt_ids, shares, ex.answer_ids,
+                                                        strict=True):
+            ex.charge(_CHECK_OF_KIND[kind], Traffic(share, len(ids), len(answer_ids)))
+
+    async def _echo(self, ex: _Exchange, canaries: list[tuple[list[int], list[int]]],
+                    seed: int) -> None:
+        if ex.target.api != "completions" or ex.generation_error is not None or not canaries:
+            return
+        client = self._client(ex.target)
+        asked = [p + c for p, c in canaries]
+        ex.charge(CHECK_SUBSTITUTION, Traffic(1, sum(len(a) for a in asked), len(asked)))
+        body = wire.completion_body(ex.target.model, asked, 1, seed=seed, logprobs=1, echo=True)
+        try:
+            answer, _ = await client.post_json(wire.COMPLETIONS_PATH, body)
+            choices = wire.parse_completion(answer, len(asked))
+        except (NodeUnavailable, wire.MalformedAnswer) as exc:
+            ex.echo_error = exc
+            return
+        echo: list[EchoScores | None] = []
+        for (prompt, cont), choice in zip(canaries, choices, strict=True):
+            lps, tops = choice.token_logprobs, choice.top_logprobs
+            span = range(len(prompt), len(prompt) + len(cont))
+            if lps is None or len(lps) < span.stop or any(lps[i] is None for i in span):
+                ex.echo_error = wire.MalformedAnswer("echo answer lacks the prompt's logprobs")
+                echo.append(None)
+                continue
+            echo.append(EchoScores(
+                tuple(float(lps[i]) for i in span if lps[i] is not None),
+                tuple(tops[i] if tops is not None else None for i in span)))
+        ex.echo = echo
+
+    # -- a round ----------------------------------------------------------------------------
+
+    async def run_round(self, nodes: Sequence[NodeTarget], seed: int) -> RoundReport:
+        """Verify ``nodes`` (all claiming the reference's model) with the probes of ``seed``."""
+        model = self.reference.model
+        wrong = [n.node_id for n in nodes if n.model != model]
+        if wrong:
+            raise ValueError(f"nodes {wrong} do not claim {model!r}, the reference's model")
+        started = self._clock()
+        probes = self.probes(seed)
+        order = probes.request_order()
+        prompt_ids = [self.reference.encode_prompt(p) for _, _, p in order]
+        exchanges = [_Exchange(n) for n in nodes]
+
+        async def node_first_half(ex: _Exchange) -> None:
+            await asyncio.gather(self._signatures(ex),
+                                 self._generate(ex, order, prompt_ids, seed))
+
+        reference_answers, expected, *_ = await asyncio.gather(
+            self.reference.generate([p for _, _, p in order], self.settings.max_tokens),
+            self.reference.signatures(),
+            *[node_first_half(ex) for ex in exchanges],
+        )
+        positions = {(kind, i): pos for pos, (kind, i, _) in enumerate(order)}
+        canary_pos = [positions[("canary", i)] for i in range(len(probes.canary))]
+        synthetic_pos = [positions[("synthetic", i)] for i in range(len(probes.synthetic))]
+        identity_pos = [positions[("identity", i)] for i in range(len(probes.identity))]
+        ref_canaries = [(list(reference_answers[p].prompt_ids), list(reference_answers[p].token_ids))
+                        for p in canary_pos]
+
+        # What the reference must score: its own canary answers (the baseline of (b)), and
+        # every node's canary and synthetic answers (direction (a), synthetic ties).
+        items: list[tuple[list[int], list[int]]] = list(ref_canaries)
+        for ex in exchanges:
+            for p in canary_pos + synthetic_pos:
+                items.append((list(reference_answers[p].prompt_ids), ex.answer_ids[p]))
+        scores, *_ = await asyncio.gather(
+            self.reference.logprobs(items),
+            *[self._echo(ex, ref_canaries, seed) for ex in exchanges],
+        )
+        reference_scores = scores[:len(ref_canaries)]
+        per_node = len(canary_pos) + len(synthetic_pos)
+        node_scores = {
+            ex.target.node_id: dict(zip(canary_pos + synthetic_pos,
+                                        scores[len(ref_canaries) + k * per_node:
+                                               len(ref_canaries) + (k + 1) * per_node],
+                                        strict=True))
+            for k, ex in enumerate(exchanges)}
+
+        verdicts: list[Verdict] = []
+        reference_identity = reference_hashes([reference_answers[p].text for p in identity_pos])
+        identity_sigs = []
+        for ex in exchanges:
+            if ex.generation_error is None:
+                identity_sigs.append(signature_from_answers(
+                    ex.target.node_id, ex.target.operator_name, ex.target.seniority,
+                    [(a.text, a.token_logprobs) if a is not None else None
+                     for a in (ex.answers[p] for p in identity_pos)],
+                    ex.generation_latency_s))
+        findings = judge_identities(identity_sigs, reference_identity,
+                                    self.settings.identity_match_share)
+        for ex in exchanges:
+            verdicts.extend(self._signature_verdicts(ex, expected))
+            verdicts.append(self._identity_verdict(ex, findings))
+            verdicts.append(self._synthetic_verdict(ex, reference_answers, synthetic_pos,
+                                                    node_scores[ex.target.node_id]))
+            verdicts.append(self._substitution_verdict(
+                ex, reference_answers, canary_pos, reference_scores,
+                node_scores[ex.target.node_id]))
+        verdicts = [Verdict(v.node_id, v.check, v.outcome, v.reason,
+                            {**v.evidence, "model": model, "seed": seed}, v.traffic)
+                    for v in verdicts]
+        finished = self._clock()
+        round_id = f"{model}:{seed}"
+        flagged = sorted({v.node_id for v in verdicts if v.flagged})
+        log.info("honesty.round_done round=%s nodes=%d flagged=%s seconds=%.1f", round_id,
+                 len(nodes), ",".join(flagged) or "-", finished - started)
+        return RoundReport(round_id, seed, model, verdicts, started, finished)
+
+    # -- judging ----------------------------------------------------------------------------
+
+    def _signature_verdicts(self, ex: _Exchange, expected: ExpectedSignatures) -> list[Verdict]:
+        out = []
+        for check, want in ((CHECK_TOKENIZER, expected.tokenizer_sha256),
+                            (CHECK_CONFIG, expected.config_sha256)):
+            got = ex.signatures.get(check)
+            traffic = ex.traffic.get(check, Traffic())
+            node = ex.target.node_id
+            what = check.replace("_signature", "")
+            if isinstance(got, NodeUnavailable):
+                status = got.status
+                reason = (f"unknown: node has no {what} signature route (HTTP {status})"
+                          if status in NO_ENDPOINT_STATUSES else f"unknown: {_short(got)}")
+                out.append(Verdict(node, check, Outcome.UNKNOWN, reason,
+                                   {"sha256": "unknown", "expected": want}, traffic))
+            elif isinstance(got, Exception) or got is None:
+                out.append(Verdict(node, check, Outcome.FAIL,
+                                   f"malformed {what} signature: {got}",
+                                   {"sha256": "invalid", "expected": want}, traffic))
+            elif want is None:
+                out.append(Verdict(node, check, Outcome.UNKNOWN,
+                                   "unknown: the reference has no signature to compare with",
+                                   {"sha256": got, "expected": None}, traffic))
+            elif got == want:
+                out.append(Verdict(node, check, Outcome.PASS, f"{what} sha256 matches",
+                                   {"sha256": got, "expected": want}, traffic))
+            else:
+                out.append(Verdict(node, check, Outcome.FAIL,
+                                   f"{what} sha256 differs from the reference's",
+                                   {"sha256": got, "expected": want}, traffic))
+        return out
+
+    def _generation_problem(self, ex: _Exchange, check: str) -> Verdict | None:
+        err = ex.generation_error
+        if err is None:
+            return None
+        traffic = ex.traffic.get(check, Traffic())
+        if isinstance(err, wire.MalformedAnswer):
+            return Verdict(ex.target.node_id, check, Outcome.FAIL,
+                           f"malformed answer: {_short(err)}", {}, traffic)
+        if isinstance(err, UnsupportedApi):
+            return Verdict(ex.target.node_id, check, Outcome.UNKNOWN, f"unknown: {err}", {},
+                           traffic)
+        return Verdict(ex.target.node_id, check, Outcome.UNKNOWN,
+                       f"unknown: node did not answer: {_short(err)}", {}, traffic)
+
+    def _identity_verdict(self, ex: _Exchange, findings: Mapping[str, Any]) -> Verdict:
+        problem = self._generation_problem(ex, CHECK_IDENTITY)
+        if problem is not None:
+            return problem
+        found = findings[ex.target.node_id]
+        return Verdict(ex.target.node_id, CHECK_IDENTITY, found.outcome, found.reason,
+                       {**found.evidence, "threshold": self.settings.identity_match_share},
+                       ex.traffic.get(CHECK_IDENTITY, Traffic()))
+
+    def _synthetic_verdict(self, ex: _Exchange, reference_answers: Sequence[ReferenceAnswer],
+                           synthetic_pos: list[int], scores: Mapping[int, list[TokenScore]]
+                           ) -> Verdict:
+        traffic = ex.traffic.get(CHECK_SYNTHETIC, Traffic())
+        if not synthetic_pos:
+            return Verdict(ex.target.node_id, CHECK_SYNTHETIC, Outcome.UNKNOWN,
+                           "unknown: no synthetic prompts configured", {}, traffic)
+        problem = self._generation_problem(ex, CHECK_SYNTHETIC)
+        if problem is not None:
+            return problem
+        items: list[SyntheticItem | None] = []
+        for p in synthetic_pos:
+            answer = ex.answers[p]
+            items.append(None if answer is None else judge_item(
+                reference_answers[p], answer.text, ex.answer_ids[p], scores[p],
+                self.settings.synthetic_tie_margin))
+        outcome, reason, evidence = judge_synthetic(items, self.settings.synthetic_min_share)
+        evidence["tie_margin"] = self.settings.synthetic_tie_margin
+        return Verdict(ex.target.node_id, CHECK_SYNTHETIC, outcome, reason, evidence, traffic)
+
+    def _substitution_verdict(self, ex: _Exchange, reference_answers: Sequence[ReferenceAnswer],
+                              canary_pos: list[int], reference_scores: Sequence[list[TokenScore]],
+                              scores: Mapping[int, list[TokenScore]]) -> Verdict:
+        traffic = ex.traffic.get(CHECK_SUBSTITUTION, Traffic())
+        problem = self._generation_problem(ex, CHECK_SUBSTITUTION)
+        if problem is not None:
+            return problem
+        exact = sum(1 for p in canary_pos if ex.answers[p] is not None
+                    and ex.answers[p].text == reference_answers[p].text)  # type: ignore[union-attr]
+        stats = substitution_stats([scores[p] for p in canary_pos], reference_scores, ex.echo,
+                                   exact, self.settings.tie_margin)
+        outcome, reason, evidence = judge_substitution(stats, self.thresholds())
+        if ex.echo_error is not None:
+            evidence["echo_error"] = _short(ex.echo_error)
+        return Verdict(ex.target.node_id, CHECK_SUBSTITUTION, outcome, reason, evidence, traffic)
+
+
+def new_seed() -> int:
+    """An unpredictable round seed (nodes must not precompute the probes)."""
+    return secrets.randbits(31)
+
+
+async def record_verdicts(store: VerdictStore, report: RoundReport) -> int:
+    """Write a round's verdicts (one document per check and node, replay-safe)."""
+    return await store.record([v.to_record(report.round_id, report.finished_at)
+                               for v in report.verdicts])
+
+
+def build_references(settings: HonestySettings, http: aiohttp.ClientSession, *,
+                     seed: int = 0, threads: int | None = None) -> dict[str, TrustedReference]:
+    """The configured references: a Serve app by URL, else the model in process."""
+    from cluster.honesty.reference import ServeReference, TransformersReference
+
+    out: dict[str, TrustedReference] = {}
+    for model, ref in settings.references.items():
+        assert ref.model_dir is not None  # the settings validator insists
+        if ref.url is not None:
+            out[model] = ServeReference(model, ref.url, ref.model_dir, http, seed=seed,
+                                        timeout_s=settings.request_timeout_s,
+                                        served_model=ref.served_model)
+        else:
+            out[model] = TransformersReference.load(model, ref.model_dir, threads=threads)
+    return out
+
+
+def _no_reference(target: NodeTarget) -> list[Verdict]:
+    reason = f"unknown: no trusted reference for model {target.model!r}"
+    return [Verdict(target.node_id, check, Outcome.UNKNOWN, reason, {"model": target.model})
+            for check in (CHECK_TOKENIZER, CHECK_CONFIG, CHECK_IDENTITY, CHECK_SYNTHETIC,
+                          CHECK_SUBSTITUTION)]
+
+
+async def run_verification(
+    settings: HonestySettings,
+    nodes: Sequence[Node | NodeTarget],
+    references: Mapping[str, TrustedReference],
+    *,
+    http: aiohttp.ClientSession | None = None,
+    seed: int | None = None,
+    store: VerdictStore | None = None,
+) -> list[Verdict]:
+    """One round for every LLM node, grouped by claimed model; verdicts in node order.
+
+    ``nodes`` in registration order (it sets seniority for the identity rule), operators
+    from ``settings.operators``. With ``store`` the verdicts are written to MongoDB.
+    """
+    targets = [n if isinstance(n, NodeTarget) else NodeTarget.from_node(
+        n, operator=settings.operators.get(n.node_id), seniority=float(i))
+        for i, n in enumerate(nodes) if isinstance(n, NodeTarget) or n.kind == "llm"]
+    round_seed = settings.seed if seed is None else seed
+    round_seed = new_seed() if round_seed is None else round_seed
+    own_http = http is None
+    session = aiohttp.ClientSession() if http is None else http
+    verdicts: list[Verdict] = []
+    try:
+        by_model: dict[str, list[NodeTarget]] = {}
+        for target in targets:
+            by_model.setdefault(target.model, []).append(target)
+        for model, members in by_model.items():
+            reference = references.get(model)
+            if reference is None:
+                for target in members:
+                    verdicts.extend(_no_reference(target))
+                continue
+            report = await Verifier(settings, reference, session).run_round(members, round_seed)
+            verdicts.extend(report.verdicts)
+            if store is not None:
+                await record_verdicts(store, report)
+    finally:
+        if own_http:
+            await session.close()
+    order = {t.node_id: i for i, t in enumerate(targets)}
+    return sorted(verdicts, key=lambda v: order.get(v.node_id, len(order)))

@@ -1,0 +1,103 @@
+"""One evaluations Serve app (and an API-only twin for fuzzing) per test session.
+
+The app is what ``infra/kuberay`` deploys (``serve_apps.evaluations:build_evaluations_app``
+under ``/evaluations``), on the session's Ray (``ray_session``: 4 logical CPUs) and stores
+(``loaded_stores``), with a MongoDB database of its own, three tenants, and short leases
+and polls so a killed replica's runs resume within seconds. Serve is started on a free
+port unless it already runs. Two test nodes answer: ``fast`` and ``slow`` (0.25 s a request).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from eval_app import TENANTS, EvalApp
+from ray import serve
+from ray.serve.context import _get_global_client
+
+from cluster.config import EvaluationSettings, Settings, StoreSettings
+from cluster.testnode import NodeBehaviour, TestNode
+from serve_apps.evaluations import build_evaluations_app
+from serve_apps.evaluations.config import DeploymentOptions, EvaluationsAppConfig
+
+APP_NAME = "evaluations"
+FUZZ_APP_NAME = "evaluations-fuzz"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def eval_serve_port(ray_session: None) -> Iterator[int]:
+    client = _get_global_client(raise_if_no_controller_running=False)
+    started = client is None
+    if started:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        client = _get_global_client()
+    yield int(client.http_config.port)
+    if started:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def eval_nodes(smollm2_dir: Path) -> Iterator[dict[str, TestNode]]:
+    nodes = {
+        "fast": TestNode(NodeBehaviour(mode="correct"), tokenizer_path=smollm2_dir),
+        "slow": TestNode(NodeBehaviour(mode="correct", latency_s=0.25), tokenizer_path=smollm2_dir),
+    }
+    for node in nodes.values():
+        node.start_in_thread()
+    yield nodes
+    for node in nodes.values():
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def eval_settings(loaded_stores: StoreSettings) -> Settings:
+    stores = loaded_stores.model_copy(update={"mongo_database": f"ev_{uuid.uuid4().hex[:10]}"})
+    return Settings(stores=stores, evaluations=EvaluationSettings(
+        tenants=TENANTS, max_concurrent_runs=2, per_run_concurrency=4, chunk_docs=8,
+        lease_s=3.0, poll_s=0.5,
+    ))
+
+
+def _deploy(name: str, settings: Settings, port: int) -> EvalApp:
+    config = EvaluationsAppConfig(
+        settings=settings.model_dump(mode="json"),
+        deployment=DeploymentOptions(num_cpus=0, health_check_period_s=2.0,
+                                     graceful_shutdown_timeout_s=5.0),
+    )
+    started = time.monotonic()
+    serve.run(build_evaluations_app(config), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"http://127.0.0.1:{port}/{name}"
+    httpx.get(f"{url}/health", timeout=60).raise_for_status()
+    return EvalApp(name=name, url=url, settings=settings, start_s=time.monotonic() - started)
+
+
+@pytest.fixture(scope="session")
+def eval_app(eval_serve_port: int, eval_settings: Settings) -> Iterator[EvalApp]:
+    app = _deploy(APP_NAME, eval_settings, eval_serve_port)
+    yield app
+    serve.delete(APP_NAME)
+
+
+@pytest.fixture(scope="session")
+def fuzz_app(eval_serve_port: int, eval_settings: Settings) -> Iterator[EvalApp]:
+    """API only (``max_concurrent_runs: 0``): fuzzed submissions queue up, nothing runs."""
+    settings = eval_settings.model_copy(update={
+        "stores": eval_settings.stores.model_copy(
+            update={"mongo_database": f"evf_{uuid.uuid4().hex[:10]}"}),
+        "evaluations": eval_settings.evaluations.model_copy(update={"max_concurrent_runs": 0}),
+    })
+    app = _deploy(FUZZ_APP_NAME, settings, eval_serve_port)
+    yield app
+    serve.delete(FUZZ_APP_NAME)

@@ -1,0 +1,62 @@
+"""The metrics helpers without Ray: no-ops that never import Ray, and sticky gauges."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from actors import metrics
+from cluster.errors import ErrorCode
+from cluster.schemas import Relay
+
+
+class FakeGauge:
+    def __init__(self) -> None:
+        self.values: list[float | None] = []
+
+    def set(self, value: float | None, tags: dict[str, str] | None = None) -> None:
+        self.values.append(value)
+
+
+def test_recording_without_ray_is_a_no_op_and_does_not_import_ray() -> None:
+    code = """
+import sys
+from actors import metrics
+from cluster.errors import ErrorCode
+from cluster.schemas import Relay
+relay = Relay(prompt_id="n|t|0|0|0", sample_key="n|t|0|0", node_id="n", task="t", doc_id=0,
+              request_index=0, error_code=ErrorCode.OK, started_at=0.0, finished_at=1.0)
+metrics.record_relays([relay])
+metrics.set_requester_queue(1, 1)
+metrics.set_manager_queue(3, planned=2, redriven=0)
+metrics.record_verdict("identity", "pass")
+assert metrics.loop_metrics() is None
+assert "ray" not in sys.modules, "recording imported ray"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_no_metrics_object_while_ray_is_not_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "_metrics", None)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if never imported
+    metrics.record_relays([Relay(
+        prompt_id="n|t|0|0|0", sample_key="n|t|0|0", node_id="n", task="t", doc_id=0,
+        request_index=0, error_code=ErrorCode.NODE, started_at=0.0, finished_at=1.0)])
+    assert metrics.loop_metrics() is None
+
+
+def test_a_sticky_gauge_sets_its_last_value_again() -> None:
+    fake = FakeGauge()
+    gauge = metrics.StickyGauge(fake)
+    gauge.refresh()  # nothing set yet: nothing to repeat
+    gauge.set(4)
+    gauge.set(2)
+    gauge.refresh()
+    assert fake.values == [4, 2, 2]
+
+
+def test_error_code_labels_are_lower_case_names() -> None:
+    assert metrics.code_label(ErrorCode.OK) == "ok"
+    assert metrics.code_label(2) == "node"
