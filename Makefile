@@ -8,7 +8,7 @@ MODEL_READY := $(CACHE)/models/smollm2/.ready
 # Nothing may come from a model or dataset hub at run time (DESIGN §7).
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install model run test lint bench clean
+.PHONY: install model run test lint bench clean chromium
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,12 @@ $(MODEL_READY): $(VENV)/.installed
 run: install model
 	$(OFFLINE) $(PY) -m cluster demo
 
-test: install model
+# Debian's chromium for the leaderboard page's browser test (as root, or through sudo).
+chromium:
+	@command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: install model chromium
 	$(PY) -m ruff check .
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 

@@ -30,14 +30,14 @@ from cluster.honesty.verification import NodeTarget, Verifier  # noqa: E402
 from cluster.honesty.zoo import ZooProcess  # noqa: E402
 
 STATS = (
-    ("substitution", "mean_abs_logprob_diff", "max_mean_abs_logprob_diff", "max"),
-    ("substitution", "mean_regret", "max_mean_regret", "max"),
-    ("substitution", "reference_agreement", "min_reference_agreement", "min"),
-    ("substitution", "node_agreement", "min_node_agreement", "min"),
-    ("synthetic", "agree_share", "synthetic_min_share", "min"),
-    ("synthetic", "exact", None, "min"),
-    ("identity", "text_share", "identity_match_share", "max"),
-    ("identity", "trace_share", None, "max"),
+    ("substitution", "mean_abs_logprob_diff", "max_mean_abs_logprob_diff"),
+    ("substitution", "mean_regret", "max_mean_regret"),
+    ("substitution", "reference_agreement", "min_reference_agreement"),
+    ("substitution", "node_agreement", "min_node_agreement"),
+    ("synthetic", "agree_share", "synthetic_min_share"),
+    ("synthetic", "exact", None),
+    ("identity", "text_share", "identity_match_share"),
+    ("identity", "trace_share", None),
 )
 
 
@@ -71,7 +71,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"zoo_start_s": zoo_s, "round_s": round_s, "kinds": {}}
     for kind, verdicts in per_kind.items():
         row: dict[str, Any] = {}
-        for check, stat, limit, worst in STATS:
+        for check, stat, limit in STATS:
             values = [v.evidence.get(stat) for v in verdicts if v.check == check]
             values = [float(x) for x in values if isinstance(x, int | float)]
             if values:

@@ -255,6 +255,12 @@ def _cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
     return cmd_poc(settings, args)
 
 
+def _cmd_eval(settings: Settings, args: argparse.Namespace) -> int:
+    from cluster.evaluations.cli import cmd_eval
+
+    return cmd_eval(settings, args)
+
+
 # ---- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="testbench", description=__doc__)
@@ -309,15 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples per (node, task) (default: sized per task to take minutes)")
     dm.add_argument("--timeout", type=float, default=1800.0)
 
+    from cluster.evaluations.cli import add_eval_parser
     from cluster.poc.cli import add_poc_parser
 
     add_poc_parser(sub)
+    add_eval_parser(sub)
     return p
 
 
 COMMANDS = {
     "up": cmd_up, "datasets": cmd_datasets, "nodes": cmd_nodes, "run": cmd_run,
     "scores": cmd_scores, "models": cmd_models, "demo": cmd_demo, "poc": _cmd_poc,
+    "eval": _cmd_eval,
 }
 # Commands that need running stores (started here when nothing is running yet).
 NEEDS_STORES = {"datasets", "nodes", "run", "scores", "poc"}

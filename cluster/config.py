@@ -200,6 +200,9 @@ class EvaluationSettings(StrictModel):
             raise ValueError("evaluations.tenants: two tenants share a token")
         if self.page_size > self.max_page_size:
             raise ValueError("evaluations.page_size exceeds max_page_size")
+        if self.poll_s * 2 >= self.lease_s:
+            # A lease is renewed on a poll once half of it is gone: polls must come sooner.
+            raise ValueError("evaluations.poll_s must be under half of lease_s")
         return self
 
 
@@ -239,10 +242,10 @@ class HonestySettings(StrictModel):
     )
     seed: int | None = Field(default=None, description="None = a fresh random seed per round")
     max_tokens: int = Field(default=16, ge=1, le=256, description="answer length of every probe")
-    identity_prompts: int = Field(default=4, ge=1)
+    identity_prompts: int = Field(default=3, ge=1)
     identity_words: int = Field(default=10, ge=1)
-    synthetic_prompts: int = Field(default=4, ge=0)
-    canary_prompts: int = Field(default=6, ge=1)
+    synthetic_prompts: int = Field(default=3, ge=0)
+    canary_prompts: int = Field(default=5, ge=1)
     identity_match_share: float = Field(
         default=0.9, gt=0, le=1, description="answers coincide from this share of prompts",
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,16 +40,6 @@ class ReferenceUnavailable(TestbenchError):
 
 
 @dataclass(frozen=True)
-class ReferenceAnswer:
-    """The reference's greedy answer to one text prompt."""
-
-    prompt: str
-    prompt_ids: tuple[int, ...]
-    text: str
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class TokenScore:
     """A token's logprob under the reference and the best logprob at its position."""
 
@@ -60,6 +50,38 @@ class TokenScore:
     def regret(self) -> float:
         """How far below the reference's greedy choice the token is (0 = greedy)."""
         return max(0.0, self.top_logprob - self.logprob)
+
+
+@dataclass(frozen=True)
+class ReferenceAnswer:
+    """The reference's greedy answer to one text prompt, with its own logprobs."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    text: str
+    token_ids: tuple[int, ...]
+    scores: tuple[TokenScore, ...]  # one per token id: the baseline of the echo comparison
+
+
+def align_token_ids(text: str, tokens: Sequence[str] | None,
+                    encode: Callable[[str], list[int]]) -> tuple[list[int], bool]:
+    """Token ids of a generated ``text``, and whether they are the generator's own.
+
+    Servers report generated tokens as strings, not ids. When those strings spell the text
+    and each is one token of the tokenizer, they are the generated ids; otherwise (bytes of
+    a split character, another tokenizer) the text is re-encoded, which may split it
+    differently from how it was generated (then the ids are not the generator's own).
+    """
+    if tokens is not None and "".join(tokens) == text:
+        ids: list[int] = []
+        for token in tokens:
+            one = encode(token)
+            if len(one) != 1:
+                break
+            ids.append(one[0])
+        else:
+            return ids, True
+    return encode(text), False
 
 
 @dataclass(frozen=True)
@@ -134,12 +156,10 @@ class TransformersReference:
     async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
         ids = [self.encode_prompt(p) for p in prompts]
         generated = await asyncio.to_thread(self.lm.generate, ids, max_tokens)
-        answers = []
-        for prompt, gen in zip(prompts, generated, strict=True):
-            text = self.lm.decode(gen.token_ids)
-            answers.append(ReferenceAnswer(prompt, gen.prompt_ids, text,
-                                           tuple(self.encode_continuation(text))))
-        return answers
+        return [ReferenceAnswer(prompt, gen.prompt_ids, self.lm.decode(gen.token_ids),
+                                tuple(gen.token_ids),
+                                tuple(TokenScore(t.logprob, t.top_logprob) for t in gen.tokens))
+                for prompt, gen in zip(prompts, generated, strict=True)]
 
     async def logprobs(
         self, items: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -199,11 +219,30 @@ class ServeReference:
     async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
         if not prompts:
             return []
-        body = wire.completion_body(self._served, list(prompts), max_tokens, seed=self._seed)
+        body = wire.completion_body(self._served, list(prompts), max_tokens, seed=self._seed,
+                                    logprobs=1)
         choices = await self._post(body, len(prompts))
-        return [ReferenceAnswer(p, tuple(self.encode_prompt(p)), c.text,
-                                tuple(self.encode_continuation(c.text)))
-                for p, c in zip(prompts, choices, strict=True)]
+        answers: list[ReferenceAnswer | None] = []
+        rescore: list[tuple[int, list[int], list[int]]] = []
+        for i, (prompt, choice) in enumerate(zip(prompts, choices, strict=True)):
+            prompt_ids = self.encode_prompt(prompt)
+            ids, own = align_token_ids(choice.text, choice.tokens, self.encode_continuation)
+            lps, tops = choice.token_logprobs, choice.top_logprobs
+            if own and lps is not None and len(lps) == len(ids) and None not in lps:
+                scores = tuple(TokenScore(float(lp), max(float(lp), float(top)) if top is not None
+                                          else float(lp))  # type: ignore[arg-type]
+                               for lp, top in zip(lps, tops or [None] * len(lps), strict=True))
+                answers.append(ReferenceAnswer(prompt, tuple(prompt_ids), choice.text,
+                                               tuple(ids), scores))
+            else:
+                answers.append(None)
+                rescore.append((i, prompt_ids, ids))
+        if rescore:  # re-encoded answers: score the ids they now have
+            scored = await self.logprobs([(p, c) for _, p, c in rescore])
+            for (i, prompt_ids, ids), scores_ in zip(rescore, scored, strict=True):
+                answers[i] = ReferenceAnswer(prompts[i], tuple(prompt_ids), choices[i].text,
+                                             tuple(ids), tuple(scores_))
+        return [a for a in answers if a is not None]
 
     async def logprobs(
         self, items: Sequence[tuple[Sequence[int], Sequence[int]]]

@@ -41,6 +41,7 @@ from cluster.honesty.reference import (
     ReferenceAnswer,
     TokenScore,
     TrustedReference,
+    align_token_ids,
 )
 from cluster.honesty.substitution import (
     EchoScores,
@@ -48,7 +49,7 @@ from cluster.honesty.substitution import (
     judge_substitution,
     substitution_stats,
 )
-from cluster.honesty.synthetic import SyntheticItem, judge_item, judge_synthetic
+from cluster.honesty.synthetic import SyntheticItem, common_prefix, judge_item, judge_synthetic
 from cluster.honesty.verdicts import (
     CHECK_CONFIG,
     CHECK_IDENTITY,
@@ -101,6 +102,7 @@ class _Exchange:
     generation_latency_s: float | None = None
     echo: list[EchoScores | None] | None = None
     echo_error: Exception | None = None
+    shares: list[float] = field(default_factory=list)
     traffic: dict[str, Traffic] = field(default_factory=dict)
 
     def charge(self, check: str, traffic: Traffic) -> None:
@@ -126,6 +128,28 @@ class RoundReport:
 
 _CHECK_OF_KIND: dict[ProbeKind, str] = {
     "identity": CHECK_IDENTITY, "synthetic": CHECK_SYNTHETIC, "canary": CHECK_SUBSTITUTION}
+
+
+class _CachedScorer:
+    """The reference's teacher-forced scores, computed once per (prompt, continuation) in
+    a round; its own answers are known from generation (an honest node's answers cost no
+    extra reference compute)."""
+
+    def __init__(self, reference: TrustedReference, answers: Sequence[ReferenceAnswer]) -> None:
+        self._reference = reference
+        self._known: dict[tuple[tuple[int, ...], tuple[int, ...]], list[TokenScore]] = {}
+        for answer in answers:
+            for n in range(len(answer.token_ids) + 1):
+                self._known[(answer.prompt_ids, answer.token_ids[:n])] = list(answer.scores[:n])
+
+    async def score(self, items: Sequence[tuple[list[int], list[int]]]
+                    ) -> list[list[TokenScore]]:
+        keys = [(tuple(p), tuple(c)) for p, c in items]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._known]
+        if missing:
+            found = await self._reference.logprobs([(list(p), list(c)) for p, c in missing])
+            self._known.update(zip(missing, found, strict=True))
+        return [list(self._known[k]) for k in keys]
 
 
 class UnsupportedApi(Exception):
@@ -183,7 +207,7 @@ class Verifier:
                 ex.signatures[check] = exc
 
     async def _generate(self, ex: _Exchange, order: list[tuple[ProbeKind, int, str]],
-                        prompt_ids: list[list[int]], seed: int) -> None:
+                        seed: int) -> None:
         client = self._client(ex.target)
         n = len(order)
         max_tokens = self.settings.max_tokens
@@ -203,11 +227,24 @@ class Verifier:
             except (NodeUnavailable, wire.MalformedAnswer) as exc:
                 ex.generation_error = exc
                 ex.answers = [None] * n
+        ex.shares = shares
+
+    def _align(self, ex: _Exchange, order: list[tuple[ProbeKind, int, str]],
+               reference_answers: Sequence[ReferenceAnswer]) -> None:
+        """The node's answers as token ids (the reference's own ids where the texts are
+        equal), and the generation request's traffic, split between the checks."""
         encode = self.reference.encode_continuation
-        ex.answer_ids = [encode(a.text) if a is not None else [] for a in ex.answers]
-        for (kind, _, _), ids, share, answer_ids in zip(order, prompt_ids, shares, ex.answer_ids,
-                                                        strict=True):
-            ex.charge(_CHECK_OF_KIND[kind], Traffic(share, len(ids), len(answer_ids)))
+        ex.answer_ids = []
+        for answer, ref in zip(ex.answers, reference_answers, strict=True):
+            if answer is None:
+                ex.answer_ids.append([])
+            elif answer.text == ref.text:
+                ex.answer_ids.append(list(ref.token_ids))
+            else:
+                ex.answer_ids.append(align_token_ids(answer.text, answer.tokens, encode)[0])
+        for (kind, _, _), ref, share, ids in zip(order, reference_answers, ex.shares,
+                                                 ex.answer_ids, strict=True):
+            ex.charge(_CHECK_OF_KIND[kind], Traffic(share, len(ref.prompt_ids), len(ids)))
 
     async def _echo(self, ex: _Exchange, canaries: list[tuple[list[int], list[int]]],
                     seed: int) -> None:
@@ -247,43 +284,55 @@ class Verifier:
         started = self._clock()
         probes = self.probes(seed)
         order = probes.request_order()
-        prompt_ids = [self.reference.encode_prompt(p) for _, _, p in order]
         exchanges = [_Exchange(n) for n in nodes]
 
         async def node_first_half(ex: _Exchange) -> None:
             await asyncio.gather(self._signatures(ex),
-                                 self._generate(ex, order, prompt_ids, seed))
+                                 self._generate(ex, order, seed))
 
         reference_answers, expected, *_ = await asyncio.gather(
             self.reference.generate([p for _, _, p in order], self.settings.max_tokens),
             self.reference.signatures(),
             *[node_first_half(ex) for ex in exchanges],
         )
+        for ex in exchanges:
+            self._align(ex, order, reference_answers)
         positions = {(kind, i): pos for pos, (kind, i, _) in enumerate(order)}
         canary_pos = [positions[("canary", i)] for i in range(len(probes.canary))]
         synthetic_pos = [positions[("synthetic", i)] for i in range(len(probes.synthetic))]
         identity_pos = [positions[("identity", i)] for i in range(len(probes.identity))]
         ref_canaries = [(list(reference_answers[p].prompt_ids), list(reference_answers[p].token_ids))
                         for p in canary_pos]
+        reference_scores = [list(reference_answers[p].scores) for p in canary_pos]
+        scorer = _CachedScorer(self.reference, reference_answers)
 
-        # What the reference must score: its own canary answers (the baseline of (b)), and
-        # every node's canary and synthetic answers (direction (a), synthetic ties).
-        items: list[tuple[list[int], list[int]]] = list(ref_canaries)
-        for ex in exchanges:
-            for p in canary_pos + synthetic_pos:
-                items.append((list(reference_answers[p].prompt_ids), ex.answer_ids[p]))
-        scores, *_ = await asyncio.gather(
-            self.reference.logprobs(items),
+        # Synthetic ties need the reference's score of a node's first parting token only.
+        synthetic_items = {
+            (ex.target.node_id, p): (list(reference_answers[p].prompt_ids),
+                                     ex.answer_ids[p][:common_prefix(
+                                         reference_answers[p].token_ids, ex.answer_ids[p]) + 1])
+            for ex in exchanges if ex.generation_error is None for p in synthetic_pos}
+        synthetic_scores, *_ = await asyncio.gather(
+            scorer.score(list(synthetic_items.values())),
             *[self._echo(ex, ref_canaries, seed) for ex in exchanges],
         )
-        reference_scores = scores[:len(ref_canaries)]
-        per_node = len(canary_pos) + len(synthetic_pos)
-        node_scores = {
-            ex.target.node_id: dict(zip(canary_pos + synthetic_pos,
-                                        scores[len(ref_canaries) + k * per_node:
-                                               len(ref_canaries) + (k + 1) * per_node],
-                                        strict=True))
-            for k, ex in enumerate(exchanges)}
+        by_synthetic = dict(zip(synthetic_items, synthetic_scores, strict=True))
+        # Direction (a) costs the reference a forward pass per differing answer: it is only
+        # computed where direction (b) has not already condemned the node.
+        limits = self.thresholds()
+        needs_a = [ex for ex in exchanges if ex.generation_error is None and judge_substitution(
+            substitution_stats([None] * len(canary_pos), reference_scores, ex.echo, 0,
+                               limits.tie_margin), limits)[0] is not Outcome.FAIL]
+        canary_items = {(ex.target.node_id, p): (list(reference_answers[p].prompt_ids),
+                                                 ex.answer_ids[p])
+                        for ex in needs_a for p in canary_pos}
+        by_canary = dict(zip(canary_items, await scorer.score(list(canary_items.values())),
+                             strict=True))
+        node_scores: dict[str, dict[int, list[TokenScore] | None]] = {
+            ex.target.node_id: {**{p: by_synthetic.get((ex.target.node_id, p))
+                                   for p in synthetic_pos},
+                                **{p: by_canary.get((ex.target.node_id, p)) for p in canary_pos}}
+            for ex in exchanges}
 
         verdicts: list[Verdict] = []
         reference_identity = reference_hashes([reference_answers[p].text for p in identity_pos])
@@ -372,8 +421,8 @@ class Verifier:
                        ex.traffic.get(CHECK_IDENTITY, Traffic()))
 
     def _synthetic_verdict(self, ex: _Exchange, reference_answers: Sequence[ReferenceAnswer],
-                           synthetic_pos: list[int], scores: Mapping[int, list[TokenScore]]
-                           ) -> Verdict:
+                           synthetic_pos: list[int],
+                           scores: Mapping[int, list[TokenScore] | None]) -> Verdict:
         traffic = ex.traffic.get(CHECK_SYNTHETIC, Traffic())
         if not synthetic_pos:
             return Verdict(ex.target.node_id, CHECK_SYNTHETIC, Outcome.UNKNOWN,
@@ -385,7 +434,7 @@ class Verifier:
         for p in synthetic_pos:
             answer = ex.answers[p]
             items.append(None if answer is None else judge_item(
-                reference_answers[p], answer.text, ex.answer_ids[p], scores[p],
+                reference_answers[p], answer.text, ex.answer_ids[p], scores[p] or [],
                 self.settings.synthetic_tie_margin))
         outcome, reason, evidence = judge_synthetic(items, self.settings.synthetic_min_share)
         evidence["tie_margin"] = self.settings.synthetic_tie_margin
@@ -393,7 +442,7 @@ class Verifier:
 
     def _substitution_verdict(self, ex: _Exchange, reference_answers: Sequence[ReferenceAnswer],
                               canary_pos: list[int], reference_scores: Sequence[list[TokenScore]],
-                              scores: Mapping[int, list[TokenScore]]) -> Verdict:
+                              scores: Mapping[int, list[TokenScore] | None]) -> Verdict:
         traffic = ex.traffic.get(CHECK_SUBSTITUTION, Traffic())
         problem = self._generation_problem(ex, CHECK_SUBSTITUTION)
         if problem is not None:
@@ -403,6 +452,8 @@ class Verifier:
         stats = substitution_stats([scores[p] for p in canary_pos], reference_scores, ex.echo,
                                    exact, self.settings.tie_margin)
         outcome, reason, evidence = judge_substitution(stats, self.thresholds())
+        if all(scores[p] is None for p in canary_pos):
+            evidence["note_a"] = "direction (a) not computed: direction (b) already failed"
         if ex.echo_error is not None:
             evidence["echo_error"] = _short(ex.echo_error)
         return Verdict(ex.target.node_id, CHECK_SUBSTITUTION, outcome, reason, evidence, traffic)

@@ -45,6 +45,12 @@ class _Wire(BaseModel):
 class EvaluationRequest(_Wire):
     """An lm-eval run against one OpenAI-compatible endpoint."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "endpoint": "http://127.0.0.1:8000/v1/completions", "model": "smollm2",
+        "api": "completions", "tasks": ["openbookqa", "gsm8k"], "limit": 20,
+        "gen_kwargs": {"max_gen_toks": 128}, "tokenizer": "/app/.cache/models/smollm2",
+    }]})
+
     endpoint: Annotated[HttpUrl, UrlConstraints(max_length=2000)] = Field(
         description="the server's base URL (a trailing /v1/completions is accepted)"
     )

@@ -17,7 +17,7 @@ from serve_apps.evaluations.client import parse_sse
 
 def _body(node: TestNode, tokenizer: Path, **extra: Any) -> dict[str, Any]:
     return {"endpoint": node.base_url, "model": "smollm2", "tokenizer": str(tokenizer),
-            "tasks": ["openbookqa"], "limit": 2, **extra}
+            "tasks": ["openbookqa"], "limit": 2} | extra
 
 
 @pytest.mark.parametrize(("headers", "why"), [
@@ -180,3 +180,21 @@ def test_logs_resume_after_the_last_event_id(
                         headers={"Last-Event-ID": logs[1][1]})
         assert [e[1] for e in parse_sse(after.text) if e[0] == "log"] == [
             e[1] for e in logs[2:]]
+
+
+def test_runs_that_cannot_measure_fail_with_the_reason(
+    eval_app: EvalApp, eval_nodes: dict[str, TestNode], smollm2_dir: Path
+) -> None:
+    with eval_app.client("alice") as api:
+        no_tokenizer = api.post("/v1/evaluations", json=_body(
+            eval_nodes["fast"], smollm2_dir) | {"tokenizer": "/nonexistent/tokenizer"}
+        ).json()["id"]
+        nobody_home = api.post("/v1/evaluations", json=_body(
+            eval_nodes["fast"], smollm2_dir, endpoint="http://127.0.0.1:9", tasks=["gsm8k"],
+            limit=1)).json()["id"]
+        for run_id, reason in [(no_tokenizer, "/nonexistent/tokenizer"),
+                               (nobody_home, "every one of 1 docs failed")]:
+            failed = wait_for(api, run_id, {"failed"}, timeout_s=120)
+            assert reason in failed["error"]
+            resp = api.get(f"/v1/evaluations/{run_id}/results")
+            assert resp.status_code == 409 and reason in resp.json()["error"]["message"]

@@ -131,3 +131,23 @@ async def _lease_story(settings: Settings) -> None:
 
 def test_leases_cas_and_cancel_decide_who_runs_what(fresh_settings: Settings) -> None:
     asyncio.run(_lease_story(fresh_settings))
+
+
+def test_tenants_come_from_settings_with_long_distinct_tokens(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from cluster.config import EvaluationSettings, load_settings
+    from serve_apps.evaluations.config import EvaluationsAppConfig
+
+    with pytest.raises(ValidationError, match="shorter than 16"):
+        EvaluationSettings(tenants={"a": "short"})
+    with pytest.raises(ValidationError, match="share a token"):
+        EvaluationSettings(tenants={"a": "x" * 16, "b": "x" * 16})
+    env = {"TESTBENCH_EVALUATIONS__TENANTS": "{alice: abcdefghijklmnop}"}
+    assert load_settings(None, environ=env).evaluations.tenants == {"alice": "abcdefghijklmnop"}
+    # the Serve app: a settings file, its args merged over it, the environment on top
+    path = tmp_path / "settings.yaml"
+    path.write_text("evaluations:\n  lease_s: 9\n  poll_s: 2\n")
+    app = EvaluationsAppConfig(settings_path=path, settings={"evaluations": {"poll_s": 3}})
+    settings = app.load_settings(environ={"TESTBENCH_EVALUATIONS__LEASE_S": "7"})
+    assert (settings.evaluations.lease_s, settings.evaluations.poll_s) == (7.0, 3.0)

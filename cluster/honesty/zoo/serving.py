@@ -62,7 +62,10 @@ class AnswerCache:
     def key(path: str, payload: dict[str, Any]) -> str | None:
         if payload.get("temperature", 1.0) != 0 or payload.get("stream"):
             return None
-        return path + json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        # A greedy answer does not depend on the sampling seed: requests differing only in
+        # it share one answer.
+        same = {k: v for k, v in payload.items() if k != "seed"}
+        return path + json.dumps(same, sort_keys=True, separators=(",", ":"))
 
     def get(self, key: str | None) -> dict[str, Any] | None:
         if key is None or self._size <= 0:
