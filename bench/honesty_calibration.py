@@ -24,7 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 
 from cluster.config import PROJECT_ROOT, HonestySettings  # noqa: E402
-from cluster.honesty.reference import TransformersReference  # noqa: E402
+from cluster.honesty.reference import (  # noqa: E402
+    ServeReference,
+    TransformersReference,
+    TrustedReference,
+)
 from cluster.honesty.verdicts import Verdict  # noqa: E402
 from cluster.honesty.verification import NodeTarget, Verifier  # noqa: E402
 from cluster.honesty.zoo import ZooProcess  # noqa: E402
@@ -50,15 +54,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = PROJECT_ROOT / ".cache" / "models" / "smollm2"
     kinds = [k for k in args.kinds.split(",") if k]
     zoo_nodes = [("proxy@honest" if k == "proxy" else k) for k in kinds]
+    if args.reference == "zoo":
+        zoo_nodes.insert(0, "reference=honest")
     started = time.monotonic()
     with ZooProcess(zoo_nodes, model_dir, log_path=Path(args.log)) as zoo:
         zoo_s = time.monotonic() - started
-        reference = TransformersReference.load("smollm2", model_dir, threads=1)
+        nodes = {k: v for k, v in zoo.urls.items() if k != "reference"}
         targets = [NodeTarget(name, url, "smollm2", seniority=i)
-                   for i, (name, url) in enumerate({**zoo.urls, **node_args(args.node)}.items())]
+                   for i, (name, url) in enumerate({**nodes, **node_args(args.node)}.items())]
         per_kind: dict[str, list[Verdict]] = {t.node_id: [] for t in targets}
         round_s = []
         async with aiohttp.ClientSession() as http:
+            reference: TrustedReference = (
+                ServeReference("smollm2", zoo.urls["reference"], model_dir, http, seed=0)
+                if args.reference == "zoo" else
+                TransformersReference.load("smollm2", model_dir, threads=1))
             verifier = Verifier(settings, reference, http)
             for rep in range(args.reps):
                 t0 = time.monotonic()
@@ -96,6 +106,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--seed-base", type=int, default=1000)
     parser.add_argument("--kinds", default="honest,perturbed,quantized,bf16,proxy,lazy,random")
+    parser.add_argument("--reference", choices=["zoo", "local"], default="zoo",
+                        help="zoo: an honest zoo node over HTTP; local: transformers in process")
     parser.add_argument("--node", action="append", default=[], metavar="NAME=URL")
     parser.add_argument("--log", default="/tmp/honesty_zoo.log")
     args = parser.parse_args()

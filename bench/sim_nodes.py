@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -62,22 +63,39 @@ class Window:
     wall_s: float
     relays: int
     cpu_s: dict[str, float]
+    peak_relays_s: float  # the best 10 s stretch: the relay stage before scoring catches up
 
     @property
     def cores(self) -> float:
-        return sum(self.cpu_s.values()) / self.wall_s
+        """Cores the loop's actors used (the stores and the simulated nodes apart)."""
+        return sum(v for k, v in self.cpu_s.items() if k in ACTORS) / self.wall_s
+
+    def group_cores(self, kind: str) -> float:
+        return self.cpu_s.get(kind, 0.0) / self.wall_s
 
 
-class ActorCpu:
+class CpuMeter:
+    """CPU seconds (user + system) per group of processes, children included (PostgreSQL
+    serves each connection from a child of its postmaster)."""
+
     def __init__(self, pids: dict[str, list[int]]) -> None:
         import psutil
 
         self.procs = {kind: [psutil.Process(p) for p in ps] for kind, ps in pids.items()}
 
     def snapshot(self) -> dict[str, float]:
+        import psutil
+
         out = {}
         for kind, procs in self.procs.items():
-            out[kind] = sum(sum(p.cpu_times()[:2]) for p in procs)
+            total = 0.0
+            for proc in procs:
+                try:
+                    for q in [proc, *proc.children(recursive=True)]:
+                        total += sum(q.cpu_times()[:2])
+                except psutil.NoSuchProcess:
+                    continue
+            out[kind] = total
         return out
 
 
@@ -100,33 +118,39 @@ def relays_so_far(manager: Any) -> int:
     return int(ray.get(children["requester"].stats.remote())["relays"])
 
 
-def measure(manager: Any, cpu: ActorCpu, until_full: bool, timeout_s: float,
+def measure(manager: Any, cpu: CpuMeter, until_full: bool, timeout_s: float,
             fixed_s: float | None = None) -> tuple[Window, bool]:
     """Watch until every buffer is full (or for ``fixed_s``); the window's figures."""
     import ray
 
     t0, r0, c0 = time.monotonic(), relays_so_far(manager), cpu.snapshot()
     full = False
-    last_line = 0.0
+    last = (t0, r0)
+    peak = 0.0
     while True:
         time.sleep(1.0)
         now = time.monotonic()
         status = ray.get(manager.status.remote())
         full = status["full"]
-        if now - last_line > 10:
+        if now - last[0] >= 10:
+            relays = relays_so_far(manager)
+            peak = max(peak, (relays - last[1]) / (now - last[0]))
+            last = (now, relays)
             valid = sum(min(p["valid"], p["target"]) for p in status["pairs"])
             target = sum(p["target"] for p in status["pairs"])
-            print(f"  [{now - t0:6.1f}s] samples {valid}/{target}, "
-                  f"relays {relays_so_far(manager) - r0}", flush=True)
-            last_line = now
+            print(f"  [{now - t0:6.1f}s] samples {valid}/{target}, relays {relays - r0}",
+                  flush=True)
         if (until_full and full) or (fixed_s is not None and now - t0 >= fixed_s):
             break
         if now - t0 > timeout_s:
             break
     c1 = cpu.snapshot()
     window = Window(time.monotonic() - t0, relays_so_far(manager) - r0,
-                    {k: c1[k] - c0[k] for k in c0})
+                    {k: c1[k] - c0[k] for k in c0}, peak)
     return window, full
+
+
+ACTORS = ("manager", "samplers", "evaluators", "requester")
 
 
 async def register_fleet(settings: Any, base_url: str, n: int, tokenizer: str) -> None:
@@ -170,7 +194,8 @@ def main() -> None:
     server.start()
     ready.get(timeout=120)
     data_dir = Path(tempfile.mkdtemp(prefix="sim-nodes-"))
-    with EmbeddedStores(StoreSettings(data_dir=data_dir)) as stores:
+    embedded = EmbeddedStores(StoreSettings(data_dir=data_dir))
+    with embedded as stores:
         base = Settings(stores=stores)
         settings = base.model_copy(update={
             "tasks": [TASK],
@@ -189,7 +214,11 @@ def main() -> None:
             t_start = time.monotonic()
             manager = get_or_create_manager(settings)
             ray.get(manager.ensure_started.remote())
-            cpu = ActorCpu(actor_pids(manager))
+            groups = actor_pids(manager)
+            groups["mongodb"] = [p for p in [embedded.mongo and embedded.mongo.pid] if p]
+            groups["postgresql"] = [p for p in [embedded.postgres and embedded.postgres.pid] if p]
+            groups["nodes"] = [server.pid] if server.pid else []
+            cpu = CpuMeter(groups)
             startup_s = time.monotonic() - t_start
             print(f"loop up in {startup_s:.1f} s; filling {args.nodes} buffers of {args.target}",
                   flush=True)
@@ -199,16 +228,20 @@ def main() -> None:
         finally:
             ray.shutdown()
             server.terminate()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
     rate = fill.relays / fill.wall_s
     need = args.nodes * SEED000_BUFFER / SEED000_TTL_S
-    per_kind = ", ".join(f"{k} {v / fill.wall_s:.2f}" for k, v in fill.cpu_s.items())
+    per_kind = ", ".join(f"{k} {fill.group_cores(k):.2f}" for k in ACTORS)
+    others = ", ".join(f"{k} {fill.group_cores(k):.2f}" for k in fill.cpu_s if k not in ACTORS)
     print(f"\nsim_nodes: {args.nodes} nodes x {TASK}, buffers of {args.target}: "
           f"{'all full' if full else 'NOT full'} in {fill.wall_s:.1f} s "
           f"(+{startup_s:.1f} s start-up)")
-    print(f"  filling: {fill.relays} relays, {rate:.1f} relays/s; actors' CPU "
+    print(f"  filling: {fill.relays} relays, {rate:.1f} relays/s (best 10 s: "
+          f"{fill.peak_relays_s:.1f}/s); actors' CPU "
           f"{fill.cores:.2f} cores ({per_kind}); "
-          f"{1000 * sum(fill.cpu_s.values()) / max(fill.relays, 1):.1f} CPU-ms per relay")
+          f"{1000 * fill.cores * fill.wall_s / max(fill.relays, 1):.1f} CPU-ms per relay")
+    print(f"  outside the actors, cores: {others}")
     print(f"  steady state (full, {idle.wall_s:.0f} s): {idle.relays} relays, actors' CPU "
           f"{idle.cores:.3f} cores")
     from bench_results import report

@@ -45,6 +45,12 @@ from cluster.cli import run_loop
 from cluster.config import Settings
 from cluster.testnode import NodeBehaviour
 
+T0 = time.monotonic()
+
+
+def say(what: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {what}", flush=True)
+
 
 def node_of(actor: Any) -> str:
     return ray.get(actor.__ray_call__.remote(
@@ -61,6 +67,31 @@ def placement(manager: Any) -> dict[str, list[str]]:
     }
 
 
+def manager_on(node_id: str, settings: Settings, attempts: int = 10) -> Any:
+    """The detached Manager, started on ``node_id``.
+
+    Soft affinity, so that it may restart elsewhere once that node is gone; but soft
+    affinity also falls back to another node while the head's scheduler does not see the
+    new node yet, so placement is checked and retried.
+    """
+    for _ in range(attempts):
+        manager = ManagerActor.options(
+            name=MANAGER_NAME, namespace=settings.ray.namespace, lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+        ).remote(settings)
+        if node_of(manager) == node_id:
+            return manager
+        ray.kill(manager, no_restart=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until its name is free again
+            try:
+                ray.get_actor(MANAGER_NAME, namespace=settings.ray.namespace)
+            except ValueError:
+                break
+            time.sleep(0.5)
+    raise AssertionError(f"the Manager never landed on node {node_id}")
+
+
 def run(settings: Settings, tokenizer: Path) -> dict[str, Any]:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False,
@@ -70,22 +101,22 @@ def run(settings: Settings, tokenizer: Path) -> dict[str, Any]:
     servers = []
     try:
         worker = cluster.add_node(num_cpus=2)
+        say("cluster up: head and one worker")
         ray.init(address=cluster.address, namespace=settings.ray.namespace, log_to_driver=False)
         servers, nodes = start_nodes({
             "nl-steady": NodeBehaviour(latency_s=0.1),
             "nl-flaky": NodeBehaviour(latency_s=0.1, error_rate=0.25, seed=11),
         }, tokenizer)
         asyncio.run(register(settings, nodes))
-        manager = ManagerActor.options(
-            name=MANAGER_NAME, namespace=settings.ray.namespace, lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(worker.node_id, soft=True),
-        ).remote(settings)
+        manager = manager_on(worker.node_id, settings)
         ray.get(manager.ensure_started.remote(), timeout=240)
         before = placement(manager)
+        say(f"loop up; worker {worker.node_id}; placement: {before}")
         wait_for_samples(manager, 3, timeout_s=240)
 
         pid = actor_pid(manager)
         t0 = time.monotonic()
+        say("samples flow; removing the worker node")
         cluster.remove_node(worker, allow_graceful=False)
         # Work that can only be done after the loss, however far the rest had got.
         late = node_for("nl-late", servers[0].base_url or "", tokenizer)
@@ -93,9 +124,11 @@ def run(settings: Settings, tokenizer: Path) -> dict[str, Any]:
         # Until the GCS declares the node dead (missed health checks), the old Manager's
         # process may still answer: wait for the new one before asking anything.
         wait_for_restart(manager, pid, timeout_s=300)
+        say("Manager restarted")
         wait_for_samples(manager, 2, timeout_s=240, node_id=late.node_id)
         recovered_s = time.monotonic() - t0
         after = placement(manager)
+        say(f"the late node measured; placement: {after}")
         redriven = ray.get(manager.status.remote(), timeout=60)["redriven"]
 
         t0 = time.monotonic()

@@ -56,6 +56,7 @@ def test_losing_the_worker_node_of_the_loop_loses_nothing(
     output = log_path.read_text()
     tail = "\n".join(output.splitlines()[-40:])
     assert code == 0, f"node-loss script ended with {code}:\n{tail}"
+    print("\n".join(ln for ln in output.splitlines() if ln.startswith("[")))  # its phases
     line = next(ln for ln in reversed(output.splitlines()) if ln.startswith("RESULT "))
     result = json.loads(line.removeprefix("RESULT "))
 

@@ -121,14 +121,31 @@ class ServingApp:
         cached = self.cache.get(key)
         if cached is not None:
             return _json(cached)
+        running = self.cache.running.get(key) if key is not None else None
+        if running is not None:
+            # The same greedy request is being computed (e.g. for a proxy in front of this
+            # node, or another node sharing the model): wait for that answer.
+            shared = await asyncio.shield(running)
+            if shared is not None:
+                return _json(shared)
+        future: asyncio.Future[dict[str, Any] | None] = \
+            asyncio.get_running_loop().create_future()
+        if key is not None:
+            self.cache.running[key] = future
+        answer: dict[str, Any] | None = None
         try:
             # Model compute blocks: a worker thread keeps this node (and the process's other
             # nodes) answering while it runs; each model serialises its own calls.
             answer = await asyncio.to_thread(handler, parsed)
         except ValueError as exc:
             return _json(wire.error_body(str(exc), "invalid_request_error", 400), 400)
+        finally:
+            if key is not None and self.cache.running.get(key) is future:
+                del self.cache.running[key]
+            future.set_result(answer)
         self.cache.put(key, answer)
         return _json(answer)
+
 
 class ProxyApp:
     """Forwards every request to ``target`` and answers with the target's answer."""

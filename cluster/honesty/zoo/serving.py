@@ -14,6 +14,7 @@ A proxy is not a serving: it forwards bytes (:mod:`cluster.honesty.zoo.server`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -51,12 +52,15 @@ def _prompt_text(lm: LocalCausalLM | None, item: str | list[int]) -> str:
 
 
 class AnswerCache:
-    """Answers of temperature-0 requests by canonical request JSON (LRU, thread-safe)."""
+    """Answers of temperature-0 requests by canonical request JSON (LRU, thread-safe), and
+    the requests being computed now (``running``, used on the event loop only), so that
+    identical concurrent requests are computed once."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
+        self.running: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
 
     @staticmethod
     def key(path: str, payload: dict[str, Any]) -> str | None:
@@ -76,8 +80,8 @@ class AnswerCache:
                 self._items.move_to_end(key)
             return json.loads(json.dumps(found)) if found is not None else None
 
-    def put(self, key: str | None, answer: dict[str, Any]) -> None:
-        if key is None or self._size <= 0:
+    def put(self, key: str | None, answer: dict[str, Any] | None) -> None:
+        if key is None or answer is None or self._size <= 0:
             return
         with self._lock:
             self._items[key] = json.loads(json.dumps(answer))
