@@ -29,6 +29,7 @@ BENCHES: dict[str, list[str]] = {
     "requester.py": [],
     "poc.py": [],
     "e2e_vs_lmeval.py": [],
+    "sim_nodes.py": [],
 }
 
 

@@ -254,10 +254,19 @@ class HonestySettings(StrictModel):
     )
     synthetic_min_share: float = Field(default=0.75, ge=0, le=1)
     tie_margin: float = Field(default=0.05, ge=0, description="nats, substitution check")
-    max_mean_abs_logprob_diff: float = Field(default=0.02, gt=0)
+    max_mean_abs_logprob_diff: float = Field(
+        default=0.015, gt=0,
+        description="nats; int8 re-quantization >= 0.033, bf16 <= 0.0065, honest vLLM vs "
+        "transformers ~5e-6 (20 rounds, this machine); 0.002 also flags bf16",
+    )
     max_mean_regret: float = Field(default=0.02, gt=0)
     min_reference_agreement: float = Field(default=0.9, ge=0, le=1)
     min_node_agreement: float = Field(default=0.9, ge=0, le=1)
+    batch_probes: bool = Field(
+        default=True,
+        description="all probes in one request (cheap) or one request each, shaped like "
+        "measuring traffic (a node cannot tell probes by their batch shape)",
+    )
     request_timeout_s: float = Field(default=300.0, gt=0)
     max_traffic_share: float = Field(
         default=0.10, gt=0, le=1,

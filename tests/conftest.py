@@ -64,6 +64,8 @@ def fresh_settings(loaded_stores: StoreSettings) -> Settings:
 def ray_session() -> Iterator[None]:
     import ray
 
+    # A busy 2-core machine can take longer than Ray's default to bring the raylet up.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     if not ray.is_initialized():
         ray.init(num_cpus=4, namespace="testbench", include_dashboard=False,
                  log_to_driver=False)

@@ -1,4 +1,81 @@
-"""Honesty checks (DESIGN §5): signed receipts of streaming jobs, peer authentication.
+"""Honesty checks (DESIGN §5): signed receipts of streaming jobs, peer authentication,
+signatures, identity, synthetic jobs and the model-substitution check.
 
-Domain code only (no Ray): the Serve apps and actors wire these classes in.
+Domain code only (no Ray): the Serve apps, actors and CLI wire these in. The verification
+entry points (imported on first use, so ``cluster.honesty.receipts`` & co. stay light)::
+
+    from cluster.honesty import build_references, run_verification, format_verdicts
+
+    references = build_references(settings.honesty, http)          # claimed model -> reference
+    verdicts = await run_verification(settings.honesty, nodes, references, store=stores.verdicts)
+    print(format_verdicts(verdicts))
+
+See ``cluster/honesty/README.md`` for the rules, the calibrated thresholds and the limits.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.honesty.reference import ServeReference, TransformersReference, TrustedReference
+    from cluster.honesty.traffic import TrafficReport, traffic_report, verification_due
+    from cluster.honesty.verdicts import Outcome, Verdict, format_verdicts
+    from cluster.honesty.verification import (
+        NodeTarget,
+        RoundReport,
+        Verifier,
+        build_references,
+        latest_verdicts,
+        record_verdicts,
+        run_verification,
+        verify_registered_nodes,
+    )
+
+_EXPORTS: dict[str, str] = {
+    "ServeReference": "cluster.honesty.reference",
+    "TransformersReference": "cluster.honesty.reference",
+    "TrustedReference": "cluster.honesty.reference",
+    "TrafficReport": "cluster.honesty.traffic",
+    "traffic_report": "cluster.honesty.traffic",
+    "verification_due": "cluster.honesty.traffic",
+    "Outcome": "cluster.honesty.verdicts",
+    "Verdict": "cluster.honesty.verdicts",
+    "format_verdicts": "cluster.honesty.verdicts",
+    "NodeTarget": "cluster.honesty.verification",
+    "RoundReport": "cluster.honesty.verification",
+    "Verifier": "cluster.honesty.verification",
+    "build_references": "cluster.honesty.verification",
+    "latest_verdicts": "cluster.honesty.verification",
+    "record_verdicts": "cluster.honesty.verification",
+    "run_verification": "cluster.honesty.verification",
+    "verify_registered_nodes": "cluster.honesty.verification",
+}
+
+__all__ = [
+    "NodeTarget",
+    "Outcome",
+    "RoundReport",
+    "ServeReference",
+    "TrafficReport",
+    "TransformersReference",
+    "TrustedReference",
+    "Verdict",
+    "Verifier",
+    "build_references",
+    "format_verdicts",
+    "latest_verdicts",
+    "record_verdicts",
+    "run_verification",
+    "traffic_report",
+    "verification_due",
+    "verify_registered_nodes",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

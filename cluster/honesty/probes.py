@@ -17,6 +17,7 @@ another lazily.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,12 +75,13 @@ def _canary(rng: random.Random) -> str:
         topic=rng.choice(_TOPICS), adj=rng.choice(_ADJECTIVES), noun=rng.choice(_NOUNS))
 
 
-def _distinct(draw: object, rng: random.Random, n: int, taken: set[str]) -> tuple[str, ...]:
+def _distinct(draw: Callable[[random.Random], str], rng: random.Random, n: int,
+              taken: set[str]) -> tuple[str, ...]:
     out: list[str] = []
     for _ in range(n * 50):
         if len(out) == n:
             break
-        prompt = draw(rng)  # type: ignore[operator]
+        prompt = draw(rng)
         if prompt not in taken:
             taken.add(prompt)
             out.append(prompt)
@@ -99,11 +101,9 @@ class ProbeSet:
 
     def prompts(self) -> list[tuple[ProbeKind, int, str]]:
         """Every prompt with its kind and index within the kind."""
-        out: list[tuple[ProbeKind, int, str]] = []
-        for kind, prompts in (("identity", self.identity), ("synthetic", self.synthetic),
-                              ("canary", self.canary)):
-            out.extend((kind, i, p) for i, p in enumerate(prompts))  # type: ignore[misc]
-        return out
+        sets: tuple[tuple[ProbeKind, tuple[str, ...]], ...] = (
+            ("identity", self.identity), ("synthetic", self.synthetic), ("canary", self.canary))
+        return [(kind, i, p) for kind, prompts in sets for i, p in enumerate(prompts)]
 
     def request_order(self) -> list[tuple[ProbeKind, int, str]]:
         """:meth:`prompts` shuffled by the round's seed: the order they are sent in."""

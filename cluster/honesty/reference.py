@@ -23,14 +23,16 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
 from cluster.errors import TestbenchError
 from cluster.honesty import openai_wire as wire
-from cluster.honesty.local_lm import LocalCausalLM
 from cluster.honesty.node_client import NodeClient, NodeUnavailable
+
+if TYPE_CHECKING:  # torch is imported only where a model runs in process
+    from cluster.honesty.local_lm import LocalCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ class TransformersReference:
     @classmethod
     def load(cls, model: str, model_dir: str | Path, threads: int | None = None
              ) -> TransformersReference:
+        from cluster.honesty.local_lm import LocalCausalLM
+
         return cls(model, LocalCausalLM(model_dir, threads=threads))
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -229,9 +233,10 @@ class ServeReference:
             ids, own = align_token_ids(choice.text, choice.tokens, self.encode_continuation)
             lps, tops = choice.token_logprobs, choice.top_logprobs
             if own and lps is not None and len(lps) == len(ids) and None not in lps:
-                scores = tuple(TokenScore(float(lp), max(float(lp), float(top)) if top is not None
-                                          else float(lp))  # type: ignore[arg-type]
-                               for lp, top in zip(lps, tops or [None] * len(lps), strict=True))
+                best = tops if tops is not None else (None,) * len(lps)
+                scores = tuple(TokenScore(lp, lp if top is None else max(lp, top))
+                               for lp, top in zip((float(x or 0.0) for x in lps), best,
+                                                  strict=True))
                 answers.append(ReferenceAnswer(prompt, tuple(prompt_ids), choice.text,
                                                tuple(ids), scores))
             else:

@@ -56,12 +56,14 @@ from cluster.honesty.verdicts import (
     CHECK_SUBSTITUTION,
     CHECK_SYNTHETIC,
     CHECK_TOKENIZER,
+    CHECKS,
+    TRAFFIC_KEY,
     Outcome,
     Traffic,
     Verdict,
 )
 from cluster.schemas import ApiKind, Node
-from cluster.stores.mongo import VerdictStore
+from cluster.stores.mongo import MongoStores, VerdictStore
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +220,24 @@ class Verifier:
             ex.answers = [None] * n
             shares = [0.0] * n
         else:
+            texts = [p for _, _, p in order]
+            model = ex.target.model
             try:
-                body = wire.completion_body(ex.target.model, [p for _, _, p in order],
-                                            max_tokens, seed=seed, logprobs=1)
-                answer, latency = await client.post_json(wire.COMPLETIONS_PATH, body)
-                ex.answers = list(wire.parse_completion(answer, n))
-                ex.generation_latency_s = latency
+                if self.settings.batch_probes:
+                    body = wire.completion_body(model, texts, max_tokens, seed=seed, logprobs=1)
+                    answer, latency = await client.post_json(wire.COMPLETIONS_PATH, body)
+                    ex.answers = list(wire.parse_completion(answer, n))
+                    ex.generation_latency_s = latency
+                else:
+                    # One request per probe, as measuring traffic looks (lm-eval sends one
+                    # prompt per request): a node cannot single the probes out by shape.
+                    answers = await asyncio.gather(*[client.post_json(
+                        wire.COMPLETIONS_PATH,
+                        wire.completion_body(model, [t], max_tokens, seed=seed, logprobs=1))
+                        for t in texts])
+                    ex.answers = [wire.parse_completion(a, 1)[0] for a, _ in answers]
+                    ex.generation_latency_s = sum(lat for _, lat in answers) / n
+                    shares = [1.0] * n
             except (NodeUnavailable, wire.MalformedAnswer) as exc:
                 ex.generation_error = exc
                 ex.answers = [None] * n
@@ -252,11 +266,21 @@ class Verifier:
             return
         client = self._client(ex.target)
         asked = [p + c for p, c in canaries]
-        ex.charge(CHECK_SUBSTITUTION, Traffic(1, sum(len(a) for a in asked), len(asked)))
-        body = wire.completion_body(ex.target.model, asked, 1, seed=seed, logprobs=1, echo=True)
+        model = ex.target.model
+        batched = self.settings.batch_probes
+        ex.charge(CHECK_SUBSTITUTION, Traffic(1 if batched else len(asked),
+                                              sum(len(a) for a in asked), len(asked)))
         try:
-            answer, _ = await client.post_json(wire.COMPLETIONS_PATH, body)
-            choices = wire.parse_completion(answer, len(asked))
+            if batched:
+                body = wire.completion_body(model, asked, 1, seed=seed, logprobs=1, echo=True)
+                answer, _ = await client.post_json(wire.COMPLETIONS_PATH, body)
+                choices = wire.parse_completion(answer, len(asked))
+            else:
+                answers = await asyncio.gather(*[client.post_json(
+                    wire.COMPLETIONS_PATH,
+                    wire.completion_body(model, [a], 1, seed=seed, logprobs=1, echo=True))
+                    for a in asked])
+                choices = [wire.parse_completion(a, 1)[0] for a, _ in answers]
         except (NodeUnavailable, wire.MalformedAnswer) as exc:
             ex.echo_error = exc
             return
@@ -447,8 +471,9 @@ class Verifier:
         problem = self._generation_problem(ex, CHECK_SUBSTITUTION)
         if problem is not None:
             return problem
-        exact = sum(1 for p in canary_pos if ex.answers[p] is not None
-                    and ex.answers[p].text == reference_answers[p].text)  # type: ignore[union-attr]
+        exact = sum(1 for p in canary_pos
+                    if (answer := ex.answers[p]) is not None
+                    and answer.text == reference_answers[p].text)
         stats = substitution_stats([scores[p] for p in canary_pos], reference_scores, ex.echo,
                                    exact, self.settings.tie_margin)
         outcome, reason, evidence = judge_substitution(stats, self.thresholds())
@@ -490,8 +515,7 @@ def build_references(settings: HonestySettings, http: aiohttp.ClientSession, *,
 def _no_reference(target: NodeTarget) -> list[Verdict]:
     reason = f"unknown: no trusted reference for model {target.model!r}"
     return [Verdict(target.node_id, check, Outcome.UNKNOWN, reason, {"model": target.model})
-            for check in (CHECK_TOKENIZER, CHECK_CONFIG, CHECK_IDENTITY, CHECK_SYNTHETIC,
-                          CHECK_SUBSTITUTION)]
+            for check in CHECKS]
 
 
 async def run_verification(
@@ -535,3 +559,38 @@ async def run_verification(
             await session.close()
     order = {t.node_id: i for i, t in enumerate(targets)}
     return sorted(verdicts, key=lambda v: order.get(v.node_id, len(order)))
+
+
+async def verify_registered_nodes(
+    settings: HonestySettings,
+    stores: MongoStores,
+    references: Mapping[str, TrustedReference],
+    *,
+    seed: int | None = None,
+    http: aiohttp.ClientSession | None = None,
+) -> list[Verdict]:
+    """One round over every enabled LLM node of the registry, verdicts written to MongoDB
+    (what ``testbench verify`` runs). Registry order (by id) stands in for registration
+    order until nodes carry their registration time."""
+    nodes = [n for n in await stores.nodes.list(enabled_only=True) if n.kind == "llm"]
+    return await run_verification(settings, nodes, references, http=http, seed=seed,
+                                  store=stores.verdicts)
+
+
+async def latest_verdicts(stores: MongoStores, node_ids: Sequence[str]) -> list[Verdict]:
+    """Each node's newest verdict per check, as :class:`Verdict` (``testbench scores``)."""
+    out: list[Verdict] = []
+    for node_id in node_ids:
+        newest: dict[str, Any] = {}
+        for record in await stores.verdicts.for_node(node_id):  # oldest first
+            if record.check in CHECKS:
+                newest[record.check] = record
+        for check in CHECKS:
+            record = newest.get(check)
+            if record is None:
+                continue
+            evidence = dict(record.evidence)
+            outcome = Outcome(evidence.pop("outcome", record.verdict))
+            traffic = Traffic.from_dict(evidence.pop(TRAFFIC_KEY, None))
+            out.append(Verdict(node_id, check, outcome, record.reason, evidence, traffic))
+    return out

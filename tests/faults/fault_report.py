@@ -23,8 +23,8 @@ FAULTS: dict[str, str] = {
     "postgresql stopped": "the loop's PostgreSQL server stopped ~6 s, restarted on its port",
     "mongodb stopped": "the loop's MongoDB server stopped ~12 s (past the client's 10 s "
                        "server selection), restarted on its port",
-    "worker node lost": "`ray.cluster_utils.Cluster`: the node hosting the Manager and its "
-                        "children removed mid-run",
+    "worker node lost": "`ray.cluster_utils.Cluster` of two nodes: the one hosting the Manager "
+                        "(and the children Ray placed there) removed mid-run, no grace",
     "node hangs": "test node never answers",
     "node drips slowly": "200 headers, then one body byte every 0.25 s",
     "node sends 100 MB": "200 with a 100 MB streamed body (cap 8 MiB)",

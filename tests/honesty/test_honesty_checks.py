@@ -32,6 +32,7 @@ from cluster.honesty.traffic import (
     verification_traffic,
 )
 from cluster.honesty.verdicts import Outcome, Traffic, Verdict, format_verdicts
+from cluster.honesty.zoo import NodeSpec
 from cluster.stores.mongo import MongoStores
 
 REF_TEXTS = ("alpha beta", "gamma delta", "epsilon")
@@ -243,3 +244,17 @@ def test_rounds_are_due_within_the_traffic_budget() -> None:
     assert verification_due(settings, Traffic(), Traffic(), round_cost)  # first round
     assert not verification_due(settings, round_cost, Traffic(40, 5000, 0), round_cost)
     assert verification_due(settings, round_cost, Traffic(80, 10_000, 0), round_cost)
+
+
+def test_zoo_node_specs_name_kind_and_proxy_target() -> None:
+    import argparse
+
+    from cluster.honesty.zoo.__main__ import parse_node
+
+    assert parse_node("honest", 0) == NodeSpec("honest", "honest", 0, None)
+    assert parse_node("reference=honest", 0) == NodeSpec("reference", "honest", 0, None)
+    assert parse_node("proxy@http://h:1/llm", 5) == NodeSpec("proxy", "proxy", 5, "http://h:1/llm")
+    assert parse_node("px=proxy@honest", 0) == NodeSpec("px", "proxy", 0, "honest")
+    for bad in ("nonsense", "proxy", "honest@x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_node(bad, 0)

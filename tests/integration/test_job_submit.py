@@ -86,15 +86,26 @@ def ray_head(tmp_path: Path) -> Iterator[RayHead]:
             time.sleep(1)
         yield RayHead(dashboard_url=url, address=f"127.0.0.1:{gcs}")
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on exit
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its group is left
-        proc.wait()
+        stop_process_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the head's whole process group (``ray start --block`` and the Ray
+    processes it started, all at once), SIGKILL to whatever is left after a grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        proc.poll()  # reap it, or the zombie keeps the group alive
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @pytest.fixture
