@@ -258,3 +258,14 @@ def test_zoo_node_specs_name_kind_and_proxy_target() -> None:
     for bad in ("nonsense", "proxy", "honest@x"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_node(bad, 0)
+
+
+def test_the_demo_zoo_fronts_the_real_node_and_registers_honest_first() -> None:
+    from cluster.honesty.zoo.demo import demo_zoo, zoo_nodes
+
+    assert demo_zoo("/m", honest_url="http://n:1/llm").nodes == [
+        "perturbed", "quantized", "lazy", "random", "proxy@http://n:1/llm"]
+    assert demo_zoo("/m").nodes[0] == "honest" and "proxy@honest" in demo_zoo("/m").nodes
+    nodes = zoo_nodes({"proxy": "http://h:2", "honest": "http://h:1"}, tasks=[])
+    assert [n.node_id for n in nodes] == ["zoo-honest", "zoo-proxy"]
+    assert nodes[0].model == "smollm2" and nodes[1].tasks == []

@@ -29,8 +29,10 @@ def demo_zoo(model_dir: str | Path, *, honest_url: str | None = None,
     return ZooProcess(nodes, model_dir, log_path=log_path)
 
 
-def zoo_nodes(urls: Mapping[str, str], model: str = "smollm2") -> list[Node]:
-    """Registry records of the zoo's nodes (ids ``zoo-<kind>``), honest one first."""
+def zoo_nodes(urls: Mapping[str, str], model: str = "smollm2",
+              tasks: list[str] | None = None) -> list[Node]:
+    """Registry records of the zoo's nodes (ids ``zoo-<kind>``), honest one first.
+    ``tasks``: what the measuring loop runs on them (None = every configured task)."""
     order = sorted(urls, key=lambda name: (name != "honest", name))
     return [Node(node_id=f"{NODE_PREFIX}{name}", url=urls[name], model=model,
-                 api="completions", tasks=None) for name in order]
+                 api="completions", tasks=tasks) for name in order]
