@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -166,14 +167,81 @@ def format_scores(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+async def fetch_honesty(settings: Settings) -> tuple[list[Any], list[Any]]:
+    """Each node's latest verdicts and its verification vs measuring traffic (buffer TTL)."""
+    from cluster.honesty.traffic import traffic_report
+    from cluster.honesty.verification import latest_verdicts
+
+    async def read(mongo: Any) -> tuple[list[Any], list[Any]]:
+        node_ids = [n.node_id for n in await mongo.nodes.list()]
+        verdicts = await latest_verdicts(mongo, node_ids)
+        since = time.time() - settings.manager.sample_ttl_s
+        return verdicts, await traffic_report(mongo, node_ids, since)
+
+    return await _with_mongo(settings, read)
+
+
+def format_traffic(reports: list[Any]) -> str:
+    lines = [f"{'node':<22} {'verify req':>10} {'measure req':>11} {'req share':>9} "
+             f"{'token share':>11}"]
+    for r in reports:
+        if not r.verification.requests:
+            continue
+        req = "-" if r.request_share is None else f"{100 * r.request_share:.1f}%"
+        tok = "-" if r.token_share is None else f"{100 * r.token_share:.1f}%"
+        lines.append(f"{r.node_id:<22} {r.verification.requests:>10} "
+                     f"{r.measuring.requests:>11} {req:>9} {tok:>11}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def cmd_scores(settings: Settings, args: argparse.Namespace) -> int:
+    from cluster.honesty.verdicts import format_verdicts
+
     rows = asyncio.run(fetch_scores(settings))
+    verdicts, traffic = asyncio.run(fetch_honesty(settings))
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    elif not rows:
+        print(json.dumps({"scores": rows,
+                          "verdicts": [dataclasses.asdict(v) for v in verdicts],
+                          "verification_traffic": [t.as_dict() for t in traffic]},
+                         indent=2, default=str))
+        return 0
+    if not rows:
         print("no scores yet: register nodes and `testbench run`")
     else:
         print(format_scores(rows))
+    if verdicts:
+        print("\nhonesty verdicts (latest per check):")
+        print(format_verdicts(verdicts))
+    table = format_traffic(traffic)
+    if table:
+        print("\nverification traffic vs measuring traffic (goal <= 10%):")
+        print(table)
+    return 0
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """One honesty round over every registered LLM node, against the configured references."""
+    import aiohttp
+
+    from cluster.honesty.verdicts import format_verdicts
+    from cluster.honesty.verification import build_references, verify_registered_nodes
+
+    if not settings.honesty.references:
+        _err("no trusted references configured: set honesty.references in the settings "
+             "(claimed model -> {url: <Serve LLM app>, model_dir: <tokenizer/model dir>})")
+        return 2
+
+    async def go(mongo: Any) -> list[Any]:
+        async with aiohttp.ClientSession() as http:
+            refs = build_references(settings.honesty, http)
+            return await verify_registered_nodes(settings.honesty, mongo, refs,
+                                                 seed=args.seed, http=http)
+
+    verdicts = asyncio.run(_with_mongo(settings, go))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(v) for v in verdicts], indent=2, default=str))
+    else:
+        print(format_verdicts(verdicts))
     return 0
 
 
@@ -305,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("scores", help="node x task scores")
     s.add_argument("--json", action="store_true")
 
+    v = sub.add_parser("verify", help="honesty round: signatures, synthetic jobs, substitution")
+    v.add_argument("--seed", type=int, default=None, help="probe seed (default: fresh)")
+    v.add_argument("--json", action="store_true")
+
     m = sub.add_parser("models", help="prepare bundled models")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     mp = msub.add_parser("prepare", help="download and convert a bundled model once")
@@ -326,10 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "up": cmd_up, "datasets": cmd_datasets, "nodes": cmd_nodes, "run": cmd_run,
     "scores": cmd_scores, "models": cmd_models, "demo": cmd_demo, "poc": _cmd_poc,
-    "eval": _cmd_eval,
+    "eval": _cmd_eval, "verify": cmd_verify,
 }
 # Commands that need running stores (started here when nothing is running yet).
-NEEDS_STORES = {"datasets", "nodes", "run", "scores", "poc"}
+NEEDS_STORES = {"datasets", "nodes", "run", "scores", "poc", "verify"}
 
 
 def main(argv: list[str] | None = None) -> None:

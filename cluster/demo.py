@@ -9,6 +9,7 @@ the shipped Serve configs, registers them as nodes, runs the measuring loop unti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -29,6 +30,30 @@ def _demo_settings(settings: Settings, target: int | None) -> Settings:
         "backoff_base_s": 2.0, "backoff_max_s": 10.0, "redrive_after_s": 120.0,
     })
     return settings.model_copy(update={"manager": manager})
+
+
+async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
+    """One honesty round (signatures, synthetic jobs, substitution check) over the honest
+    Serve node and the cheater zoo, against the in-process trusted reference."""
+    import aiohttp
+
+    from cluster.config import ReferenceSettings
+    from cluster.honesty.verdicts import format_verdicts
+    from cluster.honesty.verification import build_references, run_verification
+    from cluster.runtime import StoreConnections
+
+    honesty = settings.honesty.model_copy(update={
+        "references": {nodes[0].model: ReferenceSettings(model_dir=model_dir)}})
+    conns = StoreConnections(settings)
+    try:
+        mongo = await conns.mongo()
+        async with aiohttp.ClientSession() as http:
+            refs = build_references(honesty, http)
+            verdicts = await run_verification(honesty, nodes, refs, http=http,
+                                              store=mongo.verdicts)
+    finally:
+        await conns.close()
+    return format_verdicts(verdicts)
 
 
 async def _register(settings: Settings, nodes: list[Node]) -> None:
@@ -65,6 +90,7 @@ def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1
         print(f"stores: postgres {s.stores.postgres_url}, mongo {s.stores.mongo_url}", flush=True)
         for r in asyncio.run(load_datasets(s)):
             print(f"dataset {r.task}: {r.n_docs} docs ({'loaded' if r.loaded else 'unchanged'})")
+        stack = contextlib.ExitStack()
         try:
             init_ray(s)
             port = start_serve()
@@ -78,15 +104,28 @@ def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1
             apps.append(deploy_diffusion_node(s, port))
             print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
                   f"ready in {apps[-1].start_s:.0f}s", flush=True)
-            asyncio.run(_register(s, [a.node for a in apps]))
+            from cluster.honesty.zoo.demo import demo_zoo, zoo_nodes
+
+            print("starting the cheater zoo (perturbed, int8 re-quantized, lazy, random, "
+                  "proxy of the SmolLM2 node) ...", flush=True)
+            zoo = demo_zoo(model_dir, honest_url=apps[0].node.url)
+            zoo.start()
+            stack.callback(zoo.stop)
+            # tasks=[]: the zoo is for the honesty checks; the loop measures the real nodes
+            cheaters = zoo_nodes(zoo.urls, model=apps[0].node.model, tasks=[])
+            asyncio.run(_register(s, [a.node for a in apps] + cheaters))
             targets = ", ".join(f"{t} {n}" for t, n in s.manager.task_targets.items())
             print(f"measuring until every buffer is full ({targets} samples) ...", flush=True)
             ok = run_loop(s, until_full=True, once=False, timeout_s=timeout_s)
             print()
             print(f"leaderboard after {time.monotonic() - t0:.0f}s:")
             print(format_scores(asyncio.run(fetch_scores(s))))
+            print("\nverifying honesty (the honest node first: it holds the identity) ...",
+                  flush=True)
+            print(asyncio.run(_verify(s, [apps[0].node, *cheaters], model_dir)))
             return 0 if ok else 1
         finally:
+            stack.close()
             import ray
 
             if ray.is_initialized():
