@@ -183,6 +183,8 @@ class _ChildServer:
         self.port = port
         self.start_timeout_s = start_timeout_s
         self._requested_port = port
+        # After a first start on a free port, restarts reuse it: clients keep their URL.
+        self._last_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
         self._log_fh: IO[bytes] | None = None
@@ -249,10 +251,12 @@ class _ChildServer:
             return url
 
     def _launch(self) -> str:
-        attempts = 1 if self._requested_port is not None else 3
+        fixed = self._requested_port if self._requested_port is not None else self._last_port
+        # A free port can be taken by another process before the server binds it: retry.
+        attempts = 1 if fixed is not None else 3
         last_error: EmbeddedServerError | None = None
         for attempt in range(1, attempts + 1):
-            port = self._requested_port if self._requested_port is not None else free_port()
+            port = fixed if fixed is not None else free_port()
             started = time.monotonic()
             self._spawn(port)
             try:
@@ -265,7 +269,7 @@ class _ChildServer:
                     log.warning("embedded.%s.port_taken port=%d attempt=%d", self.kind, port, attempt)
                     continue
                 raise
-            self.port = port
+            self.port = self._last_port = port
             self._url = self._make_url(port)
             log.info(
                 "embedded.%s.started pid=%s port=%d data_dir=%s seconds=%.2f",

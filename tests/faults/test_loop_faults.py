@@ -3,8 +3,8 @@ PostgreSQL and its MongoDB stopped and restarted. After each fault the loop must
 progress again by itself; at the end it must fill every buffer with nothing lost or
 duplicated.
 
-The loop runs on the session's Ray cluster but on a pair of stores of its own (started
-here on fixed ports, so that a restart comes back where the clients look), leaving the
+The loop runs on the session's Ray cluster but on a pair of stores of its own (a restart
+comes back on the same port, where the clients look), leaving the
 session's stores untouched. One loop for all faults: starting a loop (actor processes,
 lm-eval task loading) is the expensive part on a small machine.
 """
@@ -38,7 +38,7 @@ from fault_report import FaultTable
 from actors.remote import get_or_create_manager
 from cluster.cli import load_datasets, run_loop
 from cluster.config import Settings, StoreSettings
-from cluster.embedded import EmbeddedMongo, EmbeddedPostgres, free_port
+from cluster.embedded import EmbeddedMongo, EmbeddedPostgres
 from cluster.schemas import Node
 from cluster.testnode import NodeBehaviour
 
@@ -50,8 +50,10 @@ PROGRESS = 2  # samples that prove the loop moves again
 
 class OwnStores:
     def __init__(self, data_dir: Path) -> None:
-        self.postgres = EmbeddedPostgres(data_dir, port=free_port())
-        self.mongo = EmbeddedMongo(data_dir, port=free_port())
+        # No fixed port: the first start retries past a port taken meanwhile (Ray opens
+        # many); restarts reuse the port, so the loop's URLs stay valid across the fault.
+        self.postgres = EmbeddedPostgres(data_dir)
+        self.mongo = EmbeddedMongo(data_dir)
         self.settings = StoreSettings(data_dir=data_dir, postgres_url=self.postgres.start(),
                                       mongo_url=self.mongo.start(), mongo_database="faults")
 
