@@ -106,15 +106,14 @@ def test_inconsistent_csv_names_the_line(tmp_path: Path) -> None:
 
 
 def test_parquet_rows(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"q": ["a", "b"], "n": [1, 2], "f": [0.5, float("nan")]}), path)
     assert read_rows(path) == [{"q": "a", "n": 1, "f": 0.5}, {"q": "b", "n": 2, "f": None}]
 
 
 def test_corrupt_parquet_is_a_dataset_error(tmp_path: Path) -> None:
-    pytest.importorskip("pyarrow")
     with pytest.raises(DatasetError, match="not a readable parquet file"):
         read_rows(write(tmp_path / "bad.parquet", "not parquet"))
 

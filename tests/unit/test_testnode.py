@@ -22,9 +22,8 @@ from cluster.testnode import NodeBehaviour, TestNode
 from cluster.testnode.model import load_gsm8k_answers, wrong_answer
 
 TOKENIZER = PROJECT_ROOT / ".cache" / "models" / "smollm2"
-needs_tokenizer = pytest.mark.skipif(
-    not (TOKENIZER / "tokenizer.json").is_file(), reason=f"no SmolLM2 tokenizer at {TOKENIZER}"
-)
+# the session fixture prepares the model (tokenizer included) or fails
+needs_tokenizer = pytest.mark.usefixtures("smollm2_dir")
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval gsm8k strict-match
 
 
@@ -42,7 +41,7 @@ def gsm8k_docs(n: int) -> list[dict[str, str]]:
         if path.is_file():
             with path.open() as fh:
                 return [json.loads(line) for _, line in zip(range(n), fh, strict=False)]
-    pytest.skip("no gsm8k data")
+    raise AssertionError("no gsm8k data in datasets/gsm8k")
 
 
 def gsm8k_prompt(docs: list[dict[str, str]], target: dict[str, str]) -> str:
