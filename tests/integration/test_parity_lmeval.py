@@ -18,9 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cluster import full_pass
 from cluster.config import PROJECT_ROOT
 from cluster.errors import ErrorCode
-from cluster.lmeval_adapter import TaskAdapter, load_task_adapter, task_config, task_manager
+from cluster.lmeval_adapter import TaskAdapter, load_task_adapter
 from cluster.schemas import Node, Prompt, Relay, sample_key
 
 pytestmark = pytest.mark.slow
@@ -50,23 +51,8 @@ def _rows(task: str) -> list[dict[str, Any]]:
 def run_lm_eval(
     task: str, url: str, tokenizer: Path, *, limit: int | None, num_fewshot: int | None
 ) -> dict[str, Any]:
-    from lm_eval import simple_evaluate
-
-    model_args = (
-        f"base_url={url}/v1/completions,model={MODEL},tokenizer={tokenizer},"
-        f"tokenizer_backend=huggingface,num_concurrent={CONCURRENCY},max_retries=1"
-    )
-    results = simple_evaluate(
-        model="local-completions",
-        model_args=model_args,
-        tasks=[task_config(task, DATASETS)],
-        task_manager=task_manager(DATASETS),
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=True,
-    )
-    assert results is not None
-    return results
+    return full_pass.run_lm_eval(task, url, MODEL, tokenizer, DATASETS, limit=limit,
+                                 num_fewshot=num_fewshot, concurrency=CONCURRENCY)
 
 
 async def _post_all(url: str, prompts: list[Prompt]) -> list[Relay]:
@@ -113,20 +99,10 @@ def run_adapter(adapter: TaskAdapter, url: str, doc_ids: list[int]) -> dict[int,
     return {d: adapter.score(d, rows[d], by_doc[d]) for d in doc_ids}
 
 
-def lm_eval_doc_metrics(results: dict[str, Any], task: str) -> dict[int, dict[str, float]]:
-    per_doc: dict[int, dict[str, float]] = {}
-    for sample in results["samples"][task]:
-        for metric in sample["metrics"]:
-            per_doc.setdefault(sample["doc_id"], {})[f"{metric},{sample['filter']}"] = float(
-                sample[metric]
-            )
-    return per_doc
-
-
 def assert_parity(
     adapter: TaskAdapter, results: dict[str, Any], ours: dict[int, dict[str, float]]
 ) -> None:
-    theirs = lm_eval_doc_metrics(results, adapter.name)
+    theirs = full_pass.lm_eval_doc_metrics(results, adapter.name)
     assert sorted(theirs) == sorted(ours)
     mismatched = {d: (ours[d], theirs[d]) for d in theirs if ours[d] != theirs[d]}
     assert not mismatched, f"{len(mismatched)} docs differ, e.g. {list(mismatched.items())[:3]}"
