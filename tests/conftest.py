@@ -70,3 +70,17 @@ def ray_session() -> Iterator[None]:
         ray.init(num_cpus=4, namespace="testbench", include_dashboard=False,
                  log_to_driver=False)
     yield
+
+
+@pytest.fixture(scope="session")
+def serve_http_port(ray_session: None) -> Iterator[int]:
+    """The session's Serve HTTP port (started on a free port unless Serve already runs)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from cluster.local_nodes import start_serve
+
+    started = _get_global_client(raise_if_no_controller_running=False) is None
+    yield start_serve()
+    if started:
+        serve.shutdown()

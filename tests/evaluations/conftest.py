@@ -9,7 +9,6 @@ port unless it already runs. Two test nodes answer: ``fast`` and ``slow`` (0.25 
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ import httpx
 import pytest
 from eval_app import TENANTS, EvalApp
 from ray import serve
-from ray.serve.context import _get_global_client
 
 from cluster.config import EvaluationSettings, Settings, StoreSettings
 from cluster.testnode import NodeBehaviour, TestNode
@@ -30,22 +28,9 @@ APP_NAME = "evaluations"
 FUZZ_APP_NAME = "evaluations-fuzz"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
-def eval_serve_port(ray_session: None) -> Iterator[int]:
-    client = _get_global_client(raise_if_no_controller_running=False)
-    started = client is None
-    if started:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        client = _get_global_client()
-    yield int(client.http_config.port)
-    if started:
-        serve.shutdown()
+def eval_serve_port(serve_http_port: int) -> int:
+    return serve_http_port
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ other apps tested here. Serve is started on a free port unless it already runs.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,31 +17,12 @@ import httpx
 import pytest
 from llm_node_under_test import APP_NAME, MODEL_ID, LLMNode, node_config
 from ray import serve
-from ray.serve.context import _get_global_client
 
 from serve_apps.llm import build_llm_node_app
 
 log = logging.getLogger(__name__)
 
 ROUTE_PREFIX = f"/{APP_NAME}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def serve_http_port(ray_session: None) -> Iterator[int]:
-    client = _get_global_client(raise_if_no_controller_running=False)
-    started = client is None
-    if started:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
-        client = _get_global_client()
-    yield int(client.http_config.port)
-    if started:
-        serve.shutdown()
 
 
 @pytest.fixture(scope="session")
