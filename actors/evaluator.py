@@ -73,13 +73,17 @@ class Evaluator:
                 f"#{r.request_index}: {r.error}" for r in relays if r.error_code != ErrorCode.OK
             )
             return Sample(error_code=code, error=errors[:2000], **base)
+        ordered = sorted(relays, key=lambda r: r.request_index)
+        evidence: dict[str, str] = {}
         try:
-            metrics = adapter.score(doc_id, doc, sorted(relays, key=lambda r: r.request_index))
+            metrics = adapter.score(doc_id, doc, ordered)
+            if hasattr(adapter, "evidence"):
+                evidence = adapter.evidence(doc_id, doc, ordered)
         except EvaluationError as exc:
             return Sample(error_code=ErrorCode.EVALUATION, error=str(exc)[:2000], **base)
         except NodeError as exc:  # e.g. an image that does not decode: the node's answer is bad
             return Sample(error_code=ErrorCode.NODE, error=str(exc)[:2000], **base)
-        return Sample(error_code=ErrorCode.OK, metrics=metrics, **base)
+        return Sample(error_code=ErrorCode.OK, metrics=metrics, evidence=evidence, **base)
 
     async def score(self, relays: list[Relay], node: Node) -> ScoreSamples:
         if not relays:

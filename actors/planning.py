@@ -61,7 +61,8 @@ class PlanLimits:
     max_in_flight: int
     sample_ttl_s: float
     node_budget_per_hour: int
-    # task -> tasks whose buffers must be full for that node before it is planned
+    # task -> tasks whose buffers must be full for that node before it is planned (a
+    # prerequisite the node is not measured on is ignored)
     dependencies: Mapping[str, Sequence[str]] = field(default_factory=dict)
     # task -> its own buffer size where it differs from target_samples
     task_targets: Mapping[str, int] = field(default_factory=dict)
@@ -114,6 +115,10 @@ def plan_samples(
                     full = {}
                 blocked = False
                 for dep in required:
+                    if dep not in tasks:
+                        # the node is not measured on it (its registration or the config
+                        # leaves it out): nothing to wait for
+                        continue
                     ok = full.get(dep)
                     if ok is None:
                         dep_state = states.get((node_id, dep), empty)

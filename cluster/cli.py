@@ -181,6 +181,38 @@ async def fetch_honesty(settings: Settings) -> tuple[list[Any], list[Any]]:
     return await _with_mongo(settings, read)
 
 
+async def fetch_signature_findings(settings: Settings) -> dict[str, Any]:
+    """Seed 000's grouping rule over the loop's signature samples (buffer TTL window)."""
+    from cluster.signature_task import loop_identity_findings, signature_task_config
+
+    tasks = [t for t in settings.tasks
+             if signature_task_config(t, Path(settings.datasets_dir)) is not None]
+    if not tasks:
+        return {}
+
+    async def read(mongo: Any) -> dict[str, Any]:
+        nodes = await mongo.nodes.list()
+        since = time.time() - settings.manager.sample_ttl_s
+        rows = await mongo.db["samples"].find(
+            {"task": {"$in": tasks}, "created_at": {"$gt": since}},
+            {"node_id": 1, "doc_id": 1, "error_code": 1, "evidence": 1}).to_list(None)
+        # nodes are listed in registration order, as the verification round ranks them
+        seniority = {n.node_id: float(i) for i, n in enumerate(nodes)}
+        return loop_identity_findings(
+            rows, nodes, operators=settings.honesty.operators, seniority=seniority,
+            threshold=settings.honesty.identity_match_share)
+
+    return await _with_mongo(settings, read)
+
+
+def format_signature_findings(findings: dict[str, Any]) -> str:
+    lines = [f"{'node':<22} {'outcome':<8} reason"]
+    for node_id in sorted(findings):
+        f = findings[node_id]
+        lines.append(f"{node_id:<22} {f.outcome.value:<8} {f.reason}")
+    return "\n".join(lines)
+
+
 def format_traffic(reports: list[Any]) -> str:
     lines = [f"{'node':<22} {'verify req':>10} {'measure req':>11} {'req share':>9} "
              f"{'token share':>11}"]
@@ -199,9 +231,12 @@ def cmd_scores(settings: Settings, args: argparse.Namespace) -> int:
 
     rows = asyncio.run(fetch_scores(settings))
     verdicts, traffic = asyncio.run(fetch_honesty(settings))
+    signatures = asyncio.run(fetch_signature_findings(settings))
     if args.json:
         print(json.dumps({"scores": rows,
                           "verdicts": [dataclasses.asdict(v) for v in verdicts],
+                          "signature_identity": {k: dataclasses.asdict(v)
+                                                 for k, v in signatures.items()},
                           "verification_traffic": [t.as_dict() for t in traffic]},
                          indent=2, default=str))
         return 0
@@ -209,6 +244,9 @@ def cmd_scores(settings: Settings, args: argparse.Namespace) -> int:
         print("no scores yet: register nodes and `testbench run`")
     else:
         print(format_scores(rows))
+    if signatures:
+        print("\nidentity signatures from the loop (bit-identical answers + logprobs = one backend):")
+        print(format_signature_findings(signatures))
     if verdicts:
         print("\nhonesty verdicts (latest per check):")
         print(format_verdicts(verdicts))

@@ -74,11 +74,15 @@ class ManagerSettings(StrictModel):
         default=120.0, ge=0, description="re-drive prompts pending longer than this"
     )
     task_dependencies: dict[str, list[str]] = Field(
-        default_factory=dict, description="task -> tasks whose buffers must be full first"
+        # a node is fingerprinted (identity signature) before benchmark traffic is spent on it
+        default_factory=lambda: {"gsm8k": ["signature"], "openbookqa": ["signature"]},
+        description="task -> tasks whose buffers must be full first",
     )
     node_refresh_s: float = Field(default=10.0, ge=0, description="re-read the node registry")
     task_targets: dict[str, int] = Field(
-        default_factory=dict, description="task -> buffer size where it differs from target_samples"
+        # the signature task's 16 docs, all of them: nodes are compared doc by doc
+        default_factory=lambda: {"signature": 16},
+        description="task -> buffer size where it differs from target_samples",
     )
 
     @model_validator(mode="after")
@@ -286,7 +290,7 @@ class Settings(StrictModel):
     honesty: HonestySettings = Field(default_factory=HonestySettings)
     datasets_dir: Path = PROJECT_ROOT / "datasets"
     cache_dir: Path = PROJECT_ROOT / ".cache"
-    tasks: list[str] = Field(default_factory=lambda: ["gsm8k", "openbookqa"])
+    tasks: list[str] = Field(default_factory=lambda: ["signature", "gsm8k", "openbookqa"])
     # what diffusion nodes (kind: diffusion) are measured on
     diffusion_tasks: list[str] = Field(default_factory=lambda: ["diffusion_repro"])
 

@@ -21,10 +21,13 @@ from cluster.schemas import Node
 # Buffer sizes that finish in minutes on a 2-core machine (gsm8k generates up to 256
 # tokens per doc; openbookqa is 4 short loglikelihood requests; an image is ~0.2 s).
 DEMO_TARGETS = {"openbookqa": 40, "gsm8k": 10, "diffusion_repro": 10}
+# the identity signature: all of its docs, first (benchmark tasks depend on it)
+SIGNATURE_TARGET = {"signature": 16}
 
 
 def _demo_settings(settings: Settings, target: int | None) -> Settings:
-    targets = {task: target for task in DEMO_TARGETS} if target else dict(DEMO_TARGETS)
+    targets = ({task: target for task in DEMO_TARGETS} if target else dict(DEMO_TARGETS)) \
+        | SIGNATURE_TARGET
     manager = settings.manager.model_copy(update={
         "target_samples": max(targets.values()), "task_targets": targets, "tick_s": 1.0,
         "backoff_base_s": 2.0, "backoff_max_s": 10.0, "redrive_after_s": 120.0,

@@ -113,6 +113,8 @@ class Sample(Record):
     epoch: int
     error_code: ErrorCode
     metrics: dict[str, float] = Field(default_factory=dict)
+    # what a check needs beside the numbers (the signature task's answer hashes)
+    evidence: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
     latency_s: float | None = None
     created_at: float

@@ -2,7 +2,8 @@
 
 lm-eval tasks (``datasets/<task>/<task>.yaml`` with ``task:``) go through
 :mod:`cluster.lmeval_adapter`; testbench's diffusion tasks (``kind: diffusion``) through
-:mod:`cluster.diffusion_task`. Both expose ``build_prompts``, ``score``, ``aggregate``,
+:mod:`cluster.diffusion_task`, its identity signature task (``kind: signature``) through
+:mod:`cluster.signature_task`. Both expose ``build_prompts``, ``score``, ``aggregate``,
 ``metric_names`` and ``eval_split``, which is all the Sampler and Evaluator use.
 """
 
@@ -16,19 +17,26 @@ from cluster.diffusion_task import DiffusionTaskAdapter, diffusion_task_config
 from cluster.errors import TaskError
 from cluster.lmeval_adapter import load_task_adapter
 from cluster.schemas import Node
+from cluster.signature_task import SignatureTaskAdapter, signature_task_config
 
 _lock = threading.Lock()
 _diffusion: dict[tuple[str, Path, str], DiffusionTaskAdapter] = {}
 
 
 def task_kind(name: str, datasets_dir: Path) -> str:
-    """``"diffusion"`` for testbench's diffusion tasks, ``"llm"`` for lm-eval tasks."""
+    """``"diffusion"`` for testbench's diffusion tasks, ``"llm"`` for the tasks of LLM nodes
+    (lm-eval's, and the signature task)."""
     return "diffusion" if diffusion_task_config(name, datasets_dir) is not None else "llm"
 
 
 def load_adapter(name: str, datasets_dir: Path, node: Node) -> Any:
     """The adapter measuring task ``name`` on ``node`` (cached)."""
     root = Path(datasets_dir).resolve()
+    signature = signature_task_config(name, root)
+    if signature is not None:
+        if node.kind == "diffusion":
+            raise TaskError(f"task {name!r} is an LLM task; node {node.node_id} is a diffusion node")
+        return SignatureTaskAdapter(signature, node.model, node.api)
     config = diffusion_task_config(name, root)
     if config is None:
         if node.kind == "diffusion":

@@ -20,9 +20,10 @@ import pytest
 import ray
 
 from actors.remote import MANAGER_NAME
-from cluster.cli import run_loop
+from cluster.cli import fetch_signature_findings, run_loop
 from cluster.config import Settings
 from cluster.errors import ErrorCode
+from cluster.honesty.verdicts import Outcome
 from cluster.runtime import StoreConnections
 from cluster.schemas import Node
 from cluster.testnode import NodeBehaviour, TestNode
@@ -115,6 +116,31 @@ def _check_no_loss_no_duplicates(data: dict[str, Any]) -> None:
     assert max(per_doc.values()) == 1, "a (node, task, doc) was sampled twice in the window"
 
 
+def _check_signatures_first(settings: Settings, data: dict[str, Any]) -> None:
+    """Benchmark tasks depend on the identity signature (the default dependency rule): no
+    benchmark sample of a node exists before its signature buffer was full; signature samples
+    carry their answer hashes, and `testbench scores` groups identical backends."""
+    assert settings.tasks[0] == "signature"
+    target = settings.manager.task_targets["signature"]
+    for node in BEHAVIOURS:
+        mine = [s for s in data["samples"] if s["node_id"] == f"node-{node}"]
+        sig = sorted(s["created_at"] for s in mine if s["task"] == "signature")
+        bench = [s["created_at"] for s in mine if s["task"] != "signature"]
+        assert len(sig) >= target and bench
+        assert min(bench) > sig[target - 1], f"node-{node} was benchmarked before its signature"
+        ok = [s for s in mine if s["task"] == "signature" and s["error_code"] == ErrorCode.OK]
+        assert ok and all(len(s["evidence"]["trace_sha256"]) == 64 for s in ok)
+    # node-correct and node-faulty run one deterministic program in one mode: bit-identical
+    # answers and logprobs, i.e. one backend under two names (the first registered holds the
+    # identity); node-wrong's mode reports other logprobs: a backend of its own
+    findings = asyncio.run(fetch_signature_findings(settings))
+    assert findings["node-correct"].outcome == Outcome.PASS
+    assert findings["node-faulty"].outcome == Outcome.FAIL, findings["node-faulty"]
+    assert findings["node-faulty"].evidence["duplicate_of"] == "node-correct"
+    assert findings["node-wrong"].outcome == Outcome.PASS
+    assert findings["node-wrong"].reason == "unique identity"
+
+
 def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> None:
     t0 = time.monotonic()
     assert run_loop(loop_env, until_full=True, once=False, timeout_s=400)
@@ -135,4 +161,5 @@ def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> N
               and s["error_code"] == ErrorCode.NODE]
     assert failed and all(s["error"] for s in failed), "node failures carry their reason"
     _check_no_loss_no_duplicates(data)
+    _check_signatures_first(loop_env, data)
     print(f"loop filled {len(buffers)} buffers of {TARGET} in {elapsed:.1f}s")

@@ -12,7 +12,8 @@ def test_defaults_follow_the_seed_figures() -> None:
     assert s.manager.sample_ttl_s == 5 * 24 * 3600
     assert s.manager.max_in_flight == 10
     assert s.requester.sla.per_output_token_s == 0.336
-    assert s.tasks == ["gsm8k", "openbookqa"]
+    assert s.tasks == ["signature", "gsm8k", "openbookqa"]
+    assert s.manager.task_dependencies == {"gsm8k": ["signature"], "openbookqa": ["signature"]}
 
 
 def test_yaml_then_env_overrides(tmp_path: Path) -> None:

@@ -66,6 +66,11 @@ def test_dependencies_gate_a_task_until_its_prerequisite_is_full() -> None:
     assert plan == [PlanItem("a", "bench", 10)]
 
 
+def test_a_prerequisite_the_node_is_not_measured_on_does_not_block() -> None:
+    lim = limits(dependencies={"bench": ["signature"]})
+    assert plan_samples([("a", ["bench"])], {}, {}, lim, NOW) == [PlanItem("a", "bench", 10)]
+
+
 def test_node_budget_caps_docs_per_hour_and_resets() -> None:
     budgets = {"a": NodeBudget(window_start=NOW)}
     lim = limits(node_budget_per_hour=15)
