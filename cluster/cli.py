@@ -183,26 +183,9 @@ async def fetch_honesty(settings: Settings) -> tuple[list[Any], list[Any]]:
 
 async def fetch_signature_findings(settings: Settings) -> dict[str, Any]:
     """Seed 000's grouping rule over the loop's signature samples (buffer TTL window)."""
-    from cluster.signature_task import loop_identity_findings, signature_task_config
+    from cluster.signature_task import read_signature_findings
 
-    tasks = [t for t in settings.tasks
-             if signature_task_config(t, Path(settings.datasets_dir)) is not None]
-    if not tasks:
-        return {}
-
-    async def read(mongo: Any) -> dict[str, Any]:
-        nodes = await mongo.nodes.list()
-        since = time.time() - settings.manager.sample_ttl_s
-        rows = await mongo.db["samples"].find(
-            {"task": {"$in": tasks}, "created_at": {"$gt": since}},
-            {"node_id": 1, "doc_id": 1, "error_code": 1, "evidence": 1}).to_list(None)
-        # nodes are listed in registration order, as the verification round ranks them
-        seniority = {n.node_id: float(i) for i, n in enumerate(nodes)}
-        return loop_identity_findings(
-            rows, nodes, operators=settings.honesty.operators, seniority=seniority,
-            threshold=settings.honesty.identity_match_share)
-
-    return await _with_mongo(settings, read)
+    return await _with_mongo(settings, lambda m: read_signature_findings(settings, m))
 
 
 def format_signature_findings(findings: dict[str, Any]) -> str:
@@ -281,6 +264,42 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print(format_verdicts(verdicts))
     return 0
+
+
+# ---- organic jobs -------------------------------------------------------------------------
+def cmd_job(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a user's request on a chosen node (or any trusted node claiming a model); list jobs."""
+    from cluster.organic import OrganicJobs, OrganicRequest, format_job
+
+    if args.job_cmd == "list":
+        docs = asyncio.run(_with_mongo(
+            settings, lambda m: OrganicJobs(settings, m).list(args.limit, args.user)))
+        if args.json:
+            print(json.dumps(docs, indent=2, default=str))
+        elif not docs:
+            print("no organic jobs yet: `testbench job run --model NAME PROMPT`")
+        else:
+            print("\n".join(format_job(d) for d in docs))
+        return 0
+    try:
+        request = OrganicRequest(
+            node_id=args.node, model=args.model, prompt=args.prompt, api=args.api,
+            max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+            user=args.user)
+    except ValidationError as exc:
+        _err(f"invalid job: {'; '.join(e['msg'] for e in exc.errors(include_url=False))}")
+        return 2
+    result = asyncio.run(_with_mongo(settings, lambda m: OrganicJobs(settings, m).run(request)))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    elif result.ok:
+        print(f"# job {result.job_id} on {result.node_id} ({result.model}) "
+              f"in {result.latency_s:.2f}s")
+        print(result.answer)
+    else:
+        tried = ", ".join(f"{a.node_id}: {a.error_code.name}" for a in result.attempts)
+        _err(f"job {result.job_id} failed ({tried}): {result.error}")
+    return 0 if result.ok else 1
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -415,6 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=None, help="probe seed (default: fresh)")
     v.add_argument("--json", action="store_true")
 
+    j = sub.add_parser("job", help="organic jobs: run your request on a node, list past jobs")
+    jsub = j.add_subparsers(dest="job_cmd", required=True)
+    jr = jsub.add_parser("run", help="run a prompt on a chosen node or any node of a model")
+    target = jr.add_mutually_exclusive_group(required=True)
+    target.add_argument("--node", help="this node")
+    target.add_argument("--model", help="any trusted node claiming this model (fastest first)")
+    jr.add_argument("prompt")
+    jr.add_argument("--api", choices=["chat-completions", "completions"], default=None,
+                    help="default: the node's own API")
+    jr.add_argument("--max-tokens", type=int, default=256)
+    jr.add_argument("--temperature", type=float, default=0.0)
+    jr.add_argument("--seed", type=int, default=None)
+    jr.add_argument("--user", default="cli", help="who asked (recorded with the job)")
+    jr.add_argument("--json", action="store_true")
+    jl = jsub.add_parser("list", help="recorded jobs, newest first")
+    jl.add_argument("--limit", type=int, default=20)
+    jl.add_argument("--user", default=None)
+    jl.add_argument("--json", action="store_true")
+
     m = sub.add_parser("models", help="prepare bundled models")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     mp = msub.add_parser("prepare", help="download and convert a bundled model once")
@@ -436,10 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "up": cmd_up, "datasets": cmd_datasets, "nodes": cmd_nodes, "run": cmd_run,
     "scores": cmd_scores, "models": cmd_models, "demo": cmd_demo, "poc": _cmd_poc,
-    "eval": _cmd_eval, "verify": cmd_verify,
+    "eval": _cmd_eval, "verify": cmd_verify, "job": cmd_job,
 }
 # Commands that need running stores (started here when nothing is running yet).
-NEEDS_STORES = {"datasets", "nodes", "run", "scores", "poc", "verify"}
+NEEDS_STORES = {"datasets", "nodes", "run", "scores", "poc", "verify", "job"}
 
 
 def main(argv: list[str] | None = None) -> None:

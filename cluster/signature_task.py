@@ -24,6 +24,7 @@ import copy
 import math
 import random
 import statistics
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -246,6 +247,26 @@ def loop_identity_findings(
                 findings[member.node_id] = IdentityFinding(member.node_id, outcome, reason,
                                                            evidence)
     return findings
+
+
+async def read_signature_findings(settings: Any, mongo: Any) -> dict[str, IdentityFinding]:
+    """:func:`loop_identity_findings` over the signature samples of the buffer TTL window.
+
+    ``settings`` is :class:`cluster.config.Settings`; ``mongo`` is
+    :class:`cluster.stores.mongo.MongoStores`. Nodes rank by registration order."""
+    tasks = [t for t in settings.tasks
+             if signature_task_config(t, Path(settings.datasets_dir)) is not None]
+    if not tasks:
+        return {}
+    nodes = await mongo.nodes.list()
+    since = time.time() - settings.manager.sample_ttl_s
+    rows = await mongo.db["samples"].find(
+        {"task": {"$in": tasks}, "created_at": {"$gt": since}},
+        {"node_id": 1, "doc_id": 1, "error_code": 1, "evidence": 1}).to_list(None)
+    return loop_identity_findings(
+        rows, nodes, operators=settings.honesty.operators,
+        seniority={n.node_id: float(i) for i, n in enumerate(nodes)},
+        threshold=settings.honesty.identity_match_share)
 
 
 def _find(parent: dict[str, str], x: str) -> str:
