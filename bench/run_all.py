@@ -6,6 +6,8 @@ the anchor it was measured against in the same run, the ratio and the goal. A be
 fails is listed as failed; the others still run.
 
     .venv/bin/python bench/run_all.py [--only manager_plan.py poc.py]
+
+``--only`` re-runs some benches and keeps the other rows of the existing RESULTS.md.
 """
 
 from __future__ import annotations
@@ -53,15 +55,31 @@ def run(label: str, args: list[str]) -> tuple[int, list[dict], float]:
     return code, results, time.monotonic() - started
 
 
+def _kept_rows(ran: set[str]) -> list[str]:
+    """Rows of the existing RESULTS.md for benches not run this time (``--only``)."""
+    path = BENCH / "RESULTS.md"
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `"):
+            label = line.split("`")[1]
+            if label in BENCHES and label not in ran:
+                kept.append(line)
+    return kept
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", help="bench labels to run (default: all)")
     args = ap.parse_args()
     rows: list[str] = []
     failed = []
+    ran: set[str] = set()
     for label, extra in BENCHES.items():
         if args.only and label not in args.only and label.split()[0] not in args.only:
             continue
+        ran.add(label)
         print(f"\n===== {label}", flush=True)
         code, results, wall = run(label, extra)
         if code != 0 or not results:
@@ -80,6 +98,8 @@ def main() -> int:
         "| bench | figure | result | anchor | ratio | goal | met |",
         "|---|---|---|---|---|---|---|",
     ]
+    if args.only:
+        rows = _kept_rows(ran) + rows
     (BENCH / "RESULTS.md").write_text("\n".join(header + rows) + "\n", encoding="utf-8")
     print("\n".join(["", *header[4:], *rows]))
     return 1 if failed else 0
