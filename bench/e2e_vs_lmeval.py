@@ -7,9 +7,9 @@ concurrency, in one run:
 - ``lm-eval``: lm-eval 0.4.13 ``simple_evaluate(model="local-completions")`` with the
   project's task YAML (batch_size 1: one request per choice), wall time of the call;
 - ``testbench``: a full pass with the measuring loop's parts (task adapter → Requester →
-  scoring), one request per choice, exactly lm-eval's bodies;
-- ``testbench batched``: the same, with a doc's choices sent as one batched body
-  (``RequestSettings.batch_doc_requests``; lm-eval's own batching format).
+  scoring) at their defaults: a doc's choices sent as one batched body
+  (``RequestSettings.batch_doc_requests``; lm-eval's own batching format);
+- ``testbench 1 req/choice``: the same with one request per choice, exactly lm-eval's bodies.
 
 It prints each wall time, the ratio to lm-eval's, and how many docs' metrics agree with
 lm-eval's. Goal (#3): testbench ≤ 0.8× lm-eval's wall time.
@@ -76,10 +76,10 @@ def main() -> int:
         n = len(rows) if args.limit is None else min(args.limit, len(rows))
         docs = {i: rows[i] for i in range(n)}
         req = RequestSettings(num_fewshot=args.num_fewshot)
-        plain = load_task_adapter(args.task, DATASETS, str(model_dir), "completions",
-                                  node.model, req)
         batched = load_task_adapter(args.task, DATASETS, str(model_dir), "completions",
-                                    node.model, req.model_copy(update={"batch_doc_requests": True}))
+                                    node.model, req)
+        plain = load_task_adapter(args.task, DATASETS, str(model_dir), "completions",
+                                  node.model, req.model_copy(update={"batch_doc_requests": False}))
         # warm-up: the engine's first requests pay for lazy initialisation
         asyncio.run(run_pass(plain, node, {i: rows[i] for i in range(8)}, concurrency=8))
 
@@ -91,7 +91,7 @@ def main() -> int:
         theirs = lm_eval_doc_metrics(results, args.task)
 
         runs = {}
-        for label, adapter in (("testbench", plain), ("testbench batched", batched)):
+        for label, adapter in (("testbench", batched), ("testbench 1 req/choice", plain)):
             runs[label] = asyncio.run(run_pass(adapter, node, docs, concurrency=args.concurrency))
 
         print()

@@ -97,7 +97,9 @@ class EvaluationRunner:
     def _adapter(self, spec: EvaluationSpec, task: str) -> TaskAdapter:
         return load_task_adapter(
             task, self._settings.datasets_dir, spec.tokenizer, spec.api, spec.model,
-            RequestSettings(num_fewshot=spec.num_fewshot),
+            # one request per instance: the run's lm-eval `samples` records are rebuilt
+            # per request (scoring._answered_instances), as lm-eval logs them
+            RequestSettings(num_fewshot=spec.num_fewshot, batch_doc_requests=False),
         )
 
     async def run(self, run: EvaluationRun, reporter: RunReporter) -> dict[str, Any]:

@@ -248,7 +248,12 @@ def gsm8k(smollm2_dir: Path) -> TaskAdapter:
 
 @pytest.fixture(scope="module")
 def openbookqa(smollm2_dir: Path) -> TaskAdapter:
-    return load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions", MODEL)
+    """One request per choice: lm-eval's own bodies at batch_size 1 (the loop's default
+    batches a doc's choices; see the batched test below)."""
+    from cluster.lmeval_adapter import RequestSettings
+
+    return load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions", MODEL,
+                             RequestSettings(batch_doc_requests=False))
 
 
 @pytest.fixture
@@ -509,6 +514,9 @@ def test_batched_doc_requests_score_exactly_like_one_request_per_choice(
 
     batched = load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions", MODEL,
                                 RequestSettings(batch_doc_requests=True))
+    # batched is the default
+    assert load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions",
+                             MODEL) is batched
     rows = _rows("openbookqa")
     for doc_id in range(20):
         key = sample_key(NODE.node_id, "openbookqa", doc_id, 0)
