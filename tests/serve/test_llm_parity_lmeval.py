@@ -2,7 +2,8 @@
 
 lm-eval 0.4.13's ``local-completions`` and testbench's full pass (the task adapter builds the
 requests, the loop's Requester sends them, the adapter scores them) run against the same
-vLLM node on all 500 openbookqa docs, at the same concurrency. Per-doc metrics must be
+vLLM node on all 500 openbookqa docs, at the same concurrency and batch size (4 prompts
+per request). Per-doc metrics must be
 identical, and the aggregate is what the anchor run on this machine gave.
 """
 
@@ -36,8 +37,11 @@ def test_openbookqa_500_docs_on_the_serve_node_score_exactly_as_lm_eval(
 ) -> None:
     task = "openbookqa"
     adapter = load_task_adapter(task, DATASETS, str(smollm2_dir), "completions", llm_node.model_id)
+    # lm-eval batches too (its own local-completions option, prompt lists of 4 requests),
+    # as testbench sends a doc's 4 choices in one body: the test's biggest cost is the
+    # node's work, and both clients then send the node 500 requests instead of 2000
     results = run_lm_eval(task, llm_node.url, llm_node.model_id, smollm2_dir, DATASETS,
-                          concurrency=CONCURRENCY)
+                          concurrency=CONCURRENCY, extra_model_args="batch_size=4")
     theirs = lm_eval_doc_metrics(results, task)
 
     rows = read_rows(DATASETS, task)
