@@ -167,18 +167,21 @@ def format_scores(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def fetch_honesty(settings: Settings) -> tuple[list[Any], list[Any]]:
-    """Each node's latest verdicts and its verification vs measuring traffic (buffer TTL)."""
+async def read_honesty(settings: Settings, mongo: Any) -> dict[str, Any]:
+    """Each node's latest verdicts, the loop's identity findings and its verification vs
+    measuring traffic (buffer TTL window), from one registry read."""
     from cluster.honesty.traffic import traffic_report
     from cluster.honesty.verification import latest_verdicts
+    from cluster.signature_task import read_signature_findings
 
-    async def read(mongo: Any) -> tuple[list[Any], list[Any]]:
-        node_ids = [n.node_id for n in await mongo.nodes.list()]
-        verdicts = await latest_verdicts(mongo, node_ids)
-        since = time.time() - settings.manager.sample_ttl_s
-        return verdicts, await traffic_report(mongo, node_ids, since)
-
-    return await _with_mongo(settings, read)
+    nodes = await mongo.nodes.list()
+    node_ids = [n.node_id for n in nodes]
+    since = time.time() - settings.manager.sample_ttl_s
+    return {
+        "verdicts": await latest_verdicts(mongo, node_ids),
+        "signatures": await read_signature_findings(settings, mongo, nodes),
+        "traffic": await traffic_report(mongo, node_ids, since),
+    }
 
 
 async def fetch_signature_findings(settings: Settings) -> dict[str, Any]:
@@ -212,9 +215,11 @@ def format_traffic(reports: list[Any]) -> str:
 def cmd_scores(settings: Settings, args: argparse.Namespace) -> int:
     from cluster.honesty.verdicts import format_verdicts
 
-    rows = asyncio.run(fetch_scores(settings))
-    verdicts, traffic = asyncio.run(fetch_honesty(settings))
-    signatures = asyncio.run(fetch_signature_findings(settings))
+    async def read(mongo: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        return await mongo.buffers.summaries(), await read_honesty(settings, mongo)
+
+    rows, honesty = asyncio.run(_with_mongo(settings, read))
+    verdicts, traffic, signatures = honesty["verdicts"], honesty["traffic"], honesty["signatures"]
     if args.json:
         print(json.dumps({"scores": rows,
                           "verdicts": [dataclasses.asdict(v) for v in verdicts],

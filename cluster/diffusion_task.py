@@ -15,16 +15,14 @@ checked: its samples fail with an evaluation error that says so.
 from __future__ import annotations
 
 import copy
-import math
-import statistics
 import threading
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.errors import EvaluationError, NodeError, TaskError
+from cluster.native_tasks import mean_stderr, native_task_config
 from cluster.schemas import Node, Prompt, Relay, prompt_id
 
 IMAGES_PATH: Literal["/v1/images/generations"] = "/v1/images/generations"
@@ -57,22 +55,7 @@ class DiffusionTaskConfig(BaseModel):
 
 def diffusion_task_config(name: str, datasets_dir: Path) -> DiffusionTaskConfig | None:
     """The task's config when ``datasets/<name>/<name>.yaml`` is a diffusion task, else None."""
-    path = Path(datasets_dir) / name / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TaskError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("kind") != "diffusion":
-        return None
-    try:
-        config = DiffusionTaskConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise TaskError(f"{path}: bad diffusion task: {exc}") from exc
-    if config.testbench_task != name:
-        raise TaskError(f"{path}: testbench_task is {config.testbench_task!r}, expected {name!r}")
-    return config
+    return native_task_config(name, datasets_dir, "diffusion", DiffusionTaskConfig)
 
 
 class _ReferenceEngines:
@@ -189,12 +172,7 @@ class DiffusionTaskAdapter:
         }
 
     def aggregate(self, metric: str, values: list[float]) -> tuple[float, float | None]:
-        if not values:
-            raise ValueError(f"no values to aggregate for {metric}")
-        mean = float(statistics.fmean(values))
-        if len(values) <= 1:
-            return mean, None
-        return mean, float(statistics.stdev(values) / math.sqrt(len(values)))
+        return mean_stderr(metric, values)
 
     @property
     def higher_is_better(self) -> dict[str, bool]:

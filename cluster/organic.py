@@ -141,16 +141,16 @@ def rank_candidates(
     return [n for _, _, n in eligible], skipped
 
 
-async def flagged_nodes(settings: Settings, mongo: Any, node_ids: Sequence[str]) -> dict[str, str]:
-    """node id -> reason, for nodes an honesty check currently fails."""
+async def flagged_nodes(settings: Settings, mongo: Any, nodes: Sequence[Node]) -> dict[str, str]:
+    """node id -> reason, for the registry's nodes an honesty check currently fails."""
     from cluster.honesty.verification import latest_verdicts
     from cluster.signature_task import read_signature_findings
 
     out: dict[str, str] = {}
-    for v in await latest_verdicts(mongo, node_ids):
+    for v in await latest_verdicts(mongo, [n.node_id for n in nodes]):
         if v.flagged:
             out.setdefault(v.node_id, f"{v.check}: {v.reason}")
-    for node_id, finding in (await read_signature_findings(settings, mongo)).items():
+    for node_id, finding in (await read_signature_findings(settings, mongo, nodes)).items():
         if finding.outcome.value == "fail":
             out.setdefault(node_id, f"identity signature: {finding.reason}")
     return out
@@ -177,7 +177,7 @@ class OrganicJobs:
                 raise NoNodeAvailable(f"node {request.node_id!r} is a {chosen[0].kind} node")
             return chosen, {}
         assert request.model is not None
-        flagged = await flagged_nodes(self._settings, self._mongo, [n.node_id for n in nodes])
+        flagged = await flagged_nodes(self._settings, self._mongo, nodes)
         buffers = await self._mongo.buffers.summaries()
         ranked, skipped = rank_candidates(nodes, request.model, flagged, buffers)
         if not ranked:

@@ -21,26 +21,25 @@ logprobs, which is what the grouping rule compares.
 from __future__ import annotations
 
 import copy
-import math
 import random
-import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.errors import TaskError
 from cluster.honesty import openai_wire as wire
 from cluster.honesty.identity import (
     IdentityFinding,
     answer_sha256,
+    find_root,
     trace_sha256,
 )
 from cluster.honesty.probes import WORDS
 from cluster.honesty.verdicts import Outcome
+from cluster.native_tasks import mean_stderr, native_task_config
 from cluster.schemas import Node, Prompt, Relay, prompt_id
 
 
@@ -55,22 +54,7 @@ class SignatureTaskConfig(BaseModel):
 
 def signature_task_config(name: str, datasets_dir: Path) -> SignatureTaskConfig | None:
     """The task's config when ``datasets/<name>/<name>.yaml`` is a signature task, else None."""
-    path = Path(datasets_dir) / name / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TaskError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("kind") != "signature":
-        return None
-    try:
-        config = SignatureTaskConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise TaskError(f"{path}: bad signature task: {exc}") from exc
-    if config.testbench_task != name:
-        raise TaskError(f"{path}: testbench_task is {config.testbench_task!r}, expected {name!r}")
-    return config
+    return native_task_config(name, datasets_dir, "signature", SignatureTaskConfig)
 
 
 def identity_rows(n: int, seed: int = 0, words: int = 10) -> list[dict[str, Any]]:
@@ -150,12 +134,7 @@ class SignatureTaskAdapter:
         }
 
     def aggregate(self, metric: str, values: list[float]) -> tuple[float, float | None]:
-        if not values:
-            raise ValueError(f"no values to aggregate for {metric}")
-        mean = float(statistics.fmean(values))
-        if len(values) <= 1:
-            return mean, None
-        return mean, float(statistics.stdev(values) / math.sqrt(len(values)))
+        return mean_stderr(metric, values)
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
@@ -215,11 +194,11 @@ def loop_identity_findings(
                 share = sum(ta[d] == tb[d] for d in common) / len(common)
                 pairs[(a.node_id, b.node_id)] = pairs[(b.node_id, a.node_id)] = (share, len(common))
                 if share >= threshold:
-                    parent[_find(parent, b.node_id)] = _find(parent, a.node_id)
+                    parent[find_root(parent, b.node_id)] = find_root(parent, a.node_id)
         groups: dict[str, list[Node]] = {}
         for n in members:
             if n.node_id in compared:
-                groups.setdefault(_find(parent, n.node_id), []).append(n)
+                groups.setdefault(find_root(parent, n.node_id), []).append(n)
         for group in groups.values():  # members stay in seniority order
             holder, names = group[0], [n.node_id for n in group]
             for member in group:
@@ -249,16 +228,20 @@ def loop_identity_findings(
     return findings
 
 
-async def read_signature_findings(settings: Any, mongo: Any) -> dict[str, IdentityFinding]:
+async def read_signature_findings(settings: Any, mongo: Any,
+                                  nodes: Sequence[Node] | None = None
+                                  ) -> dict[str, IdentityFinding]:
     """:func:`loop_identity_findings` over the signature samples of the buffer TTL window.
 
     ``settings`` is :class:`cluster.config.Settings`; ``mongo`` is
-    :class:`cluster.stores.mongo.MongoStores`. Nodes rank by registration order."""
+    :class:`cluster.stores.mongo.MongoStores`; ``nodes`` the registry in registration order
+    (read here when the caller has not already)."""
     tasks = [t for t in settings.tasks
              if signature_task_config(t, Path(settings.datasets_dir)) is not None]
     if not tasks:
         return {}
-    nodes = await mongo.nodes.list()
+    if nodes is None:
+        nodes = await mongo.nodes.list()
     since = time.time() - settings.manager.sample_ttl_s
     rows = await mongo.db["samples"].find(
         {"task": {"$in": tasks}, "created_at": {"$gt": since}},
@@ -267,10 +250,3 @@ async def read_signature_findings(settings: Any, mongo: Any) -> dict[str, Identi
         rows, nodes, operators=settings.honesty.operators,
         seniority={n.node_id: float(i) for i, n in enumerate(nodes)},
         threshold=settings.honesty.identity_match_share)
-
-
-def _find(parent: dict[str, str], x: str) -> str:
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x

@@ -104,7 +104,8 @@ class IdentityFinding:
     evidence: dict[str, Any]
 
 
-def _find(parent: dict[str, str], x: str) -> str:
+def find_root(parent: dict[str, str], x: str) -> str:
+    """Union-find: the root of ``x``'s group (with path halving)."""
     while parent[x] != x:
         parent[x] = parent[parent[x]]
         x = parent[x]
@@ -125,10 +126,10 @@ def judge_identities(
             found = compare(a, b, reference_text, threshold)
             pairs[(a.node_id, b.node_id)] = pairs[(b.node_id, a.node_id)] = found
             if found.coincide:
-                parent[_find(parent, a.node_id)] = _find(parent, b.node_id)
+                parent[find_root(parent, a.node_id)] = find_root(parent, b.node_id)
     groups: dict[str, list[IdentitySignature]] = {}
     for s in signatures:
-        groups.setdefault(_find(parent, s.node_id), []).append(s)
+        groups.setdefault(find_root(parent, s.node_id), []).append(s)
     findings: dict[str, IdentityFinding] = {}
     for members in groups.values():
         members.sort(key=lambda s: (s.seniority, s.node_id))

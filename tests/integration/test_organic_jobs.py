@@ -147,3 +147,16 @@ def test_the_cli_runs_and_lists_jobs(settings: Settings, capsys: pytest.CaptureF
     assert cmd_job(settings, args) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [d["state"] for d in listed] == ["failed", "done"] and listed[1]["user"] == "bob"
+
+
+def test_scores_reads_the_honesty_state_in_one_pass(settings: Settings,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import cmd_scores
+
+    assert cmd_scores(settings, build_parser().parse_args(["scores", "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"scores", "verdicts", "signature_identity", "verification_traffic"}
+    assert [(v["node_id"], v["outcome"]) for v in out["verdicts"]] == [("org-flagged", "fail")]
+    assert cmd_scores(settings, build_parser().parse_args(["scores"])) == 0
+    text = capsys.readouterr().out
+    assert "no scores yet" in text and "honesty verdicts" in text and "org-flagged" in text
