@@ -421,6 +421,9 @@ class EmbeddedPostgres(_ChildServer):
             user = _ensure_system_user(PG_SYSTEM_USER)
             self._run_as = PG_SYSTEM_USER
             _make_traversable(self.root.parent)
+            # the binaries too: a checkout in a 0700 directory (``mktemp -d``) would hide
+            # initdb and postgres inside its .venv from that user
+            _make_traversable(bin_dir.parent)
             for path in [self.root, *self.root.rglob("*")]:
                 if path.lstat().st_uid != user.pw_uid:
                     os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
