@@ -37,6 +37,9 @@ class RaySettings(StrictModel):
     namespace: str = "testbench"
     # Serve's ingress needs logical CPUs above the 2 physical ones on small machines.
     num_cpus: int = 4
+    # The Manager's children on the Manager's node (node affinity): node-local object
+    # refs between sampler, requester and evaluator. Off = Ray's default placement.
+    colocate_children: bool = True
 
 
 class SlaSettings(StrictModel):
