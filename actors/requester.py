@@ -17,6 +17,14 @@ Retries (up to ``max_retries``, exponential backoff with jitter) happen only whe
 is correct: connection failures before any response arrived, and HTTP 429/502/503/504.
 Never after a sent request timed out, never on 500, invalid JSON or an oversize body.
 
+Coalescing (``coalesce_prompts`` > 1, off by default): a node's prompts queue in one
+per-node queue shared by all ``relay()`` calls; whoever gets one of the node's slots takes
+the oldest prompt and up to ``coalesce_prompts`` prompt items compatible with it (same
+path, same body apart from ``prompt``) and posts them as one ``/v1/completions`` body, the
+prompt-list form lm-eval itself posts at ``batch_size`` > 1. The answer's choices are split
+back by ``index`` into one relay per prompt. Prompts only wait for slots they would wait
+for anyway: an idle node gets single-prompt bodies, a busy one gets fewer, larger ones.
+
 Timing: ``ttft_s`` is the time to the response headers and ``latency_s`` the time to the
 end of the body, both of the final attempt; ``started_at``/``finished_at`` bracket all
 attempts (from the first send, after the concurrency slots were acquired).
@@ -29,9 +37,9 @@ import json
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -91,6 +99,89 @@ class _Attempt:
     latency_s: float | None = None
 
 
+@dataclass(slots=True)
+class _Call:
+    """One ``relay()`` call's prompts still without a relay (coalescing only)."""
+
+    remaining: int
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A prompt waiting in its node's queue for a coalesced body."""
+
+    prompt: Prompt
+    items: list[Any] | None  # the body's prompt as a list of prompt items; None = alone
+    key: bytes | None  # what must be equal for two prompts to share a body
+    call: _Call
+    future: asyncio.Future[Relay] = field(repr=False)
+
+    def resolve(self, relay: Relay) -> None:
+        if not self.future.done():
+            self.future.set_result(relay)
+            self.call.remaining -= 1
+
+
+def _prompt_items(prompt: Any) -> list[Any] | None:
+    """A completions ``prompt`` as a list of single prompts, or None if it is no known form.
+
+    A string or a list of token ids is one prompt; a list of strings or a list of token
+    id lists is several (as in the OpenAI API).
+    """
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    first = prompt[0]
+    if isinstance(first, int) and not isinstance(first, bool):
+        return [prompt]
+    if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(first, list) and all(isinstance(p, list) and p for p in prompt):
+        return list(prompt)
+    return None
+
+
+def _coalescing_key(prompt: Prompt) -> tuple[list[Any] | None, bytes | None]:
+    body = prompt.body
+    if (
+        prompt.path != "/v1/completions"
+        or body.get("stream")
+        or body.get("n", 1) not in (1, None)
+        or body.get("best_of", 1) not in (1, None)
+    ):
+        return None, None
+    items = _prompt_items(body.get("prompt"))
+    if items is None:
+        return None, None
+    rest = {k: v for k, v in body.items() if k != "prompt"}
+    return items, _dumps(rest)
+
+
+def _split_choices(response: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]] | str:
+    """One response per prompt of a coalesced body, or why the answer cannot be split."""
+    total = sum(sizes)
+    choices = response.get("choices")
+    if not isinstance(choices, list) or len(choices) != total:
+        n = len(choices) if isinstance(choices, list) else type(choices).__name__
+        return f"coalesced body of {total} prompts: expected {total} choices, got {n}"
+    if not all(isinstance(c, dict) and type(c.get("index")) is int for c in choices):
+        return f"coalesced body of {total} prompts: a choice without an integer index"
+    ordered = sorted(choices, key=lambda c: c["index"])
+    if any(c["index"] != i for i, c in enumerate(ordered)):
+        return f"coalesced body of {total} prompts: choice indexes are not 0..{total - 1}"
+    rest = {k: v for k, v in response.items() if k not in ("choices", "usage")}
+    out: list[dict[str, Any]] = []
+    offset = 0
+    for size in sizes:
+        part = [{**c, "index": j} for j, c in enumerate(ordered[offset : offset + size])]
+        # The node's usage counts the whole body: kept, labelled, not passed off as ours.
+        out.append({**rest, "choices": part, "coalesced": {
+            "prompts": total, "offset": offset, "usage": response.get("usage")}})
+        offset += size
+    return out
+
+
 def _snippet(data: bytes, limit: int = 200) -> str:
     text = data[:limit].decode("utf-8", errors="replace")
     text = " ".join(text.split())
@@ -133,6 +224,9 @@ class Requester:
         self._pending = 0
         self._attempts = 0
         self._retries = 0
+        self._queues: dict[str, deque[_Queued]] = {}  # coalescing only
+        self._bodies_coalesced = 0
+        self._prompts_coalesced = 0
 
     # -- public -------------------------------------------------------------------------
 
@@ -153,17 +247,47 @@ class Requester:
         # A few workers per node (not one task per prompt): each pulls the node's next
         # prompt, so a node's backlog neither creates tasks nor holds global slots.
         workers = []
+        waiting: list[tuple[int, asyncio.Future[Relay]]] = []
+        queued: list[tuple[deque[_Queued], _Call]] = []
+        coalesce = self.settings.coalesce_prompts > 1
         for node_id, indexes in by_node.items():
-            queue = iter(indexes)
+            node = nodes.get(node_id)
+            if coalesce and node is not None:
+                queue = self._queues.setdefault(node_id, deque())
+                loop = asyncio.get_running_loop()
+                call = _Call(len(indexes))
+                queued.append((queue, call))
+                for i in indexes:
+                    items, key = _coalescing_key(prompts[i])
+                    entry = _Queued(prompts[i], items, key, call, loop.create_future())
+                    queue.append(entry)
+                    waiting.append((i, entry.future))
+                n_workers = min(self.settings.per_node_concurrency, len(indexes))
+                workers += [
+                    self._coalescing_worker(session, queue, node, call) for _ in range(n_workers)
+                ]
+                continue
+            pulled = iter(indexes)
             n_workers = min(self.settings.per_node_concurrency, len(indexes))
             workers += [
-                self._worker(session, queue, prompts, nodes.get(node_id), slots)
-                for _ in range(n_workers)
+                self._worker(session, pulled, prompts, node, slots) for _ in range(n_workers)
             ]
         self._pending += len(prompts)
         metrics.set_requester_queue(self._pending, self._in_flight)
         try:
             await asyncio.gather(*workers)
+            # Our workers stop when the node's queue is empty; prompts of ours that another
+            # call's worker took are still in flight there.
+            for i, future in waiting:
+                slots[i] = await future
+        except BaseException:
+            # Cancelled: prompts of ours still queued would wait forever for workers.
+            for queue, call in queued:
+                if call.remaining > 0:
+                    kept = [e for e in queue if e.call is not call]
+                    queue.clear()
+                    queue.extend(kept)
+            raise
         finally:
             self._pending -= len(prompts)
             metrics.set_requester_queue(self._pending, self._in_flight)
@@ -199,6 +323,8 @@ class Requester:
             "retries": self._retries,
             "in_flight": self._in_flight,
             "pending": self._pending,
+            "bodies_coalesced": self._bodies_coalesced,
+            "prompts_coalesced": self._prompts_coalesced,
         }
 
     # -- internals ----------------------------------------------------------------------
@@ -224,6 +350,7 @@ class Requester:
             if self._pending == 0:  # a new session may run on a new loop: fresh semaphores
                 self._global = asyncio.Semaphore(s.global_concurrency)
                 self._node_slots.clear()
+                self._queues.clear()
         return session
 
     def _node_slot(self, node_id: str) -> asyncio.Semaphore:
@@ -307,13 +434,7 @@ class Requester:
             url = self._url(node, prompt.path)
             data = _dumps(prompt.body)
             total_s = self._sla.timeout_s(prompt.prompt_tokens, prompt.max_output_tokens)
-            timeout = self._timeouts.get(total_s)
-            if timeout is None:
-                if len(self._timeouts) > 4096:
-                    self._timeouts.clear()
-                timeout = self._timeouts[total_s] = aiohttp.ClientTimeout(
-                    total=total_s, sock_connect=self.settings.connect_timeout_s
-                )
+            timeout = self._timeout(total_s)
             node_slot = self._node_slot(node.node_id)
             max_attempts = self.settings.max_retries + 1
             while True:
@@ -321,12 +442,7 @@ class Requester:
                     attempts += 1
                     if attempts == 1:
                         started_at = self._clock()
-                    self._attempts += 1
-                    self._in_flight += 1
-                    try:
-                        out = await self._attempt(session, url, data, timeout, total_s)
-                    finally:
-                        self._in_flight -= 1
+                    out = await self._counted_attempt(session, url, data, timeout, total_s)
                 if not out.retryable or attempts >= max_attempts:
                     break
                 self._retries += 1
@@ -355,6 +471,161 @@ class Requester:
                 max(attempts, 1),
                 error=f"internal error: {type(exc).__name__}: {exc}",
             )
+
+    async def _counted_attempt(
+        self,
+        session: aiohttp.ClientSession,
+        url: URL,
+        data: bytes,
+        timeout: aiohttp.ClientTimeout,
+        total_s: float,
+    ) -> _Attempt:
+        self._attempts += 1
+        self._in_flight += 1
+        try:
+            return await self._attempt(session, url, data, timeout, total_s)
+        finally:
+            self._in_flight -= 1
+
+    def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(total_s)
+        if timeout is None:
+            if len(self._timeouts) > 4096:
+                self._timeouts.clear()
+            timeout = self._timeouts[total_s] = aiohttp.ClientTimeout(
+                total=total_s, sock_connect=self.settings.connect_timeout_s
+            )
+        return timeout
+
+    # -- coalescing ---------------------------------------------------------------------
+
+    async def _coalescing_worker(
+        self, session: aiohttp.ClientSession, queue: deque[_Queued], node: Node, call: _Call
+    ) -> None:
+        """Serve the node's queue (any call's prompts) until its own call has every relay.
+
+        A call's workers stop once their call is done, so no call waits on others' work
+        beyond the body it is sending; every queued prompt's own call still has workers.
+        """
+        node_slot = self._node_slot(node.node_id)
+        while queue and call.remaining > 0:
+            await node_slot.acquire()
+            try:
+                await self._global.acquire()
+            except BaseException:
+                node_slot.release()
+                raise
+            if not queue or call.remaining == 0:  # served by other workers meanwhile
+                self._global.release()
+                node_slot.release()
+                return
+            # Taken only now, holding the slots: everything that queued meanwhile can join.
+            batch = self._take_batch(queue)
+            # The batch may hold other calls' prompts: whatever happens, each gets a relay,
+            # or its caller would wait forever.
+            try:
+                relays = await self._relay_coalesced(session, batch, node, node_slot)
+            except asyncio.CancelledError:
+                for entry in batch:
+                    entry.resolve(self._lost(entry.prompt, "relay cancelled"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose relays
+                log.exception("relay_internal_error node_id=%s", node.node_id)
+                why = f"{type(exc).__name__}: {exc}"
+                relays = [self._lost(entry.prompt, why) for entry in batch]
+            for entry, relay in zip(batch, relays, strict=True):
+                entry.resolve(relay)
+
+    def _take_batch(self, queue: deque[_Queued]) -> list[_Queued]:
+        """The oldest prompt and the compatible ones behind it, up to the item limit."""
+        first = queue.popleft()
+        batch = [first]
+        if first.key is None or first.items is None:
+            return batch
+        limit = self.settings.coalesce_prompts
+        n = len(first.items)
+        skipped: list[_Queued] = []
+        scanned = 0
+        while queue and n < limit and scanned < 4 * limit:
+            entry = queue.popleft()
+            scanned += 1
+            if entry.key == first.key and entry.items is not None and n + len(entry.items) <= limit:
+                batch.append(entry)
+                n += len(entry.items)
+            else:
+                skipped.append(entry)
+        queue.extendleft(reversed(skipped))  # they keep their place at the front
+        return batch
+
+    async def _relay_coalesced(
+        self,
+        session: aiohttp.ClientSession,
+        batch: list[_Queued],
+        node: Node,
+        node_slot: asyncio.Semaphore,
+    ) -> list[Relay]:
+        """One body for the batch; called holding the node and global slots (released here)."""
+        held = True
+        started_at = self._clock()
+        attempts = 0
+        try:
+            first = batch[0].prompt
+            if len(batch) == 1:
+                data = _dumps(first.body)
+            else:
+                items = [item for entry in batch for item in entry.items or ()]
+                data = _dumps({**first.body, "prompt": items})
+                self._bodies_coalesced += 1
+                self._prompts_coalesced += len(batch)
+            # The engine runs a body's prompts side by side: its prompt tokens add up, its
+            # output is as long as the longest answer.
+            total_s = self._sla.timeout_s(
+                sum(e.prompt.prompt_tokens for e in batch),
+                max(e.prompt.max_output_tokens for e in batch),
+            )
+            url, timeout = self._url(node, first.path), self._timeout(total_s)
+            max_attempts = self.settings.max_retries + 1
+            while True:
+                if not held:
+                    await node_slot.acquire()
+                    try:
+                        await self._global.acquire()
+                    except BaseException:
+                        node_slot.release()
+                        raise
+                    held = True
+                try:
+                    attempts += 1
+                    if attempts == 1:
+                        started_at = self._clock()
+                    out = await self._counted_attempt(session, url, data, timeout, total_s)
+                finally:
+                    held = False
+                    self._global.release()
+                    node_slot.release()
+                if not out.retryable or attempts >= max_attempts:
+                    break
+                self._retries += 1
+                await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
+        finally:
+            if held:
+                self._global.release()
+                node_slot.release()
+        finished_at = self._clock()
+        code, error = out.code, out.error
+        responses: list[dict[str, Any] | None] = [out.response] * len(batch)
+        if len(batch) > 1 and code == ErrorCode.OK and out.response is not None:
+            split = _split_choices(out.response, [len(e.items or ()) for e in batch])
+            if isinstance(split, str):
+                code, error, responses = ErrorCode.NODE, split, [None] * len(batch)
+            else:
+                responses = list(split)
+        return [
+            self._relay_of(entry.prompt, code, started_at, finished_at, attempts,
+                           status=out.status, error=error, response=response,
+                           latency_s=out.latency_s, ttft_s=out.ttft_s)
+            for entry, response in zip(batch, responses, strict=True)
+        ]
 
     def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
         base = min(self.settings.retry_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)

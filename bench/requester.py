@@ -5,12 +5,16 @@ not share the clients' event loop), builds gsm8k requests exactly as lm-eval 0.4
 ``local-completions`` does (token ids, its ``_create_payload``), and measures relays/s for:
 
 - ``requester``: testbench's ``actors.requester.Requester`` (``relay()`` over all prompts);
+- ``requester ×N``: the same with ``requester.coalesce_prompts = N`` (``--coalesce``): a
+  node's waiting prompts go N to a body (a prompt list), split back into one relay each;
 - ``bare aiohttp``: one session, a semaphore, ``gather`` of posts + ``json.loads``, keeping
   the parsed answers as a relay does (the floor);
 - ``lm-eval http``: lm-eval's own async client, ``TemplateAPI.get_batched_requests``
   (``amodel_call`` + tenacity retry + parsing), with ``num_concurrent`` equal;
 - ``lm-eval full``: lm-eval's ``generate_until`` / ``loglikelihood`` on Instances (adds its
-  tokenisation and request sorting, which testbench does in the Sampler).
+  tokenisation and request sorting, which testbench does in the Sampler);
+- ``lm-eval http ×N``: lm-eval's async client at ``batch_size=N``, its own prompt-list
+  batching: the like-for-like anchor of ``requester ×N``.
 
 Every client runs on the same default asyncio loop in this process. Each is run
 ``--rounds`` times, interleaved, after a warm-up and with the setup heap frozen out of the
@@ -19,10 +23,11 @@ transformers' objects lands on whichever client happens to trigger it). The tabl
 each client's best and median round and its lowest CPU time per relay in this process
 (what the client itself costs, even when the node is the bottleneck); ratios use the best
 rounds, since on a shared machine noise only ever slows a round down.
-Goals: requester ≥ 0.7× bare aiohttp, ≥ 2× lm-eval.
+Goals: requester ≥ 0.7× bare aiohttp, ≥ 2× lm-eval (its client as users run it, batch
+size 1); the table also shows each requester against the like-for-like lm-eval anchor.
 
 Usage: ``.venv/bin/python bench/requester.py [--n 2000] [--concurrency 64]
-[--kind generate|loglikelihood] [--rounds 3] [--only requester "bare aiohttp"]``
+[--kind generate|loglikelihood] [--rounds 3] [--coalesce 16] [--only requester "bare aiohttp"]``
 """
 
 from __future__ import annotations
@@ -141,8 +146,9 @@ class Workload:
         ]
 
 
-async def run_requester(url: str, work: Workload, concurrency: int) -> int:
-    settings = RequesterSettings(global_concurrency=concurrency, per_node_concurrency=concurrency)
+async def run_requester(url: str, work: Workload, concurrency: int, coalesce: int = 1) -> int:
+    settings = RequesterSettings(global_concurrency=concurrency, per_node_concurrency=concurrency,
+                                 coalesce_prompts=coalesce)
     requester = Requester(settings)
     nodes = {"bench": Node.model_validate({"node_id": "bench", "url": url, "model": MODEL})}
     try:
@@ -210,7 +216,7 @@ async def measure(
     return Round(name, n, ok, time.perf_counter() - t0, time.process_time() - cpu0)
 
 
-def make_lm(url: str, tokenizer: str, concurrency: int) -> Any:
+def make_lm(url: str, tokenizer: str, concurrency: int, batch_size: int = 1) -> Any:
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
     return LocalCompletionsAPI(
@@ -219,6 +225,7 @@ def make_lm(url: str, tokenizer: str, concurrency: int) -> Any:
         tokenizer=tokenizer,
         tokenizer_backend="huggingface",
         num_concurrent=concurrency,
+        batch_size=batch_size,
         max_retries=3,
         max_length=4096,
         seed=1234,
@@ -237,6 +244,12 @@ async def bench(args: argparse.Namespace, url: str) -> list[list[Round]]:
     ]
     if not args.skip_full:
         clients.append(("lm-eval full", lambda w: run_lmeval_full(lm, w)))
+    if args.coalesce > 1:
+        per_body = args.coalesce
+        lm_batched = make_lm(url, args.tokenizer, c, batch_size=per_body)
+        clients.insert(1, (f"requester ×{per_body}",
+                           lambda w: run_requester(url, w, c, per_body)))
+        clients.append((f"lm-eval http ×{per_body}", lambda w: run_lmeval_http(lm_batched, w)))
     if args.only:
         clients = [c for c in clients if c[0] in args.only]
     for _, fn in clients:
@@ -279,6 +292,15 @@ def report(args: argparse.Namespace, rounds: list[list[Round]]) -> None:
     )
     if line:
         print("\n" + line)
+    k = args.coalesce
+    if f"requester ×{k}" in by:
+        co = by[f"requester ×{k}"]
+        print("   ".join(
+            f"requester ×{k}/{name} = {co.rate / by[name].rate:.2f}×" + (f" ({goal})" if goal else "")
+            for name, goal in [("lm-eval http", "goal ≥ 2"), (f"lm-eval http ×{k}", "like for like"),
+                               ("bare aiohttp", "")]
+            if name in by
+        ))
     if any(r.ok != r.n for rs in rounds for r in rs):
         print("WARNING: some requests failed in some rounds")
     from bench_results import report
@@ -291,6 +313,18 @@ def report(args: argparse.Namespace, rounds: list[list[Round]]) -> None:
         ratio = req.rate / by["lm-eval http"].rate
         report("requester.py", f"relays/s, test node, {args.kind}", f"{req.rate:.0f}/s",
                "lm-eval's API client, same run", f"{ratio:.2f}x", ">= 2x", ratio >= 2.0)
+    k = args.coalesce
+    coalesced, lm_k = by.get(f"requester ×{k}"), by.get(f"lm-eval http ×{k}")
+    if coalesced is not None and "lm-eval http" in by:
+        ratio = coalesced.rate / by["lm-eval http"].rate
+        report("requester.py", f"relays/s, test node, {args.kind}, coalesce_prompts={k}",
+               f"{coalesced.rate:.0f}/s", "lm-eval's API client (batch size 1), same run",
+               f"{ratio:.2f}x", ">= 2x", ratio >= 2.0)
+    if coalesced is not None and lm_k is not None:
+        ratio = coalesced.rate / lm_k.rate
+        report("requester.py", f"relays/s, test node, {args.kind}, coalesce_prompts={k}",
+               f"{coalesced.rate:.0f}/s", f"lm-eval's API client at batch_size={k}, same run",
+               f"{ratio:.2f}x", "(like for like)", ratio >= 1.0)
 
 
 def main() -> int:
@@ -299,6 +333,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--kind", choices=["generate", "loglikelihood"], default="generate")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--coalesce", type=int, default=16,
+                        help="also run the requester with coalesce_prompts=N (and lm-eval at "
+                             "batch_size=N); 1 = skip")
     parser.add_argument("--tokenizer", default=str(ROOT / ".cache" / "models" / "smollm2"))
     parser.add_argument("--url", default=None, help="use a running node instead of starting one")
     parser.add_argument("--no-gc-freeze", action="store_true", help="keep the setup heap in GC")

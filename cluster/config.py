@@ -60,6 +60,11 @@ class RequesterSettings(StrictModel):
     retry_backoff_s: float = Field(default=0.5, ge=0)
     response_size_cap_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Up to this many prompts of one node, waiting for that node's slots, go as one
+    # /v1/completions body (a prompt list) and are split back into one relay each.
+    # 1 = off (the default): every relay's latency is then its own request's, which is
+    # what QoS figures mean. Above 1, a relay carries the latency of the body it rode in.
+    coalesce_prompts: int = Field(default=1, ge=1, le=1024)
     sla: SlaSettings = Field(default_factory=SlaSettings)
 
 

@@ -305,3 +305,222 @@ async def test_a_slow_node_does_not_hold_global_slots(node: TestNode) -> None:
         await slow.stop()
     assert all(r.error_code == ErrorCode.OK for r in fast)
     assert fast_s < 0.4  # did not wait behind the slow node's queue
+
+
+# -- coalescing (requester.coalesce_prompts) ---------------------------------------------
+
+
+class RecordingNode:
+    """A completions server that records every body and answers each prompt item by name.
+
+    ``drop_last`` answers one choice short, as a broken node batching would.
+    """
+
+    def __init__(self, latency_s: float = 0.02) -> None:
+        self.latency_s = latency_s
+        self.bodies: list[dict[str, Any]] = []
+        self.drop_last = False
+        self._runner: Any = None
+        self.url = ""
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        async def completions(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.bodies.append(body)
+            await asyncio.sleep(self.latency_s)
+            prompt = body["prompt"]
+            items = [prompt] if isinstance(prompt, str) else prompt
+            choices = [{"text": f"answer to {item}", "index": i} for i, item in enumerate(items)]
+            if self.drop_last:
+                choices = choices[:-1]
+            choices.reverse()  # indexes, not positions, say which prompt a choice answers
+            usage = {"prompt_tokens": len(items), "completion_tokens": 2 * len(items)}
+            return web.json_response({"id": "cmpl", "object": "text_completion",
+                                      "choices": choices, "usage": usage})
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+@pytest.fixture
+async def recording() -> AsyncIterator[RecordingNode]:
+    n = RecordingNode()
+    await n.start()
+    yield n
+    await n.stop()
+
+
+def doc_prompt(i: int, n_items: int, max_tokens: int = 4) -> Prompt:
+    """A prompt whose body already holds ``n_items`` prompts (a batched multiple-choice doc)."""
+    body = {"prompt": [[i, k] for k in range(n_items)], "max_tokens": max_tokens, "echo": True}
+    return make_prompt(i, body=body)
+
+
+async def test_coalescing_splits_each_answer_back_to_its_prompt(recording: RecordingNode) -> None:
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=8))
+    prompts = [make_prompt(i) for i in range(10)] + [doc_prompt(100 + i, 4) for i in range(5)]
+    try:
+        relays = await requester.relay(prompts, {"n1": make_node("n1", recording.url)})
+        stats = requester.stats()
+    finally:
+        await requester.close()
+    assert [r.prompt_id for r in relays] == [p.prompt_id for p in prompts]
+    assert all(r.error_code == ErrorCode.OK and r.response is not None for r in relays)
+    for p, r in zip(prompts[:10], relays[:10], strict=True):
+        assert r.response is not None
+        assert r.response["choices"] == [{"text": f"answer to {p.body['prompt']}", "index": 0}]
+    for p, r in zip(prompts[10:], relays[10:], strict=True):
+        assert r.response is not None
+        # (A doc's body sent alone is passed on as the node sent it: sorted by index here,
+        # as the task adapter does.)
+        assert sorted(r.response["choices"], key=lambda c: c["index"]) == [
+            {"text": f"answer to {item}", "index": k} for k, item in enumerate(p.body["prompt"])
+        ]
+        if "coalesced" in r.response:  # the node's usage counts the whole body: kept aside
+            assert "usage" not in r.response and r.response["coalesced"]["usage"] is not None
+    assert sum("coalesced" in r.response for r in relays if r.response) >= 8
+    # 10 single prompts and 5 four-prompt docs are 30 prompt items: at most 8 per body.
+    sizes = [len(b["prompt"]) if isinstance(b["prompt"], list) else 1 for b in recording.bodies]
+    assert sum(sizes) == 30 and max(sizes) <= 8 and len(recording.bodies) < 15
+    assert stats["bodies_coalesced"] >= 1 and stats["attempts"] == len(recording.bodies)
+
+
+async def test_only_prompts_with_equal_bodies_share_one(recording: RecordingNode) -> None:
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=16))
+    prompts = [doc_prompt(i, 2, max_tokens=4 + i % 2) for i in range(12)]
+    prompts.append(make_prompt(50, body={"prompt": "streamed", "max_tokens": 4, "stream": True}))
+    prompts.append(make_prompt(51, body={"prompt": "twice", "max_tokens": 4, "n": 2}))
+    try:
+        relays = await requester.relay(prompts, {"n1": make_node("n1", recording.url)})
+    finally:
+        await requester.close()
+    assert [r.prompt_id for r in relays] == [p.prompt_id for p in prompts]
+    for body in recording.bodies:
+        if body.get("stream") or body.get("n") == 2:
+            assert not isinstance(body["prompt"], list)  # sent alone, as built
+    mixed = [b for b in recording.bodies if isinstance(b["prompt"], list)]
+    for body in mixed:  # each coalesced body holds one max_tokens's prompts only
+        ids = {item[0] for item in body["prompt"]}
+        assert {4 + i % 2 for i in ids} == {body["max_tokens"]}
+    assert len(mixed) < 12
+
+
+async def test_a_short_coalesced_answer_fails_every_prompt_in_it(
+    recording: RecordingNode,
+) -> None:
+    recording.drop_last = True
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=4))
+    prompts = [make_prompt(i) for i in range(8)]
+    try:
+        relays = await requester.relay(prompts, {"n1": make_node("n1", recording.url)})
+    finally:
+        await requester.close()
+    assert [r.prompt_id for r in relays] == [p.prompt_id for p in prompts]
+    coalesced = [len(b["prompt"]) for b in recording.bodies if isinstance(b["prompt"], list)]
+    assert coalesced and sum(coalesced) + len(recording.bodies) - len(coalesced) == 8
+    for r in relays:
+        assert r.error_code == ErrorCode.NODE and r.status == 200 and r.response is None
+        assert r.error is not None and "expected 4 choices, got 3" in r.error
+
+
+async def test_prompts_of_concurrent_calls_share_bodies(recording: RecordingNode) -> None:
+    # The Manager relays one doc per call: coalescing must reach across calls.
+    recording.latency_s = 0.1
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=32))
+    nodes = {"n1": make_node("n1", recording.url)}
+    try:
+        results = await asyncio.gather(
+            *(requester.relay([make_prompt(i)], nodes) for i in range(20))
+        )
+    finally:
+        await requester.close()
+    assert all(r.error_code == ErrorCode.OK for [r] in results)
+    for i, [r] in enumerate(results):
+        assert r.response is not None
+        assert r.response["choices"][0]["text"] == f"answer to prompt {i}"
+    # 20 calls' prompts waited for the node's only slot: they went together, not in 20.
+    assert len(recording.bodies) <= 2
+    assert max(len(b["prompt"]) for b in recording.bodies if isinstance(b["prompt"], list)) >= 10
+
+
+async def test_coalesced_answers_equal_uncoalesced_ones_on_the_test_node(node: TestNode) -> None:
+    node.behaviour = NodeBehaviour()
+    nodes = {"n1": make_node("n1", node.base_url or "")}
+    prompts = [make_prompt(i, body={"prompt": f"Question: what is {i} + {i}?\nAnswer:",
+                                    "max_tokens": 16, "temperature": 0.0}) for i in range(24)]
+    answers = []
+    for coalesce in (1, 8):
+        requester = Requester(settings(per_node_concurrency=2, coalesce_prompts=coalesce))
+        node.stats.reset()
+        try:
+            relays = await requester.relay(prompts, nodes)
+        finally:
+            await requester.close()
+        assert all(r.error_code == ErrorCode.OK for r in relays)
+        answers.append([[c["text"] for c in r.response["choices"]] for r in relays if r.response])
+        if coalesce > 1:
+            assert node.stats.requests < len(prompts)
+    assert answers[0] == answers[1]
+
+
+async def test_a_failed_coalesced_body_is_a_node_error_for_each_prompt(node: TestNode) -> None:
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=8))
+    try:
+        relays = await relay_with(requester, node, NodeBehaviour(error_rate=1.0), n=12)
+    finally:
+        await requester.close()
+    assert len(relays) == 12 and node.stats.requests < 12
+    assert all(r.error_code == ErrorCode.NODE and r.status == 500 for r in relays)
+    assert all(r.attempts == 1 for r in relays)  # a 500 is not retried, coalesced or not
+
+
+async def test_a_cancelled_call_never_strands_another_calls_prompts(
+    recording: RecordingNode,
+) -> None:
+    recording.latency_s = 0.3
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=8))
+    nodes = {"n1": make_node("n1", recording.url)}
+    try:
+        first = asyncio.create_task(requester.relay([make_prompt(0)], nodes))
+        await asyncio.sleep(0.1)  # it holds the node's only slot
+        a = asyncio.create_task(requester.relay([make_prompt(1)], nodes))
+        await asyncio.sleep(0.01)
+        b = asyncio.create_task(requester.relay([make_prompt(2)], nodes))
+        assert (await first)[0].error_code == ErrorCode.OK
+        await asyncio.sleep(0.1)  # a's worker now sends prompts 1 and 2 as one body
+        a.cancel()
+        [relay] = await asyncio.wait_for(b, timeout=2.0)
+    finally:
+        await requester.close()
+    assert [len(b["prompt"]) if isinstance(b["prompt"], list) else 1
+            for b in recording.bodies] == [1, 2]
+    assert relay.error_code == ErrorCode.RELAY and "cancelled" in (relay.error or "")
+
+
+async def test_a_cancelled_calls_queued_prompts_are_never_sent(recording: RecordingNode) -> None:
+    recording.latency_s = 0.2
+    requester = Requester(settings(per_node_concurrency=1, coalesce_prompts=8))
+    nodes = {"n1": make_node("n1", recording.url)}
+    try:
+        first = asyncio.create_task(requester.relay([make_prompt(0)], nodes))
+        await asyncio.sleep(0.05)  # it holds the node's only slot
+        gone = asyncio.create_task(requester.relay([make_prompt(i) for i in (1, 2, 3)], nodes))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        assert (await first)[0].error_code == ErrorCode.OK
+        [later] = await requester.relay([make_prompt(4)], nodes)
+    finally:
+        await requester.close()
+    assert later.error_code == ErrorCode.OK
+    assert [b["prompt"] for b in recording.bodies] == ["prompt 0", "prompt 4"]

@@ -3,8 +3,8 @@
 lm-eval 0.4.13's ``local-completions`` and testbench's full pass (the task adapter builds the
 requests, the loop's Requester sends them, the adapter scores them) run against the same
 vLLM node on all 500 openbookqa docs, at the same concurrency and batch size (4 prompts
-per request). Per-doc metrics must be
-identical, and the aggregate is what the anchor run on this machine gave.
+per request; testbench coalesces the last 100 docs' bodies further). Per-doc metrics must
+be identical, and the aggregate is what the anchor run on this machine gave.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from llm_node_under_test import LLMNode
 
-from cluster.config import PROJECT_ROOT
+from cluster.config import PROJECT_ROOT, RequesterSettings
 from cluster.full_pass import (
+    PassResult,
     compare_doc_metrics,
     lm_eval_doc_metrics,
     read_rows,
@@ -47,7 +48,16 @@ def test_openbookqa_500_docs_on_the_serve_node_score_exactly_as_lm_eval(
     rows = read_rows(DATASETS, task)
     node = Node(node_id="smollm2-serve", url=llm_node.url, model=llm_node.model_id,
                 tokenizer=str(smollm2_dir))
-    ours = asyncio.run(run_pass(adapter, node, dict(enumerate(rows)), concurrency=CONCURRENCY))
+    # The last 100 docs go with the Requester's opt-in coalescing (docs waiting for the
+    # node share bodies of up to 32 prompts): it must not change a single doc's metrics.
+    first = asyncio.run(run_pass(adapter, node, dict(enumerate(rows[:400])),
+                                 concurrency=CONCURRENCY))
+    rest = asyncio.run(run_pass(adapter, node, {i: rows[i] for i in range(400, 500)},
+                                concurrency=CONCURRENCY,
+                                settings=RequesterSettings(coalesce_prompts=32)))
+    assert rest.n_requests == 100 and not rest.failed, list(rest.failed.items())[:3]
+    ours = PassResult({**first.per_doc, **rest.per_doc}, {**first.failed, **rest.failed},
+                      first.n_requests + rest.n_requests, first.wall_s + rest.wall_s)
 
     assert not ours.failed, list(ours.failed.items())[:3]
     assert len(ours.per_doc) == len(theirs) == 500
