@@ -509,15 +509,9 @@ class Requester:
         """
         node_slot = self._node_slot(node.node_id)
         while queue and call.remaining > 0:
-            await node_slot.acquire()
-            try:
-                await self._global.acquire()
-            except BaseException:
-                node_slot.release()
-                raise
+            await self._acquire_slots(node_slot)
             if not queue or call.remaining == 0:  # served by other workers meanwhile
-                self._global.release()
-                node_slot.release()
+                self._release_slots(node_slot)
                 return
             # Taken only now, holding the slots: everything that queued meanwhile can join.
             batch = self._take_batch(queue)
@@ -535,6 +529,19 @@ class Requester:
                 relays = [self._lost(entry.prompt, why) for entry in batch]
             for entry, relay in zip(batch, relays, strict=True):
                 entry.resolve(relay)
+
+    async def _acquire_slots(self, node_slot: asyncio.Semaphore) -> None:
+        """The node's slot, then a global one (the order ``_relay_one`` takes them in)."""
+        await node_slot.acquire()
+        try:
+            await self._global.acquire()
+        except BaseException:
+            node_slot.release()
+            raise
+
+    def _release_slots(self, node_slot: asyncio.Semaphore) -> None:
+        self._global.release()
+        node_slot.release()
 
     def _take_batch(self, queue: deque[_Queued]) -> list[_Queued]:
         """The oldest prompt and the compatible ones behind it, up to the item limit."""
@@ -587,12 +594,7 @@ class Requester:
             max_attempts = self.settings.max_retries + 1
             while True:
                 if not held:
-                    await node_slot.acquire()
-                    try:
-                        await self._global.acquire()
-                    except BaseException:
-                        node_slot.release()
-                        raise
+                    await self._acquire_slots(node_slot)
                     held = True
                 try:
                     attempts += 1
@@ -601,16 +603,14 @@ class Requester:
                     out = await self._counted_attempt(session, url, data, timeout, total_s)
                 finally:
                     held = False
-                    self._global.release()
-                    node_slot.release()
+                    self._release_slots(node_slot)
                 if not out.retryable or attempts >= max_attempts:
                     break
                 self._retries += 1
                 await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
         finally:
             if held:
-                self._global.release()
-                node_slot.release()
+                self._release_slots(node_slot)
         finished_at = self._clock()
         code, error = out.code, out.error
         responses: list[dict[str, Any] | None] = [out.response] * len(batch)

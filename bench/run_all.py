@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 BENCHES: dict[str, list[str]] = {
     "manager_plan.py": [],
     "manager_plan.py --nodes 100000": ["--nodes", "100000", "--goal-s", "5", "--goal-gib", "10"],
-    "requester.py": [],
+    "requester.py": ["--rounds", "5"],
     "poc.py": [],
     "e2e_vs_lmeval.py": [],
     "sim_nodes.py": [],
