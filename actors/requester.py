@@ -420,7 +420,6 @@ class Requester:
         self, session: aiohttp.ClientSession, prompt: Prompt, node: Node | None
     ) -> Relay:
         started_at = self._clock()
-        attempts = 0
         try:
             if node is None:
                 return self._relay_of(
@@ -434,19 +433,9 @@ class Requester:
             url = self._url(node, prompt.path)
             data = _dumps(prompt.body)
             total_s = self._sla.timeout_s(prompt.prompt_tokens, prompt.max_output_tokens)
-            timeout = self._timeout(total_s)
-            node_slot = self._node_slot(node.node_id)
-            max_attempts = self.settings.max_retries + 1
-            while True:
-                async with node_slot, self._global:
-                    attempts += 1
-                    if attempts == 1:
-                        started_at = self._clock()
-                    out = await self._counted_attempt(session, url, data, timeout, total_s)
-                if not out.retryable or attempts >= max_attempts:
-                    break
-                self._retries += 1
-                await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
+            out, attempts, started_at = await self._exchange(
+                session, self._node_slot(node.node_id), url, data, total_s
+            )
             return self._relay_of(
                 prompt,
                 out.code,
@@ -468,24 +457,51 @@ class Requester:
                 ErrorCode.RELAY,
                 started_at,
                 self._clock(),
-                max(attempts, 1),
+                1,
                 error=f"internal error: {type(exc).__name__}: {exc}",
             )
 
-    async def _counted_attempt(
+    async def _exchange(
         self,
         session: aiohttp.ClientSession,
+        node_slot: asyncio.Semaphore,
         url: URL,
         data: bytes,
-        timeout: aiohttp.ClientTimeout,
         total_s: float,
-    ) -> _Attempt:
-        self._attempts += 1
-        self._in_flight += 1
+        held: bool = False,
+    ) -> tuple[_Attempt, int, float]:
+        """POST with the retries that are correct, each attempt under the node's and a
+        global slot (``held``: the caller already holds them for the first attempt; they
+        are released here either way). The final attempt, how many, when the first began."""
+        max_attempts = self.settings.max_retries + 1
+        started_at = self._clock()
+        attempts = 0
         try:
-            return await self._attempt(session, url, data, timeout, total_s)
+            timeout = self._timeout(total_s)
+            while True:
+                if not held:
+                    await self._acquire_slots(node_slot)
+                    held = True
+                try:
+                    attempts += 1
+                    if attempts == 1:
+                        started_at = self._clock()
+                    self._attempts += 1
+                    self._in_flight += 1
+                    try:
+                        out = await self._attempt(session, url, data, timeout, total_s)
+                    finally:
+                        self._in_flight -= 1
+                finally:
+                    held = False
+                    self._release_slots(node_slot)
+                if not out.retryable or attempts >= max_attempts:
+                    return out, attempts, started_at
+                self._retries += 1
+                await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
         finally:
-            self._in_flight -= 1
+            if held:  # failed before the first attempt, with the caller's slots
+                self._release_slots(node_slot)
 
     def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
         timeout = self._timeouts.get(total_s)
@@ -547,18 +563,18 @@ class Requester:
         """The oldest prompt and the compatible ones behind it, up to the item limit."""
         first = queue.popleft()
         batch = [first]
-        if first.key is None or first.items is None:
+        if first.key is None:  # a key exists only for a prompt with items
             return batch
         limit = self.settings.coalesce_prompts
-        n = len(first.items)
+        n = len(first.items or ())
         skipped: list[_Queued] = []
         scanned = 0
         while queue and n < limit and scanned < 4 * limit:
             entry = queue.popleft()
             scanned += 1
-            if entry.key == first.key and entry.items is not None and n + len(entry.items) <= limit:
+            if entry.key == first.key and n + len(entry.items or ()) <= limit:
                 batch.append(entry)
-                n += len(entry.items)
+                n += len(entry.items or ())
             else:
                 skipped.append(entry)
         queue.extendleft(reversed(skipped))  # they keep their place at the front
@@ -572,9 +588,6 @@ class Requester:
         node_slot: asyncio.Semaphore,
     ) -> list[Relay]:
         """One body for the batch; called holding the node and global slots (released here)."""
-        held = True
-        started_at = self._clock()
-        attempts = 0
         try:
             first = batch[0].prompt
             if len(batch) == 1:
@@ -590,27 +603,13 @@ class Requester:
                 sum(e.prompt.prompt_tokens for e in batch),
                 max(e.prompt.max_output_tokens for e in batch),
             )
-            url, timeout = self._url(node, first.path), self._timeout(total_s)
-            max_attempts = self.settings.max_retries + 1
-            while True:
-                if not held:
-                    await self._acquire_slots(node_slot)
-                    held = True
-                try:
-                    attempts += 1
-                    if attempts == 1:
-                        started_at = self._clock()
-                    out = await self._counted_attempt(session, url, data, timeout, total_s)
-                finally:
-                    held = False
-                    self._release_slots(node_slot)
-                if not out.retryable or attempts >= max_attempts:
-                    break
-                self._retries += 1
-                await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
-        finally:
-            if held:
-                self._release_slots(node_slot)
+            url = self._url(node, first.path)
+        except BaseException:
+            self._release_slots(node_slot)
+            raise
+        out, attempts, started_at = await self._exchange(
+            session, node_slot, url, data, total_s, held=True
+        )
         finished_at = self._clock()
         code, error = out.code, out.error
         responses: list[dict[str, Any] | None] = [out.response] * len(batch)

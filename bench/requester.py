@@ -284,23 +284,20 @@ def report(args: argparse.Namespace, rounds: list[list[Round]]) -> None:
         cpu = min(x.cpu_us for x in rs)
         print(f"{r.name:<14} {r.rate:>9.0f} {median:>11.0f} {cpu:>17.0f} {r.ok:>6} "
               f"{req.rate / r.rate:>16.2f}×")
-    goals = [("bare aiohttp", "goal ≥ 0.7"), ("lm-eval http", "goal ≥ 2"), ("lm-eval full", "")]
-    line = "   ".join(
-        f"requester/{name} = {req.rate / by[name].rate:.2f}×" + (f" ({goal})" if goal else "")
-        for name, goal in goals
-        if name in by and "requester" in by
-    )
-    if line:
-        print("\n" + line)
     k = args.coalesce
-    if f"requester ×{k}" in by:
-        co = by[f"requester ×{k}"]
-        print("   ".join(
-            f"requester ×{k}/{name} = {co.rate / by[name].rate:.2f}×" + (f" ({goal})" if goal else "")
-            for name, goal in [("lm-eval http", "goal ≥ 2"), (f"lm-eval http ×{k}", "like for like"),
-                               ("bare aiohttp", "")]
-            if name in by
-        ))
+    for client, anchors in [
+        ("requester", [("bare aiohttp", "goal ≥ 0.7"), ("lm-eval http", "goal ≥ 2"),
+                       ("lm-eval full", "")]),
+        (f"requester ×{k}", [("lm-eval http", "goal ≥ 2"), (f"lm-eval http ×{k}", "like for like"),
+                             ("bare aiohttp", "")]),
+    ]:
+        line = "   ".join(
+            f"{client}/{name} = {by[client].rate / by[name].rate:.2f}×" + (f" ({goal})" if goal else "")
+            for name, goal in anchors
+            if name in by and client in by
+        )
+        if line:
+            print("\n" + line)
     if any(r.ok != r.n for rs in rounds for r in rs):
         print("WARNING: some requests failed in some rounds")
     from bench_results import report
