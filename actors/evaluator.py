@@ -13,27 +13,15 @@ import time
 from collections.abc import Callable
 
 from actors import metrics
-from cluster.buffers import summarize_buffer
-from cluster.config import Settings
-from cluster.errors import ErrorCode, EvaluationError, NodeError
-from cluster.lmeval_adapter import TaskAdapter
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, Relay, Sample, ScoreSamples
-from cluster.tasks import load_adapter
+from cluster.core.buffers import summarize_buffer
+from cluster.core.errors import ErrorCode, EvaluationError, NodeError
+from cluster.core.schemas import Node, Relay, Sample, ScoreSamples, failure_code
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
+from cluster.tasks.lmeval import TaskAdapter
+from cluster.tasks.registry import load_adapter
 
 log = logging.getLogger(__name__)
-
-# When relays of one doc fail differently, the node's fault wins: it is what the user
-# must see; bench-side codes only when nothing was the node's fault.
-_CODE_PRIORITY = {ErrorCode.NODE: 0, ErrorCode.EVALUATION: 1}
-
-
-def failure_code(relays: list[Relay]) -> ErrorCode | None:
-    failed = [r.error_code for r in relays if r.error_code != ErrorCode.OK]
-    if not failed:
-        return None
-    return min(failed, key=lambda c: (_CODE_PRIORITY.get(c, 2), int(c)))
-
 
 def epoch_of(key: str) -> int:
     return int(key.rsplit("|", 1)[1])

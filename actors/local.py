@@ -10,11 +10,11 @@ import itertools
 from typing import Any
 
 from actors.evaluator import Evaluator
-from actors.requester import Requester
+from actors.requester import loop_requester
 from actors.sampler import Sampler
-from cluster.config import Settings
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples
+from cluster.core.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
 
 
 class MongoRelaySink:
@@ -32,7 +32,7 @@ class LocalPipeline:
         self.samplers = [Sampler(settings, self.stores) for _ in range(settings.pools.samplers)]
         self.evaluators = [Evaluator(settings, self.stores)
                            for _ in range(settings.pools.evaluators)]
-        self.requester = Requester(settings.requester, MongoRelaySink(self.stores))
+        self.requester = loop_requester(settings.requester, MongoRelaySink(self.stores))
         self._next_sampler = itertools.cycle(self.samplers)
         self._next_evaluator = itertools.cycle(self.evaluators)
 

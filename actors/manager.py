@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 from actors import metrics
 from actors.planning import NodeBudget, PairState, PlanItem, PlanLimits, backoff_s, plan_samples
-from cluster.config import Settings
-from cluster.errors import ErrorCode
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples, sample_key
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples, sample_key
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
 
 log = logging.getLogger(__name__)
 

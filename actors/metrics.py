@@ -16,7 +16,7 @@ name with ``ray_`` and counters get ``_total``:
 | ``ray_testbench_manager_samples_redriven`` | gauge | | Manager |
 | ``ray_testbench_verdicts_total`` | counter | check, outcome | ``record_verdict`` callers |
 
-``error_code`` is the lower-case name of :class:`~cluster.errors.ErrorCode` (``ok``,
+``error_code`` is the lower-case name of :class:`~cluster.core.errors.ErrorCode` (``ok``,
 ``node``, ...). Latency has no ``node_id`` label: a histogram per node multiplies the series
 by the bucket count at thousands of nodes; per-node latency is in the buffers (p50/p95).
 
@@ -39,8 +39,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from cluster.errors import ErrorCode
-from cluster.schemas import Relay, Sample
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Relay, Sample
 
 # Relay latencies span loopback answers (ms) to SLA timeouts (up to 120 s by default).
 LATENCY_BUCKETS_S = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]

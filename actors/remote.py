@@ -18,11 +18,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.evaluator import Evaluator
 from actors.local import MongoRelaySink
 from actors.manager import Manager
-from actors.requester import Requester
+from actors.requester import loop_requester
 from actors.sampler import Sampler
-from cluster.config import Settings
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples
+from cluster.core.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
 
 MANAGER_NAME = "manager"
 
@@ -36,7 +36,7 @@ class RequesterHost:
     """The Requester with its MongoDB sink, as one async actor."""
 
     def __init__(self, settings: Settings) -> None:
-        self._requester = Requester(settings.requester, MongoRelaySink(StoreConnections(settings)))
+        self._requester = loop_requester(settings.requester, MongoRelaySink(StoreConnections(settings)))
 
     async def relay(self, prompts: list[Prompt], nodes: dict[str, Node]) -> list[Relay]:
         return await self._requester.relay(prompts, nodes)

@@ -12,12 +12,12 @@ import random
 import time
 from collections.abc import Callable
 
-from cluster.config import Settings
-from cluster.errors import DatasetError
-from cluster.lmeval_adapter import TaskAdapter
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, Prompt, SampleRequest, sample_key
-from cluster.tasks import load_adapter
+from cluster.core.errors import DatasetError
+from cluster.core.schemas import Node, Prompt, SampleRequest, sample_key
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
+from cluster.tasks.lmeval import TaskAdapter
+from cluster.tasks.registry import load_adapter
 
 log = logging.getLogger(__name__)
 

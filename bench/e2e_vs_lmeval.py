@@ -38,16 +38,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.config import RequesterSettings, Settings  # noqa: E402
-from cluster.full_pass import (  # noqa: E402
+from cluster.core.settings import RequesterSettings, Settings  # noqa: E402
+from cluster.local.models import smollm2_path  # noqa: E402
+from cluster.tasks.lmeval import RequestSettings, load_task_adapter  # noqa: E402
+from cluster.testing.full_pass import (  # noqa: E402
     compare_doc_metrics,
     lm_eval_doc_metrics,
     read_rows,
     run_lm_eval,
     run_pass,
 )
-from cluster.lmeval_adapter import RequestSettings, load_task_adapter  # noqa: E402
-from cluster.models import smollm2_path  # noqa: E402
 
 DATASETS = ROOT / "datasets"
 
@@ -64,8 +64,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from cluster.bootstrap import init_ray
-    from cluster.local_nodes import deploy_llm_node, start_serve
+    from cluster.local.bootstrap import init_ray
+    from cluster.local.serve_nodes import deploy_llm_node, start_serve
 
     settings = Settings()
     model_dir = smollm2_path(settings.cache_dir)

@@ -2,7 +2,7 @@
 verification rounds and print, per node kind, the range of every statistic the verdicts
 use next to its threshold, and how often each check flagged the kind.
 
-Anchor: the thresholds in ``cluster.config.HonestySettings`` (the honest kinds must stay
+Anchor: the thresholds in ``cluster.core.settings.HonestySettings`` (the honest kinds must stay
 inside them with margin, every cheater must be outside in every round).
 
     .venv/bin/python bench/honesty_calibration.py [--reps 20] [--kinds honest,bf16,...]
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 
-from cluster.config import PROJECT_ROOT, HonestySettings  # noqa: E402
+from cluster.core.settings import PROJECT_ROOT, HonestySettings  # noqa: E402
 from cluster.honesty.reference import (  # noqa: E402
     ServeReference,
     TransformersReference,
@@ -31,7 +31,7 @@ from cluster.honesty.reference import (  # noqa: E402
 )
 from cluster.honesty.verdicts import Verdict  # noqa: E402
 from cluster.honesty.verification import NodeTarget, Verifier  # noqa: E402
-from cluster.honesty.zoo import ZooProcess  # noqa: E402
+from cluster.testing.zoo import ZooProcess  # noqa: E402
 
 STATS = (
     ("substitution", "mean_abs_logprob_diff", "max_mean_abs_logprob_diff"),

@@ -112,7 +112,7 @@ def verdict(ok: bool) -> str:
 def measure(params: PocRoundParams, chunk: int, workers: int, seconds: float, repeats: int
             ) -> tuple[list[int], list[float], float]:
     """Alternate bare and Ray runs; print rates and ratios. Returns the last Ray claim."""
-    from serve_apps.poc.app import RayWorkerPool
+    from serve_apps.poc.server import RayWorkerPool
     from serve_apps.poc.worker import PowWorkerSpec
 
     spec = PowWorkerSpec(round=params, public_key=KEY, threads=1)

@@ -1,10 +1,10 @@
 """Requester throughput against named anchors, on the same prompts and the same node.
 
-Starts a test node in its own process (``python -m cluster.testnode``, so the server does
+Starts a test node in its own process (``python -m cluster.testing.testnode``, so the server does
 not share the clients' event loop), builds gsm8k requests exactly as lm-eval 0.4.13's
 ``local-completions`` does (token ids, its ``_create_payload``), and measures relays/s for:
 
-- ``requester``: testbench's ``actors.requester.Requester`` (``relay()`` over all prompts);
+- ``requester``: testbench's ``cluster.nodes.requester.Requester`` (``relay()`` over all prompts);
 - ``requester ×N``: the same with ``requester.coalesce_prompts = N`` (``--coalesce``): a
   node's waiting prompts go N to a body (a prompt list), split back into one relay each;
 - ``bare aiohttp``: one session, a semaphore, ``gather`` of posts + ``json.loads``, keeping
@@ -57,10 +57,10 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from actors.requester import Requester  # noqa: E402
-from cluster.config import RequesterSettings  # noqa: E402
-from cluster.errors import ErrorCode  # noqa: E402
-from cluster.schemas import Node, Prompt  # noqa: E402
+from cluster.core.errors import ErrorCode  # noqa: E402
+from cluster.core.schemas import Node, Prompt  # noqa: E402
+from cluster.core.settings import RequesterSettings  # noqa: E402
+from cluster.nodes.requester import Requester  # noqa: E402
 
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
 MODEL = "smollm2"
@@ -94,7 +94,7 @@ def load_docs(n: int) -> list[dict[str, str]]:
 
 
 def start_node(tokenizer: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "cluster.testnode", "--port", "0", "--tokenizer", tokenizer]
+    cmd = [sys.executable, "-m", "cluster.testing.testnode", "--port", "0", "--tokenizer", tokenizer]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -2,7 +2,7 @@
 buffer is full (issue #7). Reports relays/s while filling, the actors' CPU while filling and
 once idle at steady state, and how long the fill took.
 
-The nodes: one test-node app (``cluster.testnode``'s routes and fake model) in a server
+The nodes: one test-node app (``cluster.testing.testnode``'s routes and fake model) in a server
 process of its own, answering each node under its own path, ``http://127.0.0.1:P/n<i>``,
 so a thousand nodes cost one port and one process. The loop: the real detached Manager
 with its Ray children on a fresh local Ray instance, fresh embedded stores, gsm8k.
@@ -44,8 +44,8 @@ def serve_nodes(port: int, tokenizer: str, ready: Any) -> None:
     """The fleet's server process: one test-node app under ``/{node}/v1/...`` paths."""
     from aiohttp import web
 
-    from cluster.testnode import NodeBehaviour
-    from cluster.testnode.server import NodeApp
+    from cluster.testing.testnode import NodeBehaviour
+    from cluster.testing.testnode.server import NodeApp
 
     node_app = NodeApp(NodeBehaviour(mode="correct"), tokenizer, "smollm2")
     app = node_app.build()
@@ -154,9 +154,9 @@ ACTORS = ("manager", "samplers", "evaluators", "requester")
 
 
 async def register_fleet(settings: Any, base_url: str, n: int, tokenizer: str) -> None:
-    from cluster.runtime import StoreConnections
-    from cluster.schemas import Node
-    from cluster.stores.documents import to_document
+    from cluster.core.schemas import Node
+    from cluster.storage.connections import StoreConnections
+    from cluster.storage.documents import to_document
 
     conns = StoreConnections(settings)
     try:
@@ -181,10 +181,10 @@ def main() -> None:
     import ray
 
     from actors.remote import get_or_create_manager
-    from cluster.cli import load_datasets
-    from cluster.config import Settings, StoreSettings
-    from cluster.embedded import EmbeddedStores, free_port
-    from cluster.models import prepare_smollm2
+    from cluster.cli.main import load_datasets
+    from cluster.core.settings import Settings, StoreSettings
+    from cluster.local.embedded import EmbeddedStores, free_port
+    from cluster.local.models import prepare_smollm2
 
     tokenizer = str(prepare_smollm2(ROOT / ".cache"))
     ctx = mp.get_context("spawn")

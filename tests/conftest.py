@@ -18,14 +18,14 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cluster.config import PROJECT_ROOT, Settings, StoreSettings  # noqa: E402
+from cluster.core.settings import PROJECT_ROOT, Settings, StoreSettings  # noqa: E402
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from cluster.models import prepare_smollm2
+    from cluster.local.models import prepare_smollm2
 
     return prepare_smollm2(CACHE_DIR)
 
@@ -33,7 +33,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def session_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSettings]:
     """Embedded PostgreSQL and MongoDB for the whole session."""
-    from cluster.embedded import EmbeddedStores
+    from cluster.local.embedded import EmbeddedStores
 
     data_dir = tmp_path_factory.mktemp("stores")
     embedded = EmbeddedStores(StoreSettings(data_dir=data_dir))
@@ -47,7 +47,7 @@ def session_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSe
 @pytest.fixture(scope="session")
 def loaded_stores(session_stores: StoreSettings) -> StoreSettings:
     """The shipped task datasets loaded into the session's PostgreSQL."""
-    from cluster.cli import load_datasets
+    from cluster.cli.main import load_datasets
 
     asyncio.run(load_datasets(Settings(stores=session_stores)))
     return session_stores
@@ -78,7 +78,7 @@ def serve_http_port(ray_session: None) -> Iterator[int]:
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from cluster.local_nodes import start_serve
+    from cluster.local.serve_nodes import start_serve
 
     started = _get_global_client(raise_if_no_controller_running=False) is None
     yield start_serve()

@@ -4,7 +4,7 @@
 - :class:`EvaluationStore`: runs, relays, scored docs, logs and results in MongoDB;
 - :class:`EvaluationRunner`: executes one run with the measuring loop's parts;
 - :class:`EvaluationWorker`: claims, leases and cancels runs in one process;
-- :mod:`cluster.evaluations.cli`: ``testbench eval``.
+- :mod:`cluster.cli.evaluations`: ``testbench eval``.
 
 The REST API and the leaderboard page are the Serve app ``serve_apps.evaluations``.
 """

@@ -15,10 +15,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from cluster.errors import ErrorCode
+from cluster.core.errors import ErrorCode
 from cluster.evaluations.spec import EvaluationRun
 from cluster.evaluations.store import EvalSample
-from cluster.lmeval_adapter import TaskAdapter
+from cluster.tasks.lmeval import TaskAdapter
 
 LMEVAL_VERSION = "0.4.13"
 MAX_REPORTED_ERRORS = 5

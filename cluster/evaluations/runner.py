@@ -1,8 +1,8 @@
 """Executing one evaluation run: a full, resumable pass over the first ``limit`` docs.
 
 The measuring loop's parts do the work: docs come from PostgreSQL (the Sampler's
-``DatasetStore``), requests from the lm-eval :class:`~cluster.lmeval_adapter.TaskAdapter`,
-HTTP from the :class:`~actors.requester.Requester` (its limits, SLA timeouts, retries and
+``DatasetStore``), requests from the lm-eval :class:`~cluster.tasks.lmeval.TaskAdapter`,
+HTTP from the :class:`~cluster.nodes.requester.Requester` (its limits, SLA timeouts, retries and
 error codes; relays recorded in MongoDB before they are used), scores as the Evaluator
 makes them. Instead of rolling buffers a run walks its docs in chunks and records one
 sample per doc.
@@ -25,16 +25,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
-from actors.requester import Requester
-from cluster.config import Settings
-from cluster.errors import DatasetError, ErrorCode, TestbenchError
+from cluster.core.errors import DatasetError, ErrorCode, TestbenchError
+from cluster.core.schemas import Node, Prompt, Relay
+from cluster.core.settings import Settings
 from cluster.evaluations.results import build_results
 from cluster.evaluations.scoring import build_doc_prompts, score_doc
 from cluster.evaluations.spec import EvaluationRun, EvaluationSpec
 from cluster.evaluations.store import EvalSample, EvaluationStore
-from cluster.lmeval_adapter import RequestSettings, TaskAdapter, load_task_adapter
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, Prompt, Relay
+from cluster.nodes.requester import Requester
+from cluster.storage.connections import StoreConnections
+from cluster.tasks.lmeval import RequestSettings, TaskAdapter, load_task_adapter
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from cluster.errors import TaskError
+from cluster.core.errors import TaskError
 from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState, TaskProgress
 from cluster.evaluations.store import EvaluationStore
-from cluster.lmeval_adapter import task_config, task_manager
+from cluster.tasks.lmeval import task_config, task_manager
 
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
 

@@ -1,6 +1,6 @@
 """One doc of an evaluation run: its prompts, and its score with lm-eval's per-sample record.
 
-Prompts come from the measuring loop's :class:`~cluster.lmeval_adapter.TaskAdapter`; a run's
+Prompts come from the measuring loop's :class:`~cluster.tasks.lmeval.TaskAdapter`; a run's
 ``gen_kwargs`` are merged into each generation request's arguments exactly as lm-eval's
 ``simple_evaluate(gen_kwargs=...)`` merges them into the task's ``generation_kwargs``.
 
@@ -17,11 +17,10 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from actors.evaluator import failure_code
-from cluster.errors import ErrorCode, EvaluationError, TaskError
+from cluster.core.errors import ErrorCode, EvaluationError, TaskError
+from cluster.core.schemas import Node, Prompt, Relay, failure_code, prompt_id, sample_key
 from cluster.evaluations.store import EvalSample
-from cluster.lmeval_adapter import TaskAdapter
-from cluster.schemas import Node, Prompt, Relay, prompt_id, sample_key
+from cluster.tasks.lmeval import TaskAdapter
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance

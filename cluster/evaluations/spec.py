@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from cluster.schemas import ApiKind, Node
+from cluster.core.schemas import ApiKind, Node
 
 # lm-eval's own API suffixes: an endpoint given with them is the same server.
 _API_SUFFIXES = ("/v1/completions", "/v1/chat/completions", "/v1")

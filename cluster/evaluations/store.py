@@ -8,7 +8,7 @@ Collections (DESIGN §4, ``evaluations`` and its satellites):
   document under a revision check (compare-and-swap): nx-27017 mangles ``$set`` of bools
   and ``$push`` of sub-documents, and a replace keeps concurrent writers honest.
 - ``evaluation_relays`` (+ ``evaluation_prompts``, unused but named for the RelayStore): the
-  measuring loop's :class:`~cluster.stores.mongo.RelayStore`, first-wins by prompt id. Kept
+  measuring loop's :class:`~cluster.storage.mongo.RelayStore`, first-wins by prompt id. Kept
   apart from the loop's ``prompts``/``relays`` so the Manager never re-drives a run's work.
 - ``evaluation_samples``: one document per (run, task, doc), first-wins.
 - ``evaluation_logs``: log lines, ``_id`` = ``<run>|<key>`` with time-ordered keys.
@@ -28,9 +28,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING
 
-from cluster.errors import ErrorCode, TestbenchError
+from cluster.core.errors import ErrorCode, TestbenchError
 from cluster.evaluations.spec import EvaluationRun, RunState
-from cluster.stores.mongo import MongoStores, RelayStore, insert_new
+from cluster.storage.mongo import MongoStores, RelayStore, insert_new
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from cluster.config import EvaluationSettings
-from cluster.errors import TestbenchError
+from cluster.core.errors import TestbenchError
+from cluster.core.settings import EvaluationSettings
 from cluster.evaluations.runner import EvaluationRunner, LeaseLostError
 from cluster.evaluations.spec import EvaluationRun, RunState
 from cluster.evaluations.store import EvaluationStore

@@ -2,7 +2,7 @@
 signatures, identity, synthetic jobs and the model-substitution check.
 
 Domain code only (no Ray): the Serve apps, actors and CLI wire these in. The verification
-entry points (imported on first use, so ``cluster.honesty.receipts`` & co. stay light)::
+entry points (imported on first use, so ``cluster.auth.receipts`` & co. stay light)::
 
     from cluster.honesty import build_references, run_verification, format_verdicts
 

@@ -2,8 +2,8 @@
 teacher-forced scoring, batched.
 
 Two users: the in-process trusted reference (:mod:`cluster.honesty.reference`) and the
-cheater zoo's nodes (:mod:`cluster.honesty.zoo`), which load the same weights and then
-alter them (:mod:`cluster.honesty.weights`). Everything is deterministic for a given batch:
+cheater zoo's nodes (:mod:`cluster.testing.zoo`), which load the same weights and then
+alter them (:mod:`cluster.testing.weights`). Everything is deterministic for a given batch:
 float32, a fixed number of torch threads, greedy decoding (sampling only with an explicit
 seed). Batches are left-padded for generation and right-padded for scoring; padding changes
 the float arithmetic slightly (other matmul shapes), as a different serving engine would,

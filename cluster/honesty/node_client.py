@@ -2,7 +2,7 @@
 
 Failures are typed: :class:`NodeUnavailable` when the node cannot be reached, times out or
 answers with an HTTP error (the check is then *unknown*, not failed: a network blip must
-not brand an honest node), :class:`~cluster.honesty.openai_wire.MalformedAnswer` when it
+not brand an honest node), :class:`~cluster.wire.openai.MalformedAnswer` when it
 answers 200 with something else (a node fault).
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from cluster.errors import NodeError
-from cluster.honesty.openai_wire import MalformedAnswer
+from cluster.core.errors import NodeError
+from cluster.wire.openai import MalformedAnswer
 
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # honesty answers are small; a huge one is a fault
 

@@ -21,17 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from cluster.tasks.identity import WORDS
+
 ProbeKind = Literal["identity", "synthetic", "canary"]
 
-WORDS: tuple[str, ...] = tuple(
-    """time person year way day thing man world life hand part child eye woman place work week
-    case point number group problem fact river stone cloud market window garden silver engine
-    paper yellow quiet mountain letter bridge candle forest orange table music winter doctor
-    city king ocean island train summer village teacher garden school story song road horse
-    bread coffee winter light shadow mirror voice dream color paint glass metal wood sugar salt
-    north south east west green blue red black white purple gold copper iron planet star moon
-    history science language money family friend animal flower tree field farm castle tower""".split()
-)
 _NOUNS = ("robot", "lighthouse", "library", "volcano", "garden", "bakery", "violin", "comet",
           "harbor", "desert", "museum", "glacier", "market", "forest", "engine", "island")
 _ADJECTIVES = ("old", "quiet", "bright", "strange", "tiny", "ancient", "busy", "lonely", "golden",

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
-from cluster.errors import TestbenchError
-from cluster.honesty import openai_wire as wire
+from cluster.core.errors import TestbenchError
 from cluster.honesty.node_client import NodeClient, NodeUnavailable
+from cluster.wire import openai as wire
 
 if TYPE_CHECKING:  # torch is imported only where a model runs in process
     from cluster.honesty.local_lm import LocalCausalLM
@@ -122,7 +122,7 @@ class TrustedReference(Protocol):
 
 def directory_signatures(model_dir: Path) -> ExpectedSignatures:
     """The digests the LLM node's ``/signature/...`` routes report for ``model_dir``."""
-    from serve_apps.llm.signature import (
+    from cluster.modeldir.signatures import (
         CONFIG_FILES,
         TOKENIZER_FILES,
         combined_sha256,

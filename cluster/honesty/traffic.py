@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import HonestySettings
+from cluster.core.settings import HonestySettings
 from cluster.honesty.verdicts import CHECKS, TRAFFIC_KEY, Traffic
-from cluster.stores.mongo import MongoStores
+from cluster.storage.mongo import MongoStores
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A :class:`Verdict` is ``pass``, ``fail`` or ``unknown`` (the check could not be made: the
 node has no signature route, did not answer, or the reference failed). MongoDB's
-:class:`~cluster.stores.mongo.VerdictRecord` knows only pass/fail, meaning *flagged or
+:class:`~cluster.storage.mongo.VerdictRecord` knows only pass/fail, meaning *flagged or
 not*: an unknown is stored as ``pass`` (not flagged) with ``evidence.outcome = "unknown"``
 and its reason, so nothing about it is lost.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from cluster.stores.mongo import VerdictRecord
+from cluster.core.verdicts import Outcome
+from cluster.storage.mongo import VerdictRecord
 
 CHECK_TOKENIZER = "tokenizer_signature"
 CHECK_CONFIG = "config_signature"
@@ -24,12 +24,6 @@ CHECK_SUBSTITUTION = "substitution"
 CHECKS: tuple[str, ...] = (CHECK_TOKENIZER, CHECK_CONFIG, CHECK_IDENTITY, CHECK_SYNTHETIC,
                            CHECK_SUBSTITUTION)
 TRAFFIC_KEY = "traffic"
-
-
-class Outcome(StrEnum):
-    PASS = "pass"
-    FAIL = "fail"
-    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,8 @@ from typing import Any
 
 import aiohttp
 
-from cluster.config import HonestySettings
-from cluster.honesty import openai_wire as wire
-from cluster.honesty.identity import judge_identities, reference_hashes, signature_from_answers
+from cluster.core.schemas import ApiKind, Node
+from cluster.core.settings import HonestySettings
 from cluster.honesty.node_client import NodeClient, NodeUnavailable
 from cluster.honesty.probes import ProbeKind, ProbeSet, build_probes
 from cluster.honesty.reference import (
@@ -62,8 +61,9 @@ from cluster.honesty.verdicts import (
     Traffic,
     Verdict,
 )
-from cluster.schemas import ApiKind, Node
-from cluster.stores.mongo import MongoStores, VerdictStore
+from cluster.storage.mongo import MongoStores, VerdictStore
+from cluster.tasks.identity import judge_identities, reference_hashes, signature_from_answers
+from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.errors import NodeError
+from cluster.core.errors import NodeError
 from cluster.poc.config import PocRoundParams
 from cluster.poc.validator import ClaimedProof, PocValidator, Verdict
 
 if TYPE_CHECKING:
-    from cluster.honesty.auth import RequestSigner
+    from cluster.auth.peers import RequestSigner
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class PocRoundDriver:
         self._signer = signer
 
     def init_body(self, target: PocNodeTarget, callback_url: str | None = None) -> dict[str, Any]:
-        from serve_apps.poc.protocol import PowInitRequest
+        from cluster.poc.protocol import PowInitRequest
 
         p = self._params
         return PowInitRequest(
@@ -106,7 +106,7 @@ class PocRoundDriver:
     async def collect(self, http: Any, target: PocNodeTarget,
                       seconds: float) -> tuple[ClaimedProof, int, float]:
         """(the node's claim, nonces it reports computed, seconds it generated)."""
-        from serve_apps.poc.protocol import BatchesResponse, PowStatusResponse
+        from cluster.poc.protocol import BatchesResponse, PowStatusResponse
 
         base = target.url.rstrip("/") + API
         await _call(http, "POST", f"{base}/pow/init/generate", self.init_body(target))

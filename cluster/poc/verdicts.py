@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from cluster.poc.validator import Verdict
 
 if TYPE_CHECKING:
-    from cluster.stores.mongo import MongoStores
+    from cluster.storage.mongo import MongoStores
 
 VERDICTS = "verdicts"
 

@@ -18,7 +18,7 @@
 3. validates ``serveConfigV2`` with Ray Serve's ``ServeDeploySchema`` (and refuses keys
    that schema would silently ignore), ``runtimeEnvYAML`` with Ray's ``RuntimeEnv``, a
    testbench entrypoint with the CLI's own parser and the ``TESTBENCH_*`` overrides with
-   ``cluster.config.Settings``;
+   ``cluster.core.settings.Settings``;
 4. validates core objects with ``kubernetes-validate`` (strict) when it is installed, and
    cross-checks references: Secrets, ConfigMaps and their keys, StatefulSet services,
    volume mounts, the store URLs against the Services and credentials, one image and the
@@ -678,7 +678,7 @@ def serve_config_errors(text: Any, where: str) -> tuple[list[str], list[str]]:
 # The pydantic model each builder validates its ``args`` with.
 SERVE_ARG_MODELS = {
     "serve_apps.llm:build_llm_node_app": "serve_apps.llm.config:LLMNodeConfig",
-    "serve_apps.diffusion:build_diffusion_app": "serve_apps.diffusion.config:DiffusionNodeConfig",
+    "serve_apps.diffusion:build_diffusion_app": "cluster.images.config:DiffusionNodeConfig",
     "serve_apps.evaluations:build_evaluations_app":
         "serve_apps.evaluations.config:EvaluationsAppConfig",
 }
@@ -760,15 +760,15 @@ _SETTINGS_SPECIAL = {"TESTBENCH_MONGO_URL", "TESTBENCH_POSTGRES_URL", "TESTBENCH
 
 def settings_errors(env: dict[str, str], where: str) -> tuple[list[str], list[str]]:
     """Do these TESTBENCH_* variables configure real settings? (errors, notes)"""
-    errors = [f"{where}: {k} is ignored by cluster.config (no __ between section and field)"
+    errors = [f"{where}: {k} is ignored by cluster.core.settings (no __ between section and field)"
               for k in env
               if k.startswith("TESTBENCH_") and k not in _SETTINGS_SPECIAL and "__" not in k]
     try:
         from pydantic import ValidationError
 
-        from cluster.config import load_settings
+        from cluster.core.settings import load_settings
     except ImportError as exc:
-        return errors, [f"{where}: cluster.config not importable ({exc}); settings not checked"]
+        return errors, [f"{where}: cluster.core.settings not importable ({exc}); settings not checked"]
     try:
         load_settings(None, environ={k: str(v) for k, v in env.items()
                                      if k != "TESTBENCH_CONFIG"})
@@ -819,9 +819,9 @@ def entrypoint_errors(entrypoint: str, where: str, kuberay: bool = True) -> tupl
         else:
             steps.append(argv)
     try:
-        from cluster.cli import build_parser
+        from cluster.cli.main import build_parser
     except ImportError as exc:
-        return errors, [f"{where}: cluster.cli not importable ({exc}); entrypoint not checked"]
+        return errors, [f"{where}: cluster.cli.main not importable ({exc}); entrypoint not checked"]
     checked = 0
     for argv in steps:
         if argv[:3] == ["python", "-m", "cluster"]:
@@ -1153,7 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(that imports vLLM and diffusers: slow)")
     args = parser.parse_args(argv)
     if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # cluster.config / cluster.cli for the checks
+        sys.path.insert(0, str(REPO_ROOT))  # cluster.core.settings / cluster.cli.main for the checks
     failed = False
     for directory in args.dirs:
         try:

@@ -6,16 +6,16 @@ Locally the node serves a tiny pipeline built from configs (``prepare_tiny_pipel
 production a diffusers model directory on a GPU.
 """
 
-from serve_apps.diffusion.config import (
+from cluster.images.config import (
     DeploymentOptions,
     DiffusionNodeConfig,
     ImageDefaults,
     ImageLimits,
     parse_size,
 )
-from serve_apps.diffusion.errors import ImageRequestError, PipelineLoadError
+from cluster.images.errors import ImageRequestError, PipelineLoadError
+from cluster.images.tiny_pipeline import prepare_tiny_pipeline, tiny_pipeline_path
 from serve_apps.diffusion.server import DiffusionServer, build_diffusion_app
-from serve_apps.diffusion.tiny_pipeline import prepare_tiny_pipeline, tiny_pipeline_path
 
 __all__ = [
     "DeploymentOptions",

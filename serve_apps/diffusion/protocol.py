@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_apps.diffusion.config import SIZE_PATTERN
+from cluster.images.config import SIZE_PATTERN
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -6,8 +6,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from cluster.images.errors import ImageRequestError
 from serve_apps.diffusion import protocol as wire
-from serve_apps.diffusion.errors import ImageRequestError
 from serve_apps.diffusion.serving import ImageServing
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from serve_apps.diffusion.config import DiffusionNodeConfig
+from cluster.images.config import DiffusionNodeConfig
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -24,7 +24,7 @@ class DiffusionServer:
     """One replica of a diffusion node: a loaded pipeline behind the node's routes."""
 
     def __init__(self, config: DiffusionNodeConfig) -> None:
-        from serve_apps.diffusion.engine import DiffusersEngine
+        from cluster.images.engine import DiffusersEngine
         from serve_apps.diffusion.serving import ImageServing
 
         self._serving: ImageServing = ImageServing(DiffusersEngine.load(config), config)

@@ -8,10 +8,10 @@ import random
 import time
 from collections.abc import Callable
 
+from cluster.images.config import DiffusionNodeConfig, parse_size
+from cluster.images.engine import GenerationJob, ImageEngine
+from cluster.images.errors import ImageRequestError
 from serve_apps.diffusion import protocol as wire
-from serve_apps.diffusion.config import DiffusionNodeConfig, parse_size
-from serve_apps.diffusion.engine import GenerationJob, ImageEngine
-from serve_apps.diffusion.errors import ImageRequestError
 
 log = logging.getLogger(__name__)
 

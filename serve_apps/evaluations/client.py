@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from cluster.errors import TestbenchError
+from cluster.core.errors import TestbenchError
 from serve_apps.evaluations import protocol as wire
 
 

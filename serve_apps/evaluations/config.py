@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.config import Settings, apply_env_overrides
+from cluster.core.settings import Settings, apply_env_overrides
 
 
 class _Strict(BaseModel):

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cluster.errors import ErrorCode
-from cluster.stores.mongo import MongoStores
+from cluster.core.errors import ErrorCode
+from cluster.storage.mongo import MongoStores
 from serve_apps.evaluations import protocol as wire
 
 VERDICTS = "verdicts"

@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cluster.config import RequesterSettings, Settings
-from cluster.errors import TestbenchError
+from cluster.core.errors import TestbenchError
+from cluster.core.settings import RequesterSettings, Settings
 from cluster.evaluations.results import with_samples
 from cluster.evaluations.runner import EvaluationRunner, RelayRecorder
 from cluster.evaluations.runs import (
@@ -38,7 +38,7 @@ from cluster.evaluations.runs import (
 from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState
 from cluster.evaluations.store import EvaluationStore, LogLine
 from cluster.evaluations.worker import EvaluationWorker
-from cluster.runtime import StoreConnections
+from cluster.storage.connections import StoreConnections
 from serve_apps.evaluations import protocol as wire
 from serve_apps.evaluations.leaderboard import load_leaderboard
 
@@ -123,7 +123,7 @@ class EvaluationService:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Connect, create indexes and start executing runs (unless API only)."""
-        from actors.requester import Requester
+        from actors.requester import loop_requester
 
         mongo = await self._stores.mongo()
         self._store = EvaluationStore(mongo, self._clock)
@@ -139,7 +139,7 @@ class EvaluationService:
             requester_settings: RequesterSettings = self.settings.requester.model_copy(update={
                 "per_node_concurrency": cfg.per_run_concurrency,
             })
-            self._requester = Requester(requester_settings, RelayRecorder(self._store))
+            self._requester = loop_requester(requester_settings, RelayRecorder(self._store))
             runner = EvaluationRunner(self.settings, self._stores, self._store, self._requester,
                                       self._executor, self._clock)
             self.worker = EvaluationWorker(cfg, self._store, runner, clock=self._clock)

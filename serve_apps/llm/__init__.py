@@ -10,7 +10,7 @@ Config files: ``import_path: serve_apps.llm:build_llm_node_app`` with the config
 (see ``serve_apps/configs/``).
 
 The names are imported on first use: the ``ModelSignatures`` replica imports
-``serve_apps.llm.signature`` (pydantic and hashlib only) and must not pay for Ray Serve
+``cluster.modeldir.signatures`` (pydantic and hashlib only) and must not pay for Ray Serve
 LLM's imports (~30 s of CPU on a busy 2-core machine) while vLLM starts beside it.
 """
 
@@ -20,21 +20,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from serve_apps.llm.builder import build_llm_config, build_llm_node_app
+    from cluster.modeldir.signatures import ModelSignatures, SignatureError, UnknownSignatureFile
+    from cluster.wire.signatures import ConfigSignature, FileDigest, TokenizerSignature
     from serve_apps.llm.config import LLMNodeConfig
-    from serve_apps.llm.protocol import ConfigSignature, FileDigest, TokenizerSignature
-    from serve_apps.llm.signature import ModelSignatures, SignatureError, UnknownSignatureFile
+    from serve_apps.llm.server import build_llm_config, build_llm_node_app
 
 _EXPORTS: dict[str, str] = {
-    "build_llm_config": "serve_apps.llm.builder",
-    "build_llm_node_app": "serve_apps.llm.builder",
+    "build_llm_config": "serve_apps.llm.server",
+    "build_llm_node_app": "serve_apps.llm.server",
     "LLMNodeConfig": "serve_apps.llm.config",
-    "ConfigSignature": "serve_apps.llm.protocol",
-    "FileDigest": "serve_apps.llm.protocol",
-    "TokenizerSignature": "serve_apps.llm.protocol",
-    "ModelSignatures": "serve_apps.llm.signature",
-    "SignatureError": "serve_apps.llm.signature",
-    "UnknownSignatureFile": "serve_apps.llm.signature",
+    "ConfigSignature": "cluster.wire.signatures",
+    "FileDigest": "cluster.wire.signatures",
+    "TokenizerSignature": "cluster.wire.signatures",
+    "ModelSignatures": "cluster.modeldir.signatures",
+    "SignatureError": "cluster.modeldir.signatures",
+    "UnknownSignatureFile": "cluster.modeldir.signatures",
 }
 
 __all__ = [

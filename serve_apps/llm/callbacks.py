@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve_apps.llm.model_source import SourceKind, source_kind
+from cluster.modeldir.sources import SourceKind, source_kind
 from serve_apps.llm.ray_llm_compat import CallbackBase
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve.llm import LLMConfig
 
-from serve_apps.llm.model_source import SourceKind, resolve_local, source_kind
+from cluster.modeldir.sources import SourceKind, resolve_local, source_kind
 
 Device = Literal["cpu", "gpu"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -53,7 +53,7 @@ class LLMNodeConfig(BaseModel):
     model_source: str = Field(
         min_length=1,
         description="local model directory, Hugging Face repo id or remote URI "
-        "(see serve_apps.llm.model_source)",
+        "(see cluster.modeldir.sources)",
     )
     device: Device = "cpu"
     dtype: Dtype = "auto"

@@ -1,11 +1,11 @@
 """The PoC node: Ray worker actors, the pow routes and the node control API (DESIGN §5).
 
-Import the Serve builder from ``serve_apps.poc.app`` (it imports Ray); the rest is plain.
+Import the Serve builder from ``serve_apps.poc.server`` (it imports Ray); the rest is plain.
 """
 
+from cluster.poc.protocol import NodeState, PowState
 from serve_apps.poc.config import PocNodeConfig
 from serve_apps.poc.deployers import LlmDeployer, LlmEndpoint, ServeLlmDeployer
-from serve_apps.poc.protocol import NodeState, PowState
 from serve_apps.poc.serving import NotSupported, PocNodeService, StateConflict
 
 __all__ = [

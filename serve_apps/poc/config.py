@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cluster.config import AuthSettings
+from cluster.core.settings import AuthSettings
 from cluster.poc.config import ValidationConfig
 
 

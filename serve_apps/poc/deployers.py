@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from cluster.errors import TestbenchError
+from cluster.core.errors import TestbenchError
 
 LLM_BUILDER = "serve_apps.llm:build_llm_node_app"
 

@@ -20,14 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from cluster.errors import ErrorCode, TestbenchError
-from cluster.poc.validator import judge
-from serve_apps.poc.callbacks import CallbackQueue, CallbackSender
-from serve_apps.poc.config import PocNodeConfig
-from serve_apps.poc.deployers import LlmDeployer, LlmEndpoint
-from serve_apps.poc.generator import NoncePlan, PowGenerator
-from serve_apps.poc.pool import WorkerPool, WorkerPoolFactory
-from serve_apps.poc.protocol import (
+from cluster.core.errors import ErrorCode, TestbenchError
+from cluster.poc.protocol import (
     Ack,
     BatchesResponse,
     InferenceStatus,
@@ -41,6 +35,12 @@ from serve_apps.poc.protocol import (
     ProofBatch,
     ValidatedBatch,
 )
+from cluster.poc.validator import judge
+from serve_apps.poc.callbacks import CallbackQueue, CallbackSender
+from serve_apps.poc.config import PocNodeConfig
+from serve_apps.poc.deployers import LlmDeployer, LlmEndpoint
+from serve_apps.poc.generator import NoncePlan, PowGenerator
+from serve_apps.poc.pool import WorkerPool, WorkerPoolFactory
 from serve_apps.poc.worker import GeneratedChunk, PowWorkerSpec
 
 log = logging.getLogger(__name__)

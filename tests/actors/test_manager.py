@@ -11,11 +11,11 @@ import pytest
 
 from actors.local import LocalPipeline
 from actors.manager import Manager
-from cluster.config import Settings
-from cluster.errors import ErrorCode
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ async def test_restarted_manager_rebuilds_state_and_redrives_orphans(
     await first.stop()
     # An orphan: prompts a dead Sampler wrote for doc 499, never relayed or scored.
     pipeline = LocalPipeline(settings)
-    from cluster.schemas import SampleRequest
+    from cluster.core.schemas import SampleRequest
 
     _, prompts = await pipeline.samplers[0].sample(SampleRequest(
         node=correct_node, task="openbookqa", count=1,

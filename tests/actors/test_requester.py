@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from actors.requester import Requester
-from cluster.config import RequesterSettings, SlaSettings
-from cluster.errors import ErrorCode
-from cluster.schemas import Node, Prompt, Relay
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node, Prompt, Relay
+from cluster.core.settings import RequesterSettings, SlaSettings
+from cluster.nodes.requester import Requester
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 MAX_RETRIES = 2
 

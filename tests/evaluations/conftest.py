@@ -19,8 +19,8 @@ import pytest
 from eval_app import TENANTS, EvalApp
 from ray import serve
 
-from cluster.config import EvaluationSettings, Settings, StoreSettings
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.core.settings import EvaluationSettings, Settings, StoreSettings
+from cluster.testing.testnode import NodeBehaviour, TestNode
 from serve_apps.evaluations import build_evaluations_app
 from serve_apps.evaluations.config import DeploymentOptions, EvaluationsAppConfig
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from cluster.config import Settings
+from cluster.core.settings import Settings
 
 TENANTS = {
     "alice": "alice-token-0123456789abcdef",

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from eval_app import TENANTS, EvalApp, done_docs, wait_for
 
-from cluster.testnode import TestNode
+from cluster.testing.testnode import TestNode
 from serve_apps.evaluations.client import parse_sse
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from eval_app import TENANTS, EvalApp
 
-from cluster.evaluations.cli import add_eval_parser, cmd_eval, parse_gen_kwargs
-from cluster.testnode import TestNode
+from cluster.cli.evaluations import add_eval_parser, cmd_eval, parse_gen_kwargs
+from cluster.testing.testnode import TestNode
 
 pytestmark = pytest.mark.slow
 

@@ -27,12 +27,12 @@ from eval_app import EvalApp
 
 from actors.evaluator import Evaluator
 from actors.local import MongoRelaySink
-from actors.requester import Requester
 from actors.sampler import Sampler
-from cluster.config import PROJECT_ROOT, Settings
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node, SampleRequest
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.core.schemas import Node, SampleRequest
+from cluster.core.settings import PROJECT_ROOT, Settings
+from cluster.nodes.requester import Requester
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 pytestmark = pytest.mark.slow
 

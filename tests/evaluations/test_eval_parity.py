@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from eval_app import EvalApp, wait_for
 
-from cluster.config import PROJECT_ROOT
-from cluster.lmeval_adapter import task_config, task_manager
-from cluster.testnode import TestNode
+from cluster.core.settings import PROJECT_ROOT
+from cluster.tasks.lmeval import task_config, task_manager
+from cluster.testing.testnode import TestNode
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 import ray
 from eval_app import EvalApp, done_docs, wait_for
 
-from cluster.testnode import TestNode
+from cluster.testing.testnode import TestNode
 
 pytestmark = pytest.mark.slow
 

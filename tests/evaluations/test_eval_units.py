@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import PROJECT_ROOT, Settings
-from cluster.errors import ErrorCode
+from cluster.core.errors import ErrorCode
+from cluster.core.settings import PROJECT_ROOT, Settings
 from cluster.evaluations.runs import new_run, request_cancel
 from cluster.evaluations.scoring import build_doc_prompts
 from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState
 from cluster.evaluations.store import EvaluationStore
 from cluster.evaluations.worker import claim_run, finish_run
-from cluster.lmeval_adapter import load_task_adapter
-from cluster.runtime import StoreConnections
+from cluster.storage.connections import StoreConnections
+from cluster.tasks.lmeval import load_task_adapter
 from serve_apps.evaluations.client import parse_sse
 from serve_apps.evaluations.leaderboard import (
     cells_from_summaries,
@@ -136,7 +136,7 @@ def test_leases_cas_and_cancel_decide_who_runs_what(fresh_settings: Settings) ->
 def test_tenants_come_from_settings_with_long_distinct_tokens(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
-    from cluster.config import EvaluationSettings, load_settings
+    from cluster.core.settings import EvaluationSettings, load_settings
     from serve_apps.evaluations.config import EvaluationsAppConfig
 
     with pytest.raises(ValidationError, match="shorter than 16"):

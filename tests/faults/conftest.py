@@ -13,7 +13,7 @@ from collections.abc import Generator
 import pytest
 from fault_report import DOC, FAULTS, FaultTable, write_doc
 
-from cluster.config import PROJECT_ROOT
+from cluster.core.settings import PROJECT_ROOT
 
 _TABLE = FaultTable()
 

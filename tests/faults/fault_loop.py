@@ -17,11 +17,11 @@ from typing import Any
 import ray
 
 from actors.remote import MANAGER_NAME
-from cluster.config import Settings
-from cluster.errors import ErrorCode
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 TASK = "gsm8k"  # generate_until: one request per doc, the cheapest to build and score
 

@@ -10,7 +10,7 @@ import datetime as dt
 import platform
 from dataclasses import dataclass
 
-from cluster.config import PROJECT_ROOT
+from cluster.core.settings import PROJECT_ROOT
 
 DOC = PROJECT_ROOT / "docs" / "fault-injection.md"
 

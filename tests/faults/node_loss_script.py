@@ -41,9 +41,9 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.remote import MANAGER_NAME, ManagerActor
-from cluster.cli import run_loop
-from cluster.config import Settings
-from cluster.testnode import NodeBehaviour
+from cluster.cli.main import run_loop
+from cluster.core.settings import Settings
+from cluster.testing.testnode import NodeBehaviour
 
 T0 = time.monotonic()
 

@@ -27,12 +27,12 @@ from fault_loop import (
 from fault_report import FaultTable
 from hostile import HostileMode, HostileNode
 
-from cluster.cli import run_loop
-from cluster.config import Settings
-from cluster.errors import ErrorCode
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.cli.main import run_loop
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 TARGET = 3
 HUGE = 100 * 1024 * 1024

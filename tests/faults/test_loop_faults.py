@@ -36,11 +36,11 @@ from fault_loop import (
 from fault_report import FaultTable
 
 from actors.remote import get_or_create_manager
-from cluster.cli import load_datasets, run_loop
-from cluster.config import Settings, StoreSettings
-from cluster.embedded import EmbeddedMongo, EmbeddedPostgres
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour
+from cluster.cli.main import load_datasets, run_loop
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings, StoreSettings
+from cluster.local.embedded import EmbeddedMongo, EmbeddedPostgres
+from cluster.testing.testnode import NodeBehaviour
 
 TARGET = 4
 PG_DOWN_S = 6.0

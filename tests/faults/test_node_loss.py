@@ -21,7 +21,7 @@ import pytest
 from fault_loop import fault_settings, summary_line
 from fault_report import FaultTable
 
-from cluster.config import PROJECT_ROOT, Settings
+from cluster.core.settings import PROJECT_ROOT, Settings
 
 SCRIPT = Path(__file__).with_name("node_loss_script.py")
 TARGET = 6

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from cluster.stores.mongo import MongoStores
-from cluster.stores.testing import ExternalMongo
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.storage.mongo import MongoStores
+from cluster.testing.stores import ExternalMongo
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from fastapi import FastAPI, Request
 from honesty_servers import AppServer
 from pydantic import ValidationError
 
-from cluster.config import AuthSettings, load_settings
-from cluster.honesty.auth import (
+from cluster.auth.keys import Ed25519Key
+from cluster.auth.peers import (
     AuthProblem,
     AuthRefused,
     KeyRegistry,
@@ -24,9 +24,9 @@ from cluster.honesty.auth import (
     RequestSigner,
     RequestVerifier,
 )
-from cluster.honesty.keys import Ed25519Key
-from cluster.stores.mongo import MongoStores
-from serve_apps.peer_auth import install_peer_auth
+from cluster.core.settings import AuthSettings, load_settings
+from cluster.storage.mongo import MongoStores
+from serve_apps.common.peer_auth import install_peer_auth
 
 CONTROL = Ed25519Key(bytes([7]) * 32)
 JOBS_ONLY = Ed25519Key(bytes([8]) * 32)
@@ -212,7 +212,7 @@ async def test_memory_nonces_are_forgotten_once_their_timestamp_expired() -> Non
 
 
 def test_the_signed_host_ignores_case_and_default_ports() -> None:
-    from cluster.honesty.auth import canonical_request
+    from cluster.auth.peers import canonical_request
 
     a = canonical_request("get", "Node-A:80", "/p", "q=1", "1.000", "n" * 16, "k", b"")
     b = canonical_request("GET", "node-a", "/p", "q=1", "1.000", "n" * 16, "k", b"")

@@ -19,14 +19,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from cluster.config import HonestySettings
+from cluster.core.settings import HonestySettings
 from cluster.honesty.probes import build_probes
 from cluster.honesty.reference import ServeReference, TransformersReference
 from cluster.honesty.traffic import verification_traffic
 from cluster.honesty.verdicts import CHECKS, Outcome, Verdict, format_verdicts
 from cluster.honesty.verification import NodeTarget, Verifier, record_verdicts
-from cluster.honesty.zoo import ZooProcess
-from cluster.stores.mongo import MongoStores
+from cluster.storage.mongo import MongoStores
+from cluster.testing.zoo import ZooProcess
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,7 @@ import time
 
 import pytest
 
-from cluster.config import HonestySettings
-from cluster.honesty import openai_wire as wire
-from cluster.honesty.identity import (
-    IdentitySignature,
-    answer_sha256,
-    judge_identities,
-    signature_from_answers,
-    trace_sha256,
-)
+from cluster.core.settings import HonestySettings
 from cluster.honesty.probes import build_probes
 from cluster.honesty.reference import ReferenceAnswer, TokenScore, align_token_ids
 from cluster.honesty.substitution import (
@@ -32,8 +24,16 @@ from cluster.honesty.traffic import (
     verification_traffic,
 )
 from cluster.honesty.verdicts import Outcome, Traffic, Verdict, format_verdicts
-from cluster.honesty.zoo import NodeSpec
-from cluster.stores.mongo import MongoStores
+from cluster.storage.mongo import MongoStores
+from cluster.tasks.identity import (
+    IdentitySignature,
+    answer_sha256,
+    judge_identities,
+    signature_from_answers,
+    trace_sha256,
+)
+from cluster.testing.zoo import NodeSpec
+from cluster.wire import openai as wire
 
 REF_TEXTS = ("alpha beta", "gamma delta", "epsilon")
 
@@ -249,7 +249,7 @@ def test_rounds_are_due_within_the_traffic_budget() -> None:
 def test_zoo_node_specs_name_kind_and_proxy_target() -> None:
     import argparse
 
-    from cluster.honesty.zoo.__main__ import parse_node
+    from cluster.testing.zoo.__main__ import parse_node
 
     assert parse_node("honest", 0) == NodeSpec("honest", "honest", 0, None)
     assert parse_node("reference=honest", 0) == NodeSpec("reference", "honest", 0, None)
@@ -261,7 +261,7 @@ def test_zoo_node_specs_name_kind_and_proxy_target() -> None:
 
 
 def test_the_demo_zoo_fronts_the_real_node_and_registers_honest_first() -> None:
-    from cluster.honesty.zoo.demo import demo_zoo, zoo_nodes
+    from cluster.testing.zoo.demo import demo_zoo, zoo_nodes
 
     assert demo_zoo("/m", honest_url="http://n:1/llm").nodes == [
         "perturbed", "quantized", "lazy", "random", "proxy@http://n:1/llm"]

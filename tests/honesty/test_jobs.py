@@ -13,8 +13,15 @@ import openai
 import pytest
 from honesty_servers import AppServer
 
-from cluster.config import AuthSettings, ReceiptSettings
-from cluster.honesty.jobs import (
+from cluster.auth.keys import Ed25519Key
+from cluster.auth.receipts import (
+    JobAssignment,
+    MemoryReplayGuard,
+    Receipt,
+    ReceiptVerifier,
+)
+from cluster.core.settings import AuthSettings, ReceiptSettings
+from cluster.honesty.receipt_audit import (
     AuditReport,
     JobAuditor,
     JobClient,
@@ -22,19 +29,12 @@ from cluster.honesty.jobs import (
     OpenAIReference,
     answer_texts,
 )
-from cluster.honesty.keys import Ed25519Key
-from cluster.honesty.receipts import (
-    JobAssignment,
-    MemoryReplayGuard,
-    Receipt,
-    ReceiptVerifier,
-)
-from cluster.stores.mongo import MongoStores
-from cluster.testnode import TestNode
-from serve_apps.jobs import JobsAppConfig
-from serve_apps.jobs import protocol as wire
-from serve_apps.jobs.routes import create_api
-from serve_apps.jobs.serving import JobServing
+from cluster.storage.mongo import MongoStores
+from cluster.streaming import protocol as wire
+from cluster.testing.testnode import TestNode
+from serve_apps.streaming import JobsAppConfig
+from serve_apps.streaming.routes import create_api
+from serve_apps.streaming.serving import JobServing
 
 NODE_KEY = Ed25519Key(bytes([21]) * 32)
 IMPOSTOR_KEY = Ed25519Key(bytes([22]) * 32)
@@ -231,7 +231,7 @@ async def test_the_wrapper_refuses_what_it_cannot_sign(
 
 
 def test_job_routes_can_require_signed_callers(honest_node: TestNode) -> None:
-    from cluster.honesty.auth import RequestSigner
+    from cluster.auth.peers import RequestSigner
 
     client_key = Ed25519Key(bytes([23]) * 32)
     assert honest_node.base_url is not None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.honesty.keys import Ed25519Key, verify_signature
-from cluster.honesty.receipts import (
+from cluster.auth.keys import Ed25519Key, verify_signature
+from cluster.auth.receipts import (
     JobAssignment,
     MemoryReplayGuard,
     Receipt,
@@ -14,7 +14,7 @@ from cluster.honesty.receipts import (
     ReceiptSigner,
     ReceiptVerifier,
 )
-from cluster.stores.mongo import MongoStores
+from cluster.storage.mongo import MongoStores
 
 NODE_KEY = Ed25519Key(bytes(range(32)))
 OTHER_KEY = Ed25519Key(bytes(range(1, 33)))

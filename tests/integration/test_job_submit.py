@@ -32,11 +32,11 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.state import list_actors
 
 from actors.remote import MANAGER_NAME
-from cluster.config import PROJECT_ROOT, Settings, StoreSettings
-from cluster.embedded import free_port
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.core.schemas import Node
+from cluster.core.settings import PROJECT_ROOT, Settings, StoreSettings
+from cluster.local.embedded import free_port
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 # What the upload leaves out: the venv and model cache (GBs), local data, vendored CRDs.
 EXCLUDES = [".venv", ".cache", "data", "infra/kuberay/crds", ".git"]

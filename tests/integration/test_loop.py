@@ -20,13 +20,13 @@ import pytest
 import ray
 
 from actors.remote import MANAGER_NAME
-from cluster.cli import fetch_signature_findings, run_loop
-from cluster.config import Settings
-from cluster.errors import ErrorCode
+from cluster.cli.main import fetch_signature_findings, run_loop
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
 from cluster.honesty.verdicts import Outcome
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 TARGET = 6
 

@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics import record_verdict
 from actors.remote import MANAGER_NAME
-from cluster.cli import run_loop
-from cluster.config import Settings
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.cli.main import run_loop
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 TASK = "gsm8k"
 Labels = dict[str, str]

@@ -12,20 +12,20 @@ from typing import Any
 
 import pytest
 
-from cluster.cli import build_parser, cmd_job
-from cluster.config import Settings
-from cluster.errors import ErrorCode
+from cluster.cli.main import build_parser, cmd_job
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
 from cluster.honesty.verdicts import Outcome, Verdict
-from cluster.organic import (
+from cluster.organic.jobs import (
     ORGANIC_JOBS,
     NoNodeAvailable,
     OrganicJobs,
     OrganicRequest,
     rank_candidates,
 )
-from cluster.runtime import StoreConnections
-from cluster.schemas import Node
-from cluster.testnode import NodeBehaviour, TestNode
+from cluster.storage.connections import StoreConnections
+from cluster.testing.testnode import NodeBehaviour, TestNode
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_the_cli_runs_and_lists_jobs(settings: Settings, capsys: pytest.CaptureF
 
 def test_scores_reads_the_honesty_state_in_one_pass(settings: Settings,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.cli import cmd_scores
+    from cluster.cli.main import cmd_scores
 
     assert cmd_scores(settings, build_parser().parse_args(["scores", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)

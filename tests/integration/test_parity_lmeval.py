@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cluster import full_pass
-from cluster.config import PROJECT_ROOT
-from cluster.errors import ErrorCode
-from cluster.lmeval_adapter import TaskAdapter, load_task_adapter
-from cluster.schemas import Node, Prompt, Relay, sample_key
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node, Prompt, Relay, sample_key
+from cluster.core.settings import PROJECT_ROOT
+from cluster.tasks.lmeval import TaskAdapter, load_task_adapter
+from cluster.testing import full_pass
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ CONCURRENCY = 16
 
 @pytest.fixture(scope="module")
 def node_url(smollm2_dir: Path) -> Iterator[str]:
-    from cluster.testnode import NodeBehaviour, TestNode
+    from cluster.testing.testnode import NodeBehaviour, TestNode
 
     node = TestNode(NodeBehaviour(mode="correct"), tokenizer_path=smollm2_dir, model_name=MODEL)
     url = node.start_in_thread()

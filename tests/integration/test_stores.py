@@ -1,4 +1,4 @@
-"""Stores against real servers: the embedded ones (cluster.embedded) and "external" ones
+"""Stores against real servers: the embedded ones (cluster.local.embedded) and "external" ones
 started separately (pgserver's own API, the nx-27017 console script) and passed by URL."""
 
 from __future__ import annotations
@@ -20,14 +20,19 @@ import asyncpg
 import pytest
 from pymongo import AsyncMongoClient
 
-from cluster.config import PROJECT_ROOT, StoreSettings
-from cluster.datasets_loader import load_task_datasets, load_user_file, read_rows
-from cluster.embedded import EmbeddedMongo, EmbeddedPostgres, EmbeddedServerError, EmbeddedStores
-from cluster.errors import DatasetError, ErrorCode, RegistrationError
-from cluster.schemas import Node, Prompt, Relay, Sample, prompt_id, sample_key
-from cluster.stores.mongo import BufferEntry, MongoStores
-from cluster.stores.postgres import DatasetStore, dataset_table_name
-from cluster.stores.testing import ExternalMongo, ExternalPostgres
+from cluster.core.errors import DatasetError, ErrorCode, RegistrationError
+from cluster.core.schemas import Node, Prompt, Relay, Sample, prompt_id, sample_key
+from cluster.core.settings import PROJECT_ROOT, StoreSettings
+from cluster.local.embedded import (
+    EmbeddedMongo,
+    EmbeddedPostgres,
+    EmbeddedServerError,
+    EmbeddedStores,
+)
+from cluster.storage.mongo import BufferEntry, MongoStores
+from cluster.storage.postgres import DatasetStore, dataset_table_name
+from cluster.tasks.datasets import load_task_datasets, load_user_file, read_rows
+from cluster.testing.stores import ExternalMongo, ExternalPostgres
 
 
 def _datasets_dir() -> Path:
@@ -431,8 +436,8 @@ def test_a_data_dir_has_one_owner(tmp_path: Path) -> None:
 _OWNER = """
 import json, sys, threading, time
 from pathlib import Path
-from cluster.config import StoreSettings
-from cluster.embedded import EmbeddedStores
+from cluster.core.settings import StoreSettings
+from cluster.local.embedded import EmbeddedStores
 stores = EmbeddedStores(StoreSettings(data_dir=Path(sys.argv[1])))
 if sys.argv[2] == "thread":  # no parent-death signal from a worker thread: orphans stay
     t = threading.Thread(target=stores.start)

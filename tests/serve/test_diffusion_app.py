@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.config import PROJECT_ROOT
-from cluster.image_checks import decode_png_b64, psnr, reproducible
+from cluster.core.settings import PROJECT_ROOT
+from cluster.images.checks import decode_png_b64, psnr, reproducible
 from serve_apps.diffusion import DiffusionNodeConfig, build_diffusion_app
 
 APP_NAME = "diffusion"
@@ -131,7 +131,7 @@ def test_different_seeds_or_prompts_give_different_images(diffusion_url: str) ->
 
 def test_a_served_image_is_regenerated_exactly_in_another_process(diffusion_url: str) -> None:
     """What a validator does: same prompt, settings and seed on its own copy of the model."""
-    from serve_apps.diffusion.engine import DiffusersEngine, GenerationJob
+    from cluster.images.engine import DiffusersEngine, GenerationJob
     from serve_apps.diffusion.protocol import encode_png_b64
 
     (served,) = _images(diffusion_url, prompt="a lighthouse at dusk", seed=42, steps=3)
@@ -213,8 +213,8 @@ def test_a_body_that_is_not_json_gets_422(diffusion_url: str) -> None:
 
 # ---- the diffusion_repro task: what the measuring loop does with a diffusion node --------
 def _repro_adapter(model: str = "tiny-diffusion") -> Any:
-    from cluster.schemas import Node
-    from cluster.tasks import load_adapter
+    from cluster.core.schemas import Node
+    from cluster.tasks.registry import load_adapter
 
     node = Node(node_id="diff", url="http://127.0.0.1:1", model=model, kind="diffusion")
     return load_adapter("diffusion_repro", PROJECT_ROOT / "datasets", node)
@@ -223,8 +223,8 @@ def _repro_adapter(model: str = "tiny-diffusion") -> Any:
 def test_the_loop_measures_a_serve_diffusion_node_as_reproducible(diffusion_url: str) -> None:
     import asyncio
 
-    from cluster.full_pass import read_rows, run_pass
-    from cluster.schemas import Node
+    from cluster.core.schemas import Node
+    from cluster.testing.full_pass import read_rows, run_pass
 
     adapter = _repro_adapter()
     node = Node(node_id="tiny-diffusion-serve", url=diffusion_url, model="tiny-diffusion",
@@ -245,8 +245,8 @@ def test_a_different_image_is_flagged_and_garbage_is_the_nodes_fault() -> None:
     import numpy as np
     from PIL import Image
 
-    from cluster.errors import ErrorCode, EvaluationError, NodeError
-    from cluster.schemas import Relay
+    from cluster.core.errors import ErrorCode, EvaluationError, NodeError
+    from cluster.core.schemas import Relay
 
     adapter = _repro_adapter()
     doc = {"prompt": "a lighthouse at sunset", "seed": 5}

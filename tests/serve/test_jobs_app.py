@@ -14,15 +14,15 @@ import httpx
 import pytest
 from ray import serve
 
-from cluster.config import AuthSettings
-from cluster.honesty.auth import RequestSigner
-from cluster.honesty.jobs import JobClient, answer_texts
-from cluster.honesty.keys import Ed25519Key
-from cluster.honesty.receipts import JobAssignment, MemoryReplayGuard, Receipt, ReceiptVerifier
-from cluster.testnode import NodeBehaviour, TestNode
-from serve_apps.jobs import JobsAppConfig
-from serve_apps.jobs import protocol as wire
-from serve_apps.jobs.server import build_jobs_app
+from cluster.auth.keys import Ed25519Key
+from cluster.auth.peers import RequestSigner
+from cluster.auth.receipts import JobAssignment, MemoryReplayGuard, Receipt, ReceiptVerifier
+from cluster.core.settings import AuthSettings
+from cluster.honesty.receipt_audit import JobClient, answer_texts
+from cluster.streaming import protocol as wire
+from cluster.testing.testnode import NodeBehaviour, TestNode
+from serve_apps.streaming import JobsAppConfig
+from serve_apps.streaming.server import build_jobs_app
 
 APP_NAME = "jobs-test"
 PREFIX = "/jobs-test"

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 from llm_node_under_test import LLMNode
 
-from cluster.config import HonestySettings
+from cluster.core.settings import HonestySettings
 from cluster.honesty.reference import TransformersReference
 from cluster.honesty.verdicts import Outcome, format_verdicts
 from cluster.honesty.verification import NodeTarget, Verifier

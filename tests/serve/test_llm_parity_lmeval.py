@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from llm_node_under_test import LLMNode
 
-from cluster.config import PROJECT_ROOT, RequesterSettings
-from cluster.full_pass import (
+from cluster.core.schemas import Node
+from cluster.core.settings import PROJECT_ROOT, RequesterSettings
+from cluster.tasks.lmeval import load_task_adapter
+from cluster.testing.full_pass import (
     PassResult,
     compare_doc_metrics,
     lm_eval_doc_metrics,
@@ -24,8 +26,6 @@ from cluster.full_pass import (
     run_lm_eval,
     run_pass,
 )
-from cluster.lmeval_adapter import load_task_adapter
-from cluster.schemas import Node
 
 pytestmark = pytest.mark.slow
 

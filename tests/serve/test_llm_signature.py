@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.modeldir.signatures import combined_sha256, digest_files
+from cluster.modeldir.sources import SourceKind, resolve_local, source_kind
 from serve_apps.llm import ModelSignatures, SignatureError, UnknownSignatureFile
-from serve_apps.llm.model_source import SourceKind, resolve_local, source_kind
-from serve_apps.llm.signature import combined_sha256, digest_files
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_the_signature_replica_imports_neither_ray_nor_vllm() -> None:
     # The ModelSignatures replica starts beside vLLM; Ray Serve LLM's imports would cost it
     # tens of seconds of CPU there (see serve_apps/llm/__init__.py).
     code = (
-        "import sys, serve_apps.llm.signature; "
+        "import sys, cluster.modeldir.signatures; "
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'torch')); "
         "assert not heavy, heavy"
     )

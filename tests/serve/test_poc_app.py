@@ -23,16 +23,16 @@ import requests
 import torch
 from ray import serve
 
-from cluster.config import AuthSettings, Settings
-from cluster.honesty.auth import RequestSigner
-from cluster.honesty.keys import Ed25519Key
-from cluster.poc.cli import add_poc_parser, cmd_poc
+from cluster.auth.keys import Ed25519Key
+from cluster.auth.peers import RequestSigner
+from cluster.cli.poc import add_poc_parser, cmd_poc
+from cluster.core.settings import AuthSettings, Settings
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, ValidationConfig
+from cluster.poc.protocol import PowInitRequest
 from cluster.poc.validator import ClaimedProof, PocValidator
-from serve_apps.poc.app import build_poc_node_app
 from serve_apps.poc.deployers import LlmEndpoint
-from serve_apps.poc.protocol import PowInitRequest
+from serve_apps.poc.server import build_poc_node_app
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.models import smollm2_path
+from cluster.local.models import smollm2_path
 from serve_apps.llm import LLMNodeConfig, build_llm_node_app
 
 CONFIGS = Path(__file__).resolve().parents[2] / "serve_apps" / "configs"

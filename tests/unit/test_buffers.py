@@ -1,7 +1,7 @@
 import pytest
 
-from cluster.buffers import percentile, summarize_buffer
-from cluster.errors import ErrorCode
+from cluster.core.buffers import percentile, summarize_buffer
+from cluster.core.errors import ErrorCode
 
 
 def row(code: ErrorCode, acc: float | None = None, lat: float | None = 0.1) -> dict:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cluster.config import Settings, load_settings
+from cluster.core.settings import Settings, load_settings
 
 
 def test_defaults_follow_the_seed_figures() -> None:

@@ -1,4 +1,4 @@
-"""Parsing and error messages of cluster.datasets_loader (no database server)."""
+"""Parsing and error messages of cluster.tasks.datasets (no database server)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from cluster.datasets_loader import (
+from cluster.core.errors import DatasetError
+from cluster.tasks.datasets import (
     dataset_sha256,
     load_hub_dataset,
     load_task_datasets,
@@ -19,7 +20,6 @@ from cluster.datasets_loader import (
     read_rows,
     split_files,
 )
-from cluster.errors import DatasetError
 
 
 @dataclass

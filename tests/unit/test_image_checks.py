@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.errors import ErrorCode
-from cluster.image_checks import (
+from cluster.core.errors import ErrorCode
+from cluster.images.checks import (
     ImageDecodeError,
     as_image_array,
     decode_png_b64,

@@ -339,9 +339,9 @@ def test_serve_config_must_be_a_yaml_mapping_string() -> None:
 
 
 def test_import_paths_are_resolved_in_the_source_tree() -> None:
-    assert km.import_path_problem("cluster.cli:build_parser") == (None, None)
-    error, _ = km.import_path_problem("cluster.cli:no_such_builder")
-    assert error == "cluster/cli.py defines no no_such_builder"
+    assert km.import_path_problem("cluster.cli.main:build_parser") == (None, None)
+    error, _ = km.import_path_problem("cluster.cli.main:no_such_builder")
+    assert error == "cluster/cli/main.py defines no no_such_builder"
     error, note = km.import_path_problem("serve_apps.not_yet:build")
     assert error is None and "not in this tree yet" in note
 

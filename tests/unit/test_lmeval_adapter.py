@@ -20,16 +20,16 @@ from typing import Any
 
 import pytest
 
-from cluster.config import PROJECT_ROOT
-from cluster.errors import ErrorCode, EvaluationError, TaskError
-from cluster.lmeval_adapter import (
+from cluster.core.errors import ErrorCode, EvaluationError, TaskError
+from cluster.core.schemas import Node, Prompt, Relay, sample_key
+from cluster.core.settings import PROJECT_ROOT
+from cluster.tasks.lmeval import (
     FailedRelayError,
     TaskAdapter,
     load_task_adapter,
     task_config,
     task_manager,
 )
-from cluster.schemas import Node, Prompt, Relay, sample_key
 
 DATASETS = PROJECT_ROOT / "datasets"
 MODEL = "smollm2-135m-instruct"
@@ -250,7 +250,7 @@ def gsm8k(smollm2_dir: Path) -> TaskAdapter:
 def openbookqa(smollm2_dir: Path) -> TaskAdapter:
     """One request per choice: lm-eval's own bodies at batch_size 1 (the loop's default
     batches a doc's choices; see the batched test below)."""
-    from cluster.lmeval_adapter import RequestSettings
+    from cluster.tasks.lmeval import RequestSettings
 
     return load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions", MODEL,
                              RequestSettings(batch_doc_requests=False))
@@ -510,7 +510,7 @@ def batched_logprobs_response(body: dict[str, Any]) -> dict[str, Any]:
 def test_batched_doc_requests_score_exactly_like_one_request_per_choice(
     openbookqa: TaskAdapter, smollm2_dir: Path
 ) -> None:
-    from cluster.lmeval_adapter import RequestSettings
+    from cluster.tasks.lmeval import RequestSettings
 
     batched = load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions", MODEL,
                                 RequestSettings(batch_doc_requests=True))

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from actors import metrics
-from cluster.errors import ErrorCode
-from cluster.schemas import Relay
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Relay
 
 
 class FakeGauge:
@@ -24,8 +24,8 @@ def test_recording_without_ray_is_a_no_op_and_does_not_import_ray() -> None:
     code = """
 import sys
 from actors import metrics
-from cluster.errors import ErrorCode
-from cluster.schemas import Relay
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Relay
 relay = Relay(prompt_id="n|t|0|0|0", sample_key="n|t|0|0", node_id="n", task="t", doc_id=0,
               request_index=0, error_code=ErrorCode.OK, started_at=0.0, finished_at=1.0)
 metrics.record_relays([relay])

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from cluster.config import Settings
-from cluster.poc.cli import add_poc_parser, cmd_poc, default_public_key
+from cluster.cli.poc import add_poc_parser, cmd_poc, default_public_key
+from cluster.core.settings import Settings
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,16 +12,16 @@ import torch
 
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams
-from serve_apps.poc.config import PocNodeConfig
-from serve_apps.poc.deployers import LlmEndpoint
-from serve_apps.poc.pool import LocalWorkerPool
-from serve_apps.poc.protocol import (
+from cluster.poc.protocol import (
     InferenceUpRequest,
     NodeState,
     PowInitRequest,
     PowState,
     ProofBatch,
 )
+from serve_apps.poc.config import PocNodeConfig
+from serve_apps.poc.deployers import LlmEndpoint
+from serve_apps.poc.pool import LocalWorkerPool
 from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
 from serve_apps.poc.worker import GeneratedChunk, NonceChunk, PowWorkerSpec
 

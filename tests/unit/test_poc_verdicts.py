@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from cluster.config import StoreSettings
+from cluster.core.settings import StoreSettings
 from cluster.poc.validator import Verdict, VerdictEvidence
 from cluster.poc.verdicts import VERDICTS, record_verdicts
-from cluster.stores.mongo import MongoStores
+from cluster.storage.mongo import MongoStores
 
 
 def verdict(fraud: bool) -> Verdict:

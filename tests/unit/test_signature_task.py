@@ -11,18 +11,18 @@ import pytest
 
 from actors.evaluator import Evaluator
 from actors.planning import PairState, PlanLimits, plan_samples
-from cluster.config import ManagerSettings, Settings
-from cluster.errors import ErrorCode
-from cluster.honesty.identity import trace_sha256
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node, Relay
+from cluster.core.settings import ManagerSettings, Settings
 from cluster.honesty.verdicts import Outcome
-from cluster.schemas import Node, Relay
-from cluster.signature_task import (
+from cluster.tasks.identity import trace_sha256
+from cluster.tasks.registry import load_adapter, task_kind
+from cluster.tasks.signature import (
     SignatureTaskAdapter,
     identity_rows,
     loop_identity_findings,
     signature_task_config,
 )
-from cluster.tasks import load_adapter, task_kind
 
 DATASETS = Path(__file__).resolve().parents[2] / "datasets"
 NODE = Node(node_id="n1", url="http://127.0.0.1:9", model="smollm2")

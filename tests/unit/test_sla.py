@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import SlaSettings
-from cluster.errors import ConfigError
-from cluster.sla import SlaTimeout, fit_quadratic
+from cluster.core.errors import ConfigError
+from cluster.core.settings import SlaSettings
+from cluster.core.sla import SlaTimeout, fit_quadratic
 
 
 def test_default_ttft_passes_through_the_seed_points() -> None:

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-from cluster.config import PROJECT_ROOT
-from cluster.testnode import NodeBehaviour, TestNode
-from cluster.testnode.model import load_gsm8k_answers, wrong_answer
+from cluster.core.settings import PROJECT_ROOT
+from cluster.testing.testnode import NodeBehaviour, TestNode
+from cluster.testing.testnode.model import load_gsm8k_answers, wrong_answer
 
 TOKENIZER = PROJECT_ROOT / ".cache" / "models" / "smollm2"
 # the session fixture prepares the model (tokenizer included) or fails
@@ -478,7 +478,7 @@ def test_runs_as_a_process() -> None:
     import urllib.request
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.testnode", "--port", "0", "--mode", "wrong"],
+        [sys.executable, "-m", "cluster.testing.testnode", "--port", "0", "--mode", "wrong"],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -1,0 +1,351 @@
+"""Settings: pydantic v2 models loaded from YAML, with ``TESTBENCH_*`` environment overrides.
+
+Override rules (applied after the YAML file):
+- ``TESTBENCH_POSTGRES_URL`` / ``TESTBENCH_MONGO_URL`` pick external servers (DESIGN §4).
+- ``TESTBENCH_<SECTION>__<FIELD>`` sets any nested field, e.g.
+  ``TESTBENCH_MANAGER__TARGET_SAMPLES=20``. Values are parsed as YAML scalars/lists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "TESTBENCH_"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class StoreSettings(StrictModel):
+    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="embedded servers' data")
+    postgres_url: str | None = Field(default=None, description="external PostgreSQL; None = embedded pgserver")
+    mongo_url: str | None = Field(default=None, description="external MongoDB; None = embedded nx-27017")
+    mongo_database: str = "testbench"
+
+
+class RaySettings(StrictModel):
+    address: str | None = Field(default=None, description="None = RAY_ADDRESS or a local cluster")
+    namespace: str = "testbench"
+    # Serve's ingress needs logical CPUs above the 2 physical ones on small machines.
+    num_cpus: int = 4
+    # The Manager's children on the Manager's node (node affinity): node-local object
+    # refs between sampler, requester and evaluator. Off = Ray's default placement.
+    colocate_children: bool = True
+
+
+class SlaSettings(StrictModel):
+    """Timeout = TTFT(prompt tokens) + per-output-token time + queue allowance (seed 000)."""
+
+    ttft_points: list[tuple[int, float]] = Field(
+        default_factory=lambda: [(0, 0.0), (8192, 2.0), (32768, 10.0)]
+    )
+    per_output_token_s: float = 0.336
+    queue_s: float = 30.0
+    max_timeout_s: float = 120.0
+
+
+class RequesterSettings(StrictModel):
+    global_concurrency: int = Field(default=64, ge=1)
+    per_node_concurrency: int = Field(default=8, ge=1)
+    max_retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+    response_size_cap_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Up to this many prompts of one node, waiting for that node's slots, go as one
+    # /v1/completions body (a prompt list) and are split back into one relay each.
+    # 1 = off (the default): every relay's latency is then its own request's, which is
+    # what QoS figures mean. Above 1, a relay carries the latency of the body it rode in.
+    coalesce_prompts: int = Field(default=1, ge=1, le=1024)
+    sla: SlaSettings = Field(default_factory=SlaSettings)
+
+
+class ManagerSettings(StrictModel):
+    tick_s: float = Field(default=5.0, gt=0)
+    target_samples: int = Field(default=50, ge=1, description="buffer size per (node, task)")
+    sample_ttl_s: float = Field(default=5 * 24 * 3600.0, gt=0)
+    max_in_flight: int = Field(default=10, ge=1, description="docs in flight per (node, task)")
+    failure_backoff_after: int = Field(default=3, ge=1, description="consecutive failed samples")
+    backoff_base_s: float = Field(default=30.0, ge=0)
+    backoff_max_s: float = Field(default=1800.0, ge=0)
+    node_budget_per_hour: int = Field(default=100_000, ge=1, description="docs per node per hour")
+    seed: int = 1234
+    redrive_after_s: float = Field(
+        default=120.0, ge=0, description="re-drive prompts pending longer than this"
+    )
+    task_dependencies: dict[str, list[str]] = Field(
+        # a node is fingerprinted (identity signature) before benchmark traffic is spent on it
+        default_factory=lambda: {"gsm8k": ["signature"], "openbookqa": ["signature"]},
+        description="task -> tasks whose buffers must be full first",
+    )
+    node_refresh_s: float = Field(default=10.0, ge=0, description="re-read the node registry")
+    task_targets: dict[str, int] = Field(
+        # the signature task's 16 docs, all of them: nodes are compared doc by doc
+        default_factory=lambda: {"signature": 16},
+        description="task -> buffer size where it differs from target_samples",
+    )
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> ManagerSettings:
+        bad = {t: n for t, n in self.task_targets.items() if n < 1}
+        if bad:
+            raise ValueError(f"task_targets must be >= 1: {bad}")
+        return self
+
+
+class PoolSettings(StrictModel):
+    samplers: int = Field(default=2, ge=1)
+    evaluators: int = Field(default=2, ge=1)
+
+
+PEER_KEY_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+PeerPurpose = Literal["control", "jobs"]
+
+
+class PeerKeySettings(StrictModel):
+    """A registered peer: its ed25519 public key and the routes it may call."""
+
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="ed25519 public key, hex")
+    purposes: list[PeerPurpose] = Field(
+        default_factory=lambda: ["control", "jobs"], min_length=1,
+        description="control = node control routes (PoC, inference up/down); jobs = job routes",
+    )
+
+
+class AuthSettings(StrictModel):
+    """Peer authentication (DESIGN §5): requests signed by registered ed25519 keys.
+
+    On when keys are configured, unless ``enabled: false`` (the explicit local-dev opt-out).
+    ``signing_key_id`` / ``signing_key_file`` are this process's own key, for the requests
+    it sends (e.g. ``testbench poc round``); the file holds the 32-byte seed as hex.
+    """
+
+    enabled: bool | None = Field(
+        default=None, description="None = on when keys are configured; false = off (local dev)"
+    )
+    keys: dict[str, PeerKeySettings] = Field(default_factory=dict, description="key id -> key")
+    max_skew_s: float = Field(default=30.0, gt=0, description="request timestamp tolerance")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    nonce_mongo_url: str | None = Field(
+        default=None,
+        description="remember nonces in MongoDB (apps with several replicas); None = in process",
+    )
+    nonce_mongo_database: str = "testbench"
+    signing_key_id: str | None = Field(default=None, pattern=PEER_KEY_ID_PATTERN)
+    signing_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthSettings:
+        bad = [k for k in self.keys if not re.fullmatch(PEER_KEY_ID_PATTERN, k)]
+        if bad:
+            raise ValueError(f"auth.keys: invalid key ids {bad} (letters, digits, ._:@-)")
+        if self.enabled and not self.keys:
+            raise ValueError("auth.enabled is true but auth.keys is empty: every request "
+                             "would be refused")
+        if (self.signing_key_id is None) != (self.signing_key_file is None):
+            raise ValueError("auth.signing_key_id and auth.signing_key_file go together")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keys) if self.enabled is None else self.enabled
+
+
+class ReceiptSettings(StrictModel):
+    """Verifying the signed receipts of streaming jobs (DESIGN §5)."""
+
+    max_clock_skew_s: float = Field(
+        default=5.0, ge=0, description="receipt times vs the validator's send/receive times"
+    )
+    rerun_fraction: float = Field(
+        default=0.02, ge=0, le=1,
+        description="share of temperature-0 answers re-run on the reference (seed 003: 1-2%)",
+    )
+    rerun_min: int = Field(default=1, ge=0, description="re-run at least this many per audit")
+    max_evidence_chars: int = Field(default=2000, ge=100)
+
+
+class EvaluationSettings(StrictModel):
+    """Evaluation as a service (issue 6): who may submit runs and how runs execute.
+
+    ``tenants`` maps a tenant name to its bearer token; a tenant sees only its own runs.
+    Runs execute inside the evaluations Serve app's replicas, each holding a lease on the
+    runs it executes (renewed every ``poll_s``), so a replica that dies loses them after
+    ``lease_s`` and another (or its restarted self) resumes them.
+    """
+
+    tenants: dict[str, str] = Field(
+        default_factory=dict, description="tenant name -> bearer token (keep it in a Secret)"
+    )
+    max_concurrent_runs: int = Field(
+        default=2, ge=0, description="runs one replica executes at once; 0 = API only"
+    )
+    per_run_concurrency: int = Field(default=8, ge=1, description="requests in flight per run")
+    chunk_docs: int = Field(default=32, ge=1, description="docs built and sent per step")
+    lease_s: float = Field(default=30.0, gt=0, description="a dead replica's runs resume after")
+    poll_s: float = Field(default=1.0, gt=0, description="lease renewal and queue polling")
+    max_tasks: int = Field(default=16, ge=1, description="tasks per run")
+    max_limit: int = Field(default=100_000, ge=1, description="largest accepted `limit`")
+    page_size: int = Field(default=20, ge=1)
+    max_page_size: int = Field(default=100, ge=1)
+    leaderboard_history_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="how far back the score charts reach"
+    )
+    leaderboard_max_samples: int = Field(
+        default=20_000, ge=1, description="samples read for the charts (newest first)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationSettings:
+        short = sorted(name for name, token in self.tenants.items() if len(token) < 16)
+        if short:
+            raise ValueError(f"evaluations.tenants: tokens of {short} are shorter than 16 chars")
+        if len(set(self.tenants.values())) != len(self.tenants):
+            raise ValueError("evaluations.tenants: two tenants share a token")
+        if self.page_size > self.max_page_size:
+            raise ValueError("evaluations.page_size exceeds max_page_size")
+        if self.poll_s * 2 >= self.lease_s:
+            # A lease is renewed on a poll once half of it is gone: polls must come sooner.
+            raise ValueError("evaluations.poll_s must be under half of lease_s")
+        return self
+
+
+class ReferenceSettings(StrictModel):
+    """testbench's own trusted deployment of one claimed model (DESIGN §5)."""
+
+    url: str | None = Field(
+        default=None, description="base URL of a Serve LLM app (serve_apps/llm) of the model",
+    )
+    served_model: str | None = Field(
+        default=None, description="the model name on that app; None = the claimed name",
+    )
+    model_dir: Path | None = Field(
+        default=None,
+        description="local model directory: the tokenizer for `url`; without `url`, the "
+        "model itself, run in process with transformers (float32, CPU: small models only)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReferenceSettings:
+        if self.model_dir is None:
+            raise ValueError("a reference needs model_dir (the model, or the tokenizer of url)")
+        return self
+
+
+class HonestySettings(StrictModel):
+    """Signatures, synthetic jobs and the model-substitution check (issue 4).
+
+    Thresholds were calibrated on a 2-core CPU box with SmolLM2-135M (README, Honesty).
+    """
+
+    references: dict[str, ReferenceSettings] = Field(
+        default_factory=dict, description="claimed model name -> its trusted reference",
+    )
+    operators: dict[str, str] = Field(
+        default_factory=dict, description="node id -> operator; a node missing here is its own",
+    )
+    seed: int | None = Field(default=None, description="None = a fresh random seed per round")
+    max_tokens: int = Field(default=16, ge=1, le=256, description="answer length of every probe")
+    identity_prompts: int = Field(default=3, ge=1)
+    identity_words: int = Field(default=10, ge=1)
+    synthetic_prompts: int = Field(default=3, ge=0)
+    canary_prompts: int = Field(default=5, ge=1)
+    identity_match_share: float = Field(
+        default=0.9, gt=0, le=1, description="answers coincide from this share of prompts",
+    )
+    synthetic_tie_margin: float = Field(
+        default=0.05, ge=0, description="nats: a parting token this close to the best is a tie",
+    )
+    synthetic_min_share: float = Field(default=0.75, ge=0, le=1)
+    tie_margin: float = Field(default=0.05, ge=0, description="nats, substitution check")
+    max_mean_abs_logprob_diff: float = Field(
+        default=0.015, gt=0,
+        description="nats; int8 re-quantization >= 0.033, bf16 <= 0.0065, honest vLLM vs "
+        "transformers ~5e-6 (20 rounds, this machine); 0.002 also flags bf16",
+    )
+    max_mean_regret: float = Field(default=0.02, gt=0)
+    min_reference_agreement: float = Field(default=0.9, ge=0, le=1)
+    min_node_agreement: float = Field(default=0.9, ge=0, le=1)
+    batch_probes: bool = Field(
+        default=True,
+        description="all probes in one request (cheap) or one request each, shaped like "
+        "measuring traffic (a node cannot tell probes by their batch shape)",
+    )
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    max_traffic_share: float = Field(
+        default=0.10, gt=0, le=1,
+        description="verification tokens per node as a share of its measuring tokens",
+    )
+
+
+class Settings(StrictModel):
+    stores: StoreSettings = Field(default_factory=StoreSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    manager: ManagerSettings = Field(default_factory=ManagerSettings)
+    requester: RequesterSettings = Field(default_factory=RequesterSettings)
+    pools: PoolSettings = Field(default_factory=PoolSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    receipts: ReceiptSettings = Field(default_factory=ReceiptSettings)
+    evaluations: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    honesty: HonestySettings = Field(default_factory=HonestySettings)
+    datasets_dir: Path = PROJECT_ROOT / "datasets"
+    cache_dir: Path = PROJECT_ROOT / ".cache"
+    tasks: list[str] = Field(default_factory=lambda: ["signature", "gsm8k", "openbookqa"])
+    # what diffusion nodes (kind: diffusion) are measured on
+    diffusion_tasks: list[str] = Field(default_factory=lambda: ["diffusion_repro"])
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.tasks:
+            raise ValueError("tasks: at least one task must be configured")
+        return self
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot override {'.'.join(path)}: {key} is not a section")
+    node[path[-1]] = value
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    out = dict(data)
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key == "postgres_url":
+            _set_path(out, ["stores", "postgres_url"], raw or None)
+        elif key == "mongo_url":
+            _set_path(out, ["stores", "mongo_url"], raw or None)
+        elif key == "config":
+            continue
+        elif "__" in key:
+            _set_path(out, key.split("__"), yaml.safe_load(raw) if raw else None)
+    return out
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Load settings from ``path`` (or ``$TESTBENCH_CONFIG``), then apply env overrides."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("TESTBENCH_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: settings must be a YAML mapping, got {type(loaded).__name__}")
+        data = loaded
+    return Settings.model_validate(apply_env_overrides(data, env))

@@ -1,0 +1,353 @@
+"""Streaming organic jobs, validator side (DESIGN §5): receipts, re-runs, verdicts.
+
+A :class:`JobClient` queries a job's app (``serve_apps/streaming``) and keeps each exchange:
+the exact request bytes, the exact answer bytes, the receipt and its own send/receive
+times. A :class:`JobAuditor` then
+
+1. verifies every receipt (:class:`~cluster.auth.receipts.ReceiptVerifier`: signature,
+   assigned key, hashes, clock skew, replay); a refused or missing receipt is a verdict;
+2. re-runs a seeded sample of the temperature-0 exchanges (``rerun_fraction``, at least
+   ``rerun_min``) on the trusted reference and compares the answers' texts exactly
+   (``id``/``created`` differ between servers, the text must not); a difference is a
+   verdict with both texts as evidence;
+3. writes the verdicts and one summary verdict per audit (check ``streaming_job``).
+
+Only temperature-0 answers are re-run: sampled answers have no single right text. So a
+node that cheats only on sampled requests is not caught here (the substitution check's
+logprob comparison is the tool for that), nor one that answers the sampled 2% honestly
+by chance: the chance of catching a node that cheats on a share ``q`` of its answers
+with ``k`` re-runs is ``1 - (1 - q) ** k``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict
+
+from cluster.auth.receipts import (
+    JobAssignment,
+    Receipt,
+    ReceiptProblem,
+    ReceiptRejected,
+    ReceiptVerifier,
+    sha256_hex,
+    to_ms,
+)
+from cluster.core.errors import NodeError
+from cluster.core.settings import ReceiptSettings
+from cluster.storage.mongo import VerdictRecord
+
+# the jobs app's wire module spells the headers and the receipt event (no Ray inside)
+from cluster.streaming import protocol as wire
+
+log = logging.getLogger(__name__)
+
+CHECK_RECEIPT = "receipt"
+CHECK_RERUN = "rerun"
+CHECK_JOB = "streaming_job"
+
+
+class AnswerFormatError(ValueError):
+    """An answer that is not an OpenAI completion or chat completion (or stream of them)."""
+
+
+class JobExchange(BaseModel):
+    """One request to a job's app and what came back, byte for byte."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    request_id: str
+    endpoint: str
+    request_body: bytes
+    status: int
+    output: bytes  # a stream's bytes up to (not including) the receipt event
+    streamed: bool
+    receipt_wire: str | None
+    sent_at: float
+    received_at: float
+
+
+class JobClient:
+    """A client of one job's app that keeps every exchange for the auditor."""
+
+    def __init__(
+        self,
+        base_url: str,
+        job_id: str,
+        http: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.time,
+        new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self.job_id = job_id
+        self._http = http
+        self._clock = clock
+        self._new_request_id = new_request_id
+
+    async def call(self, endpoint: str, body: Mapping[str, Any]) -> JobExchange:
+        """POST ``body`` to ``endpoint``; a failure to connect raises :class:`NodeError`."""
+        data = json.dumps(dict(body), separators=(",", ":")).encode("utf-8")
+        request_id = self._new_request_id()
+        headers = {"Content-Type": "application/json", wire.HEADER_REQUEST_ID: request_id}
+        sent_at = self._clock()
+        try:
+            async with self._http.post(self._base + endpoint, data=data, headers=headers) as resp:
+                raw = await resp.read()
+                received_at = self._clock()
+                content_type = resp.headers.get("Content-Type", "")
+                header_receipt = resp.headers.get(wire.HEADER_RECEIPT)
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise NodeError(f"job {self.job_id}: {endpoint} failed: {type(exc).__name__}: {exc}"
+                            ) from exc
+        streamed = content_type.startswith(wire.SSE_CONTENT_TYPE)
+        receipt_wire: str | None = header_receipt
+        output = raw
+        if streamed:
+            output, event = wire.split_receipt_event(raw)
+            receipt_wire = event.decode("utf-8", "replace") if event is not None else None
+        return JobExchange(job_id=self.job_id, request_id=request_id, endpoint=endpoint,
+                           request_body=data, status=status, output=output, streamed=streamed,
+                           receipt_wire=receipt_wire, sent_at=sent_at, received_at=received_at)
+
+
+def _choice_text(choice: Mapping[str, Any], chat: bool, streamed: bool) -> str:
+    if not chat:
+        text = choice.get("text")
+    elif streamed:
+        text = (choice.get("delta") or {}).get("content")
+    else:
+        text = (choice.get("message") or {}).get("content")
+    if text is not None and not isinstance(text, str):
+        raise AnswerFormatError("a choice's text is not a string")
+    return text or ""
+
+
+def answer_texts(endpoint: str, output: bytes, streamed: bool) -> list[str]:
+    """The answer's text per choice (a stream's deltas joined), in choice order."""
+    chat = endpoint.endswith("/chat/completions")
+    try:
+        if not streamed:
+            bodies = [json.loads(output)]
+        else:
+            bodies = []
+            for line in output.decode("utf-8").splitlines():
+                if line.startswith("data:"):
+                    data = line[len("data:"):].strip()
+                    if data and data != "[DONE]":
+                        bodies.append(json.loads(data))
+        texts: dict[int, str] = {}
+        for body in bodies:
+            for choice in body["choices"]:
+                index = int(choice.get("index", 0))
+                texts[index] = texts.get(index, "") + _choice_text(choice, chat, streamed)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AnswerFormatError(f"not an OpenAI answer: {type(exc).__name__}: {exc}") from exc
+    return [texts[i] for i in sorted(texts)]
+
+
+def is_temperature_zero(request_body: bytes) -> bool:
+    try:
+        payload = json.loads(request_body)
+    except ValueError:
+        return False
+    temperature = payload.get("temperature") if isinstance(payload, dict) else None
+    return isinstance(temperature, int | float) and not isinstance(temperature, bool) \
+        and temperature == 0
+
+
+class ReferenceUnavailable(Exception):
+    """The reference could not answer (not the node's fault: no verdict)."""
+
+
+class Reference(Protocol):
+    async def answer(self, endpoint: str, body: dict[str, Any]) -> list[str]:
+        """The reference's answer texts to ``body`` (raises :class:`ReferenceUnavailable`)."""
+        ...
+
+
+class OpenAIReference:
+    """A trusted OpenAI-compatible deployment of the claimed model (non-streaming re-runs)."""
+
+    def __init__(self, base_url: str, http: aiohttp.ClientSession, model: str | None = None) -> None:
+        self._base = base_url.rstrip("/")
+        self._http = http
+        self._model = model
+
+    async def answer(self, endpoint: str, body: dict[str, Any]) -> list[str]:
+        payload = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        if self._model is not None:
+            payload["model"] = self._model
+        try:
+            async with self._http.post(self._base + endpoint, json=payload) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise ReferenceUnavailable(f"reference answered HTTP {resp.status}: {raw[:200]!r}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ReferenceUnavailable(f"reference unreachable: {type(exc).__name__}: {exc}") from exc
+        try:
+            return answer_texts(endpoint, raw, streamed=False)
+        except AnswerFormatError as exc:
+            raise ReferenceUnavailable(str(exc)) from exc
+
+
+class VerdictSink(Protocol):
+    async def record(self, verdicts: Sequence[VerdictRecord]) -> int: ...
+
+
+class AuditReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str
+    job_id: str
+    exchanges: int
+    not_ok: int  # answered with an error: no receipt expected, nothing to audit
+    receipts_valid: int
+    receipts_refused: int
+    eligible: int  # valid receipts of temperature-0 requests
+    rerun: int
+    mismatches: int
+    reference_errors: int
+    verdicts: list[VerdictRecord]
+
+    @property
+    def passed(self) -> bool:
+        return self.receipts_refused == 0 and self.mismatches == 0
+
+
+def _excerpt(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"...[{len(text) - limit} more]"
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> dict[str, int]:
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            at = next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q),
+                      min(len(x), len(y)))
+            return {"choice": index, "char": at}
+    return {"choice": min(len(a), len(b)), "char": 0}
+
+
+class JobAuditor:
+    """Audits one job's exchanges: receipts first, then re-runs on the reference."""
+
+    def __init__(
+        self,
+        verifier: ReceiptVerifier,
+        reference: Reference,
+        verdicts: VerdictSink,
+        settings: ReceiptSettings,
+        rng: random.Random,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._verifier = verifier
+        self._reference = reference
+        self._verdicts = verdicts
+        self._settings = settings
+        self._rng = rng
+        self._clock = clock
+
+    def sample_size(self, eligible: int) -> int:
+        s = self._settings
+        return min(eligible, max(s.rerun_min, math.ceil(s.rerun_fraction * eligible)))
+
+    async def audit(self, assignment: JobAssignment, exchanges: Sequence[JobExchange]
+                    ) -> AuditReport:
+        now = self._clock()
+        node, job = assignment.node_id, assignment.job_id
+        limit = self._settings.max_evidence_chars
+        verdicts: list[VerdictRecord] = []
+
+        def verdict(check: str, request_id: str, reason: str, evidence: dict[str, Any]
+                    ) -> VerdictRecord:
+            return VerdictRecord(verdict_id=f"{check}|{node}|{job}|{request_id}", node_id=node,
+                                 check=check, verdict="fail", reason=reason,
+                                 evidence={"job_id": job, "request_id": request_id, **evidence},
+                                 ts=now)
+
+        accepted: list[JobExchange] = []
+        not_ok = 0
+        for ex in exchanges:
+            if ex.status != 200:
+                not_ok += 1
+                continue
+            try:
+                if ex.receipt_wire is None:
+                    raise ReceiptRejected(ReceiptProblem.MISSING, "the answer carried no receipt")
+                await self._verifier.verify(
+                    Receipt.from_wire(ex.receipt_wire), assignment,
+                    input_bytes=ex.request_body, output_bytes=ex.output,
+                    request_id=ex.request_id, endpoint=ex.endpoint,
+                    sent_at=ex.sent_at, received_at=ex.received_at)
+            except ReceiptRejected as refused:
+                log.warning("honesty.receipt_refused node=%s job=%s request=%s problem=%s",
+                            node, job, ex.request_id, refused.problem.value)
+                verdicts.append(verdict(CHECK_RECEIPT, ex.request_id, refused.problem.value, {
+                    "detail": refused.detail, "endpoint": ex.endpoint,
+                    "receipt": _excerpt(ex.receipt_wire or "", limit),
+                    "input_sha256": sha256_hex(ex.request_body),
+                    "output_sha256": sha256_hex(ex.output)}))
+                continue
+            accepted.append(ex)
+
+        eligible = [ex for ex in accepted if is_temperature_zero(ex.request_body)]
+        sample = self._rng.sample(eligible, self.sample_size(len(eligible)))
+        mismatches = reference_errors = 0
+        for ex in sample:
+            body = json.loads(ex.request_body)
+            try:
+                node_texts = answer_texts(ex.endpoint, ex.output, ex.streamed)
+            except AnswerFormatError as exc:
+                mismatches += 1
+                verdicts.append(verdict(CHECK_RERUN, ex.request_id, "unparsable_answer", {
+                    "detail": str(exc), "endpoint": ex.endpoint,
+                    "output": _excerpt(ex.output.decode("utf-8", "replace"), limit)}))
+                continue
+            try:
+                reference_texts = await self._reference.answer(ex.endpoint, body)
+            except ReferenceUnavailable as exc:
+                reference_errors += 1
+                log.warning("honesty.reference_failed node=%s job=%s error=%s", node, job, exc)
+                continue
+            if node_texts != reference_texts:
+                mismatches += 1
+                log.warning("honesty.rerun_mismatch node=%s job=%s request=%s",
+                            node, job, ex.request_id)
+                verdicts.append(verdict(CHECK_RERUN, ex.request_id, "answer_differs", {
+                    "endpoint": ex.endpoint, "streamed": int(ex.streamed),
+                    "input_sha256": sha256_hex(ex.request_body),
+                    "first_difference": _first_difference(node_texts, reference_texts),
+                    "node_answer": [_excerpt(t, limit) for t in node_texts],
+                    "reference_answer": [_excerpt(t, limit) for t in reference_texts]}))
+
+        refused = sum(1 for v in verdicts if v.check == CHECK_RECEIPT)
+        failed = refused + mismatches
+        summary = VerdictRecord(
+            verdict_id=f"{CHECK_JOB}|{node}|{job}|{to_ms(now)}", node_id=node, check=CHECK_JOB,
+            verdict="fail" if failed else "pass",
+            reason=(f"{refused} receipts refused, {mismatches} of {len(sample)} re-runs differ"
+                    if failed else f"{len(accepted)} receipts valid, {len(sample)} re-runs match"),
+            evidence={"job_id": job, "exchanges": len(exchanges), "receipts_valid": len(accepted),
+                      "receipts_refused": refused, "eligible": len(eligible),
+                      "rerun": len(sample), "mismatches": mismatches,
+                      "reference_errors": reference_errors},
+            ts=now)
+        verdicts.append(summary)
+        await self._verdicts.record(verdicts)
+        log.info("honesty.job_audited node=%s job=%s verdict=%s exchanges=%d rerun=%d "
+                 "mismatches=%d refused=%d", node, job, summary.verdict, len(exchanges),
+                 len(sample), mismatches, refused)
+        return AuditReport(node_id=node, job_id=job, exchanges=len(exchanges), not_ok=not_ok,
+                           receipts_valid=len(accepted), receipts_refused=refused,
+                           eligible=len(eligible), rerun=len(sample), mismatches=mismatches,
+                           reference_errors=reference_errors, verdicts=verdicts)

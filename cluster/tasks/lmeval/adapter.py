@@ -1,0 +1,599 @@
+"""One lm-eval task, turned into OpenAI request bodies per doc and scored per doc.
+
+Requests are built with lm-eval's own Task machinery (``fewshot_context``,
+``construct_requests``) and encoded with lm-eval's own API model class
+(``LocalCompletionsAPI`` for ``/v1/completions``, ``LocalChatCompletion`` for
+``/v1/chat/completions``): its ``_encode_pair``, ``batch_loglikelihood_requests``,
+``tok_encode``, ``create_message`` and ``_create_payload``, with the glue of its
+``loglikelihood`` / ``generate_until`` at ``batch_size=1`` reproduced here. Scoring parses
+each response with the same class's ``parse_logprobs`` / ``parse_generations``, applies the
+task's filter ensembles and calls ``task.process_results`` per filter, as
+``lm_eval.evaluator.evaluate`` does. A doc's prompts depend only on its id and row (see
+:mod:`cluster.tasks.lmeval.fewshot`), so any subset of docs, in any order, gets the
+prompts a full lm-eval run would send.
+
+Differences from lm-eval, on purpose:
+- a response lm-eval would accept but that cannot be a faithful answer (missing choices,
+  an echo of the wrong length, non-finite or positive logprobs, a non-string text) raises
+  :class:`~cluster.core.errors.EvaluationError` instead of being scored;
+- ``stop`` always carries the tokenizer's EOS string, as lm-eval's synchronous path does
+  (its concurrent path omits it; the shipped tasks list it in ``until`` anyway).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.core.errors import ErrorCode, EvaluationError, TaskError, TestbenchError
+from cluster.core.schemas import ApiKind, Node, Prompt, Relay, prompt_id
+from cluster.tasks.lmeval.fewshot import FewshotReplay
+from cluster.tasks.lmeval.loading import load_lmeval_task
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.api_models import TemplateAPI
+
+log = logging.getLogger(__name__)
+
+COMPLETIONS_PATH: Literal["/v1/completions"] = "/v1/completions"
+CHAT_PATH: Literal["/v1/chat/completions"] = "/v1/chat/completions"
+LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
+SUPPORTED_TYPES = ("loglikelihood", "multiple_choice", "generate_until")
+
+
+class RequestSettings(BaseModel):
+    """lm-eval's knobs that shape requests and scores; defaults are lm-eval 0.4.13's
+    (``TemplateAPI`` model args and ``simple_evaluate`` arguments)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_length: int = Field(default=2048, ge=2, description="TemplateAPI max_length")
+    max_gen_toks: int = Field(default=256, ge=1, description="default max_tokens")
+    seed: int = Field(default=1234, description="the `seed` field of every body")
+    add_bos_token: bool = False
+    tokenized_requests: bool = Field(
+        default=True, description="completions: send token ids (lm-eval's default) or strings"
+    )
+    fewshot_seed: int = 1234
+    num_fewshot: int | None = Field(
+        default=None, ge=0, description="None = the task's; a task set to 0 stays 0 (as lm-eval)"
+    )
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = Field(default=True, description="chat-completions only")
+    bootstrap_iters: int = Field(default=100000, ge=0)
+    # Not an lm-eval knob: send all of a doc's loglikelihood requests (a multiple-choice
+    # doc's choices) as one batched /v1/completions body (a prompt list, as lm-eval itself
+    # posts with batch_size > 1). Same per-doc scores (tests), fewer round trips, and the
+    # engine batches a doc's choices at once: 0.85x of one-request-per-choice wall time on
+    # the SmolLM2 vLLM node (bench/e2e_vs_lmeval.py). Off for servers without prompt lists.
+    batch_doc_requests: bool = True
+
+
+class FailedRelayError(TestbenchError):
+    """A relay that is not an answer (timeout, HTTP error, ...): the doc fails with its code."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(
+            f"relay {relay.prompt_id} failed with {relay.error_code.name}: {relay.error or ''}".strip()
+        )
+        self.code = relay.error_code
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Logprobs are log-softmax outputs (<= 0); allow float noise above zero.
+_LOGPROB_EPS = 1e-3
+
+
+class TaskAdapter:
+    """One lm-eval task from YAML, for one tokenizer and one API kind."""
+
+    def __init__(
+        self,
+        task: ConfigurableTask,
+        lm: TemplateAPI,
+        *,
+        api: ApiKind,
+        model: str,
+        settings: RequestSettings,
+        replay: FewshotReplay,
+        lock: threading.RLock,
+    ) -> None:
+        self.task = task
+        self.lm = lm
+        self.api: ApiKind = api
+        self.model = model
+        self.settings = settings
+        self._replay = replay
+        self._lock = lock
+        self.name: str = task.config.task
+        self.output_type: str = task.OUTPUT_TYPE
+        if self.output_type not in SUPPORTED_TYPES:
+            raise TaskError(f"task {self.name}: output_type {self.output_type} is not supported")
+        if api == "chat-completions" and self.output_type in LOGLIKELIHOOD_TYPES:
+            raise TaskError(
+                f"task {self.name} needs loglikelihoods ({self.output_type}), which "
+                "/v1/chat/completions cannot give; measure it over api='completions'"
+            )
+        self.eval_split: str = task.config.test_split or task.config.validation_split
+        self.num_fewshot: int = _num_fewshot(task, settings)
+        self.repeats: int = int(task.config.repeats or 1)
+        self.filter_names: list[str] = [f.name for f in task._filters]
+        self.metric_names: list[str] = [
+            f"{metric},{flt}" for flt in self.filter_names for metric in task._metric_fn_list
+        ]
+        self.path: Literal["/v1/completions", "/v1/chat/completions"] = (
+            CHAT_PATH if api == "chat-completions" else COMPLETIONS_PATH
+        )
+
+    # ------------------------------------------------------------------ requests
+    def _doc(self, doc: dict[str, Any]) -> dict[str, Any]:
+        process = self.task.config.process_docs
+        if process is None:
+            return doc
+        import datasets
+
+        return dict(process(datasets.Dataset.from_list([doc]))[0])
+
+    def build_instances(self, doc_id: int, doc: dict[str, Any]) -> list[Instance]:
+        """lm-eval's Instances for the doc, as ``Task.build_all_requests`` makes them."""
+        if doc_id < 0:
+            raise TaskError(f"doc_id must be >= 0, got {doc_id}")
+        task, chat = self.task, self.api == "chat-completions"
+        doc = self._doc(doc)
+        chat_template = self.lm.apply_chat_template if chat else None
+        with self._lock, self._replay.positioned(doc_id):
+            ctx = task.fewshot_context(
+                doc,
+                num_fewshot=self.num_fewshot,
+                system_instruction=self.settings.system_instruction,
+                apply_chat_template=chat,
+                fewshot_as_multiturn=chat and self.settings.fewshot_as_multiturn,
+                chat_template=chat_template,
+                gen_prefix=task.doc_to_prefix(doc),
+            )
+            inst = task.construct_requests(
+                doc=doc,
+                ctx=ctx,
+                metadata=(task.config["task"], doc_id, task.config.repeats),
+                apply_chat_template=chat,
+                chat_template=chat_template,
+            )
+        return inst if isinstance(inst, list) else [inst]
+
+    def _loglikelihood_input(self, instance: Instance) -> tuple[list[int], int]:
+        """Token ids sent and context length, as ``TemplateLM.loglikelihood`` →
+        ``TemplateAPI.batch_loglikelihood_requests`` compute them."""
+        lm = self.lm
+        context, continuation = instance.args[0], instance.args[1]
+        if context == "":
+            continuation_enc = lm.tok_encode(continuation, add_special_tokens=False)
+            context_enc, continuation_enc = (
+                ([lm.prefix_token_id], continuation_enc)
+                if lm.prefix_token_id != continuation_enc[0]
+                else (continuation_enc[:1], continuation_enc[1:])
+            )
+        else:
+            context_enc, continuation_enc = lm._encode_pair(context, continuation)
+        inputs, ctxlens, _ = lm.batch_loglikelihood_requests(
+            [[((context, continuation), context_enc, continuation_enc)]]
+        )
+        return inputs[0], ctxlens[0]
+
+    def _generation_message(self, instance: Instance) -> Any:
+        """What ``TemplateAPI.generate_until`` hands to ``model_call`` for one request."""
+        lm = self.lm
+        context, gen_kwargs = instance.args[0], instance.args[1]
+        if lm.tokenized_requests:
+            encodings = lm.tok_encode([context], add_special_tokens=lm.add_bos_token)
+            max_gen_toks = gen_kwargs.get("max_gen_toks", lm._max_gen_toks)
+            max_context_len = lm.max_length - max_gen_toks
+            return [x[-max_context_len:] for x in encodings]
+        return [context]
+
+    def request_body(self, instance: Instance, model: str) -> tuple[dict[str, Any], int]:
+        """The JSON body lm-eval's ``model_call`` would POST for this instance (batch_size=1),
+        and the prompt's length in tokens (estimated for chat)."""
+        lm = self.lm
+        if instance.request_type in LOGLIKELIHOOD_TYPES:
+            tokens, _ = self._loglikelihood_input(instance)
+            body = lm._create_payload(
+                lm.create_message([tokens]),
+                generate=False,
+                gen_kwargs=None,
+                seed=lm._seed,
+                eos=lm.eos_string,
+            )
+            prompt_tokens = len(tokens)
+        else:
+            messages = self._generation_message(instance)
+            body = lm._create_payload(
+                lm.create_message(messages),
+                generate=True,
+                gen_kwargs=copy.deepcopy(instance.args[1]),
+                seed=lm._seed,
+                eos=lm.eos_string,
+            )
+            if lm.tokenized_requests:
+                prompt_tokens = len(messages[0])
+            else:
+                prompt_tokens = self._estimate_tokens(messages[0])
+        body["model"] = model
+        return body, prompt_tokens
+
+    def _batched(self, instances: list[Instance]) -> bool:
+        return (
+            self.settings.batch_doc_requests
+            and self.repeats == 1
+            and len(instances) > 1
+            and all(inst.request_type in LOGLIKELIHOOD_TYPES for inst in instances)
+        )
+
+    def batched_request_body(
+        self, instances: list[Instance], model: str
+    ) -> tuple[dict[str, Any], int]:
+        """One body for all of a doc's loglikelihood instances (prompt = a list of token
+        lists), exactly what lm-eval's ``model_call`` posts for such a batch."""
+        lm = self.lm
+        tokens = [self._loglikelihood_input(inst)[0] for inst in instances]
+        body = lm._create_payload(
+            lm.create_message(tokens), generate=False, gen_kwargs=None, seed=lm._seed,
+            eos=lm.eos_string,
+        )
+        body["model"] = model
+        return body, sum(len(t) for t in tokens)
+
+    def _split_batched(self, response: dict[str, Any], n: int, where: str) -> list[dict[str, Any]]:
+        """A batched answer as ``n`` single-choice answers, in prompt order (by ``index``)."""
+        choices = response.get("choices")
+        if not isinstance(choices, list) or len(choices) != n or not all(
+            isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices
+        ):
+            raise EvaluationError(f"{where}: expected {n} indexed choices, got {_brief(choices)}")
+        ordered = sorted(choices, key=lambda c: c["index"])
+        if [c["index"] for c in ordered] != list(range(n)):
+            raise EvaluationError(f"{where}: choice indexes are not 0..{n - 1}")
+        return [{**response, "choices": [{**c, "index": 0}]} for c in ordered]
+
+    def _estimate_tokens(self, message: Any) -> int:
+        text = message.prompt if hasattr(message, "prompt") else str(message)
+        return max(1, len(text) // 4)
+
+    def build_prompts(
+        self, node: Node, doc_id: int, doc: dict[str, Any], sample_key: str, now: float
+    ) -> list[Prompt]:
+        """The HTTP requests that make up one sample of this doc for ``node``."""
+        instances = self.build_instances(doc_id, doc)
+        if self._batched(instances):
+            bodies = [self.batched_request_body(instances, node.model)]
+        else:
+            bodies = [self.request_body(inst, node.model) for inst in instances]
+        n_requests = len(bodies) * self.repeats
+        prompts: list[Prompt] = []
+        for body, prompt_tokens in bodies:
+            for _ in range(self.repeats):
+                index = len(prompts)
+                prompts.append(
+                    Prompt(
+                        prompt_id=prompt_id(sample_key, index),
+                        sample_key=sample_key,
+                        node_id=node.node_id,
+                        task=self.name,
+                        doc_id=doc_id,
+                        request_index=index,
+                        n_requests=n_requests,
+                        path=self.path,
+                        body=copy.deepcopy(body),
+                        prompt_tokens=prompt_tokens,
+                        max_output_tokens=int(body.get("max_tokens", 0) or 0),
+                        created_at=now,
+                    )
+                )
+        return prompts
+
+    # ------------------------------------------------------------------ scoring
+    def _parse_loglikelihood(
+        self, response: dict[str, Any], tokens: list[int], ctxlen: int, where: str
+    ) -> tuple[float, bool]:
+        choices = response.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            raise EvaluationError(f"{where}: expected exactly one choice, got {_brief(choices)}")
+        choice = choices[0]
+        logprobs = choice.get("logprobs")
+        if not isinstance(logprobs, dict):
+            raise EvaluationError(f"{where}: choice has no logprobs object (echo + logprobs asked)")
+        token_lps, top_lps = logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
+        expected = len(tokens) + 1  # the echoed prompt and the one generated token
+        for field, values in (("token_logprobs", token_lps), ("top_logprobs", top_lps)):
+            if not isinstance(values, list) or len(values) != expected:
+                got = len(values) if isinstance(values, list) else type(values).__name__
+                raise EvaluationError(
+                    f"{where}: logprobs.{field} must cover the echoed prompt plus one token "
+                    f"({expected} entries), got {got}"
+                )
+        for i in range(ctxlen, expected - 1):
+            lp, top = token_lps[i], top_lps[i]
+            if not _is_number(lp) or lp > _LOGPROB_EPS:
+                raise EvaluationError(f"{where}: token_logprobs[{i}] = {lp!r} is not a logprob")
+            if (
+                not isinstance(top, dict)
+                or not top
+                or not all(_is_number(v) and v <= _LOGPROB_EPS for v in top.values())
+            ):
+                raise EvaluationError(f"{where}: top_logprobs[{i}] = {_brief(top)} is not a map of logprobs")
+        if not isinstance(choice.get("index", 0), int):
+            raise EvaluationError(f"{where}: choice index is not an integer")
+        try:
+            parsed = self.lm.parse_logprobs(outputs=[response], tokens=[tokens], ctxlens=[ctxlen])
+        except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            raise EvaluationError(f"{where}: unparseable logprobs: {exc!r}") from exc
+        if len(parsed) != 1:
+            raise EvaluationError(f"{where}: expected one loglikelihood, parsed {len(parsed)}")
+        ll, is_greedy = parsed[0]
+        return float(ll), bool(is_greedy)
+
+    def _parse_generation(self, response: dict[str, Any], where: str) -> str:
+        from lm_eval.models.api_models import LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER
+
+        choices = response.get("choices")
+        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+            raise EvaluationError(f"{where}: expected exactly one choice, got {_brief(choices)}")
+        choice = choices[0]
+        if choice.get("index", 0) != 0:
+            raise EvaluationError(f"{where}: choice index {choice.get('index')!r} != 0")
+        if self.api == "chat-completions":
+            message = choice.get("message")
+            if not isinstance(message, dict) or "content" not in message:
+                raise EvaluationError(f"{where}: choice has no message.content")
+            text = message["content"]
+        else:
+            if "text" not in choice:
+                raise EvaluationError(f"{where}: choice has no text")
+            text = choice["text"]
+        if text is not None and not isinstance(text, str):
+            raise EvaluationError(f"{where}: generated text is {type(text).__name__}, not a string")
+        normalized = dict(response)
+        normalized["choices"] = [{**choice, "index": 0}]
+        try:
+            parsed = self.lm.parse_generations(outputs=normalized)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise EvaluationError(f"{where}: unparseable generation: {exc!r}") from exc
+        if len(parsed) != 1:
+            raise EvaluationError(f"{where}: expected one generation, parsed {len(parsed)}")
+        # lm-eval scores a null answer as its placeholder (an empty string by default)
+        return LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER if parsed[0] is None else parsed[0]
+
+    def _ordered_relays(self, doc_id: int, relays: list[Relay], n_requests: int) -> list[Relay]:
+        by_index: dict[int, Relay] = {}
+        for relay in relays:
+            if relay.doc_id != doc_id or relay.task != self.name:
+                raise TaskError(
+                    f"relay {relay.prompt_id} is for {relay.task} doc {relay.doc_id}, "
+                    f"not {self.name} doc {doc_id}"
+                )
+            if relay.request_index in by_index:
+                raise TaskError(f"two relays for request {relay.request_index} of doc {doc_id}")
+            by_index[relay.request_index] = relay
+        if sorted(by_index) != list(range(n_requests)):
+            raise TaskError(
+                f"{self.name} doc {doc_id} needs relays 0..{n_requests - 1}, got {sorted(by_index)}"
+            )
+        ordered = [by_index[i] for i in range(n_requests)]
+        for relay in ordered:
+            if relay.error_code != ErrorCode.OK:
+                raise FailedRelayError(relay)
+            if not isinstance(relay.response, dict):
+                raise EvaluationError(f"relay {relay.prompt_id} is OK but carries no JSON object")
+        return ordered
+
+    def score(self, doc_id: int, doc: dict[str, Any], relays: list[Relay]) -> dict[str, float]:
+        """Per-doc metrics keyed ``"<metric>,<filter>"`` (lm-eval's result keys).
+
+        Raises :class:`EvaluationError` when a response cannot be parsed,
+        :class:`FailedRelayError` (carrying the relay's code) when a relay is not OK and
+        :class:`TaskError` when the relays do not match the doc's requests."""
+        instances = self.build_instances(doc_id, doc)
+        if self._batched(instances):
+            (relay,) = self._ordered_relays(doc_id, relays, 1)
+            where = f"{self.name} doc {doc_id} batched request"
+            answers = self._split_batched(relay.response or {}, len(instances), where)
+            for i, (instance, answer) in enumerate(zip(instances, answers, strict=True)):
+                tokens, ctxlen = self._loglikelihood_input(instance)
+                instance.resps = [self._parse_loglikelihood(answer, tokens, ctxlen, f"{where} #{i}")]
+            return self.score_instances(instances)
+        ordered = self._ordered_relays(doc_id, relays, len(instances) * self.repeats)
+        for i, instance in enumerate(instances):
+            instance.resps = []
+            tokens_ctx = (
+                self._loglikelihood_input(instance)
+                if instance.request_type in LOGLIKELIHOOD_TYPES
+                else None
+            )
+            for r in range(self.repeats):
+                relay = ordered[i * self.repeats + r]
+                response = relay.response or {}
+                where = f"{self.name} doc {doc_id} request {relay.request_index}"
+                if tokens_ctx is not None:
+                    instance.resps.append(self._parse_loglikelihood(response, *tokens_ctx, where))
+                else:
+                    instance.resps.append(self._parse_generation(response, where))
+        return self.score_instances(instances)
+
+    def score_instances(self, instances: list[Instance]) -> dict[str, float]:
+        """Filters + ``process_results`` over one doc's answered Instances (``resps`` set)."""
+        task = self.task
+        for ensemble in task._filters:
+            ensemble.apply(instances)
+        instances = sorted(instances, key=lambda x: x.idx)
+        doc = instances[0].doc
+        out: dict[str, float] = {}
+        for filter_key in instances[0].filtered_resps:
+            metrics = task.process_results(doc, [inst.filtered_resps[filter_key] for inst in instances])
+            for metric, value in metrics.items():
+                if isinstance(value, bool) or _is_number(value) or _is_numpy_number(value):
+                    out[f"{metric},{filter_key}"] = float(value)
+                else:
+                    raise TaskError(
+                        f"task {self.name}: metric {metric} yields {type(value).__name__} per doc; "
+                        "only scalar metrics are supported"
+                    )
+        return out
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate(self, metric: str, values: list[float]) -> tuple[float, float | None]:
+        """lm-eval's aggregate of per-doc values and its stderr (None where lm-eval says N/A)."""
+        from lm_eval.api.metrics import mean, stderr_for_metric
+
+        name = metric.split(",", 1)[0]
+        if not values:
+            raise ValueError(f"no values to aggregate for {metric}")
+        agg_fn = self.task.aggregation().get(name, mean)
+        value = float(agg_fn(values))
+        iters = self.settings.bootstrap_iters
+        if iters <= 0 or len(values) <= 1:
+            return value, None
+        stderr_fn = stderr_for_metric(
+            metric=agg_fn,
+            bootstrap_iters=min(iters, 100) if name in ("bleu", "chrf", "chrf++", "ter") else iters,
+        )
+        return value, (float(stderr_fn(values)) if stderr_fn else None)
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        hib = self.task.higher_is_better()
+        return {m: bool(hib.get(m.split(",", 1)[0], True)) for m in self.metric_names}
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.task.eval_docs)
+
+
+def _is_numpy_number(value: Any) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, np.number) and bool(np.isfinite(value))
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _num_fewshot(task: ConfigurableTask, settings: RequestSettings) -> int:
+    configured = task.config.num_fewshot
+    if settings.num_fewshot is not None and configured != 0:
+        return settings.num_fewshot
+    return int(configured or 0)
+
+
+# ---------------------------------------------------------------------- caches
+_cache_lock = threading.Lock()
+_lms: dict[tuple[str, str | None, RequestSettings], TemplateAPI] = {}
+_replays: dict[tuple[int, int, int], tuple[FewshotReplay, threading.RLock]] = {}
+_adapters: dict[tuple[str, Path, str | None, str, str, RequestSettings], TaskAdapter] = {}
+
+
+def _api_lm(api: ApiKind, tokenizer: str | None, settings: RequestSettings) -> TemplateAPI:
+    key = (api, tokenizer, settings)
+    with _cache_lock:
+        lm = _lms.get(key)
+    if lm is not None:
+        return lm
+    from lm_eval.models.openai_completions import LocalChatCompletion, LocalCompletionsAPI
+
+    common: dict[str, Any] = {
+        "base_url": None,
+        "batch_size": 1,
+        "num_concurrent": 1,
+        "max_length": settings.max_length,
+        "max_gen_toks": settings.max_gen_toks,
+        "seed": settings.seed,
+        "add_bos_token": settings.add_bos_token,
+    }
+    try:
+        if api == "completions":
+            if not tokenizer:
+                raise TaskError("api 'completions' needs a tokenizer (path or id) to align tokens")
+            lm = LocalCompletionsAPI(
+                tokenizer_backend="huggingface",
+                tokenizer=tokenizer,
+                tokenized_requests=settings.tokenized_requests,
+                **common,
+            )
+        elif api == "chat-completions":
+            lm = LocalChatCompletion(tokenizer_backend=None, tokenized_requests=None, **common)
+        else:
+            raise TaskError(f"unknown api kind {api!r}")
+    except TaskError:
+        raise
+    except Exception as exc:  # tokenizer loading errors come in many types
+        raise TaskError(f"cannot build lm-eval's {api} client with tokenizer {tokenizer!r}: {exc!r}") from exc
+    with _cache_lock:
+        return _lms.setdefault(key, lm)
+
+
+def _replay_for(task: ConfigurableTask, settings: RequestSettings) -> tuple[FewshotReplay, threading.RLock]:
+    n = _num_fewshot(task, settings)
+    key = (id(task), settings.fewshot_seed, n)
+    with _cache_lock:
+        found = _replays.get(key)
+        if found is None:
+            replay = FewshotReplay(task, seed=settings.fewshot_seed, num_fewshot=n)
+            found = _replays[key] = (replay, replay.lock)
+        return found
+
+
+def load_task_adapter(
+    name: str,
+    datasets_dir: Path,
+    tokenizer: str | None,
+    api: ApiKind,
+    model: str,
+    settings: RequestSettings | None = None,
+) -> TaskAdapter:
+    """The adapter for task ``name`` from ``datasets_dir`` (cached per arguments).
+
+    ``tokenizer`` is a Hugging Face tokenizer path or id; like lm-eval, ``model`` stands in
+    for it when it is None. Bodies name the model each node claims (``node.model``).
+    The lm-eval Task and the tokenizer are shared by all adapters that use them."""
+    settings = settings or RequestSettings()
+    root = Path(datasets_dir).resolve()
+    tokenizer_id = tokenizer or (model if api == "completions" else None)
+    key = (name, root, tokenizer_id, api, model, settings)
+    with _cache_lock:
+        adapter = _adapters.get(key)
+    if adapter is not None:
+        return adapter
+    task = load_lmeval_task(name, root)
+    if api == "chat-completions" and task.OUTPUT_TYPE in LOGLIKELIHOOD_TYPES:
+        raise TaskError(
+            f"task {name} needs loglikelihoods ({task.OUTPUT_TYPE}), which "
+            "/v1/chat/completions cannot give; measure it over api='completions'"
+        )
+    lm = _api_lm(api, tokenizer_id, settings)
+    replay, lock = _replay_for(task, settings)
+    adapter = TaskAdapter(
+        task, lm, api=api, model=model, settings=settings, replay=replay, lock=lock
+    )
+    with _cache_lock:
+        return _adapters.setdefault(key, adapter)
+
+
+def clear_caches() -> None:
+    """Forget cached adapters, API clients and replays (tests)."""
+    with _cache_lock:
+        _adapters.clear()
+        _lms.clear()
+        _replays.clear()

@@ -1,0 +1,22 @@
+"""The cheater zoo (issue 4): OpenAI-compatible nodes that lie about what they serve.
+
+Kinds (all claim the honest model's name and, where they have them, its signatures):
+
+| kind | what it really does |
+|---|---|
+| ``honest`` | the claimed model (SmolLM2 in transformers, float32) |
+| ``perturbed`` | a different model: every weight tensor + seeded gaussian noise (3% of its RMS) |
+| ``quantized`` | the claimed model re-quantized: decoder linears through per-channel int8 |
+| ``bf16`` | the claimed model with bfloat16 weights (calibration only: see the README) |
+| ``proxy`` | forwards everything to another node and passes its answers off as its own |
+| ``lazy`` | no model: cached canned answers, made-up logprobs |
+| ``random`` | no model: random words, made-up logprobs |
+
+Run ``python -m cluster.testing.zoo --help``; in tests, :class:`ZooProcess` starts one
+process serving several nodes and reads their URLs.
+"""
+
+from cluster.testing.zoo.process import ZooProcess
+from cluster.testing.zoo.server import MODEL_KINDS, ZOO_KINDS, NodeSpec, Zoo, ZooKind
+
+__all__ = ["MODEL_KINDS", "ZOO_KINDS", "NodeSpec", "Zoo", "ZooKind", "ZooProcess"]

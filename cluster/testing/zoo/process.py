@@ -1,0 +1,90 @@
+"""Start a zoo as a child process and learn its nodes' URLs (for tests and ``make run``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from cluster.core.errors import TestbenchError
+
+READY_PREFIX = "zoo_listening "
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ZooStartError(TestbenchError):
+    """The zoo process exited or stayed silent before serving."""
+
+
+class ZooProcess:
+    """``with ZooProcess(["honest", "proxy@honest"], model_dir) as zoo: zoo.urls[...]``."""
+
+    def __init__(
+        self,
+        nodes: Sequence[str],
+        model_dir: str | Path,
+        *,
+        log_path: str | Path | None = None,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        start_timeout_s: float = 600.0,
+    ) -> None:
+        self.nodes = list(nodes)
+        self.model_dir = Path(model_dir)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.extra_args = list(extra_args)
+        self.env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+        self.start_timeout_s = start_timeout_s
+        self.urls: dict[str, str] = {}
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> dict[str, str]:
+        cmd = [sys.executable, "-m", "cluster.testing.zoo", "--model-dir", str(self.model_dir),
+               *[a for n in self.nodes for a in ("--node", n)], *self.extra_args]
+        stderr = open(self.log_path, "w") if self.log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                      env=self.env, cwd=Path(__file__).resolve().parents[3])
+        if stderr is not subprocess.DEVNULL:
+            stderr.close()
+        line: list[str] = []
+        reader = threading.Thread(
+            target=lambda: line.append(self._proc.stdout.readline() if self._proc and
+                                       self._proc.stdout else ""), daemon=True)
+        reader.start()
+        reader.join(self.start_timeout_s)
+        text = line[0] if line else ""
+        if not text.startswith(READY_PREFIX):
+            code = self._proc.poll()
+            self.stop()
+            raise ZooStartError(f"zoo did not start within {self.start_timeout_s:.0f} s "
+                                f"(exit code {code}); see {self.log_path or 'its stderr'}")
+        self.urls = json.loads(text[len(READY_PREFIX):])
+        return dict(self.urls)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+    def __enter__(self) -> ZooProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,279 @@
+"""The zoo's HTTP surface (aiohttp.web): one process serves any number of zoo nodes, each
+on its own port, so a test starts every cheater at the price of one interpreter.
+
+Routes of a model-backed node (honest, perturbed, quantized, bf16): ``POST
+/v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` and the
+LLM node's signature routes (``GET /signature/tokenizer``, ``/signature/config``,
+``/signature/tokenizer/files/{name}``), which report the *original* model's files: a
+cheater lies about what it serves. Lazy nodes have no signature routes (404, as a plain
+OpenAI server). A proxy forwards every route to its target and passes the answers off as
+its own (new response ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from cluster.testing.zoo import protocol as wire
+from cluster.testing.zoo.serving import AnswerCache, LazyServing, ModelServing
+
+log = logging.getLogger(__name__)
+
+ZooKind = Literal["honest", "perturbed", "quantized", "bf16", "proxy", "lazy", "random"]
+MODEL_KINDS: tuple[ZooKind, ...] = ("honest", "perturbed", "quantized", "bf16")
+ZOO_KINDS: tuple[ZooKind, ...] = (*MODEL_KINDS, "proxy", "lazy", "random")
+_JSON = "application/json"
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), status=status,
+                        content_type=_JSON)
+
+@dataclass
+class NodeStats:
+    """Requests served per route (``GET /stats``): tests read the proxy's forwarding."""
+
+    by_path: dict[str, int] = field(default_factory=dict)
+
+    def count(self, path: str) -> None:
+        self.by_path[path] = self.by_path.get(path, 0) + 1
+
+class ServingApp:
+    """Routes of one model-backed or lazy node."""
+
+    def __init__(self, name: str, serving: ModelServing | LazyServing,
+                 signatures: Any | None) -> None:
+        self.name = name
+        self.serving = serving
+        self.signatures = signatures  # cluster.modeldir.signatures.ModelSignatures or None
+        self.cache = serving.cache if isinstance(serving, ModelServing) else AnswerCache(0)
+        self.stats = NodeStats()
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.get_stats)
+        if self.signatures is not None:
+            app.router.add_get("/signature/tokenizer", self.tokenizer_signature)
+            app.router.add_get("/signature/config", self.config_signature)
+            app.router.add_get("/signature/tokenizer/files/{name}", self.tokenizer_file)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return _json({"by_path": self.stats.by_path})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(self.serving.models())
+
+    async def tokenizer_signature(self, request: web.Request) -> web.Response:
+        self.stats.count(request.path)
+        return _json(self.signatures.tokenizer().model_dump(mode="json"))
+
+    async def config_signature(self, request: web.Request) -> web.Response:
+        self.stats.count(request.path)
+        return _json(self.signatures.config().model_dump(mode="json"))
+
+    async def tokenizer_file(self, request: web.Request) -> web.Response:
+        from cluster.modeldir.signatures import UnknownSignatureFile
+
+        try:
+            found = self.signatures.tokenizer_file(request.match_info["name"])
+        except UnknownSignatureFile as exc:
+            return _json(wire.error_body(str(exc), "not_found", 404), 404)
+        return web.Response(body=found.content, content_type=found.media_type,
+                            headers={"x-sha256": found.sha256})
+
+    async def completions(self, request: web.Request) -> web.Response:
+        return await self._answer(request, wire.CompletionRequest, self.serving.complete)
+
+    async def chat(self, request: web.Request) -> web.Response:
+        return await self._answer(request, wire.ChatRequest, self.serving.chat)
+
+    async def _answer(self, request: web.Request, model: Any,
+                      handler: Callable[[Any], dict[str, Any]]) -> web.Response:
+        self.stats.count(request.path)
+        try:
+            payload = json.loads(await request.read())
+            if not isinstance(payload, dict):
+                raise ValueError("request body must be a JSON object")
+            if payload.get("stream"):
+                raise ValueError("the zoo does not stream")
+            parsed = model.model_validate(payload)
+        except (ValueError, ValidationError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return _json(wire.error_body(message, "invalid_request_error", 400), 400)
+        key = self.cache.key(request.path, payload)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return _json(cached)
+        running = self.cache.running.get(key) if key is not None else None
+        if running is not None:
+            # The same greedy request is being computed (e.g. for a proxy in front of this
+            # node, or another node sharing the model): wait for that answer.
+            shared = await asyncio.shield(running)
+            if shared is not None:
+                return _json(shared)
+        future: asyncio.Future[dict[str, Any] | None] = \
+            asyncio.get_running_loop().create_future()
+        if key is not None:
+            self.cache.running[key] = future
+        answer: dict[str, Any] | None = None
+        try:
+            # Model compute blocks: a worker thread keeps this node (and the process's other
+            # nodes) answering while it runs; each model serialises its own calls.
+            answer = await asyncio.to_thread(handler, parsed)
+        except ValueError as exc:
+            return _json(wire.error_body(str(exc), "invalid_request_error", 400), 400)
+        finally:
+            if key is not None and self.cache.running.get(key) is future:
+                del self.cache.running[key]
+            future.set_result(answer)
+        self.cache.put(key, answer)
+        return _json(answer)
+
+
+class ProxyApp:
+    """Forwards every request to ``target`` and answers with the target's answer."""
+
+    def __init__(self, name: str, target: str, timeout_s: float = 600.0) -> None:
+        self.name = name
+        self.target = target.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._http: aiohttp.ClientSession | None = None
+        self.stats = NodeStats()
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/stats", self.get_stats)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return _json({"by_path": self.stats.by_path})
+
+    async def _close(self, app: web.Application) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def forward(self, request: web.Request) -> web.Response:
+        self.stats.count(request.path)
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=self._timeout)
+        body = await request.read()
+        headers = {"Content-Type": request.headers.get("Content-Type", _JSON)}
+        try:
+            async with self._http.request(request.method, self.target + request.path_qs,
+                                          data=body or None, headers=headers) as resp:
+                raw = await resp.read()
+                status, content_type = resp.status, resp.content_type
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return _json(wire.error_body(f"upstream: {exc}", "server_error", 502), 502)
+        if status == 200 and content_type == _JSON and request.path.startswith("/v1/"):
+            answer = json.loads(raw)
+            if isinstance(answer, dict):
+                return _json(wire.rename_response(answer, "px"))
+        return web.Response(body=raw, status=status, content_type=content_type)
+
+def load_serving(kind: ZooKind, model_dir: Path, model_name: str, *, relative_noise: float,
+                 seed: int, threads: int | None) -> ModelServing | LazyServing:
+    """The serving of a non-proxy kind (model kinds load their weights: seconds each)."""
+    if kind in ("lazy", "random"):
+        return LazyServing(model_name, random_text=kind == "random", seed=seed)
+    from cluster.honesty.local_lm import LocalCausalLM
+    from cluster.testing import weights
+
+    transforms: dict[str, Callable[[Any], Any] | None] = {
+        "honest": None,
+        "perturbed": lambda m: weights.perturb_weights(m, relative_noise, seed),
+        "quantized": weights.requantize_int8,
+        "bf16": weights.round_trip_bfloat16,
+    }
+    if kind not in transforms:
+        raise ValueError(f"unknown zoo kind {kind!r}; one of {ZOO_KINDS}")
+    lm = LocalCausalLM(model_dir, transform=transforms[kind], threads=threads)
+    return ModelServing(lm, model_name)
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One zoo node: its name, kind, port (0 = any free one) and, for a proxy, its target
+    (another node's name in the same zoo, or a URL)."""
+
+    name: str
+    kind: ZooKind
+    port: int = 0
+    target: str | None = None
+
+class Zoo:
+    """The nodes of one zoo process, served on one event loop."""
+
+    def __init__(self, model_dir: Path, model_name: str = "smollm2", host: str = "127.0.0.1",
+                 *, relative_noise: float = 0.03, seed: int = 1, threads: int | None = 1
+                 ) -> None:
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name
+        self.host = host
+        self.relative_noise = relative_noise
+        self.seed = seed
+        self.threads = threads
+        self.urls: dict[str, str] = {}
+        self._runners: list[web.AppRunner] = []
+
+    async def _start_app(self, app: web.Application, port: int) -> str:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        sockets = getattr(site._server, "sockets", None) or []
+        bound = int(sockets[0].getsockname()[1]) if sockets else port
+        return f"http://{self.host}:{bound}"
+
+    async def start(self, specs: list[NodeSpec]) -> dict[str, str]:
+        """Load and serve every node (proxies last, so their targets have URLs)."""
+        from cluster.modeldir.signatures import ModelSignatures
+
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"zoo node names must be unique: {names}")
+        loaded: dict[ZooKind, ModelServing | LazyServing] = {}
+        for spec in sorted(specs, key=lambda s: s.kind == "proxy"):
+            if spec.kind == "proxy":
+                if spec.target is None:
+                    raise ValueError(f"proxy {spec.name!r} needs a target")
+                target = self.urls.get(spec.target, spec.target)
+                app: web.Application = ProxyApp(spec.name, target).build()
+            else:
+                serving = loaded.get(spec.kind)
+                if serving is None:
+                    serving = loaded[spec.kind] = await asyncio.to_thread(
+                        load_serving, spec.kind, self.model_dir, self.model_name,
+                        relative_noise=self.relative_noise, seed=self.seed,
+                        threads=self.threads)
+                signatures = (ModelSignatures(self.model_name, str(self.model_dir))
+                              if spec.kind in MODEL_KINDS else None)
+                app = ServingApp(spec.name, serving, signatures).build()
+            self.urls[spec.name] = await self._start_app(app, spec.port)
+            log.info("zoo.node_started name=%s kind=%s url=%s", spec.name, spec.kind,
+                     self.urls[spec.name])
+        return dict(self.urls)
+
+    async def stop(self) -> None:
+        runners, self._runners = self._runners, []
+        for runner in reversed(runners):
+            await runner.cleanup()

@@ -1,0 +1,10 @@
+"""Streaming organic jobs (DESIGN §5): a thin Serve app in front of a node's model app
+that forwards OpenAI requests and signs a receipt for every answer.
+
+The Serve builder is ``serve_apps.streaming.server:build_jobs_app`` (it imports Ray); the rest
+is plain: ``protocol`` (wire), ``serving`` (logic), ``routes`` (FastAPI).
+"""
+
+from serve_apps.streaming.config import JobsAppConfig, JobsDeploymentOptions
+
+__all__ = ["JobsAppConfig", "JobsDeploymentOptions"]
