@@ -38,10 +38,12 @@ chromium:
 
 test: install model chromium
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # Every bench in bench/, each against its anchor in the same run; writes bench/RESULTS.md.
 bench: install model

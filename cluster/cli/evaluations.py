@@ -247,7 +247,7 @@ async def run_in_process(
 
 def _in_process(settings: Settings, args: argparse.Namespace, request: Any,
                 display: ProgressDisplay) -> dict[str, Any]:
-    from cluster.cli.main import load_datasets
+    from cluster.tasks.datasets import load_datasets
     from cluster.local.bootstrap import stores_running
 
     with stores_running(settings) as resolved:

@@ -16,6 +16,9 @@ from pydantic import ValidationError
 
 from cluster.core.errors import TestbenchError
 from cluster.core.settings import Settings, load_settings
+from cluster.leaderboard.scores import fetch_scores
+from cluster.reports.scores import format_scores
+from cluster.tasks.datasets import load_datasets
 
 log = logging.getLogger("testbench")
 
@@ -54,15 +57,6 @@ async def _with_datasets(settings: Settings, fn: Any) -> Any:
 
 
 # ---- datasets -----------------------------------------------------------------------------
-async def load_datasets(settings: Settings, tasks: list[str] | None = None) -> list[Any]:
-    from cluster.tasks.datasets import load_task_datasets
-
-    async def go(store: Any) -> list[Any]:
-        return await load_task_datasets(store, Path(settings.datasets_dir), tasks)
-
-    return await _with_datasets(settings, go)
-
-
 def cmd_datasets(settings: Settings, args: argparse.Namespace) -> int:
     from cluster.tasks import datasets as datasets_loader
     if args.datasets_cmd == "list":
@@ -138,34 +132,6 @@ def cmd_nodes(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---- scores -------------------------------------------------------------------------------
-async def fetch_scores(settings: Settings) -> list[dict[str, Any]]:
-    return await _with_mongo(settings, lambda m: m.buffers.summaries())
-
-
-def format_scores(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'node':<22} {'task':<16} {'metric':<31} {'mean ± stderr':>17} {'n':>4} "
-              f"{'err%':>6} {'p50 s':>7} {'p95 s':>7}  errors")
-    lines = [header, "-" * len(header)]
-    for row in sorted(rows, key=lambda r: (r["node_id"], r["task"])):
-        metrics = row.get("metrics") or {"-": None}
-        for i, (name, m) in enumerate(sorted(metrics.items())):
-            val = "-" if m is None else (
-                f"{m['mean']:.4f} ± {m['stderr']:.4f}" if m.get("stderr") is not None
-                else f"{m['mean']:.4f}")
-            p50 = row.get("latency_p50_s")
-            p95 = row.get("latency_p95_s")
-            first = i == 0
-            errs = ",".join(f"{k}={v}" for k, v in (row.get("errors_by_code") or {}).items())
-            err_pct = f"{100 * row['error_rate']:.1f}" if first else ""
-            p50s = f"{p50:.3f}" if first and p50 is not None else ""
-            p95s = f"{p95:.3f}" if first and p95 is not None else ""
-            lines.append(
-                f"{row['node_id'] if first else '':<22} {row['task'] if first else '':<16} "
-                f"{name:<31} {val:>17} {row['n'] if first else '':>4} "
-                f"{err_pct:>6} {p50s:>7} {p95s:>7}  {errs if first else ''}")
-    return "\n".join(lines)
-
-
 async def read_honesty(settings: Settings, mongo: Any) -> dict[str, Any]:
     """Each node's latest verdicts, the loop's identity findings and its verification vs
     measuring traffic (buffer TTL window), from one registry read."""
@@ -308,37 +274,12 @@ def cmd_job(settings: Settings, args: argparse.Namespace) -> int:
 
 # ---- run ----------------------------------------------------------------------------------
 def run_loop(settings: Settings, until_full: bool, once: bool, timeout_s: float | None) -> bool:
-    """Drive the detached Manager; returns True when the goal was reached."""
-    import ray
-
-    from actors.remote import get_or_create_manager
+    """Start Ray (or join the configured cluster) and drive the detached Manager."""
+    from actors import loop
     from cluster.local.bootstrap import init_ray
 
     init_ray(settings)
-    manager = get_or_create_manager(settings)
-    ray.get(manager.ensure_started.remote())
-    start = time.monotonic()
-    last = ""
-    while True:
-        status = ray.get(manager.status.remote())
-        pairs = status["pairs"]
-        valid = sum(min(p["valid"], p["target"]) for p in pairs)
-        target = sum(p["target"] for p in pairs)
-        in_flight = sum(p["in_flight"] for p in pairs)
-        line = (f"[{time.monotonic() - start:6.1f}s] samples {valid}/{target} "
-                f"({100 * valid / max(target, 1):.0f}%), in flight {in_flight}, "
-                f"relay errors {status['pipeline_errors']}")
-        if line[10:] != last:
-            _progress(line)
-            last = line[10:]
-        if until_full and status["full"]:
-            return True
-        if once and status["ticks"] >= 1 and in_flight == 0:
-            return True
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            _err(f"timed out after {timeout_s:.0f}s with {valid}/{target} samples")
-            return False
-        time.sleep(1.0)
+    return loop.run_loop(settings, until_full, once, timeout_s, progress=_progress)
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:

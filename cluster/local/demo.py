@@ -82,9 +82,12 @@ def _quiet_logs() -> None:
 
 
 def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1800.0) -> int:
-    from cluster.cli.main import fetch_scores, format_scores, load_datasets, run_loop
+    from actors.loop import run_loop
+    from cluster.leaderboard.scores import fetch_scores
     from cluster.local.bootstrap import init_ray, stores_running
     from cluster.local.serve_nodes import deploy_diffusion_node, deploy_llm_node, start_serve
+    from cluster.reports.scores import format_scores
+    from cluster.tasks.datasets import load_datasets
 
     settings = _demo_settings(settings, target)
     model_dir = smollm2_path(settings.cache_dir)
@@ -107,7 +110,7 @@ def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1
             apps.append(deploy_diffusion_node(s, port))
             print(f"  {apps[-1].node.node_id} at {apps[-1].node.url} "
                   f"ready in {apps[-1].start_s:.0f}s", flush=True)
-            from cluster.testing.zoo.demo import demo_zoo, zoo_nodes
+            from cluster.local.zoo import demo_zoo, zoo_nodes
 
             print("starting the cheater zoo (perturbed, int8 re-quantized, lazy, random, "
                   "proxy of the SmolLM2 node) ...", flush=True)

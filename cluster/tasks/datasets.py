@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from cluster.core.errors import DatasetError
+from cluster.storage.connections import StoreConnections
 
 log = logging.getLogger(__name__)
 
@@ -359,3 +360,16 @@ async def load_hub_dataset(
     loaded = await store.register_dataset(task_name, {split: rows}, sha)
     log.info("datasets.hub_loaded task=%s source=%s docs=%d loaded=%s", task_name, hub_path, len(rows), loaded)
     return _result(task_name, {split: len(rows)}, sha, loaded)
+
+
+async def load_datasets(settings: Any, tasks: list[str] | None = None) -> list[Any]:
+    async def go(store: Any) -> list[Any]:
+        return await load_task_datasets(store, Path(settings.datasets_dir), tasks)
+
+    conns = StoreConnections(settings)
+    try:
+        store = await conns.datasets()
+        await store.ensure_schema()
+        return await go(store)
+    finally:
+        await conns.close()

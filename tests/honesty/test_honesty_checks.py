@@ -261,7 +261,7 @@ def test_zoo_node_specs_name_kind_and_proxy_target() -> None:
 
 
 def test_the_demo_zoo_fronts_the_real_node_and_registers_honest_first() -> None:
-    from cluster.testing.zoo.demo import demo_zoo, zoo_nodes
+    from cluster.local.zoo import demo_zoo, zoo_nodes
 
     assert demo_zoo("/m", honest_url="http://n:1/llm").nodes == [
         "perturbed", "quantized", "lazy", "random", "proxy@http://n:1/llm"]

@@ -16,7 +16,7 @@ Run ``python -m cluster.testing.zoo --help``; in tests, :class:`ZooProcess` star
 process serving several nodes and reads their URLs.
 """
 
-from cluster.testing.zoo.process import ZooProcess
+from cluster.local.zoo import ZooProcess
 from cluster.testing.zoo.server import MODEL_KINDS, ZOO_KINDS, NodeSpec, Zoo, ZooKind
 
 __all__ = ["MODEL_KINDS", "ZOO_KINDS", "NodeSpec", "Zoo", "ZooKind", "ZooProcess"]

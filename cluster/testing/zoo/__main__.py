@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import cast
 
-from cluster.testing.zoo.process import READY_PREFIX
+from cluster.local.zoo import READY_PREFIX
 from cluster.testing.zoo.server import ZOO_KINDS, NodeSpec, Zoo, ZooKind
 
 

@@ -1,0 +1,46 @@
+"""Driving the measuring loop from outside: start the detached Manager and follow it."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import ray
+
+from actors.remote import get_or_create_manager
+from cluster.core.settings import Settings
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_loop(settings: Settings, until_full: bool, once: bool, timeout_s: float | None,
+             progress: Callable[[str], None] = _stderr) -> bool:
+    """Drive the detached Manager (Ray already initialised); True when the goal was reached.
+    ``progress`` gets a status line whenever it changes, and the reason on a time-out."""
+    manager = get_or_create_manager(settings)
+    ray.get(manager.ensure_started.remote())
+    start = time.monotonic()
+    last = ""
+    while True:
+        status = ray.get(manager.status.remote())
+        pairs = status["pairs"]
+        valid = sum(min(p["valid"], p["target"]) for p in pairs)
+        target = sum(p["target"] for p in pairs)
+        in_flight = sum(p["in_flight"] for p in pairs)
+        line = (f"[{time.monotonic() - start:6.1f}s] samples {valid}/{target} "
+                f"({100 * valid / max(target, 1):.0f}%), in flight {in_flight}, "
+                f"relay errors {status['pipeline_errors']}")
+        if line[10:] != last:
+            progress(line)
+            last = line[10:]
+        if until_full and status["full"]:
+            return True
+        if once and status["ticks"] >= 1 and in_flight == 0:
+            return True
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            progress(f"error: timed out after {timeout_s:.0f}s with {valid}/{target} samples")
+            return False
+        time.sleep(1.0)

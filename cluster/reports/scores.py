@@ -1,0 +1,29 @@
+"""The leaderboard as a text table (``testbench scores``, ``make run``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_scores(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'node':<22} {'task':<16} {'metric':<31} {'mean ± stderr':>17} {'n':>4} "
+              f"{'err%':>6} {'p50 s':>7} {'p95 s':>7}  errors")
+    lines = [header, "-" * len(header)]
+    for row in sorted(rows, key=lambda r: (r["node_id"], r["task"])):
+        metrics = row.get("metrics") or {"-": None}
+        for i, (name, m) in enumerate(sorted(metrics.items())):
+            val = "-" if m is None else (
+                f"{m['mean']:.4f} ± {m['stderr']:.4f}" if m.get("stderr") is not None
+                else f"{m['mean']:.4f}")
+            p50 = row.get("latency_p50_s")
+            p95 = row.get("latency_p95_s")
+            first = i == 0
+            errs = ",".join(f"{k}={v}" for k, v in (row.get("errors_by_code") or {}).items())
+            err_pct = f"{100 * row['error_rate']:.1f}" if first else ""
+            p50s = f"{p50:.3f}" if first and p50 is not None else ""
+            p95s = f"{p95:.3f}" if first and p95 is not None else ""
+            lines.append(
+                f"{row['node_id'] if first else '':<22} {row['task'] if first else '':<16} "
+                f"{name:<31} {val:>17} {row['n'] if first else '':>4} "
+                f"{err_pct:>6} {p50s:>7} {p95s:>7}  {errs if first else ''}")
+    return "\n".join(lines)
