@@ -247,8 +247,8 @@ async def run_in_process(
 
 def _in_process(settings: Settings, args: argparse.Namespace, request: Any,
                 display: ProgressDisplay) -> dict[str, Any]:
-    from cluster.tasks.datasets import load_datasets
     from cluster.local.bootstrap import stores_running
+    from cluster.tasks.datasets import load_datasets
 
     with stores_running(settings) as resolved:
         # Idempotent by content hash: a no-op when the datasets are already loaded.

@@ -14,16 +14,14 @@ a file lock, a marker written last) and returns that directory.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.core.files import file_lock
 from cluster.images.errors import PipelineLoadError
 
 if TYPE_CHECKING:
@@ -141,23 +139,12 @@ def build_tiny_pipeline(seed: int = WEIGHTS_SEED) -> StableDiffusionPipeline:
     return pipeline
 
 
-@contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_tiny_pipeline(cache_dir: Path) -> Path:
     """Build and save the tiny pipeline once; return its directory. Safe to call concurrently."""
     target = tiny_pipeline_path(cache_dir)
     if is_prepared(target):
         return target
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         if is_prepared(target):
             return target
         scratch = target.parent / f".{target.name}.build-{os.getpid()}"

