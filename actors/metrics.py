@@ -1,4 +1,4 @@
-"""The measuring loop's Ray metrics (DESIGN §7), defined here and nowhere else.
+"""The measuring loop's Ray metrics, defined here and nowhere else.
 
 Recorded through ``ray.util.metrics`` and exported by each Ray node's metrics agent on its
 Prometheus endpoint (``ray.nodes()[i]["MetricsExportPort"]``), where Ray prefixes every

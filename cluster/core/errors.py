@@ -1,4 +1,4 @@
-"""Error codes (seed 000) and typed errors.
+"""Error codes and typed errors.
 
 Only OK, NODE and EVALUATION count in a node's buffer and error rate: the others are
 failures of the bench itself, which must not be blamed on the node.

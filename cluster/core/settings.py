@@ -1,7 +1,7 @@
 """Settings: pydantic v2 models loaded from YAML, with ``TESTBENCH_*`` environment overrides.
 
 Override rules (applied after the YAML file):
-- ``TESTBENCH_POSTGRES_URL`` / ``TESTBENCH_MONGO_URL`` pick external servers (DESIGN §4).
+- ``TESTBENCH_POSTGRES_URL`` / ``TESTBENCH_MONGO_URL`` pick external servers.
 - ``TESTBENCH_<SECTION>__<FIELD>`` sets any nested field, e.g.
   ``TESTBENCH_MANAGER__TARGET_SAMPLES=20``. Values are parsed as YAML scalars/lists.
 """
@@ -43,7 +43,7 @@ class RaySettings(StrictModel):
 
 
 class SlaSettings(StrictModel):
-    """Timeout = TTFT(prompt tokens) + per-output-token time + queue allowance (seed 000)."""
+    """Timeout = TTFT(prompt tokens) + per-output-token time + queue allowance."""
 
     ttft_points: list[tuple[int, float]] = Field(
         default_factory=lambda: [(0, 0.0), (8192, 2.0), (32768, 10.0)]
@@ -121,7 +121,7 @@ class PeerKeySettings(StrictModel):
 
 
 class AuthSettings(StrictModel):
-    """Peer authentication (DESIGN §5): requests signed by registered ed25519 keys.
+    """Peer authentication: requests signed by registered ed25519 keys.
 
     On when keys are configured, unless ``enabled: false`` (the explicit local-dev opt-out).
     ``signing_key_id`` / ``signing_key_file`` are this process's own key, for the requests
@@ -160,21 +160,21 @@ class AuthSettings(StrictModel):
 
 
 class ReceiptSettings(StrictModel):
-    """Verifying the signed receipts of streaming jobs (DESIGN §5)."""
+    """Verifying the signed receipts of streaming jobs."""
 
     max_clock_skew_s: float = Field(
         default=5.0, ge=0, description="receipt times vs the validator's send/receive times"
     )
     rerun_fraction: float = Field(
         default=0.02, ge=0, le=1,
-        description="share of temperature-0 answers re-run on the reference (seed 003: 1-2%)",
+        description="share of temperature-0 answers re-run on the reference (1-2% is the usual rate)",
     )
     rerun_min: int = Field(default=1, ge=0, description="re-run at least this many per audit")
     max_evidence_chars: int = Field(default=2000, ge=100)
 
 
 class EvaluationSettings(StrictModel):
-    """Evaluation as a service (issue 6): who may submit runs and how runs execute.
+    """Evaluation as a service: who may submit runs and how runs execute.
 
     ``tenants`` maps a tenant name to its bearer token; a tenant sees only its own runs.
     Runs execute inside the evaluations Serve app's replicas, each holding a lease on the
@@ -219,7 +219,7 @@ class EvaluationSettings(StrictModel):
 
 
 class ReferenceSettings(StrictModel):
-    """testbench's own trusted deployment of one claimed model (DESIGN §5)."""
+    """testbench's own trusted deployment of one claimed model."""
 
     url: str | None = Field(
         default=None, description="base URL of a Serve LLM app (serve_apps/llm) of the model",
@@ -241,7 +241,7 @@ class ReferenceSettings(StrictModel):
 
 
 class HonestySettings(StrictModel):
-    """Signatures, synthetic jobs and the model-substitution check (issue 4).
+    """Signatures, synthetic jobs and the model-substitution check.
 
     Thresholds were calibrated on a 2-core CPU box with SmolLM2-135M (README, Honesty).
     """

@@ -1,4 +1,4 @@
-"""SLA timeouts for node requests (seed 000).
+"""SLA timeouts for node requests.
 
 ``timeout = TTFT(prompt tokens) + per_output_token_s * max_output_tokens + queue_s``,
 capped at ``max_timeout_s``. TTFT is a quadratic in the prompt length, fitted (least

@@ -1,4 +1,4 @@
-"""Evaluation as a service, the core: lm-eval runs as resumable full passes (issue 6).
+"""Evaluation as a service, the core: lm-eval runs as resumable full passes.
 
 - :class:`EvaluationSpec`, :class:`EvaluationRun`, :class:`RunState`: what a run is;
 - :class:`EvaluationStore`: runs, relays, scored docs, logs and results in MongoDB;

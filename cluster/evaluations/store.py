@@ -1,6 +1,6 @@
 """Evaluation runs in MongoDB: runs, their relays, scored docs, log lines and results.
 
-Collections (DESIGN §4, ``evaluations`` and its satellites):
+Collections (``evaluations`` and its satellites):
 
 - ``evaluations``: one document per run. Query fields (tenant, state, times, lease) are
   top-level; the whole record is kept as canonical ASCII JSON in ``record``, so any string a

@@ -1,4 +1,4 @@
-"""Honesty checks (DESIGN §5): signed receipts of streaming jobs, peer authentication,
+"""Honesty checks: signed receipts of streaming jobs, peer authentication,
 signatures, identity, synthetic jobs and the model-substitution check.
 
 Domain code only (no Ray): the Serve apps, actors and CLI wire these in. The verification

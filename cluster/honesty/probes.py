@@ -2,7 +2,7 @@
 
 Three sets, each a pure function of ``(settings, seed)`` so a round can be replayed:
 
-- **identity** (seed 000): prompts of seeded random words; their temperature-0 answers
+- **identity**: prompts of seeded random words; their temperature-0 answers
   fingerprint the backend that produced them;
 - **synthetic**: small task-like prompts (arithmetic, lists, facts, instructions) whose
   answers the reference computes and the node must reproduce;

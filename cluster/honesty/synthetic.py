@@ -1,4 +1,4 @@
-"""Synthetic jobs (seed 003): prompts whose temperature-0 answers the validator computed on
+"""Synthetic jobs: prompts whose temperature-0 answers the validator computed on
 the trusted reference; the node must reproduce them.
 
 ComputeHorde checks such jobs by exact match, which holds when node and reference run the

@@ -8,7 +8,7 @@
   as the node reported them (``usage.completion_tokens`` of the relay), or the request's
   ``max_tokens`` where the answer has no usage (an upper bound).
 
-The goal (issue 4) is at most ``max_traffic_share`` (10%) at default settings;
+The goal is at most ``max_traffic_share`` (10%) at default settings;
 :func:`verification_due` is the gate a scheduler applies so that it holds by construction
 once a node has been measured at all.
 """

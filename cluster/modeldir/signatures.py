@@ -1,4 +1,4 @@
-"""Signatures of the model a node serves (seed 000): digests of its tokenizer and config files.
+"""Signatures of the model a node serves: digests of its tokenizer and config files.
 
 Plain logic, no Ray: the builder turns ``ModelSignatures`` into a small Serve deployment
 and the node's ingress exposes it as ``GET /signature/...``. The digests are recomputed on

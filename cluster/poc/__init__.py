@@ -1,4 +1,4 @@
-"""Proof of compute (DESIGN §5, seed 001): the seeded model, nonce distances, the validator.
+"""Proof of compute: the seeded model, nonce distances, the validator.
 
 Plain domain code, no Ray: the node's Ray workers live in ``serve_apps.poc``. Names are
 re-exported lazily so that ``cluster.cli.poc`` (imported by every CLI command) does not

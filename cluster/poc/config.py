@@ -1,6 +1,6 @@
 """PoC settings: the public model parameters of a round and the validator's thresholds.
 
-Defaults for the validator come from MLNode v1 (DESIGN §8): an honest node disagrees with
+Defaults for the validator come from MLNode v1: an honest node disagrees with
 a validator on at most 5e-4 of its nonces (hardware differences near ``r_target``), and a
 node is judged a fraud when the binomial p-value of its mismatches over a 200-nonce
 sample falls below 1e-7.

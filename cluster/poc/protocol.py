@@ -1,6 +1,6 @@
 """Wire models of the node's PoC and control API: the only place a JSON field is spelled.
 
-Modelled on MLNode (seed 001): ``block_hash`` is the round's public seed, ``node_id`` /
+Modelled on MLNode: ``block_hash`` is the round's public seed, ``node_id`` /
 ``node_count`` split the nonce space between the nodes that share one key, ``url`` is the
 callback base (batches go to ``{url}/generated`` and ``{url}/validated``).
 """

@@ -1,5 +1,5 @@
 """Load task datasets into PostgreSQL: the project's ``datasets/`` dirs, a user's files, or
-the Hugging Face hub (DESIGN §4).
+the Hugging Face hub.
 
 A task dir holds its splits as files named ``<split>.<ext>`` (``train.jsonl``,
 ``test.jsonl``...) beside files that are not data (YAMLs, LICENSE, README). A doc's id is

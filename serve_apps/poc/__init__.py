@@ -1,4 +1,4 @@
-"""The PoC node: Ray worker actors, the pow routes and the node control API (DESIGN §5).
+"""The PoC node: Ray worker actors, the pow routes and the node control API.
 
 Import the Serve builder from ``serve_apps.poc.server`` (it imports Ray); the rest is plain.
 """

@@ -1,4 +1,4 @@
-"""Streaming organic jobs (DESIGN §5): a thin Serve app in front of a node's model app
+"""Streaming organic jobs: a thin Serve app in front of a node's model app
 that forwards OpenAI requests and signs a receipt for every answer.
 
 The Serve builder is ``serve_apps.streaming.server:build_jobs_app`` (it imports Ray); the rest

@@ -1,4 +1,4 @@
-"""The cheater zoo (issue 4): OpenAI-compatible nodes that lie about what they serve.
+"""The cheater zoo: OpenAI-compatible nodes that lie about what they serve.
 
 Kinds (all claim the honest model's name and, where they have them, its signatures):
 
