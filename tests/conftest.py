@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Shared helpers and fixtures live in tests/support/ (not a package: its modules import by
+# bare name, and node_loss_script.py runs outside pytest), loaded here for every folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+pytest_plugins = ("fixtures_faults", "fixtures_honesty", "fixtures_serve", "fixtures_evaluations")
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -84,3 +90,11 @@ def serve_http_port(ray_session: None) -> Iterator[int]:
     yield start_serve()
     if started:
         serve.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks by what a test uses, so ``-m serve`` / ``-m "not serve"`` select without folders:
+    ``serve`` for anything on the session's Ray Serve."""
+    for item in items:
+        if "serve_http_port" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.serve)

@@ -4,7 +4,7 @@ Only a conservative subset of MongoDB is used, so the same code runs on MongoDB 
 the embedded nx-27017 (MongoDB wire protocol over SQLite): CRUD, ``$set``/``$inc``/
 ``$push`` with ``$each``/``$slice``, unordered bulk inserts, unique ``_id``s, simple
 filters (``$in``, ``$gt``...). What nx-27017 0.8.1 gets wrong, and how this module avoids
-it (each checked by tests/integration/test_stores.py):
+it (each checked by tests/cluster/storage/test_stores.py):
 
 - ``$push`` of *sub-documents* into an existing array stores them as JSON strings, so
   buffer entries are stored as canonical JSON strings (scalars survive ``$push``/``$slice``)

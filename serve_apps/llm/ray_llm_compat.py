@@ -3,7 +3,7 @@
 ``ray.serve.llm`` publishes ``LLMConfig``, ``build_llm_deployment``, ``OpenAiIngress`` and
 ``make_fastapi_ingress``, but not the three pieces needed to add routes beside the OpenAI
 ones and to skip a no-op download step. They are imported here, in one place, so a Ray
-upgrade that moves them breaks this module (``tests/serve/test_llm_signature.py`` imports
+upgrade that moves them breaks this module (``tests/serve_apps/llm/test_llm_signature.py`` imports
 it through the public names), not the whole package. Ray's own ``OpenAiIngress`` docstring
 imports ``to_model_metadata`` the same way.
 """

@@ -2,7 +2,7 @@
 
 lm-eval's ``simple_evaluate(model="local-completions", limit=20)`` runs the project's
 openbookqa and gsm8k YAMLs against the test node, exactly as
-tests/integration/test_parity_lmeval.py runs it, while the evaluations app runs the same
+tests/cluster/tasks/test_parity_lmeval.py runs it, while the evaluations app runs the same
 tasks, endpoint and limit by ticket. Aggregates, stderrs, sample counts, n-shot, versions
 and every doc's metrics must be identical.
 """

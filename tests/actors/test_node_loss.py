@@ -23,7 +23,7 @@ from fault_report import FaultTable
 
 from cluster.core.settings import PROJECT_ROOT, Settings
 
-SCRIPT = Path(__file__).with_name("node_loss_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "node_loss_script.py"
 TARGET = 6
 
 

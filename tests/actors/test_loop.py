@@ -4,7 +4,7 @@ correct: answers gsm8k right; wrong: answers wrongly; faulty: 500s, garbage JSON
 hangs on a share of requests. The loop must fill every buffer, score the nodes as they
 deserve, record each failure with its code, and keep exactly one relay per prompt.
 Killing each actor kind mid-run (and stopping the stores) is the fault-injection suite's
-job: tests/faults/test_loop_faults.py, one loop hit by one fault after another.
+job: tests/actors/test_loop_faults.py, one loop hit by one fault after another.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hooks of the fault-injection suite: each fault with its outcome, printed and documented.
+"""Fixtures and hooks of the fault-injection tests: each fault with its outcome, printed and documented.
 
 Tests declare the faults they inject with ``@pytest.mark.fault("name", ...)`` and record
 what they observed with the ``fault_table`` fixture. At the end of the session the table
@@ -17,9 +17,6 @@ from cluster.core.settings import PROJECT_ROOT
 
 _TABLE = FaultTable()
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "fault(*names): faults a fault-injection test injects")
 
 
 @pytest.fixture(scope="session")

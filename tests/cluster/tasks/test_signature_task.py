@@ -24,7 +24,7 @@ from cluster.tasks.signature import (
     signature_task_config,
 )
 
-DATASETS = Path(__file__).resolve().parents[2] / "datasets"
+DATASETS = Path(__file__).resolve().parents[3] / "datasets"
 NODE = Node(node_id="n1", url="http://127.0.0.1:9", model="smollm2")
 CHAT = Node(node_id="c1", url="http://127.0.0.1:9", model="smollm2", api="chat-completions")
 DOC = {"prompt": "river stone cloud", "seed": 7}

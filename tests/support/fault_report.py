@@ -1,6 +1,6 @@
 """The fault-injection report: each fault, how it is injected, and what a run observed.
 
-Filled by the tests of ``tests/faults/`` (through the ``fault_table`` fixture of its
+Filled by the tests marked ``fault`` (through the ``fault_table`` fixture of its
 conftest) and written to ``docs/fault-injection.md`` after a whole run.
 """
 
@@ -49,7 +49,7 @@ class FaultTable:
 
     def declare(self, fault: str, test: str) -> None:
         if fault not in FAULTS:
-            raise KeyError(f"unknown fault {fault!r}: add it to FAULTS in tests/faults/conftest.py")
+            raise KeyError(f"unknown fault {fault!r}: add it to FAULTS in tests/support/fixtures_faults.py")
         self.rows[fault] = FaultRow(fault, test)
 
     def record(self, fault: str, observed: str) -> None:
@@ -86,7 +86,7 @@ def write_doc(table: FaultTable) -> None:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     DOC.write_text(f"""# Fault injection
 
-What the measuring loop survives, proven by `tests/faults/` (DESIGN §7, issue #7).
+What the measuring loop survives, proven by the tests marked `fault`.
 After every fault the suite checks, from what MongoDB holds, that **no sample was lost or
 duplicated** (every prompt has exactly one relay and its sample; one sample per
 (node, task, doc, epoch)), that node failures were **recorded with their error code**, and
@@ -95,7 +95,7 @@ that the loop **recovered without an operator** (it went on to fill every buffer
 Run it (about 4 minutes on a 2-core machine; every test is marked `slow`):
 
 ```bash
-HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/faults
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p no:cacheprovider -m fault tests
 ```
 
 The table below is rewritten by the suite whenever all of it runs
@@ -104,5 +104,5 @@ The table below is rewritten by the suite whenever all of it runs
 {table.markdown()}
 
 The actor kills are also exercised all at once by
-`tests/integration/test_loop.py::test_killing_actors_mid_run_loses_and_duplicates_nothing`.
+`tests/actors/test_loop.py::test_killing_actors_mid_run_loses_and_duplicates_nothing`.
 """)

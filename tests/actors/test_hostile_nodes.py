@@ -2,7 +2,7 @@
 ones. Each hostile answer must become a NODE-coded sample carrying its reason, the honest
 node must not suffer, and nothing may be lost or duplicated.
 
-(``tests/actors/test_requester.py`` proves the single relays; this proves the loop around
+(``tests/cluster/nodes/test_requester.py`` proves the single relays; this proves the loop around
 them: scoring, buffers, backoff and bookkeeping.)
 """
 
