@@ -156,7 +156,6 @@ ACTORS = ("manager", "samplers", "evaluators", "requester")
 async def register_fleet(settings: Any, base_url: str, n: int, tokenizer: str) -> None:
     from cluster.core.schemas import Node
     from cluster.storage.connections import StoreConnections
-    from cluster.storage.documents import to_document
 
     conns = StoreConnections(settings)
     try:
@@ -164,8 +163,7 @@ async def register_fleet(settings: Any, base_url: str, n: int, tokenizer: str) -
         nodes = [Node(node_id=f"n{i}", url=f"{base_url}/n{i}", model="smollm2",
                       tokenizer=tokenizer, tasks=[TASK]) for i in range(n)]
         # one bulk insert: a thousand single registrations would time the store, not the loop
-        await mongo.nodes.collection.insert_many(
-            [to_document(node, id_field="node_id") for node in nodes])
+        await mongo.nodes.add_many(nodes)
     finally:
         await conns.close()
 
@@ -181,10 +179,10 @@ def main() -> None:
     import ray
 
     from actors.remote import get_or_create_manager
-    from cluster.cli.main import load_datasets
     from cluster.core.settings import Settings, StoreSettings
     from cluster.local.embedded import EmbeddedStores, free_port
     from cluster.local.models import prepare_smollm2
+    from cluster.tasks.datasets import load_datasets
 
     tokenizer = str(prepare_smollm2(ROOT / ".cache"))
     ctx = mp.get_context("spawn")

@@ -18,7 +18,9 @@ import pytest
 # Shared helpers and fixtures live in tests/support/ (not a package: its modules import by
 # bare name, and node_loss_script.py runs outside pytest), loaded here for every folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
-pytest_plugins = ("fixtures_faults", "fixtures_honesty", "fixtures_serve", "fixtures_evaluations")
+pytest_plugins = (
+    "fixtures_faults", "fixtures_honesty", "fixtures_serve", "fixtures_evaluations", "fixtures_poc",
+)
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -53,7 +55,7 @@ def session_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSe
 @pytest.fixture(scope="session")
 def loaded_stores(session_stores: StoreSettings) -> StoreSettings:
     """The shipped task datasets loaded into the session's PostgreSQL."""
-    from cluster.cli.main import load_datasets
+    from cluster.tasks.datasets import load_datasets
 
     asyncio.run(load_datasets(Settings(stores=session_stores)))
     return session_stores

@@ -1,4 +1,4 @@
-"""Peer authentication (DESIGN §5, seed 001): requests signed by registered ed25519 keys.
+"""Peer authentication: requests signed by registered ed25519 keys.
 
 A signed request carries four headers: the key id, a timestamp (seconds since the epoch),
 a fresh nonce, and the signature over::
@@ -24,7 +24,9 @@ check alone refuses the replay.
 
 What it cannot catch: a stolen private key (rotate it in the registry), or a replay to a
 *different* replica of an app whose nonces are kept in process (configure
-``auth.nonce_mongo_url`` when an app has more than one replica). It authenticates the
+``auth.nonce_mongo_url`` when an app has more than one replica: the app then hands the
+verifier ``cluster.storage.mongo.MongoNonceStore``, see ``serve_apps/common/peer_auth.py``;
+this package keeps to the :class:`NonceStore` protocol). It authenticates the
 request, not the answer: answers of jobs carry receipts (:mod:`cluster.auth.receipts`).
 """
 
@@ -51,7 +53,6 @@ from cluster.core.settings import AuthSettings
 if TYPE_CHECKING:
     import httpx
     from aiohttp import ClientRequest, ClientResponse
-    from pymongo.asynchronous.collection import AsyncCollection
 
 log = logging.getLogger(__name__)
 
@@ -182,37 +183,6 @@ class MemoryNonceStore:
         return len(self._seen)
 
 
-class MongoNonceStore:
-    """Nonces shared by every replica: one document per nonce, ``_id`` = "key|nonce",
-    so the unique ``_id`` decides the race between two replicas. Expired nonces are
-    deleted now and then (no TTL index: the embedded nx-27017 has none)."""
-
-    def __init__(
-        self,
-        collection: AsyncCollection[dict[str, Any]],
-        clock: Callable[[], float] = time.time,
-        prune_every_s: float = 60.0,
-    ) -> None:
-        self._collection = collection
-        self._clock = clock
-        self._prune_every_s = prune_every_s
-        self._pruned_at = 0.0
-
-    async def first_use(self, key_id: str, nonce: str, expires_at: float) -> bool:
-        from pymongo.errors import DuplicateKeyError
-
-        now = self._clock()
-        if now - self._pruned_at > self._prune_every_s:
-            self._pruned_at = now
-            await self._collection.delete_many({"expires_at": {"$lt": float(now)}})
-        try:
-            await self._collection.insert_one(
-                {"_id": f"{key_id}|{nonce}", "key_id": key_id, "expires_at": float(expires_at)})
-        except DuplicateKeyError:
-            return False
-        return True
-
-
 class RequestVerifier:
     """Checks a request's auth headers for one purpose ("control" or "jobs")."""
 
@@ -274,16 +244,18 @@ class RequestVerifier:
 
 
 def verifier_from_settings(
-    settings: AuthSettings, purpose: str, clock: Callable[[], float] = time.time
+    settings: AuthSettings,
+    purpose: str,
+    clock: Callable[[], float] = time.time,
+    nonces: NonceStore | None = None,
 ) -> RequestVerifier:
-    """The verifier an app uses; nonces in MongoDB when ``nonce_mongo_url`` is set."""
-    nonces: NonceStore
-    if settings.nonce_mongo_url:
-        from pymongo import AsyncMongoClient
-
-        client: Any = AsyncMongoClient(settings.nonce_mongo_url, serverSelectionTimeoutMS=10_000)
-        nonces = MongoNonceStore(client[settings.nonce_mongo_database]["auth_nonces"], clock)
-    else:
+    """The verifier an app uses. ``nonces`` is the shared store when
+    ``auth.nonce_mongo_url`` is set (the caller builds it: this package opens no database);
+    otherwise nonces are kept in this process."""
+    if nonces is None:
+        if settings.nonce_mongo_url:
+            raise ValueError("auth.nonce_mongo_url is set: pass its nonce store "
+                             "(cluster.storage.mongo.MongoNonceStore.from_url)")
         nonces = MemoryNonceStore(clock)
     return RequestVerifier(KeyRegistry.from_settings(settings), nonces, purpose,
                            settings.max_skew_s, clock)

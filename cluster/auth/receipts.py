@@ -1,10 +1,10 @@
-"""Signed receipts of streaming jobs (DESIGN §5), and their verification.
+"""Signed receipts of streaming jobs, and their verification.
 
 A node serving a job signs, for every answer, a receipt: the job id, the request id, the
 endpoint, its public key, when it started and finished (ms since the epoch), and the
 sha256 of the request body it received and of the exact bytes it sent back. The signature
 is ed25519 over a canonical encoding: a domain tag, then the other fields as sorted-key,
-compact, ASCII JSON (the convention of ComputeHorde's receipts, seed 003). Timestamps are
+compact, ASCII JSON (the convention of ComputeHorde's receipts). Timestamps are
 integers so that the encoding has one spelling in every language.
 
 A validator accepts a receipt only when every check passes, in this order: the job and

@@ -1,8 +1,4 @@
-"""``testbench poc``: calibrate a round's radius, run a round against nodes, show verdicts.
-
-Wiring (cluster/cli/main.py): ``add_poc_parser(sub)`` in ``build_parser`` and
-``"poc": cmd_poc`` in ``COMMANDS``; add ``"poc"`` to ``NEEDS_STORES`` to record verdicts.
-"""
+"""``testbench poc``: calibrate a round's radius, run a round against nodes, show verdicts."""
 
 from __future__ import annotations
 
@@ -10,18 +6,18 @@ import argparse
 import asyncio
 import hashlib
 import json
-import random
-import sys
 from typing import Any
 
+from cluster.cli.output import error
 from cluster.core.settings import Settings
 from cluster.poc.config import PocModelParams, PocRoundParams, ValidationConfig
 
 DEFAULT_SEED = "testbench-poc-round"
 
 
-def add_poc_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("poc", help="proof of compute: calibrate, run a round, judge nodes")
+    p.set_defaults(handler=run, needs_stores=True)
     sub = p.add_subparsers(dest="poc_cmd", required=True)
 
     def model_args(a: argparse.ArgumentParser) -> None:
@@ -79,9 +75,12 @@ def default_public_key(node_id: str) -> str:
     return hashlib.sha256(f"testbench-poc-key|{node_id}".encode()).hexdigest()
 
 
-def cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    # torch takes ~1.5 s to import: only this command pays for it, not every `testbench` call.
     from cluster.poc.calibration import calibrate_r_target
     from cluster.poc.compute import configure_torch
+    from cluster.poc.round import PocNodeTarget, run_poc_round
+    from cluster.reports.poc import format_results
 
     configure_torch(1)
     try:
@@ -98,7 +97,7 @@ def cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
                                       honest_mismatch_rate=args.honest_rate,
                                       p_value_threshold=args.p_value)
     except ValueError as exc:
-        print(f"testbench: error: {exc}", file=sys.stderr)
+        error(str(exc))
         return 2
     r_target = args.r_target
     if r_target is None:
@@ -106,7 +105,11 @@ def cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
                                       batch_size=args.batch_size)
     params = PocRoundParams(seed=args.seed, model=model, r_target=r_target,
                             batch_size=args.batch_size)
-    results = asyncio.run(run_round(settings, params, validation, nodes, keys, args))
+    targets = [PocNodeTarget(node_id=n, url=u, public_key=keys.get(n) or default_public_key(n))
+               for n, u in nodes.items()]
+    results = asyncio.run(run_poc_round(
+        settings, params, validation, targets, args.seconds, sample_seed=args.sample_seed,
+        record=not args.no_store))
     rows = [r.model_dump(mode="json") for r in results]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -114,50 +117,3 @@ def cmd_poc(settings: Settings, args: argparse.Namespace) -> int:
         print(format_results(params, results))
     bad = [r for r in results if r.error or (r.verdict and r.verdict.fraud)]
     return 1 if bad else 0
-
-
-async def run_round(settings: Settings, params: PocRoundParams, validation: ValidationConfig,
-                    nodes: dict[str, str], keys: dict[str, str],
-                    args: argparse.Namespace) -> list[Any]:
-    from cluster.auth.peers import RequestSigner
-    from cluster.poc.compute import PocComputer
-    from cluster.poc.round import PocNodeTarget, PocRoundDriver
-    from cluster.poc.validator import PocValidator
-
-    targets = [PocNodeTarget(node_id=n, url=u, public_key=keys.get(n) or default_public_key(n))
-               for n, u in nodes.items()]
-    validator = PocValidator(PocComputer(params, "validator"), validation)
-    seed = args.sample_seed if args.sample_seed is not None else random.SystemRandom().getrandbits(63)
-    # auth.signing_key_id / signing_key_file: the key nodes with peer auth expect
-    driver = PocRoundDriver(params, validator, random.Random(seed),
-                            signer=RequestSigner.from_settings(settings.auth))
-    results = await driver.run(targets, args.seconds)
-    verdicts = [r.verdict for r in results if r.verdict is not None]
-    if verdicts and not args.no_store and settings.stores.mongo_url:
-        from cluster.poc.verdicts import record_verdicts
-        from cluster.storage.connections import StoreConnections
-
-        conns = StoreConnections(settings)
-        try:
-            await record_verdicts(await conns.mongo(), verdicts)
-        finally:
-            await conns.close()
-    return results
-
-
-def format_results(params: PocRoundParams, results: list[Any]) -> str:
-    header = (f"{'node':<20} {'computed':>9} {'nonces/s':>9} {'claimed':>8} {'sampled':>8} "
-              f"{'mismatch':>8} {'p-value':>10}  verdict")
-    lines = [f"round seed={params.seed!r} r_target={params.r_target:.6f} "
-             f"model={params.model.model_dump()}", header, "-" * len(header)]
-    for r in results:
-        if r.verdict is None:
-            lines.append(f"{r.node_id:<20} {'':>9} {'':>9} {'':>8} {'':>8} {'':>8} {'':>10}  "
-                         f"ERROR {r.error}")
-            continue
-        v = r.verdict
-        rate = r.nonces_computed / r.generate_s if r.generate_s > 0 else 0.0
-        lines.append(f"{r.node_id:<20} {r.nonces_computed:>9} {rate:>9.0f} {v.n_claimed:>8} "
-                     f"{v.n_sampled:>8} {v.n_mismatch:>8} {v.p_value:>10.3g}  "
-                     f"{'FRAUD' if v.fraud else 'honest'}")
-    return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Evaluation as a service, the core: lm-eval runs as resumable full passes.
 
-- :class:`EvaluationSpec`, :class:`EvaluationRun`, :class:`RunState`: what a run is;
-- :class:`EvaluationStore`: runs, relays, scored docs, logs and results in MongoDB;
+- :class:`EvaluationSpec`, :class:`EvaluationRun`, :class:`RunState`: what a run is
+  (records in :mod:`cluster.core.evaluations`);
+- :class:`EvaluationStore`: runs, relays, scored docs, logs and results in MongoDB
+  (:mod:`cluster.storage.mongo.evaluations`, also ``MongoStores.evaluations``);
 - :class:`EvaluationRunner`: executes one run with the measuring loop's parts;
 - :class:`EvaluationWorker`: claims, leases and cancels runs in one process;
 - :mod:`cluster.cli.evaluations`: ``testbench eval``.
@@ -9,11 +11,18 @@
 The REST API and the leaderboard page are the Serve app ``serve_apps.evaluations``.
 """
 
+from cluster.core.evaluations import (
+    EvalSample,
+    EvaluationRun,
+    EvaluationSpec,
+    LogLine,
+    RunState,
+    TaskProgress,
+)
 from cluster.evaluations.runner import EvaluationRunner, LeaseLostError, RunFailedError
 from cluster.evaluations.runs import SpecError, check_spec, new_run, request_cancel
-from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState, TaskProgress
-from cluster.evaluations.store import EvalSample, EvaluationStore, LogLine
 from cluster.evaluations.worker import EvaluationWorker
+from cluster.storage.mongo import EvaluationStore
 
 __all__ = [
     "EvalSample",

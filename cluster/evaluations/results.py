@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster.core.errors import ErrorCode
-from cluster.evaluations.spec import EvaluationRun
-from cluster.evaluations.store import EvalSample
+from cluster.core.evaluations import EvalSample, EvaluationRun
 from cluster.tasks.lmeval import TaskAdapter
 
 LMEVAL_VERSION = "0.4.13"

@@ -26,14 +26,14 @@ from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
 from cluster.core.errors import DatasetError, ErrorCode, TestbenchError
+from cluster.core.evaluations import EvalSample, EvaluationRun, EvaluationSpec
 from cluster.core.schemas import Node, Prompt, Relay
 from cluster.core.settings import Settings
 from cluster.evaluations.results import build_results
 from cluster.evaluations.scoring import build_doc_prompts, score_doc
-from cluster.evaluations.spec import EvaluationRun, EvaluationSpec
-from cluster.evaluations.store import EvalSample, EvaluationStore
 from cluster.nodes.requester import Requester
 from cluster.storage.connections import StoreConnections
+from cluster.storage.mongo import EvaluationStore
 from cluster.tasks.lmeval import RequestSettings, TaskAdapter, load_task_adapter
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import secrets
 from pathlib import Path
 
 from cluster.core.errors import TaskError
-from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState, TaskProgress
-from cluster.evaluations.store import EvaluationStore
+from cluster.core.evaluations import EvaluationRun, EvaluationSpec, RunState, TaskProgress
+from cluster.storage.mongo import EvaluationStore
 from cluster.tasks.lmeval import task_config, task_manager
 
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")

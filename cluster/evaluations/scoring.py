@@ -12,33 +12,24 @@ resps, filtered_resps, hashes, metrics per filter).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cluster.core.errors import ErrorCode, EvaluationError, TaskError
-from cluster.core.schemas import Node, Prompt, Relay, failure_code, prompt_id, sample_key
-from cluster.evaluations.store import EvalSample
+from cluster.core.evaluations import EvalSample
+from cluster.core.schemas import Node, Prompt, Relay, failure_code, sample_key
 from cluster.tasks.lmeval import TaskAdapter
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
 
-LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
 MAX_ERROR_CHARS = 2000
 
 
 def doc_sample_key(node: Node, task: str, doc_id: int) -> str:
     """Epoch 0: a run measures each doc once, so its relay ids depend on run, doc, index."""
     return sample_key(node.node_id, task, doc_id, 0)
-
-
-def _with_gen_kwargs(instances: list[Instance], gen_kwargs: Mapping[str, Any]) -> None:
-    for inst in instances:
-        if inst.request_type == "generate_until" and gen_kwargs:
-            context, kwargs = inst.arguments
-            inst.arguments = (context, {**kwargs, **copy.deepcopy(dict(gen_kwargs))})
 
 
 def build_doc_prompts(
@@ -49,52 +40,9 @@ def build_doc_prompts(
     now: float,
     gen_kwargs: Mapping[str, Any] | None = None,
 ) -> list[Prompt]:
-    """The HTTP requests of one doc, as ``TaskAdapter.build_prompts`` makes them."""
-    key = doc_sample_key(node, adapter.name, doc_id)
-    if not gen_kwargs or adapter.output_type != "generate_until":
-        return adapter.build_prompts(node, doc_id, doc, key, now)
-    instances = adapter.build_instances(doc_id, doc)
-    _with_gen_kwargs(instances, gen_kwargs)
-    bodies = [adapter.request_body(inst, node.model) for inst in instances]
-    n_requests = len(bodies) * adapter.repeats
-    prompts: list[Prompt] = []
-    for body, prompt_tokens in bodies:
-        for _ in range(adapter.repeats):
-            index = len(prompts)
-            prompts.append(Prompt(
-                prompt_id=prompt_id(key, index), sample_key=key, node_id=node.node_id,
-                task=adapter.name, doc_id=doc_id, request_index=index, n_requests=n_requests,
-                path=adapter.path, body=copy.deepcopy(body), prompt_tokens=prompt_tokens,
-                max_output_tokens=int(body.get("max_tokens", 0) or 0), created_at=now,
-            ))
-    return prompts
-
-
-def _answered_instances(
-    adapter: TaskAdapter, doc_id: int, doc: dict[str, Any], relays: list[Relay]
-) -> list[Instance]:
-    """``TaskAdapter.score`` up to its last step, returning the answered Instances.
-
-    Same calls in the same order as ``score`` (it keeps its Instances private, and lm-eval's
-    per-sample records need them), so the metrics are identical to the loop's.
-    """
-    instances = adapter.build_instances(doc_id, doc)
-    ordered = adapter._ordered_relays(doc_id, relays, len(instances) * adapter.repeats)
-    for i, instance in enumerate(instances):
-        instance.resps = []
-        tokens_ctx = (
-            adapter._loglikelihood_input(instance)
-            if instance.request_type in LOGLIKELIHOOD_TYPES else None
-        )
-        for r in range(adapter.repeats):
-            relay = ordered[i * adapter.repeats + r]
-            response = relay.response or {}
-            where = f"{adapter.name} doc {doc_id} request {relay.request_index}"
-            if tokens_ctx is not None:
-                instance.resps.append(adapter._parse_loglikelihood(response, *tokens_ctx, where))
-            else:
-                instance.resps.append(adapter._parse_generation(response, where))
-    return instances
+    """The HTTP requests of one doc, as the loop makes them, with the run's ``gen_kwargs``."""
+    return adapter.build_prompts(node, doc_id, doc, doc_sample_key(node, adapter.name, doc_id),
+                                 now, gen_kwargs=gen_kwargs)
 
 
 def _json_safe(value: Any) -> Any:
@@ -163,8 +111,7 @@ def score_doc(
         return EvalSample(error_code=code, error=errors[:MAX_ERROR_CHARS], **base)
     try:
         ordered = sorted(relays, key=lambda r: r.request_index)
-        instances = _answered_instances(adapter, doc_id, doc, ordered)
-        _with_gen_kwargs(instances, gen_kwargs or {})
+        instances = adapter.answered_instances(doc_id, doc, ordered, gen_kwargs)
         metrics = adapter.score_instances(instances)
         records = lmeval_records(adapter, doc_id, instances, metrics)
     except EvaluationError as exc:

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from typing import Literal
 
 from cluster.core.errors import TestbenchError
+from cluster.core.evaluations import EvaluationRun, RunState
 from cluster.core.settings import EvaluationSettings
 from cluster.evaluations.runner import EvaluationRunner, LeaseLostError
-from cluster.evaluations.spec import EvaluationRun, RunState
-from cluster.evaluations.store import EvaluationStore
+from cluster.storage.mongo import EvaluationStore
 
 log = logging.getLogger(__name__)
 

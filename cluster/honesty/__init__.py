@@ -4,7 +4,8 @@ signatures, identity, synthetic jobs and the model-substitution check.
 Domain code only (no Ray): the Serve apps, actors and CLI wire these in. The verification
 entry points (imported on first use, so ``cluster.auth.receipts`` & co. stay light)::
 
-    from cluster.honesty import build_references, run_verification, format_verdicts
+    from cluster.honesty import build_references, run_verification
+    from cluster.reports.honesty import format_verdicts
 
     references = build_references(settings.honesty, http)          # claimed model -> reference
     verdicts = await run_verification(settings.honesty, nodes, references, store=stores.verdicts)
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from cluster.honesty.reference import ServeReference, TransformersReference, TrustedReference
     from cluster.honesty.traffic import TrafficReport, traffic_report, verification_due
-    from cluster.honesty.verdicts import Outcome, Verdict, format_verdicts
+    from cluster.honesty.verdicts import Outcome, Verdict
     from cluster.honesty.verification import (
         NodeTarget,
         RoundReport,
@@ -42,7 +43,6 @@ _EXPORTS: dict[str, str] = {
     "verification_due": "cluster.honesty.traffic",
     "Outcome": "cluster.honesty.verdicts",
     "Verdict": "cluster.honesty.verdicts",
-    "format_verdicts": "cluster.honesty.verdicts",
     "NodeTarget": "cluster.honesty.verification",
     "RoundReport": "cluster.honesty.verification",
     "Verifier": "cluster.honesty.verification",
@@ -64,7 +64,6 @@ __all__ = [
     "Verdict",
     "Verifier",
     "build_references",
-    "format_verdicts",
     "latest_verdicts",
     "record_verdicts",
     "run_verification",

@@ -1,8 +1,10 @@
-"""Streaming organic jobs, validator side (DESIGN §5): receipts, re-runs, verdicts.
+"""Streaming organic jobs, validator side: receipts, re-runs, verdicts.
 
-A :class:`JobClient` queries a job's app (``serve_apps/streaming``) and keeps each exchange:
+A :class:`StreamingJobClient` queries a job's app (``serve_apps/streaming``) and keeps each exchange:
 the exact request bytes, the exact answer bytes, the receipt and its own send/receive
-times. A :class:`JobAuditor` then
+times. It and :class:`OpenAIReference` reach their servers through the node transport
+(:meth:`cluster.nodes.transport.NodeTransport.exchange_bytes`: size cap, timeout, no
+redirects). A :class:`JobAuditor` then
 
 1. verifies every receipt (:class:`~cluster.auth.receipts.ReceiptVerifier`: signature,
    assigned key, hashes, clock skew, replay); a refused or missing receipt is a verdict;
@@ -10,7 +12,9 @@ times. A :class:`JobAuditor` then
    ``rerun_min``) on the trusted reference and compares the answers' texts exactly
    (``id``/``created`` differ between servers, the text must not); a difference is a
    verdict with both texts as evidence;
-3. writes the verdicts and one summary verdict per audit (check ``streaming_job``).
+3. writes the verdicts and one summary verdict per audit (check ``streaming_job``): it
+   fails when a receipt was refused or a re-run differs, and is ``unknown`` when no
+   exchange was answered (no receipt to check): an audit of nothing proves nothing.
 
 Only temperature-0 answers are re-run: sampled answers have no single right text. So a
 node that cheats only on sampled requests is not caught here (the substitution check's
@@ -42,18 +46,19 @@ from cluster.auth.receipts import (
     sha256_hex,
     to_ms,
 )
-from cluster.core.errors import NodeError
 from cluster.core.settings import ReceiptSettings
-from cluster.storage.mongo import VerdictRecord
+from cluster.core.verdicts import Check, Outcome, VerdictRecord
+from cluster.nodes.transport import DEFAULT_SIZE_CAP_BYTES, NodeTransport, NodeUnavailable
 
-# the jobs app's wire module spells the headers and the receipt event (no Ray inside)
+# the streaming app's wire module spells the headers and the receipt event (no Ray inside)
 from cluster.streaming import protocol as wire
+from cluster.wire.openai import MalformedAnswer
 
 log = logging.getLogger(__name__)
 
-CHECK_RECEIPT = "receipt"
-CHECK_RERUN = "rerun"
-CHECK_JOB = "streaming_job"
+CHECK_RECEIPT = Check.RECEIPT
+CHECK_RERUN = Check.RERUN
+CHECK_JOB = Check.STREAMING_JOB
 
 
 class AnswerFormatError(ValueError):
@@ -77,8 +82,17 @@ class JobExchange(BaseModel):
     received_at: float
 
 
-class JobClient:
-    """A client of one job's app that keeps every exchange for the auditor."""
+def _timeout(http: aiohttp.ClientSession, timeout_s: float | None) -> aiohttp.ClientTimeout:
+    """``timeout_s`` for a whole exchange; None: the session's own timeout."""
+    return http.timeout if timeout_s is None else aiohttp.ClientTimeout(total=timeout_s)
+
+
+class StreamingJobClient:
+    """A client of one job's app that keeps every exchange for the auditor.
+
+    ``timeout_s`` bounds one exchange, a stream read to its end included (None: the
+    session's own timeout); ``size_cap`` bounds its body.
+    """
 
     def __init__(
         self,
@@ -87,29 +101,35 @@ class JobClient:
         http: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
         new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        *,
+        timeout_s: float | None = None,
+        size_cap: int = DEFAULT_SIZE_CAP_BYTES,
     ) -> None:
         self._base = base_url.rstrip("/")
         self.job_id = job_id
-        self._http = http
+        self._transport = NodeTransport(http, size_cap=size_cap)
+        self._timeout = _timeout(http, timeout_s)
         self._clock = clock
         self._new_request_id = new_request_id
 
     async def call(self, endpoint: str, body: Mapping[str, Any]) -> JobExchange:
-        """POST ``body`` to ``endpoint``; a failure to connect raises :class:`NodeError`."""
+        """POST ``body`` to ``endpoint`` and keep the answer, whatever its status. No answer
+        raises :class:`NodeUnavailable`, one over the size cap :class:`MalformedAnswer`
+        (both a ``NodeError``)."""
         data = json.dumps(dict(body), separators=(",", ":")).encode("utf-8")
         request_id = self._new_request_id()
-        headers = {"Content-Type": "application/json", wire.HEADER_REQUEST_ID: request_id}
         sent_at = self._clock()
         try:
-            async with self._http.post(self._base + endpoint, data=data, headers=headers) as resp:
-                raw = await resp.read()
-                received_at = self._clock()
-                content_type = resp.headers.get("Content-Type", "")
-                header_receipt = resp.headers.get(wire.HEADER_RECEIPT)
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise NodeError(f"job {self.job_id}: {endpoint} failed: {type(exc).__name__}: {exc}"
-                            ) from exc
+            answer = await self._transport.exchange_bytes(
+                "POST", self._base + endpoint, data, self._timeout,
+                headers={wire.HEADER_REQUEST_ID: request_id})
+        except (NodeUnavailable, MalformedAnswer) as exc:
+            exc.args = (f"job {self.job_id}: {endpoint} failed: {exc}",)  # typed fields kept
+            raise
+        received_at = self._clock()
+        raw, status = answer.body, answer.status
+        content_type = answer.headers.get("Content-Type", "")
+        header_receipt = answer.headers.get(wire.HEADER_RECEIPT)
         streamed = content_type.startswith(wire.SSE_CONTENT_TYPE)
         receipt_wire: str | None = header_receipt
         output = raw
@@ -177,11 +197,24 @@ class Reference(Protocol):
 
 
 class OpenAIReference:
-    """A trusted OpenAI-compatible deployment of the claimed model (non-streaming re-runs)."""
+    """A trusted OpenAI-compatible deployment of the claimed model (non-streaming re-runs).
 
-    def __init__(self, base_url: str, http: aiohttp.ClientSession, model: str | None = None) -> None:
+    ``timeout_s`` bounds one re-run (None: the session's own timeout); ``size_cap`` its
+    answer.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        http: aiohttp.ClientSession,
+        model: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        size_cap: int = DEFAULT_SIZE_CAP_BYTES,
+    ) -> None:
         self._base = base_url.rstrip("/")
-        self._http = http
+        self._transport = NodeTransport(http, size_cap=size_cap)
+        self._timeout = _timeout(http, timeout_s)
         self._model = model
 
     async def answer(self, endpoint: str, body: dict[str, Any]) -> list[str]:
@@ -189,12 +222,13 @@ class OpenAIReference:
         if self._model is not None:
             payload["model"] = self._model
         try:
-            async with self._http.post(self._base + endpoint, json=payload) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise ReferenceUnavailable(f"reference answered HTTP {resp.status}: {raw[:200]!r}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            answer = await self._transport.exchange_bytes(
+                "POST", self._base + endpoint, json.dumps(payload).encode("utf-8"), self._timeout)
+        except (NodeUnavailable, MalformedAnswer) as exc:
             raise ReferenceUnavailable(f"reference unreachable: {type(exc).__name__}: {exc}") from exc
+        raw = answer.body
+        if answer.status != 200:
+            raise ReferenceUnavailable(f"reference answered HTTP {answer.status}: {raw[:200]!r}")
         try:
             return answer_texts(endpoint, raw, streamed=False)
         except AnswerFormatError as exc:
@@ -218,11 +252,12 @@ class AuditReport(BaseModel):
     rerun: int
     mismatches: int
     reference_errors: int
+    outcome: Outcome  # the summary verdict's
     verdicts: list[VerdictRecord]
 
     @property
     def passed(self) -> bool:
-        return self.receipts_refused == 0 and self.mismatches == 0
+        return self.outcome is Outcome.PASS
 
 
 def _excerpt(text: str, limit: int) -> str:
@@ -268,10 +303,10 @@ class JobAuditor:
         limit = self._settings.max_evidence_chars
         verdicts: list[VerdictRecord] = []
 
-        def verdict(check: str, request_id: str, reason: str, evidence: dict[str, Any]
+        def verdict(check: Check, request_id: str, reason: str, evidence: dict[str, Any]
                     ) -> VerdictRecord:
             return VerdictRecord(verdict_id=f"{check}|{node}|{job}|{request_id}", node_id=node,
-                                 check=check, verdict="fail", reason=reason,
+                                 check=check, outcome=Outcome.FAIL, reason=reason,
                                  evidence={"job_id": job, "request_id": request_id, **evidence},
                                  ts=now)
 
@@ -332,11 +367,18 @@ class JobAuditor:
 
         refused = sum(1 for v in verdicts if v.check == CHECK_RECEIPT)
         failed = refused + mismatches
+        if failed:
+            outcome = Outcome.FAIL
+            reason = f"{refused} receipts refused, {mismatches} of {len(sample)} re-runs differ"
+        elif not accepted:
+            outcome = Outcome.UNKNOWN
+            reason = f"unknown: none of {len(exchanges)} exchanges was answered"
+        else:
+            outcome = Outcome.PASS
+            reason = f"{len(accepted)} receipts valid, {len(sample)} re-runs match"
         summary = VerdictRecord(
             verdict_id=f"{CHECK_JOB}|{node}|{job}|{to_ms(now)}", node_id=node, check=CHECK_JOB,
-            verdict="fail" if failed else "pass",
-            reason=(f"{refused} receipts refused, {mismatches} of {len(sample)} re-runs differ"
-                    if failed else f"{len(accepted)} receipts valid, {len(sample)} re-runs match"),
+            outcome=outcome, reason=reason,
             evidence={"job_id": job, "exchanges": len(exchanges), "receipts_valid": len(accepted),
                       "receipts_refused": refused, "eligible": len(eligible),
                       "rerun": len(sample), "mismatches": mismatches,
@@ -345,9 +387,10 @@ class JobAuditor:
         verdicts.append(summary)
         await self._verdicts.record(verdicts)
         log.info("honesty.job_audited node=%s job=%s verdict=%s exchanges=%d rerun=%d "
-                 "mismatches=%d refused=%d", node, job, summary.verdict, len(exchanges),
+                 "mismatches=%d refused=%d", node, job, summary.outcome.value, len(exchanges),
                  len(sample), mismatches, refused)
         return AuditReport(node_id=node, job_id=job, exchanges=len(exchanges), not_ok=not_ok,
                            receipts_valid=len(accepted), receipts_refused=refused,
                            eligible=len(eligible), rerun=len(sample), mismatches=mismatches,
-                           reference_errors=reference_errors, verdicts=verdicts)
+                           reference_errors=reference_errors, outcome=outcome,
+                           verdicts=verdicts)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 from cluster.core.errors import TestbenchError
-from cluster.honesty.node_client import NodeClient, NodeUnavailable
+from cluster.nodes.transport import NodeEndpoint, NodeTransport, NodeUnavailable
 from cluster.wire import openai as wire
 
 if TYPE_CHECKING:  # torch is imported only where a model runs in process
@@ -203,7 +203,7 @@ class ServeReference:
 
         self.model = model
         self._served = served_model or model  # the app may serve the model under another name
-        self._client = NodeClient(base_url, http, timeout_s)
+        self._client = NodeEndpoint(base_url, NodeTransport(http), timeout_s)
         self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self._seed = seed
 

@@ -15,8 +15,7 @@ once a node has been measured at all.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,32 +46,12 @@ class TrafficReport:
                 "token_share": self.token_share}
 
 
-def _usage(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    response = doc.get("response")
-    if response is None and isinstance(doc.get("_response_json"), str):
-        try:
-            response = json.loads(doc["_response_json"])
-        except ValueError:
-            response = None
-    usage = response.get("usage") if isinstance(response, Mapping) else None
-    return usage if isinstance(usage, Mapping) else None
-
-
 async def measuring_traffic(stores: MongoStores, node_id: str, since_ts: float) -> Traffic:
     """Requests and tokens the measuring loop sent ``node_id`` after ``since_ts``."""
-    prompts = await stores.prompts.collection.find(
-        {"node_id": node_id, "created_at": {"$gt": float(since_ts)}},
-        {"prompt_tokens": 1, "max_output_tokens": 1},
-    ).to_list()
+    prompts = await stores.prompts.created_since(node_id, since_ts)
     if not prompts:
         return Traffic()
-    ids = [p["_id"] for p in prompts]
-    relays: dict[str, Mapping[str, Any] | None] = {}
-    for start in range(0, len(ids), 1000):
-        for doc in await stores.relays.collection.find(
-                {"_id": {"$in": ids[start:start + 1000]}},
-                {"response": 1, "_response_json": 1}).to_list():
-            relays[doc["_id"]] = _usage(doc)
+    relays = await stores.relays.usages([p["_id"] for p in prompts])
     requests = prompt_tokens = completion_tokens = 0
     for prompt in prompts:
         if prompt["_id"] not in relays:

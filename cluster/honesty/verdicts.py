@@ -1,26 +1,26 @@
 """The outcome of one honesty check on one node, how it is stored, and how it is shown.
 
 A :class:`Verdict` is ``pass``, ``fail`` or ``unknown`` (the check could not be made: the
-node has no signature route, did not answer, or the reference failed). MongoDB's
-:class:`~cluster.storage.mongo.VerdictRecord` knows only pass/fail, meaning *flagged or
-not*: an unknown is stored as ``pass`` (not flagged) with ``evidence.outcome = "unknown"``
-and its reason, so nothing about it is lost.
+node has no signature route, did not answer, or the reference failed). It is stored as the
+one :class:`~cluster.core.verdicts.VerdictRecord` with its outcome as is: an unknown is
+stored and read as ``unknown``, and a node with an unknown check is shown *unverified*,
+never trusted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.core.verdicts import Outcome
-from cluster.storage.mongo import VerdictRecord
+from cluster.core.verdicts import Check, Outcome, VerdictRecord
 
-CHECK_TOKENIZER = "tokenizer_signature"
-CHECK_CONFIG = "config_signature"
-CHECK_IDENTITY = "identity"
-CHECK_SYNTHETIC = "synthetic"
-CHECK_SUBSTITUTION = "substitution"
+CHECK_TOKENIZER = Check.TOKENIZER_SIGNATURE
+CHECK_CONFIG = Check.CONFIG_SIGNATURE
+CHECK_IDENTITY = Check.IDENTITY
+CHECK_SYNTHETIC = Check.SYNTHETIC
+CHECK_SUBSTITUTION = Check.SUBSTITUTION
+# the checks of a verification round, in the order tables show them
 CHECKS: tuple[str, ...] = (CHECK_TOKENIZER, CHECK_CONFIG, CHECK_IDENTITY, CHECK_SYNTHETIC,
                            CHECK_SUBSTITUTION)
 TRAFFIC_KEY = "traffic"
@@ -71,14 +71,23 @@ class Verdict:
         return self.outcome is Outcome.FAIL
 
     def to_record(self, round_id: str, ts: float) -> VerdictRecord:
-        """The MongoDB record; ``verdict_id`` is stable per (check, node, round), so a
-        replayed round rewrites the same documents."""
-        evidence = {**_storable(self.evidence), "outcome": self.outcome.value,
-                    "round": round_id, TRAFFIC_KEY: self.traffic.as_dict()}
+        """The stored record, outcome as is; ``verdict_id`` is stable per (check, node,
+        round), so a replayed round rewrites the same documents."""
+        evidence = {**_storable(self.evidence), "round": round_id,
+                    TRAFFIC_KEY: self.traffic.as_dict()}
         return VerdictRecord(
             verdict_id=f"{self.check}|{self.node_id}|{round_id}", node_id=self.node_id,
-            check=self.check, verdict="fail" if self.flagged else "pass", reason=self.reason,
+            check=Check(self.check), outcome=self.outcome, reason=self.reason,
             evidence=evidence, ts=ts)
+
+    @classmethod
+    def from_record(cls, record: VerdictRecord) -> Verdict:
+        """A stored verdict of a round, as the round made it (its traffic out of the
+        evidence)."""
+        evidence = dict(record.evidence)
+        traffic = Traffic.from_dict(evidence.pop(TRAFFIC_KEY, None))
+        return cls(record.node_id, record.check.value, record.outcome, record.reason, evidence,
+                   traffic)
 
 
 def _storable(value: Any) -> Any:
@@ -96,7 +105,8 @@ def _storable(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class NodeSummary:
-    """All of a node's verdicts in a round: trusted when none failed and none is unknown."""
+    """All of a node's verdicts in a round: flagged when one failed, else unverified when
+    one is unknown (a check that could not be made is not a pass), else trusted."""
 
     node_id: str
     verdicts: tuple[Verdict, ...]
@@ -109,8 +119,8 @@ class NodeSummary:
     def status(self) -> str:
         if self.flagged:
             return "FLAGGED"
-        if any(v.outcome is Outcome.UNKNOWN for v in self.verdicts):
-            return "trusted*"
+        if any(v.outcome is not Outcome.PASS for v in self.verdicts):
+            return "unverified"
         return "trusted"
 
 
@@ -119,21 +129,3 @@ def summarize(verdicts: Iterable[Verdict]) -> list[NodeSummary]:
     for verdict in verdicts:
         by_node.setdefault(verdict.node_id, []).append(verdict)
     return [NodeSummary(node, tuple(vs)) for node, vs in by_node.items()]
-
-
-def format_verdicts(verdicts: Sequence[Verdict], *, width: int = 100) -> str:
-    """A plain-text table: one row per node, its status, and why (for the CLI and
-    ``make run``). ``trusted*`` = nothing failed but some check could not be made."""
-    rows = []
-    for summary in summarize(verdicts):
-        marks = " ".join(f"{v.check}={v.outcome.value}" for v in summary.verdicts)
-        why = "; ".join(f"{v.check}: {v.reason}" for v in summary.flagged) or "-"
-        rows.append((summary.node_id, summary.status, marks, why))
-    if not rows:
-        return "(no verdicts)"
-    name_w = max(4, *(len(r[0]) for r in rows))
-    lines = [f"{'node':<{name_w}}  {'status':<8}  reason", "-" * min(width, name_w + 40)]
-    for node, status, marks, why in rows:
-        lines.append(f"{node:<{name_w}}  {status:<8}  {why}"[:width * 3])
-        lines.append(f"{'':<{name_w}}  {'':<8}  {marks}")
-    return "\n".join(lines)

@@ -33,7 +33,6 @@ import aiohttp
 
 from cluster.core.schemas import ApiKind, Node
 from cluster.core.settings import HonestySettings
-from cluster.honesty.node_client import NodeClient, NodeUnavailable
 from cluster.honesty.probes import ProbeKind, ProbeSet, build_probes
 from cluster.honesty.reference import (
     ExpectedSignatures,
@@ -56,10 +55,15 @@ from cluster.honesty.verdicts import (
     CHECK_SYNTHETIC,
     CHECK_TOKENIZER,
     CHECKS,
-    TRAFFIC_KEY,
     Outcome,
     Traffic,
     Verdict,
+)
+from cluster.nodes.transport import (
+    NodeEndpoint,
+    NodeTransport,
+    NodeUnavailable,
+    open_node_session,
 )
 from cluster.storage.mongo import MongoStores, VerdictStore
 from cluster.tasks.identity import judge_identities, reference_hashes, signature_from_answers
@@ -176,6 +180,7 @@ class Verifier:
         self.settings = settings
         self.reference = reference
         self._http = http
+        self._transport = NodeTransport(http)
         self._clock = clock
 
     def thresholds(self) -> SubstitutionThresholds:
@@ -195,8 +200,8 @@ class Verifier:
 
     # -- talking to nodes -------------------------------------------------------------------
 
-    def _client(self, target: NodeTarget) -> NodeClient:
-        return NodeClient(target.base_url, self._http, self.settings.request_timeout_s)
+    def _client(self, target: NodeTarget) -> NodeEndpoint:
+        return NodeEndpoint(target.base_url, self._transport, self.settings.request_timeout_s)
 
     async def _signatures(self, ex: _Exchange) -> None:
         client = self._client(ex.target)
@@ -538,7 +543,7 @@ async def run_verification(
     round_seed = settings.seed if seed is None else seed
     round_seed = new_seed() if round_seed is None else round_seed
     own_http = http is None
-    session = aiohttp.ClientSession() if http is None else http
+    session = open_node_session() if http is None else http
     verdicts: list[Verdict] = []
     try:
         by_model: dict[str, list[NodeTarget]] = {}
@@ -564,33 +569,30 @@ async def run_verification(
 async def verify_registered_nodes(
     settings: HonestySettings,
     stores: MongoStores,
-    references: Mapping[str, TrustedReference],
+    references: Mapping[str, TrustedReference] | None = None,
     *,
     seed: int | None = None,
     http: aiohttp.ClientSession | None = None,
 ) -> list[Verdict]:
     """One round over every enabled LLM node of the registry, verdicts written to MongoDB
-    (what ``testbench verify`` runs). Registry order (by id) stands in for registration
-    order until nodes carry their registration time."""
+    (what ``testbench verify`` runs); ``references`` default to the configured ones.
+    Registry order (by id) stands in for registration order until nodes carry their
+    registration time."""
     nodes = [n for n in await stores.nodes.list(enabled_only=True) if n.kind == "llm"]
-    return await run_verification(settings, nodes, references, http=http, seed=seed,
-                                  store=stores.verdicts)
+    session = open_node_session() if http is None else http
+    try:
+        refs = build_references(settings, session) if references is None else references
+        return await run_verification(settings, nodes, refs, http=session, seed=seed,
+                                      store=stores.verdicts)
+    finally:
+        if http is None:
+            await session.close()
 
 
 async def latest_verdicts(stores: MongoStores, node_ids: Sequence[str]) -> list[Verdict]:
-    """Each node's newest verdict per check, as :class:`Verdict` (``testbench scores``)."""
-    out: list[Verdict] = []
-    for node_id in node_ids:
-        newest: dict[str, Any] = {}
-        for record in await stores.verdicts.for_node(node_id):  # oldest first
-            if record.check in CHECKS:
-                newest[record.check] = record
-        for check in CHECKS:
-            record = newest.get(check)
-            if record is None:
-                continue
-            evidence = dict(record.evidence)
-            outcome = Outcome(evidence.pop("outcome", record.verdict))
-            traffic = Traffic.from_dict(evidence.pop(TRAFFIC_KEY, None))
-            out.append(Verdict(node_id, check, outcome, record.reason, evidence, traffic))
-    return out
+    """Each node's newest verdict per round check, as :class:`Verdict`, in ``node_ids``
+    order then check order (``testbench scores``); outcomes as stored, unknown included."""
+    newest = {(r.node_id, r.check): r for r in await stores.verdicts.latest(node_ids)}
+    return [Verdict.from_record(newest[(node_id, check)])
+            for node_id in dict.fromkeys(node_ids) for check in CHECKS
+            if (node_id, check) in newest]

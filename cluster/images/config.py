@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.core.deployment import DeploymentOptions
 from cluster.core.settings import PROJECT_ROOT
 
 SIZE_PATTERN = r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$"
@@ -58,13 +59,10 @@ class ImageDefaults(_Strict):
     guidance_scale: float = Field(default=7.5, ge=0, le=50, allow_inf_nan=False)
 
 
-class DeploymentOptions(_Strict):
+class DiffusionDeployment(DeploymentOptions):
     """Ray Serve placement of the node's replicas."""
 
     name: str = "DiffusionServer"
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(
         default=8, ge=1, description="queued per replica; generation itself runs one at a time"
     )
@@ -90,7 +88,7 @@ class DiffusionNodeConfig(_Strict):
     )
     limits: ImageLimits = Field(default_factory=ImageLimits)
     defaults: ImageDefaults = Field(default_factory=ImageDefaults)
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: DiffusionDeployment = Field(default_factory=DiffusionDeployment)
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionNodeConfig:

@@ -5,14 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.core.settings import Settings
-from cluster.storage.connections import StoreConnections
+from cluster.storage.connections import open_mongo
 
 
 async def fetch_scores(settings: Settings) -> list[dict[str, Any]]:
-    conns = StoreConnections(settings)
-    try:
-        mongo = await conns.mongo()
-        await mongo.ensure_indexes()
+    async with open_mongo(settings) as mongo:
         return await mongo.buffers.summaries()
-    finally:
-        await conns.close()

@@ -41,37 +41,26 @@ async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
     import aiohttp
 
     from cluster.core.settings import ReferenceSettings
-    from cluster.honesty.verdicts import format_verdicts
     from cluster.honesty.verification import build_references, run_verification
-    from cluster.storage.connections import StoreConnections
+    from cluster.reports.honesty import format_verdicts
+    from cluster.storage.connections import open_mongo
 
     honesty = settings.honesty.model_copy(update={
         "references": {nodes[0].model: ReferenceSettings(model_dir=model_dir)}})
-    conns = StoreConnections(settings)
-    try:
-        mongo = await conns.mongo()
-        async with aiohttp.ClientSession() as http:
-            refs = build_references(honesty, http)
-            verdicts = await run_verification(honesty, nodes, refs, http=http,
-                                              store=mongo.verdicts)
-    finally:
-        await conns.close()
+    async with open_mongo(settings) as mongo, aiohttp.ClientSession() as http:
+        refs = build_references(honesty, http)
+        verdicts = await run_verification(honesty, nodes, refs, http=http, store=mongo.verdicts)
     return format_verdicts(verdicts)
 
 
 async def _register(settings: Settings, nodes: list[Node]) -> None:
-    from cluster.storage.connections import StoreConnections
+    from cluster.storage.connections import open_mongo
 
-    conns = StoreConnections(settings)
-    try:
-        mongo = await conns.mongo()
-        await mongo.ensure_indexes()
+    async with open_mongo(settings) as mongo:
         for node in nodes:
             if await mongo.nodes.get(node.node_id) is not None:
                 await mongo.nodes.remove(node.node_id)
             await mongo.nodes.add(node)
-    finally:
-        await conns.close()
 
 
 def _quiet_logs() -> None:

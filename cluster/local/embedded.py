@@ -1,4 +1,4 @@
-"""Embedded database servers for when no external URL is configured (DESIGN §4).
+"""Embedded database servers for when no external URL is configured (see docs/architecture.md, "Storage").
 
 - ``EmbeddedPostgres``: a real PostgreSQL 16 from the ``pgserver`` wheel's binaries, run
   directly (not through ``pg_ctl``) as our child process, listening on TCP 127.0.0.1 only.
@@ -41,6 +41,7 @@ from typing import IO
 
 from cluster.core.errors import ErrorCode, TestbenchError
 from cluster.core.settings import StoreSettings
+from cluster.local.processes import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -332,14 +333,8 @@ class _ChildServer:
 
     def _cleanup_process(self) -> None:
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(self._stop_signal())
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log.warning("embedded.%s.kill pid=%d reason=stop_timeout", self.kind, proc.pid)
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, stop_signal=self._stop_signal(), name=f"embedded.{self.kind}")
         self._proc = None
         self._url = None
         self._close_log()

@@ -26,6 +26,7 @@ from types import TracebackType
 
 from cluster.core.errors import TestbenchError
 from cluster.core.schemas import Node
+from cluster.local.processes import stop_process
 
 READY_PREFIX = "zoo_listening "
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -83,17 +84,8 @@ class ZooProcess:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            stop_process(proc, timeout_s=30, kill_timeout_s=30, name="zoo")
 
     def __enter__(self) -> ZooProcess:
         self.start()

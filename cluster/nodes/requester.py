@@ -1,8 +1,9 @@
 """Requester: sends prompts to untrusted nodes and turns every outcome into a Relay.
 
-The throughput hot path of the measuring loop (DESIGN §3). A plain class; ``ray.remote``
-is applied in ``actors/remote.py`` (an async actor). One aiohttp session is reused for
-everything; a per-node and a global semaphore bound concurrency across all concurrent
+The throughput hot path of the measuring loop. A plain class; ``ray.remote`` is applied in
+``actors/remote.py`` (an async actor). Each attempt is one exchange of the node transport
+(``cluster/nodes/transport.py``: size cap, no redirects, typed failures), whose one
+aiohttp session is reused for everything; a per-node and a global semaphore bound concurrency across all concurrent
 ``relay()`` calls, taken in that order so a node's waiting prompts never hold a global
 slot. Within a call, a few workers per node pull that node's prompts (no task per
 prompt). Each prompt yields exactly one Relay, in order:
@@ -33,7 +34,6 @@ attempts (from the first send, after the concurrency slots were acquired).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -49,33 +49,12 @@ from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node, Prompt, Relay
 from cluster.core.settings import RequesterSettings
 from cluster.core.sla import SlaTimeout
+from cluster.nodes.transport import NodeTransport, NodeUnavailable, dumps_json
+from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 MAX_BACKOFF_S = 30.0
-ERROR_SNIPPET_BYTES = 2048
-_SMALL_ERROR_BODY = 64 * 1024
-_HEADERS = {
-    "Content-Type": "application/json",
-    "Accept": "application/json",
-    "Accept-Encoding": "identity",  # compressed bodies would dodge the size cap
-    "User-Agent": "testbench-requester/0.1",
-}
-
-try:  # orjson is faster when it is installed; json is the fallback
-    import orjson
-
-    _loads: Callable[[bytes], Any] = orjson.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-
-except ImportError:  # pragma: no cover - depends on the environment
-    _loads = json.loads
-
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class RelaySink(Protocol):
@@ -121,81 +100,14 @@ class _Queued:
             self.call.remaining -= 1
 
 
-def _prompt_items(prompt: Any) -> list[Any] | None:
-    """A completions ``prompt`` as a list of single prompts, or None if it is no known form.
-
-    A string or a list of token ids is one prompt; a list of strings or a list of token
-    id lists is several (as in the OpenAI API).
-    """
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        return None
-    first = prompt[0]
-    if isinstance(first, int) and not isinstance(first, bool):
-        return [prompt]
-    if isinstance(first, str) and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if isinstance(first, list) and all(isinstance(p, list) and p for p in prompt):
-        return list(prompt)
-    return None
-
-
 def _coalescing_key(prompt: Prompt) -> tuple[list[Any] | None, bytes | None]:
-    body = prompt.body
-    if (
-        prompt.path != "/v1/completions"
-        or body.get("stream")
-        or body.get("n", 1) not in (1, None)
-        or body.get("best_of", 1) not in (1, None)
-    ):
+    if prompt.path != wire.COMPLETIONS_PATH:
         return None, None
-    items = _prompt_items(body.get("prompt"))
-    if items is None:
+    batchable = wire.batchable_prompts(prompt.body)
+    if batchable is None:
         return None, None
-    rest = {k: v for k, v in body.items() if k != "prompt"}
-    return items, _dumps(rest)
-
-
-def _split_choices(response: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]] | str:
-    """One response per prompt of a coalesced body, or why the answer cannot be split."""
-    total = sum(sizes)
-    choices = response.get("choices")
-    if not isinstance(choices, list) or len(choices) != total:
-        n = len(choices) if isinstance(choices, list) else type(choices).__name__
-        return f"coalesced body of {total} prompts: expected {total} choices, got {n}"
-    if not all(isinstance(c, dict) and type(c.get("index")) is int for c in choices):
-        return f"coalesced body of {total} prompts: a choice without an integer index"
-    ordered = sorted(choices, key=lambda c: c["index"])
-    if any(c["index"] != i for i, c in enumerate(ordered)):
-        return f"coalesced body of {total} prompts: choice indexes are not 0..{total - 1}"
-    rest = {k: v for k, v in response.items() if k not in ("choices", "usage")}
-    out: list[dict[str, Any]] = []
-    offset = 0
-    for size in sizes:
-        part = [{**c, "index": j} for j, c in enumerate(ordered[offset : offset + size])]
-        # The node's usage counts the whole body: kept, labelled, not passed off as ours.
-        out.append({**rest, "choices": part, "coalesced": {
-            "prompts": total, "offset": offset, "usage": response.get("usage")}})
-        offset += size
-    return out
-
-
-def _snippet(data: bytes, limit: int = 200) -> str:
-    text = data[:limit].decode("utf-8", errors="replace")
-    text = " ".join(text.split())
-    return text + ("…" if len(data) > limit else "")
-
-
-def _retry_after(headers: Any) -> float | None:
-    raw = headers.get("Retry-After")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        return None  # HTTP-date form: ignored, the backoff applies
-    return value if value >= 0 else None
+    items, rest = batchable
+    return items, dumps_json(rest)
 
 
 class RequesterObserver(Protocol):
@@ -231,7 +143,7 @@ class Requester:
         self._clock = clock
         self._rng = rng or random.Random(0)
         self._sla = SlaTimeout(settings.sla)
-        self._session: aiohttp.ClientSession | None = None
+        self._transport: NodeTransport | None = None
         self._global = asyncio.Semaphore(settings.global_concurrency)
         self._node_slots: dict[str, asyncio.Semaphore] = {}
         self._urls: dict[tuple[str, str], URL] = {}
@@ -255,7 +167,7 @@ class Requester:
         """
         if not prompts:
             return []
-        session = self._ensure_session()
+        transport = self._ensure_transport()
         t0 = time.perf_counter()
         slots: list[Relay | None] = [None] * len(prompts)
         by_node: dict[str, list[int]] = {}
@@ -281,13 +193,13 @@ class Requester:
                     waiting.append((i, entry.future))
                 n_workers = min(self.settings.per_node_concurrency, len(indexes))
                 workers += [
-                    self._coalescing_worker(session, queue, node, call) for _ in range(n_workers)
+                    self._coalescing_worker(transport, queue, node, call) for _ in range(n_workers)
                 ]
                 continue
             pulled = iter(indexes)
             n_workers = min(self.settings.per_node_concurrency, len(indexes))
             workers += [
-                self._worker(session, pulled, prompts, node, slots) for _ in range(n_workers)
+                self._worker(transport, pulled, prompts, node, slots) for _ in range(n_workers)
             ]
         self._pending += len(prompts)
         self._observer.queue_changed(self._pending, self._in_flight)
@@ -327,9 +239,9 @@ class Requester:
         return relays
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.close()
 
     def stats(self) -> dict[str, Any]:
         """Counters since start: relays by error code, attempts, retries, in flight."""
@@ -346,29 +258,19 @@ class Requester:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None or session.closed:
+    def _ensure_transport(self) -> NodeTransport:
+        transport = self._transport
+        if transport is None or transport.closed:
             s = self.settings
-            connector = aiohttp.TCPConnector(
-                limit=s.global_concurrency,
-                limit_per_host=0,  # the per-node semaphores rule (nodes may share a host)
-                ttl_dns_cache=300,
-                keepalive_timeout=30,
+            transport = NodeTransport.open(
+                size_cap=s.response_size_cap_bytes, max_connections=s.global_concurrency
             )
-            session = aiohttp.ClientSession(
-                connector=connector,
-                headers=_HEADERS,
-                auto_decompress=False,
-                raise_for_status=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-            self._session = session
+            self._transport = transport
             if self._pending == 0:  # a new session may run on a new loop: fresh semaphores
                 self._global = asyncio.Semaphore(s.global_concurrency)
                 self._node_slots.clear()
                 self._queues.clear()
-        return session
+        return transport
 
     def _node_slot(self, node_id: str) -> asyncio.Semaphore:
         slot = self._node_slots.get(node_id)
@@ -420,21 +322,21 @@ class Requester:
 
     async def _worker(
         self,
-        session: aiohttp.ClientSession,
+        transport: NodeTransport,
         queue: Iterator[int],
         prompts: Sequence[Prompt],
         node: Node | None,
         slots: list[Relay | None],
     ) -> None:
         for i in queue:
-            slots[i] = await self._relay_one(session, prompts[i], node)
+            slots[i] = await self._relay_one(transport, prompts[i], node)
 
     def _lost(self, prompt: Prompt, why: str) -> Relay:
         now = self._clock()
         return self._relay_of(prompt, ErrorCode.RELAY, now, now, 0, error=f"internal error: {why}")
 
     async def _relay_one(
-        self, session: aiohttp.ClientSession, prompt: Prompt, node: Node | None
+        self, transport: NodeTransport, prompt: Prompt, node: Node | None
     ) -> Relay:
         started_at = self._clock()
         try:
@@ -448,10 +350,10 @@ class Requester:
                     error=f"node {prompt.node_id!r} is not among the nodes given to relay()",
                 )
             url = self._url(node, prompt.path)
-            data = _dumps(prompt.body)
+            data = dumps_json(prompt.body)
             total_s = self._sla.timeout_s(prompt.prompt_tokens, prompt.max_output_tokens)
             out, attempts, started_at = await self._exchange(
-                session, self._node_slot(node.node_id), url, data, total_s
+                transport, self._node_slot(node.node_id), url, data, total_s
             )
             return self._relay_of(
                 prompt,
@@ -480,7 +382,7 @@ class Requester:
 
     async def _exchange(
         self,
-        session: aiohttp.ClientSession,
+        transport: NodeTransport,
         node_slot: asyncio.Semaphore,
         url: URL,
         data: bytes,
@@ -506,7 +408,7 @@ class Requester:
                     self._attempts += 1
                     self._in_flight += 1
                     try:
-                        out = await self._attempt(session, url, data, timeout, total_s)
+                        out = await self._attempt(transport, url, data, timeout)
                     finally:
                         self._in_flight -= 1
                 finally:
@@ -533,7 +435,7 @@ class Requester:
     # -- coalescing ---------------------------------------------------------------------
 
     async def _coalescing_worker(
-        self, session: aiohttp.ClientSession, queue: deque[_Queued], node: Node, call: _Call
+        self, transport: NodeTransport, queue: deque[_Queued], node: Node, call: _Call
     ) -> None:
         """Serve the node's queue (any call's prompts) until its own call has every relay.
 
@@ -551,7 +453,7 @@ class Requester:
             # The batch may hold other calls' prompts: whatever happens, each gets a relay,
             # or its caller would wait forever.
             try:
-                relays = await self._relay_coalesced(session, batch, node, node_slot)
+                relays = await self._relay_coalesced(transport, batch, node, node_slot)
             except asyncio.CancelledError:
                 for entry in batch:
                     entry.resolve(self._lost(entry.prompt, "relay cancelled"))
@@ -599,7 +501,7 @@ class Requester:
 
     async def _relay_coalesced(
         self,
-        session: aiohttp.ClientSession,
+        transport: NodeTransport,
         batch: list[_Queued],
         node: Node,
         node_slot: asyncio.Semaphore,
@@ -608,10 +510,10 @@ class Requester:
         try:
             first = batch[0].prompt
             if len(batch) == 1:
-                data = _dumps(first.body)
+                data = dumps_json(first.body)
             else:
                 items = [item for entry in batch for item in entry.items or ()]
-                data = _dumps({**first.body, "prompt": items})
+                data = dumps_json(wire.with_prompts(first.body, items))
                 self._bodies_coalesced += 1
                 self._prompts_coalesced += len(batch)
             # The engine runs a body's prompts side by side: its prompt tokens add up, its
@@ -625,17 +527,18 @@ class Requester:
             self._release_slots(node_slot)
             raise
         out, attempts, started_at = await self._exchange(
-            session, node_slot, url, data, total_s, held=True
+            transport, node_slot, url, data, total_s, held=True
         )
         finished_at = self._clock()
         code, error = out.code, out.error
         responses: list[dict[str, Any] | None] = [out.response] * len(batch)
         if len(batch) > 1 and code == ErrorCode.OK and out.response is not None:
-            split = _split_choices(out.response, [len(e.items or ()) for e in batch])
-            if isinstance(split, str):
-                code, error, responses = ErrorCode.NODE, split, [None] * len(batch)
-            else:
-                responses = list(split)
+            sizes = [len(e.items or ()) for e in batch]
+            try:
+                responses = list(wire.split_choices(out.response, sizes))
+            except wire.MalformedAnswer as exc:
+                error = f"coalesced body of {sum(sizes)} prompts: {exc}"
+                code, responses = ErrorCode.NODE, [None] * len(batch)
         return [
             self._relay_of(entry.prompt, code, started_at, finished_at, attempts,
                            status=out.status, error=error, response=response,
@@ -652,119 +555,31 @@ class Requester:
 
     async def _attempt(
         self,
-        session: aiohttp.ClientSession,
+        transport: NodeTransport,
         url: URL,
         data: bytes,
         timeout: aiohttp.ClientTimeout,
-        total_s: float,
     ) -> _Attempt:
-        t0 = time.perf_counter()
-        ttft: float | None = None
         try:
-            async with session.post(
-                url, data=data, timeout=timeout, allow_redirects=False
-            ) as resp:
-                ttft = time.perf_counter() - t0
-                status = resp.status
-                if not 200 <= status < 300:
-                    return await self._http_error(resp, status, t0, ttft)
-                body = await self._read_capped(resp)
-                latency = time.perf_counter() - t0
-                if body is None:
-                    resp.close()  # drop the connection: the rest of the body is never read
-                    cap = self.settings.response_size_cap_bytes
-                    return _Attempt(
-                        ErrorCode.NODE,
-                        status,
-                        f"response exceeded {cap} bytes",
-                        ttft_s=ttft,
-                        latency_s=latency,
-                    )
-                content_type = resp.headers.get("Content-Type", "")
-        except aiohttp.ConnectionTimeoutError:
+            answer = await transport.exchange("POST", url, data, timeout, timeout_source="SLA")
+        except NodeUnavailable as exc:
             return _Attempt(
                 ErrorCode.NODE,
-                error=f"connect timed out after {self.settings.connect_timeout_s:g} s",
-                retryable=True,
-                latency_s=time.perf_counter() - t0,
+                exc.status,
+                str(exc),
+                retryable=exc.retryable,
+                retry_after_s=exc.retry_after_s,
+                ttft_s=exc.ttft_s,
+                latency_s=exc.latency_s,
             )
-        except TimeoutError:
+        except wire.MalformedAnswer as exc:
             return _Attempt(
-                ErrorCode.NODE,
-                error=f"timed out after {total_s:.1f} s (SLA)"
-                + (" waiting for the response" if ttft is None else " reading the body"),
-                ttft_s=ttft,
-                latency_s=time.perf_counter() - t0,
+                ErrorCode.NODE, exc.status, str(exc), ttft_s=exc.ttft_s, latency_s=exc.latency_s
             )
-        except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-            # Before any response arrived: the node never answered, a retry is correct.
-            # After the headers: the body was cut, the request was served; no retry.
-            where = "before the response" if ttft is None else "while reading the body"
-            return _Attempt(
-                ErrorCode.NODE,
-                error=f"connection error {where}: {type(exc).__name__}: {exc}",
-                retryable=ttft is None,
-                ttft_s=ttft,
-                latency_s=time.perf_counter() - t0,
-            )
-        except aiohttp.ClientError as exc:  # malformed HTTP, truncated payload, ...
-            return _Attempt(
-                ErrorCode.NODE,
-                error=f"bad HTTP response: {type(exc).__name__}: {exc}",
-                ttft_s=ttft,
-                latency_s=time.perf_counter() - t0,
-            )
-        try:
-            parsed = _loads(body)
-        except ValueError:
-            return _Attempt(
-                ErrorCode.NODE,
-                status,
-                f"invalid JSON body (Content-Type {content_type or 'missing'}): {_snippet(body)}",
-                ttft_s=ttft,
-                latency_s=latency,
-            )
-        if not isinstance(parsed, dict):
-            return _Attempt(
-                ErrorCode.NODE,
-                status,
-                f"response is a JSON {type(parsed).__name__}, not an object: {_snippet(body)}",
-                ttft_s=ttft,
-                latency_s=latency,
-            )
-        return _Attempt(ErrorCode.OK, status, response=parsed, ttft_s=ttft, latency_s=latency)
-
-    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes | None:
-        """The whole body, or None as soon as it exceeds the size cap."""
-        cap = self.settings.response_size_cap_bytes
-        length = resp.content_length
-        if length is not None:
-            if length > cap:
-                return None
-            return await resp.read()  # the parser stops at Content-Length
-        buf = bytearray()
-        async for chunk in resp.content.iter_any():
-            buf += chunk
-            if len(buf) > cap:
-                return None
-        return bytes(buf)
-
-    async def _http_error(
-        self, resp: aiohttp.ClientResponse, status: int, t0: float, ttft: float
-    ) -> _Attempt:
-        length = resp.content_length
-        if length is not None and length <= _SMALL_ERROR_BODY:
-            body = await resp.read()  # read it all: the connection stays reusable
-        else:
-            body = await resp.content.read(ERROR_SNIPPET_BYTES)
-            resp.close()
-        retryable = status in RETRYABLE_STATUSES
         return _Attempt(
-            ErrorCode.NODE,
-            status,
-            f"HTTP {status}: {_snippet(body)}" if body else f"HTTP {status}",
-            retryable=retryable,
-            retry_after_s=_retry_after(resp.headers) if retryable else None,
-            ttft_s=ttft,
-            latency_s=time.perf_counter() - t0,
+            ErrorCode.OK,
+            answer.status,
+            response=answer.body,
+            ttft_s=answer.ttft_s,
+            latency_s=answer.latency_s,
         )

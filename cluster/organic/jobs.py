@@ -1,5 +1,5 @@
 """Organic jobs: a user's own request, run on a chosen node or on any node claiming a model,
-answered and recorded (issue 4, item 6).
+answered and recorded.
 
 A job names either a node or a model. For a model, the candidates are the enabled LLM nodes
 claiming it that no honesty check currently flags (the latest verification verdicts and the
@@ -14,7 +14,6 @@ retries, response size cap and error codes as measuring traffic.
 from __future__ import annotations
 
 import hashlib
-import json
 import statistics
 import time
 import uuid
@@ -27,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cluster.core.errors import ErrorCode, NodeError, TestbenchError
 from cluster.core.schemas import Node, Prompt
 from cluster.core.settings import Settings
+from cluster.storage.mongo import MongoStores
 from cluster.wire import openai as wire
 
-ORGANIC_JOBS = "organic_jobs"
 ORGANIC_TASK = "organic"
 
 
@@ -141,8 +140,10 @@ def rank_candidates(
     return [n for _, _, n in eligible], skipped
 
 
-async def flagged_nodes(settings: Settings, mongo: Any, nodes: Sequence[Node]) -> dict[str, str]:
-    """node id -> reason, for the registry's nodes an honesty check currently fails."""
+async def flagged_nodes(settings: Settings, mongo: MongoStores, nodes: Sequence[Node]
+                        ) -> dict[str, str]:
+    """node id -> reason, for the registry's nodes an honesty check currently fails (an
+    unknown check does not flag a node: it is unverified, as a node never checked is)."""
     from cluster.honesty.verification import latest_verdicts
     from cluster.tasks.signature import read_signature_findings
 
@@ -157,12 +158,13 @@ async def flagged_nodes(settings: Settings, mongo: Any, nodes: Sequence[Node]) -
 
 
 class OrganicJobs:
-    """Runs and records organic jobs (``mongo`` is :class:`cluster.storage.mongo.MongoStores`)."""
+    """Runs and records organic jobs (in :class:`cluster.storage.mongo.OrganicJobStore`)."""
 
-    def __init__(self, settings: Settings, mongo: Any, requester: Any | None = None) -> None:
+    def __init__(self, settings: Settings, mongo: MongoStores, requester: Any | None = None
+                 ) -> None:
         self._settings = settings
         self._mongo = mongo
-        self._collection = mongo.db[ORGANIC_JOBS]
+        self._jobs = mongo.organic_jobs
         self._requester = requester
 
     async def _candidates(self, request: OrganicRequest) -> tuple[list[Node], dict[str, str]]:
@@ -195,8 +197,8 @@ class OrganicJobs:
         candidates, skipped = await self._candidates(request)
         job_id = uuid.uuid4().hex
         now = time.time()
-        await self._collection.insert_one({
-            "_id": job_id, "user": request.user, "state": "running", "created_at": now,
+        await self._jobs.open(job_id, {
+            "user": request.user, "state": "running", "created_at": now,
             "request": request.model_dump(mode="json"),
             "prompt_sha256": hashlib.sha256(request.prompt.encode("utf-8")).hexdigest(),
             "candidates": [n.node_id for n in candidates], "skipped": skipped,
@@ -231,7 +233,7 @@ class OrganicJobs:
         finally:
             if self._requester is None:
                 await requester.close()
-            await self._collection.update_one({"_id": job_id}, {"$set": {
+            await self._jobs.finish(job_id, {
                 "state": "done" if result.ok else "failed",
                 "node_id": result.node_id, "model": result.model, "answer": result.answer,
                 "error_code": int(result.error_code), "error": result.error,
@@ -239,19 +241,8 @@ class OrganicJobs:
                 "attempts": [{"node_id": a.node_id, "error_code": int(a.error_code),
                               "error": a.error, "status": a.status, "latency_s": a.latency_s}
                              for a in result.attempts],
-            }})
+            })
         return result
 
     async def list(self, limit: int = 20, user: str | None = None) -> list[dict[str, Any]]:
-        query = {} if user is None else {"user": user}
-        return await self._collection.find(query).sort("created_at", -1).limit(limit).to_list(None)
-
-
-def format_job(doc: Mapping[str, Any]) -> str:
-    took = doc.get("latency_s")
-    where = doc.get("node_id") or "-"
-    head = (f"{doc['_id'][:12]}  {doc.get('state', '?'):<7} {where:<22} "
-            f"{(f'{took:.2f}s' if took is not None else '-'):>7}  ")
-    if doc.get("state") == "done":
-        return head + json.dumps(str(doc.get("answer", ""))[:60])
-    return head + f"{ErrorCode(doc.get('error_code', 1)).name}: {str(doc.get('error'))[:80]}"
+        return await self._jobs.list(limit, user)

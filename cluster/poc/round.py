@@ -2,8 +2,9 @@
 
 For each node: ``/pow/init/generate`` with the round's seed and the node's key, wait
 until it generates, let it work ``seconds``, ``/pow/stop``, page through
-``/pow/batches``, then validate a random sample. A node that fails on the way gets a
-:class:`NodeRoundResult` with its error, never a silent gap.
+``/pow/batches``, then validate a random sample. Every call is one exchange of the node
+transport (``cluster/nodes/transport.py``), signed when the driver has a signer. A node that
+fails on the way gets a :class:`NodeRoundResult` with its error, never a silent gap.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.core.errors import NodeError
-from cluster.poc.config import PocRoundParams
+from cluster.core.settings import Settings
+from cluster.nodes.transport import NodeEndpoint, NodeTransport
+from cluster.poc.config import PocRoundParams, ValidationConfig
 from cluster.poc.validator import ClaimedProof, PocValidator, Verdict
 
 if TYPE_CHECKING:
@@ -80,40 +83,37 @@ class PocRoundDriver:
 
     async def run(self, targets: list[PocNodeTarget], seconds: float) -> list[NodeRoundResult]:
         """All nodes generate at the same time; each is judged on its own claim."""
-        import aiohttp
-
         seeds = [self._rng.getrandbits(63) for _ in targets]
-        timeout = aiohttp.ClientTimeout(total=self._http_timeout_s)
         middlewares = (self._signer.aiohttp_middleware,) if self._signer is not None else ()
-        async with aiohttp.ClientSession(timeout=timeout, middlewares=middlewares) as http:
+        transport = NodeTransport.open(middlewares=middlewares)
+        try:
             results = await asyncio.gather(*(
-                self._one(http, t, seconds, s) for t, s in zip(targets, seeds, strict=True)))
+                self._one(transport, t, seconds, s) for t, s in zip(targets, seeds, strict=True)))
+        finally:
+            await transport.close()
         return list(results)
 
-    async def _one(self, http: Any, target: PocNodeTarget, seconds: float,
+    async def _one(self, transport: NodeTransport, target: PocNodeTarget, seconds: float,
                    sample_seed: int) -> NodeRoundResult:
-        import aiohttp
-
         try:
-            claim, computed, took = await self.collect(http, target, seconds)
-        except (TimeoutError, NodeError, OSError, aiohttp.ClientError, ValidationError) as exc:
+            claim, computed, took = await self.collect(transport, target, seconds)
+        except (NodeError, ValidationError) as exc:
             log.warning("poc.round.node_failed node=%s error=%s", target.node_id, exc)
             return NodeRoundResult(node_id=target.node_id, error=f"{type(exc).__name__}: {exc}")
         verdict = await asyncio.to_thread(self._validator.validate, claim, sample_seed)
         return NodeRoundResult(node_id=target.node_id, verdict=verdict,
                                nonces_computed=computed, generate_s=took)
 
-    async def collect(self, http: Any, target: PocNodeTarget,
+    async def collect(self, transport: NodeTransport, target: PocNodeTarget,
                       seconds: float) -> tuple[ClaimedProof, int, float]:
         """(the node's claim, nonces it reports computed, seconds it generated)."""
         from cluster.poc.protocol import BatchesResponse, PowStatusResponse
 
-        base = target.url.rstrip("/") + API
-        await _call(http, "POST", f"{base}/pow/init/generate", self.init_body(target))
+        node = NodeEndpoint(target.url.rstrip("/") + API, transport, self._http_timeout_s)
+        await node.post_json("/pow/init/generate", self.init_body(target))
         deadline = self._clock() + self._load_timeout_s
         while True:
-            status = PowStatusResponse.model_validate(
-                await _call(http, "GET", f"{base}/pow/status"))
+            status = PowStatusResponse.model_validate(await node.get_json("/pow/status"))
             if status.status == "GENERATING":
                 break
             if status.status == "STOPPED" or self._clock() > deadline:
@@ -122,15 +122,15 @@ class PocRoundDriver:
             await self._sleep(0.2)
         started = self._clock()
         await self._sleep(seconds)
-        await _call(http, "POST", f"{base}/pow/stop")
+        await node.request_json("POST", "/pow/stop")
         took = self._clock() - started
-        status = PowStatusResponse.model_validate(await _call(http, "GET", f"{base}/pow/status"))
+        status = PowStatusResponse.model_validate(await node.get_json("/pow/status"))
         nonces: list[int] = []
         dist: list[float] = []
         offset = 0
         while True:
             page = BatchesResponse.model_validate(
-                await _call(http, "GET", f"{base}/pow/batches?offset={offset}&limit=10000"))
+                await node.get_json(f"/pow/batches?offset={offset}&limit=10000"))
             for batch in page.batches:
                 if batch.public_key != target.public_key or batch.block_hash != self._params.seed:
                     raise NodeError(f"node {target.node_id} returned a batch for another "
@@ -145,9 +145,32 @@ class PocRoundDriver:
         return claim, status.nonces_computed, took
 
 
-async def _call(http: Any, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
-    async with http.request(method, url, json=body) as resp:
-        if resp.status >= 300:
-            text = (await resp.text())[:300]
-            raise NodeError(f"{method} {url} answered HTTP {resp.status}: {text}")
-        return await resp.json()
+
+async def run_poc_round(
+    settings: Settings,
+    params: PocRoundParams,
+    validation: ValidationConfig,
+    targets: list[PocNodeTarget],
+    seconds: float,
+    *,
+    sample_seed: int | None = None,
+    record: bool = True,
+) -> list[NodeRoundResult]:
+    """One round against ``targets`` (signed with ``settings.auth``'s key when set, the key
+    nodes with peer auth expect); verdicts recorded in MongoDB when ``record`` and a store
+    is configured. ``sample_seed`` fixes which nonces are validated (default: fresh)."""
+    from cluster.auth.peers import RequestSigner
+    from cluster.poc.compute import PocComputer
+    from cluster.poc.verdicts import record_verdicts
+    from cluster.storage.connections import open_mongo
+
+    validator = PocValidator(PocComputer(params, "validator"), validation)
+    seed = random.SystemRandom().getrandbits(63) if sample_seed is None else sample_seed
+    driver = PocRoundDriver(params, validator, random.Random(seed),
+                            signer=RequestSigner.from_settings(settings.auth))
+    results = await driver.run(targets, seconds)
+    verdicts = [r.verdict for r in results if r.verdict is not None]
+    if verdicts and record and settings.stores.mongo_url:
+        async with open_mongo(settings) as mongo:
+            await record_verdicts(mongo, verdicts)
+    return results

@@ -12,10 +12,11 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.core.verdicts import Check, Outcome, VerdictRecord
 from cluster.poc.binomial import binomial_tail
 from cluster.poc.config import ValidationConfig
 
@@ -89,12 +90,28 @@ class Verdict(PocRecord):
     validated_at: float
     evidence: VerdictEvidence
 
-    def to_document(self) -> dict[str, Any]:
-        """The MongoDB document (``verdicts`` collection), keyed by ``verdict_id``."""
-        doc = self.model_dump(mode="json")
-        doc["_id"] = self.verdict_id
-        doc["kind"] = "poc"
-        return doc
+    @property
+    def outcome(self) -> Outcome:
+        """Fail for a fraud; unknown when no nonce was sampled (nothing was checked)."""
+        if self.fraud:
+            return Outcome.FAIL
+        return Outcome.PASS if self.n_sampled else Outcome.UNKNOWN
+
+    def to_record(self) -> VerdictRecord:
+        """The stored verdict (check ``poc``); every figure of the validation is evidence."""
+        test = (f"{self.n_mismatch} of {self.n_sampled} sampled nonces mismatch, "
+                f"p = {self.p_value:.3g}")
+        reason = {
+            Outcome.FAIL: f"fraud: {test} < {self.p_value_threshold:g}",
+            Outcome.PASS: f"{test} >= {self.p_value_threshold:g}",
+            Outcome.UNKNOWN: f"unknown: no nonce to check ({self.n_claimed} claimed)",
+        }[self.outcome]
+        evidence = self.model_dump(mode="json", exclude={
+            "verdict_id", "node_id", "fraud", "validated_at", "evidence"})
+        evidence.update(self.evidence.model_dump(mode="json"))
+        return VerdictRecord(verdict_id=self.verdict_id, node_id=self.node_id, check=Check.POC,
+                             outcome=self.outcome, reason=reason, evidence=evidence,
+                             ts=self.validated_at)
 
 
 def find_mismatches(

@@ -1,4 +1,4 @@
-"""Recording PoC verdicts in MongoDB (``verdicts`` collection, one document per verdict)."""
+"""Recording PoC verdicts: each validation as the one stored verdict (check ``poc``)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ from cluster.poc.validator import Verdict
 if TYPE_CHECKING:
     from cluster.storage.mongo import MongoStores
 
-VERDICTS = "verdicts"
-
 
 async def record_verdicts(mongo: MongoStores, verdicts: Sequence[Verdict]) -> int:
     """Upsert by ``verdict_id`` (a replayed validation writes the same document again)."""
-    collection = mongo.collection(VERDICTS)
-    for verdict in verdicts:
-        doc = verdict.to_document()
-        await collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
-    return len(verdicts)
+    return await mongo.verdicts.record([v.to_record() for v in verdicts])

@@ -6,6 +6,8 @@ Actors are constructed synchronously by Ray, so they connect lazily on first use
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from cluster.core.settings import Settings
 from cluster.storage.mongo import MongoStores
@@ -59,3 +61,29 @@ class StoreConnections:
         if self._mongo is not None:
             await self._mongo.close()
             self._mongo = None
+
+
+@asynccontextmanager
+async def open_mongo(settings: Settings, *, ensure_indexes: bool = True
+                     ) -> AsyncIterator[MongoStores]:
+    """MongoDB for one command: connected (indexes ensured), closed on exit."""
+    conns = StoreConnections(settings)
+    try:
+        mongo = await conns.mongo()
+        if ensure_indexes:
+            await mongo.ensure_indexes()
+        yield mongo
+    finally:
+        await conns.close()
+
+
+@asynccontextmanager
+async def open_datasets(settings: Settings) -> AsyncIterator[DatasetStore]:
+    """The dataset store for one command: connected (schema ensured), closed on exit."""
+    conns = StoreConnections(settings)
+    try:
+        store = await conns.datasets()
+        await store.ensure_schema()
+        yield store
+    finally:
+        await conns.close()

@@ -1,4 +1,4 @@
-"""Task datasets in PostgreSQL (DESIGN §4), over an asyncpg pool.
+"""Task datasets in PostgreSQL, over an asyncpg pool.
 
 - ``task_registry(task_name PK, table_name, n_docs, splits JSONB split→count, sha256,
   loaded_at)``: one row per loaded task dataset;

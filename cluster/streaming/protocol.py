@@ -1,6 +1,6 @@
-"""Wire format of the jobs app: headers, the receipt SSE event, JSON bodies.
+"""Wire format of the streaming app: headers, the receipt SSE event, JSON bodies.
 
-The only module of the jobs app (and of its validator-side client) that spells header
+The only module of the streaming app (and of its validator-side client) that spells header
 names and JSON fields. Answers are the upstream's bytes untouched; the receipt travels
 beside them:
 

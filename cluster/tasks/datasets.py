@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict
 
 from cluster.core.errors import DatasetError
-from cluster.storage.connections import StoreConnections
+from cluster.storage.connections import open_datasets
 
 log = logging.getLogger(__name__)
 
@@ -362,14 +362,7 @@ async def load_hub_dataset(
     return _result(task_name, {split: len(rows)}, sha, loaded)
 
 
-async def load_datasets(settings: Any, tasks: list[str] | None = None) -> list[Any]:
-    async def go(store: Any) -> list[Any]:
+async def load_datasets(settings: Any, tasks: list[str] | None = None) -> list[LoadResult]:
+    """The shipped task datasets (``settings.datasets_dir``) into PostgreSQL, idempotently."""
+    async with open_datasets(settings) as store:
         return await load_task_datasets(store, Path(settings.datasets_dir), tasks)
-
-    conns = StoreConnections(settings)
-    try:
-        store = await conns.datasets()
-        await store.ensure_schema()
-        return await go(store)
-    finally:
-        await conns.close()

@@ -1,4 +1,4 @@
-"""Identity signatures (seed 000) and the rule that turns coinciding ones into verdicts.
+"""Identity signatures and the rule that turns coinciding ones into verdicts.
 
 A node's identity signature is, for each seeded temperature-0 identity prompt, the sha256
 of its answer text, plus the sha256 of its *trace*: the text together with the logprobs
@@ -22,7 +22,7 @@ the last bits of their logprobs (other hardware, kernels, batch shapes).
    other member run by a *different operator* is flagged (``duplicate_of`` the holder: it
    serves someone else's backend under its own name, i.e. a proxy or a copy); members of
    the holder's own operator are not flagged (an operator may expose one backend under
-   several names; seed 000 counts them as one identity) but the group is in the evidence.
+   several names; they count as one identity) but the group is in the evidence.
 
 **What it cannot do.** It cannot tell which member of a group is the original: seniority
 decides, so a proxy registered *before* its backend's node would be kept and the backend's
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,12 +104,72 @@ class IdentityFinding:
     evidence: dict[str, Any]
 
 
-def find_root(parent: dict[str, str], x: str) -> str:
+@dataclass(frozen=True)
+class IdentityClaim:
+    """A node as the grouping rule sees it: who runs it and its seniority (lower =
+    registered earlier; decides who holds a shared identity)."""
+
+    node_id: str
+    operator: str
+    seniority: float
+
+
+def _find_root(parent: dict[str, str], x: str) -> str:
     """Union-find: the root of ``x``'s group (with path halving)."""
     while parent[x] != x:
         parent[x] = parent[parent[x]]
         x = parent[x]
     return x
+
+
+def group_identities(
+    claims: Sequence[IdentityClaim],
+    coinciding: Iterable[tuple[str, str]],
+    member_evidence: Callable[[IdentityClaim], dict[str, Any]],
+    compare_with_holder: Callable[[IdentityClaim, IdentityClaim], tuple[str, dict[str, Any]]],
+) -> dict[str, IdentityFinding]:
+    """Steps 2 and 3 of the rule (module docstring), the one place they are decided: join
+    ``coinciding`` pairs of node ids into groups (transitively); in each group the node of
+    lowest (seniority, node id) holds the identity and passes, members of the holder's
+    operator pass, every other member fails as a proxy or duplicate of the holder.
+
+    How pairs are found to coincide, and the evidence, are the caller's: the verification
+    round compares identity probes (:func:`judge_identities`), the measuring loop compares
+    signature samples (``cluster.tasks.signature.loop_identity_findings``).
+    ``member_evidence(member)`` adds to every member's evidence; ``compare_with_holder(member,
+    holder)`` gives, for a member other than the holder, the sentence saying how it
+    coincides with the holder and the evidence of that comparison."""
+    parent = {c.node_id: c.node_id for c in claims}
+    for a, b in coinciding:
+        parent[_find_root(parent, a)] = _find_root(parent, b)
+    groups: dict[str, list[IdentityClaim]] = {}
+    for claim in claims:
+        groups.setdefault(_find_root(parent, claim.node_id), []).append(claim)
+    findings: dict[str, IdentityFinding] = {}
+    for members in groups.values():
+        members.sort(key=lambda c: (c.seniority, c.node_id))
+        holder = members[0]
+        names = [m.node_id for m in members]
+        for member in members:
+            evidence: dict[str, Any] = {"group": names, "holder": holder.node_id,
+                                        "operator": member.operator, **member_evidence(member)}
+            if member is holder:
+                reason = ("unique identity" if len(members) == 1 else
+                          f"holds the identity of group {names} (registered first)")
+                findings[member.node_id] = IdentityFinding(member.node_id, Outcome.PASS,
+                                                           reason, evidence)
+                continue
+            detail, compared = compare_with_holder(member, holder)
+            evidence.update({"duplicate_of": holder.node_id,
+                             "holder_operator": holder.operator, **compared})
+            if member.operator == holder.operator:
+                findings[member.node_id] = IdentityFinding(
+                    member.node_id, Outcome.PASS,
+                    f"same backend as {holder.node_id}, same operator: {detail}", evidence)
+            else:
+                findings[member.node_id] = IdentityFinding(
+                    member.node_id, Outcome.FAIL, f"proxy or duplicate: {detail}", evidence)
+    return findings
 
 
 def judge_identities(
@@ -119,55 +179,33 @@ def judge_identities(
 ) -> dict[str, IdentityFinding]:
     """One finding per node (see the module docstring for the rule)."""
     by_id = {s.node_id: s for s in signatures}
-    parent = {s.node_id: s.node_id for s in signatures}
     pairs: dict[tuple[str, str], PairComparison] = {}
     for i, a in enumerate(signatures):
         for b in signatures[i + 1:]:
-            found = compare(a, b, reference_text, threshold)
-            pairs[(a.node_id, b.node_id)] = pairs[(b.node_id, a.node_id)] = found
-            if found.coincide:
-                parent[find_root(parent, a.node_id)] = find_root(parent, b.node_id)
-    groups: dict[str, list[IdentitySignature]] = {}
-    for s in signatures:
-        groups.setdefault(find_root(parent, s.node_id), []).append(s)
-    findings: dict[str, IdentityFinding] = {}
-    for members in groups.values():
-        members.sort(key=lambda s: (s.seniority, s.node_id))
-        holder = members[0]
-        names = [m.node_id for m in members]
-        for member in members:
-            reference_share = (match_share(member.text_sha256, reference_text)
-                               if reference_text is not None else None)
-            evidence: dict[str, Any] = {
-                "group": names, "holder": holder.node_id, "operator": member.operator,
-                "reference_text_share": reference_share,
-                "answers": [h[:12] if h else None for h in member.text_sha256],
-                "latency_s": member.latency_s,
-            }
-            if member is holder:
-                reason = ("unique identity" if len(members) == 1 else
-                          f"holds the identity of group {names} (registered first)")
-                findings[member.node_id] = IdentityFinding(member.node_id, Outcome.PASS,
-                                                           reason, evidence)
-                continue
-            pair = pairs[(member.node_id, holder.node_id)]
-            evidence.update({
-                "duplicate_of": holder.node_id, "holder_operator": holder.operator,
-                "text_share": pair.text_share, "trace_share": pair.trace_share,
-                "reference_like": pair.reference_like,
-                "holder_latency_s": by_id[holder.node_id].latency_s,
-            })
-            detail = (f"answers coincide with {holder.node_id} (registered earlier) on "
-                      f"{pair.text_share:.0%} of identity prompts (text) and "
-                      f"{pair.trace_share:.0%} (text + logprobs)")
-            if member.operator == holder.operator:
-                findings[member.node_id] = IdentityFinding(
-                    member.node_id, Outcome.PASS,
-                    f"same backend as {holder.node_id}, same operator: {detail}", evidence)
-            else:
-                findings[member.node_id] = IdentityFinding(
-                    member.node_id, Outcome.FAIL, f"proxy or duplicate: {detail}", evidence)
-    return findings
+            pairs[(a.node_id, b.node_id)] = pairs[(b.node_id, a.node_id)] = \
+                compare(a, b, reference_text, threshold)
+
+    def member_evidence(member: IdentityClaim) -> dict[str, Any]:
+        signature = by_id[member.node_id]
+        return {"reference_text_share": (match_share(signature.text_sha256, reference_text)
+                                         if reference_text is not None else None),
+                "answers": [h[:12] if h else None for h in signature.text_sha256],
+                "latency_s": signature.latency_s}
+
+    def compare_with_holder(member: IdentityClaim, holder: IdentityClaim
+                            ) -> tuple[str, dict[str, Any]]:
+        pair = pairs[(member.node_id, holder.node_id)]
+        detail = (f"answers coincide with {holder.node_id} (registered earlier) on "
+                  f"{pair.text_share:.0%} of identity prompts (text) and "
+                  f"{pair.trace_share:.0%} (text + logprobs)")
+        return detail, {"text_share": pair.text_share, "trace_share": pair.trace_share,
+                        "reference_like": pair.reference_like,
+                        "holder_latency_s": by_id[holder.node_id].latency_s}
+
+    claims = [IdentityClaim(s.node_id, s.operator, s.seniority) for s in signatures]
+    coinciding = [(a.node_id, b.node_id) for i, a in enumerate(signatures)
+                  for b in signatures[i + 1:] if pairs[(a.node_id, b.node_id)].coincide]
+    return group_identities(claims, coinciding, member_evidence, compare_with_holder)
 
 
 def signature_from_answers(

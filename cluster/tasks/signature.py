@@ -5,7 +5,7 @@ skips it: it has no ``task:`` key) and rows ``{"prompt", "seed"}``: seeded rando
 prompts (:func:`identity_rows`, the same draw as the verification round's identity probes).
 Each doc is one temperature-0 request asking for the node's own token logprobs. A sample's
 metrics say whether the node answered (``answered``, ``answer_tokens``); its *evidence*
-holds the sha256 of the answer text and of the answer with its logprobs (seed 000's identity
+holds the sha256 of the answer text and of the answer with its logprobs (the identity
 signature, :mod:`cluster.tasks.identity`), which :func:`loop_identity_findings` compares
 across nodes claiming the same model.
 
@@ -31,12 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.core.errors import TaskError
 from cluster.core.schemas import Node, Prompt, Relay, prompt_id
-from cluster.core.verdicts import Outcome
 from cluster.tasks.identity import (
     WORDS,
+    IdentityClaim,
     IdentityFinding,
     answer_sha256,
-    find_root,
+    group_identities,
     trace_sha256,
 )
 from cluster.tasks.native import mean_stderr, native_task_config
@@ -150,7 +150,7 @@ def loop_identity_findings(
     threshold: float = 0.9,
     min_common_docs: int = 5,
 ) -> dict[str, IdentityFinding]:
-    """Seed 000's grouping rule over the loop's signature samples, per claimed model.
+    """The identity grouping rule over the loop's signature samples, per claimed model.
 
     Two nodes *coincide* when their answers **and reported logprobs** are equal on at least
     ``threshold`` of the docs both answered (at least ``min_common_docs`` of them; the
@@ -160,10 +160,10 @@ def loop_identity_findings(
     the last bits of their logprobs. Text alone would group every honest node of a model
     (greedy answers are the model's), so nodes that report no logprobs are left out.
 
-    Coinciding pairs join groups (transitively); in a group the senior node (registered
-    first) holds the identity and members of other operators are flagged, as in
-    :func:`cluster.tasks.identity.judge_identities`. Only nodes compared with at least one
-    other node get a finding.
+    Coinciding pairs join groups by the one grouping rule,
+    :func:`cluster.tasks.identity.group_identities` (the senior node holds the identity,
+    members of other operators are flagged). Only nodes compared with at least one other
+    node get a finding.
     """
     operators = operators or {}
     seniority = seniority or {}
@@ -177,11 +177,24 @@ def loop_identity_findings(
     for node in nodes:
         if node.node_id in traces:
             by_model.setdefault(node.model, []).append(node)
+    pairs: dict[tuple[str, str], tuple[float, int]] = {}  # (share, docs compared)
+
+    def member_evidence(member: IdentityClaim) -> dict[str, Any]:
+        return {"docs": len(traces[member.node_id])}
+
+    def compare_with_holder(member: IdentityClaim, holder: IdentityClaim
+                            ) -> tuple[str, dict[str, Any]]:
+        # a member may join its holder's group through others, never compared with it
+        share, n_common = pairs.get((member.node_id, holder.node_id), (None, 0))
+        detail = (f"answers and logprobs bit-identical to {holder.node_id} (registered "
+                  "earlier)" + (f" on {share:.0%} of {n_common} signature docs"
+                                if share is not None else ", through its group"))
+        return detail, {"trace_share": share, "docs_compared": n_common}
+
     findings: dict[str, IdentityFinding] = {}
     for members in by_model.values():
         members.sort(key=lambda n: (seniority.get(n.node_id, 0.0), n.node_id))
-        parent = {n.node_id: n.node_id for n in members}
-        pairs: dict[tuple[str, str], tuple[float, int]] = {}
+        coinciding: list[tuple[str, str]] = []
         compared: set[str] = set()
         for i, a in enumerate(members):
             ta = traces[a.node_id]
@@ -194,37 +207,12 @@ def loop_identity_findings(
                 share = sum(ta[d] == tb[d] for d in common) / len(common)
                 pairs[(a.node_id, b.node_id)] = pairs[(b.node_id, a.node_id)] = (share, len(common))
                 if share >= threshold:
-                    parent[find_root(parent, b.node_id)] = find_root(parent, a.node_id)
-        groups: dict[str, list[Node]] = {}
-        for n in members:
-            if n.node_id in compared:
-                groups.setdefault(find_root(parent, n.node_id), []).append(n)
-        for group in groups.values():  # members stay in seniority order
-            holder, names = group[0], [n.node_id for n in group]
-            for member in group:
-                op = operators.get(member.node_id, member.node_id)
-                evidence: dict[str, Any] = {
-                    "group": names, "holder": holder.node_id, "operator": op,
-                    "docs": len(traces[member.node_id]),
-                }
-                if member is holder:
-                    reason = ("unique identity" if len(group) == 1 else
-                              f"holds the identity of group {names} (registered first)")
-                    findings[member.node_id] = IdentityFinding(member.node_id, Outcome.PASS,
-                                                               reason, evidence)
-                    continue
-                share, n_common = pairs.get((member.node_id, holder.node_id), (None, 0))
-                holder_op = operators.get(holder.node_id, holder.node_id)
-                evidence.update({"duplicate_of": holder.node_id, "holder_operator": holder_op,
-                                 "trace_share": share, "docs_compared": n_common})
-                detail = (f"answers and logprobs bit-identical to {holder.node_id} (registered "
-                          "earlier)" + (f" on {share:.0%} of {n_common} signature docs"
-                                        if share is not None else ", through its group"))
-                outcome = Outcome.PASS if op == holder_op else Outcome.FAIL
-                reason = (f"same backend as {holder.node_id}, same operator: {detail}"
-                          if outcome == Outcome.PASS else f"proxy or duplicate: {detail}")
-                findings[member.node_id] = IdentityFinding(member.node_id, outcome, reason,
-                                                           evidence)
+                    coinciding.append((b.node_id, a.node_id))
+        claims = [IdentityClaim(n.node_id, operators.get(n.node_id, n.node_id),
+                                seniority.get(n.node_id, 0.0))
+                  for n in members if n.node_id in compared]
+        findings.update(group_identities(claims, coinciding, member_evidence,
+                                         compare_with_holder))
     return findings
 
 
@@ -243,9 +231,7 @@ async def read_signature_findings(settings: Any, mongo: Any,
     if nodes is None:
         nodes = await mongo.nodes.list()
     since = time.time() - settings.manager.sample_ttl_s
-    rows = await mongo.db["samples"].find(
-        {"task": {"$in": tasks}, "created_at": {"$gt": since}},
-        {"node_id": 1, "doc_id": 1, "error_code": 1, "evidence": 1}).to_list(None)
+    rows = await mongo.samples.evidence_since(tasks, since)
     return loop_identity_findings(
         rows, nodes, operators=settings.honesty.operators,
         seniority={n.node_id: float(i) for i, n in enumerate(nodes)},

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from cluster.local.embedded import HOST, EmbeddedServerError, free_port, log_tail
+from cluster.local.processes import stop_process
 
 _PGSERVER_HELPER = """
 import sys
@@ -62,17 +63,8 @@ class ExternalPostgres:
 
     def stop(self) -> None:
         proc, self._proc, self.url = self._proc, None, None
-        if proc is None:
-            return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            stop_process(proc, stop_signal=None, timeout_s=60, name="pgserver-helper")
 
 
 class ExternalMongo:
@@ -131,11 +123,5 @@ class ExternalMongo:
 
     def stop(self) -> None:
         proc, self._proc, self.url = self._proc, None, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, timeout_s=15, name="nx-27017")

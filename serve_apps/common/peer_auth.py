@@ -1,4 +1,4 @@
-"""Peer authentication for any Serve app (DESIGN §5): a pure ASGI middleware.
+"""Peer authentication for any Serve app: a pure ASGI middleware.
 
 ``install_peer_auth(app, settings.auth, purpose="control")`` on a FastAPI/Starlette app
 makes every route accept only requests signed by a key registered for ``purpose``
@@ -125,9 +125,15 @@ def install_peer_auth(
     if not settings.active:
         log.info("peer_auth.off purpose=%s", purpose)
         return False
+    nonces = None
+    if settings.nonce_mongo_url:  # replicas share their nonces
+        from cluster.storage.mongo import MongoNonceStore
+
+        nonces = MongoNonceStore.from_url(settings.nonce_mongo_url,
+                                          settings.nonce_mongo_database, clock)
     app.add_middleware(
         PeerAuthMiddleware,
-        verifier=verifier_from_settings(settings, purpose, clock),
+        verifier=verifier_from_settings(settings, purpose, clock, nonces),
         max_body_bytes=settings.max_body_bytes,
         exempt_paths=tuple(exempt_paths),
     )

@@ -7,7 +7,7 @@ production a diffusers model directory on a GPU.
 """
 
 from cluster.images.config import (
-    DeploymentOptions,
+    DiffusionDeployment,
     DiffusionNodeConfig,
     ImageDefaults,
     ImageLimits,
@@ -18,7 +18,7 @@ from cluster.images.tiny_pipeline import prepare_tiny_pipeline, tiny_pipeline_pa
 from serve_apps.diffusion.server import DiffusionServer, build_diffusion_app
 
 __all__ = [
-    "DeploymentOptions",
+    "DiffusionDeployment",
     "DiffusionNodeConfig",
     "DiffusionServer",
     "ImageDefaults",

@@ -40,11 +40,7 @@ def build_diffusion_app(config: dict[str, Any] | DiffusionNodeConfig) -> Applica
     node = config if isinstance(config, DiffusionNodeConfig) else (
         DiffusionNodeConfig.model_validate(config)
     )
-    options = node.deployment
-    deployment = serve.deployment(
-        name=options.name,
-        num_replicas=options.num_replicas,
-        max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
-    )(serve.ingress()(DiffusionServer))
+    deployment = serve.deployment(**node.deployment.serve_options())(
+        serve.ingress()(DiffusionServer)
+    )
     return deployment.bind(node)

@@ -8,12 +8,12 @@ optional :class:`EvaluationsAppConfig` as ``args``. Routes (under the app's rout
 (lm-eval's results JSON), ``/leaderboard`` (HTML) and ``/v1/leaderboard`` (JSON).
 """
 
-from serve_apps.evaluations.config import DeploymentOptions, EvaluationsAppConfig
+from serve_apps.evaluations.config import EvaluationsAppConfig, EvaluationsDeployment
 from serve_apps.evaluations.server import EvaluationsServer, build_evaluations_app
 
 __all__ = [
-    "DeploymentOptions",
     "EvaluationsAppConfig",
+    "EvaluationsDeployment",
     "EvaluationsServer",
     "build_evaluations_app",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -57,6 +59,44 @@ class EvaluationsClient:
             f"/v1/evaluations/{run_id}/results", params={"samples": str(samples).lower()}
         ))
         return dict(resp.json())
+
+    def follow(
+        self,
+        request: wire.EvaluationRequest,
+        on_status: Callable[[wire.EvaluationStatus], None] = lambda status: None,
+        on_log: Callable[[str], None] = lambda line: None,
+        samples: bool = False,
+        poll_s: float = 1.0,
+    ) -> dict[str, Any]:
+        """Submit ``request``, follow its status and log lines until it ends, and return
+        lm-eval's results JSON. A failed or cancelled run raises :class:`TestbenchError`;
+        Ctrl-C cancels the run on the server before it propagates."""
+        run_id: str | None = None
+        try:
+            status = self.submit(request)
+            run_id = status.id
+            on_log(f"submitted evaluation {run_id}")
+            after: str | None = None
+            while True:
+                for key, line in self.logs(run_id, after):
+                    after = key
+                    on_log(line.message)
+                on_status(status)
+                if status.state in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(poll_s)
+                status = self.status(run_id)
+            for _, line in self.logs(run_id, after):
+                on_log(line.message)
+            if status.state != "succeeded":
+                raise TestbenchError(f"evaluation {run_id} {status.state}"
+                                     + (f": {status.error}" if status.error else ""))
+            return self.results(run_id, samples=samples)
+        except KeyboardInterrupt:
+            if run_id is not None:
+                self.cancel(run_id)
+                on_log(f"cancel requested for {run_id}")
+            raise
 
     def logs(self, run_id: str, after: str | None = None) -> list[tuple[str, wire.LogEvent]]:
         """The log lines after event id ``after`` (no waiting), as (event id, line)."""

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.core.deployment import DeploymentOptions
 from cluster.core.settings import Settings, apply_env_overrides
 
 
@@ -23,16 +24,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DeploymentOptions(_Strict):
+class EvaluationsDeployment(DeploymentOptions):
     """Ray Serve placement of the app's replicas (each executes runs and serves the API)."""
 
     name: str = "EvaluationsServer"
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    max_ongoing_requests: int = Field(default=64, ge=1)
-    health_check_period_s: float = Field(default=10.0, gt=0)
-    health_check_timeout_s: float = Field(default=30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,7 +51,7 @@ class EvaluationsAppConfig(_Strict):
     settings: dict[str, Any] = Field(
         default_factory=dict, description="settings sections merged over the file"
     )
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    deployment: EvaluationsDeployment = Field(default_factory=EvaluationsDeployment)
 
     def load_settings(self, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

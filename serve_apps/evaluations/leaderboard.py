@@ -2,8 +2,10 @@
 
 - cells: each (node, task) buffer summary (``buffers`` collection, as ``testbench scores``
   reads it): every metric's mean ± stderr, n, error rate, p50/p95 latency;
-- verdicts: the latest verdict of each kind per node (``verdicts`` collection, any kind:
-  a document with ``node_id`` and ``kind`` and ``fraud``, ``passed`` or ``verdict``);
+- verdicts: each node's latest verdict per check (the one stored verdict shape, from
+  :class:`~cluster.storage.mongo.VerdictStore`): pass, fail, or unknown, which is shown as
+  such and never as a pass; a streaming job's per-request findings are summarised by its
+  ``streaming_job`` verdict and not listed one by one;
 - series: each node's headline score per task over time, from the ``samples`` collection:
   after each counted sample, the mean of the last ``window`` counted samples (failed ones
   as 0), which is the score the node's buffer showed at that moment.
@@ -15,10 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cluster.core.errors import ErrorCode
+from cluster.core.verdicts import DETAIL_CHECKS, Outcome, VerdictRecord
 from cluster.storage.mongo import MongoStores
 from serve_apps.evaluations import protocol as wire
 
-VERDICTS = "verdicts"
 MAX_POINTS = 120
 # Preferred filters for the headline metric: lm-eval's plain one, then gsm8k's strict one.
 _HEADLINE_FILTERS = ("none", "strict-match")
@@ -61,36 +63,29 @@ def cells_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> list[wire.Le
     return sorted(cells, key=lambda c: (c.node_id, c.task))
 
 
-def verdict_of(doc: Mapping[str, Any]) -> wire.VerdictOut:
-    """A verdict document of any kind, as pass / fail / its own word."""
-    passed: bool | None = None
-    if isinstance(doc.get("fraud"), bool | int):
-        passed = not bool(doc["fraud"])
-    elif isinstance(doc.get("passed"), bool | int):
-        passed = bool(doc["passed"])
-    word = doc.get("verdict") or doc.get("label")
-    label = str(word) if isinstance(word, str) else (
-        "pass" if passed else "fail" if passed is not None else "unknown"
-    )
-    at = next((_float(doc.get(k)) for k in ("validated_at", "created_at", "at")
-               if _float(doc.get(k)) is not None), None)
-    return wire.VerdictOut(kind=str(doc.get("kind") or "verdict"), label=label,
-                           passed=passed, at=at)
+_PASSED = {Outcome.PASS: True, Outcome.FAIL: False}
 
 
-def latest_verdicts(docs: Iterable[Mapping[str, Any]]) -> dict[str, list[wire.VerdictOut]]:
-    latest: dict[tuple[str, str], wire.VerdictOut] = {}
-    for doc in docs:
-        if not isinstance(doc.get("node_id"), str):
+def verdict_of(record: VerdictRecord) -> wire.VerdictOut:
+    """A stored verdict as the page shows it; ``passed`` is None for an unknown."""
+    return wire.VerdictOut(kind=record.check.value, label=record.outcome.value,
+                           passed=_PASSED.get(record.outcome), reason=record.reason,
+                           at=record.ts)
+
+
+def latest_verdicts(records: Iterable[VerdictRecord]) -> dict[str, list[wire.VerdictOut]]:
+    """node id → its newest verdict per check (ordered by check)."""
+    latest: dict[tuple[str, str], VerdictRecord] = {}
+    for record in records:
+        if record.check in DETAIL_CHECKS:
             continue
-        verdict = verdict_of(doc)
-        key = (doc["node_id"], verdict.kind)
+        key = (record.node_id, record.check.value)
         seen = latest.get(key)
-        if seen is None or (verdict.at or 0.0) >= (seen.at or 0.0):
-            latest[key] = verdict
+        if seen is None or record.ts >= seen.ts:
+            latest[key] = record
     out: dict[str, list[wire.VerdictOut]] = {}
-    for (node_id, _), verdict in sorted(latest.items()):
-        out.setdefault(node_id, []).append(verdict)
+    for (node_id, _), record in sorted(latest.items()):
+        out.setdefault(node_id, []).append(verdict_of(record))
     return out
 
 
@@ -130,13 +125,13 @@ def score_series(
 def build_leaderboard(
     summaries: Sequence[Mapping[str, Any]],
     node_models: Mapping[str, str],
-    verdict_docs: Iterable[Mapping[str, Any]],
+    verdict_records: Iterable[VerdictRecord],
     sample_docs: Iterable[Mapping[str, Any]],
     window: int,
     now: float,
 ) -> wire.LeaderboardResponse:
     cells = cells_from_summaries(summaries)
-    verdicts = latest_verdicts(verdict_docs)
+    verdicts = latest_verdicts(verdict_records)
     headlines: dict[str, str] = {}
     for cell in cells:
         if cell.metric is not None:
@@ -155,17 +150,9 @@ def build_leaderboard(
 async def load_leaderboard(
     mongo: MongoStores, *, window: int, history_s: float, max_samples: int, now: float
 ) -> wire.LeaderboardResponse:
-    """Read the loop's collections and build the leaderboard."""
+    """Read the loop's stores and build the leaderboard."""
     summaries = await mongo.buffers.summaries()
     nodes = {n.node_id: n.model for n in await mongo.nodes.list()}
-    verdict_docs = await mongo.collection(VERDICTS).find({}).to_list()
-    sample_docs = await (
-        mongo.samples.collection.find(
-            {"created_at": {"$gt": float(now - history_s)}},
-            {"node_id": 1, "task": 1, "created_at": 1, "error_code": 1, "metrics": 1},
-        )
-        .sort([("created_at", -1)])
-        .limit(max_samples)
-        .to_list()
-    )
-    return build_leaderboard(summaries, nodes, verdict_docs, sample_docs, window, now)
+    verdicts = await mongo.verdicts.latest()
+    sample_docs = await mongo.samples.history(now - history_s, max_samples)
+    return build_leaderboard(summaries, nodes, verdicts, sample_docs, window, now)

@@ -40,6 +40,7 @@ _PAGE = """<!doctype html>
              font-size: 12px; background: #eceff3; }
   .verdict.pass { background: #dcf5e3; color: #13612e; }
   .verdict.fail { background: #fbe0e0; color: #8c1d1d; }
+  .verdict.unknown { background: #fff3cd; color: #6b5200; }
   .charts { display: flex; flex-wrap: wrap; gap: 24px; }
   figure.chart { margin: 0; background: #fff; box-shadow: 0 1px 2px #0001; padding: 8px; }
   figure.chart figcaption { font-weight: 600; margin: 0 0 4px 4px; }
@@ -125,8 +126,10 @@ function drawTable(data) {
     const verdicts = el("td", {class: "verdicts"});
     if (!node.verdicts.length) verdicts.textContent = "–";
     for (const v of node.verdicts) {
-      const cls = v.passed === true ? "pass" : v.passed === false ? "fail" : "";
-      verdicts.appendChild(el("span", {class: "verdict " + cls}, `${v.kind}: ${v.label}`));
+      // an unknown check is unverified, never shown as a pass
+      const cls = v.passed === true ? "pass" : v.passed === false ? "fail" : "unknown";
+      verdicts.appendChild(el("span", {class: "verdict " + cls, title: v.reason},
+                              `${v.kind}: ${v.label}`));
     }
     row.appendChild(verdicts);
     tbody.appendChild(row);

@@ -23,6 +23,8 @@ from pydantic import (
     field_validator,
 )
 
+from cluster.core.evaluations import EvaluationSpec
+
 RunStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ApiName = Literal["completions", "chat-completions"]
 
@@ -92,6 +94,15 @@ class EvaluationRequest(_Wire):
         if len(value) > MAX_GEN_KWARGS:
             raise ValueError(f"at most {MAX_GEN_KWARGS} gen_kwargs")
         return value
+
+    def to_spec(self) -> EvaluationSpec:
+        """What the run measures; raises ``ValidationError`` for what the wire let through
+        but a run cannot hold."""
+        return EvaluationSpec(
+            endpoint=str(self.endpoint), model=self.model, api=self.api, tasks=list(self.tasks),
+            num_fewshot=self.num_fewshot, limit=self.limit, gen_kwargs=dict(self.gen_kwargs),
+            tokenizer=self.tokenizer,
+        )
 
 
 class EvaluationSpecOut(_Wire):
@@ -194,8 +205,11 @@ class LeaderboardCell(_Wire):
 
 class VerdictOut(_Wire):
     kind: str = Field(description="what was checked (poc, identity, substitution...)")
-    label: str = Field(description="pass, fail, or the verdict's own word")
-    passed: bool | None
+    label: Literal["pass", "fail", "unknown"] = Field(
+        description="the outcome; unknown = the check could not be made (unverified)")
+    passed: bool | None = Field(description="true for a pass, false for a fail, null for "
+                                            "unknown: an unknown is never a pass")
+    reason: str = ""
     at: float | None
 
 

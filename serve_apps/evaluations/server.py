@@ -46,14 +46,7 @@ def build_evaluations_app(
     app = config if isinstance(config, EvaluationsAppConfig) else (
         EvaluationsAppConfig.model_validate(config or {})
     )
-    options = app.deployment
-    deployment = serve.deployment(
-        name=options.name,
-        num_replicas=options.num_replicas,
-        max_ongoing_requests=options.max_ongoing_requests,
-        health_check_period_s=options.health_check_period_s,
-        health_check_timeout_s=options.health_check_timeout_s,
-        graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": options.num_cpus},
-    )(serve.ingress()(EvaluationsServer))
+    deployment = serve.deployment(**app.deployment.serve_options())(
+        serve.ingress()(EvaluationsServer)
+    )
     return deployment.bind(app)

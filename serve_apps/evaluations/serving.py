@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster.core.errors import TestbenchError
+from cluster.core.evaluations import EvaluationRun, LogLine, RunState
 from cluster.core.settings import RequesterSettings, Settings
 from cluster.evaluations.results import with_samples
 from cluster.evaluations.runner import EvaluationRunner, RelayRecorder
@@ -35,10 +36,9 @@ from cluster.evaluations.runs import (
     new_run_id,
     request_cancel,
 )
-from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState
-from cluster.evaluations.store import EvaluationStore, LogLine
 from cluster.evaluations.worker import EvaluationWorker
 from cluster.storage.connections import StoreConnections
+from cluster.storage.mongo import EvaluationStore
 from serve_apps.evaluations import protocol as wire
 from serve_apps.evaluations.leaderboard import load_leaderboard
 
@@ -194,12 +194,7 @@ class EvaluationService:
     # ------------------------------------------------------------------ runs
     async def submit(self, tenant: str, request: wire.EvaluationRequest) -> wire.EvaluationStatus:
         try:
-            spec = EvaluationSpec(
-                endpoint=str(request.endpoint), model=request.model, api=request.api,
-                tasks=list(request.tasks), num_fewshot=request.num_fewshot,
-                limit=request.limit, gen_kwargs=dict(request.gen_kwargs),
-                tokenizer=request.tokenizer,
-            )
+            spec = request.to_spec()
         except ValidationError as exc:  # the wire model let through what the run cannot hold
             first = exc.errors(include_url=False, include_input=False)[0]
             param = ".".join(str(p) for p in first.get("loc", ())) or None

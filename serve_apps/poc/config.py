@@ -6,8 +6,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.core.deployment import DeploymentOptions
 from cluster.core.settings import AuthSettings
 from cluster.poc.config import ValidationConfig
+
+
+class PocDeployment(DeploymentOptions):
+    """The node's ingress. One replica: the service state (PoC, inference) lives in it."""
+
+    name: str = "PocNode"
+    num_replicas: int = Field(default=1, ge=1, le=1)
+    num_cpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=256, ge=1)
 
 
 class PocNodeConfig(BaseModel):
@@ -38,7 +48,7 @@ class PocNodeConfig(BaseModel):
         default_factory=lambda: {"app_name": "llm-node", "route_prefix": "/llm"},
         description="keyword arguments the deployer class is built with",
     )
-    ingress_num_cpus: float = Field(default=0.0, ge=0)
+    deployment: PocDeployment = Field(default_factory=PocDeployment)
     auth: AuthSettings = Field(
         default_factory=AuthSettings,
         description="peer authentication of the control routes: on when keys are configured "

@@ -86,8 +86,7 @@ def build_poc_node_app(
 ) -> Application:
     """The PoC node Serve app; ``deployer`` overrides ``config.deployer`` (tests)."""
     cfg = PocNodeConfig.model_validate(config or {})
-    deployment = serve.deployment(
-        name="PocNode", num_replicas=1, max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus},
-    )(serve.ingress()(PocNodeIngress))
+    deployment = serve.deployment(**cfg.deployment.serve_options())(
+        serve.ingress()(PocNodeIngress)
+    )
     return deployment.bind(cfg.model_dump(mode="json"), deployer)

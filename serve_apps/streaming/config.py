@@ -1,7 +1,7 @@
-"""``JobsAppConfig``: the job a wrapper serves, where its model runs, and the node's key.
+"""``StreamingJobConfig``: the job a wrapper serves, where its model runs, and the node's key.
 
 Serve config YAMLs pass the same fields as ``args`` to
-:func:`serve_apps.streaming.server.build_jobs_app`; nested sections accept a dict or a model.
+:func:`serve_apps.streaming.server.build_streaming_app`; nested sections accept a dict or a model.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from cluster.auth.keys import Ed25519Key
 from cluster.auth.receipts import ID_PATTERN
+from cluster.core.deployment import DeploymentOptions
 from cluster.core.settings import AuthSettings
 
 
-class JobsDeploymentOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = "JobsNode"
+class StreamingDeployment(DeploymentOptions):
     # Peer-auth nonces are kept per replica unless auth.nonce_mongo_url is set.
-    num_replicas: int = Field(default=1, ge=1)
-    max_ongoing_requests: int = Field(default=64, ge=1)
+    name: str = "StreamingJob"
     num_cpus: float = Field(default=0.0, ge=0, description="the wrapper only forwards bytes")
 
 
-class JobsAppConfig(BaseModel):
-    """A streaming organic job (DESIGN §5): one whitelisted model app, queried many times;
+class StreamingJobConfig(BaseModel):
+    """A streaming organic job: one whitelisted model app, queried many times;
     every answer carries a receipt signed with the node's key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,10 +43,10 @@ class JobsAppConfig(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     auth: AuthSettings = Field(default_factory=AuthSettings, description="who may call the job")
-    deployment: JobsDeploymentOptions = Field(default_factory=JobsDeploymentOptions)
+    deployment: StreamingDeployment = Field(default_factory=StreamingDeployment)
 
     @model_validator(mode="after")
-    def _one_key(self) -> JobsAppConfig:
+    def _one_key(self) -> StreamingJobConfig:
         if (self.signing_key_hex is None) == (self.signing_key_file is None):
             raise ValueError("give exactly one of signing_key_hex and signing_key_file")
         return self

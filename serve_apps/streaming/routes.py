@@ -1,4 +1,4 @@
-"""HTTP routes of the jobs app: thin FastAPI handlers over :class:`JobServing`.
+"""HTTP routes of the streaming app: thin FastAPI handlers over :class:`StreamingServing`.
 
 Handlers read the raw body (its sha256 is what the receipt signs) rather than a parsed
 model, and hand back the upstream's bytes untouched.
@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.core.settings import AuthSettings
 from cluster.streaming import protocol as wire
 from serve_apps.common.peer_auth import install_peer_auth
-from serve_apps.streaming.serving import ForwardedStream, JobRequestError, JobServing
+from serve_apps.streaming.serving import ForwardedStream, JobRequestError, StreamingServing
 
 
 async def _on_request_error(_: Request, exc: Exception) -> JSONResponse:
@@ -24,7 +24,7 @@ async def _on_request_error(_: Request, exc: Exception) -> JSONResponse:
                         content=wire.error_body(exc.message, exc.kind, exc.code, exc.param))
 
 
-def create_api(serving: JobServing, auth: AuthSettings) -> FastAPI:
+def create_api(serving: StreamingServing, auth: AuthSettings) -> FastAPI:
     """``/v1/completions`` and ``/v1/chat/completions`` with receipts, ``/v1/models``,
     ``/job`` (the job id and the key its receipts are signed with)."""
 

@@ -1,8 +1,8 @@
-"""The jobs app's Serve replica and its application builder (the package's one Ray place).
+"""The streaming app's Serve replica and its application builder (the package's one Ray place).
 
-``JobsServer`` is a plain class (loads the node key, builds the FastAPI app); the builder
+``StreamingServer`` is a plain class (loads the node key, builds the FastAPI app); the builder
 wraps it with ``serve.ingress`` and ``serve.deployment``. YAML:
-``import_path: serve_apps.streaming.server:build_jobs_app`` with ``args`` = JobsAppConfig.
+``import_path: serve_apps.streaming.server:build_streaming_app`` with ``args`` = StreamingJobConfig.
 """
 
 from __future__ import annotations
@@ -11,21 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from serve_apps.streaming.config import JobsAppConfig
+from serve_apps.streaming.config import StreamingJobConfig
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from ray.serve import Application
 
 
-class JobsServer:
+class StreamingServer:
     """One replica of a job: the node's key and the forwarding routes."""
 
-    def __init__(self, config: JobsAppConfig) -> None:
-        from serve_apps.streaming.serving import JobServing
+    def __init__(self, config: StreamingJobConfig) -> None:
+        from serve_apps.streaming.serving import StreamingServing
 
         self._config = config
-        self._serving = JobServing(config, config.signing_key())
+        self._serving = StreamingServing(config, config.signing_key())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from serve_apps.streaming.routes import create_api
@@ -36,14 +36,8 @@ class JobsServer:
         await self._serving.close()
 
 
-def build_jobs_app(config: dict[str, Any] | JobsAppConfig) -> Application:
+def build_streaming_app(config: dict[str, Any] | StreamingJobConfig) -> Application:
     """The bound Serve application of one streaming job."""
-    job = config if isinstance(config, JobsAppConfig) else JobsAppConfig.model_validate(config)
-    options = job.deployment
-    deployment = serve.deployment(
-        name=options.name,
-        num_replicas=options.num_replicas,
-        max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.num_cpus},
-    )(serve.ingress()(JobsServer))
+    job = config if isinstance(config, StreamingJobConfig) else StreamingJobConfig.model_validate(config)
+    deployment = serve.deployment(**job.deployment.serve_options())(serve.ingress()(StreamingServer))
     return deployment.bind(job)

@@ -1,4 +1,4 @@
-"""The jobs app's logic: forward an OpenAI request to the node's model app, sign a receipt.
+"""The streaming app's logic: forward an OpenAI request to the node's model app, sign a receipt.
 
 The answer's bytes are passed on untouched (the receipt's ``output_sha256`` covers exactly
 what the client receives); a stream is hashed chunk by chunk as it passes and its receipt
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from cluster.auth.keys import Ed25519Key
 from cluster.auth.receipts import ReceiptSigner, sha256_hex
 from cluster.streaming import protocol as wire
-from serve_apps.streaming.config import JobsAppConfig
+from serve_apps.streaming.config import StreamingJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ class ForwardedStream:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class JobServing:
+class StreamingServing:
     """One job's forwarding and receipt signing. The HTTP session is created on first use,
     inside the serving event loop (a Serve replica's constructor runs outside it)."""
 
     def __init__(
         self,
-        config: JobsAppConfig,
+        config: StreamingJobConfig,
         key: Ed25519Key,
         clock: Callable[[], float] = time.time,
         new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,

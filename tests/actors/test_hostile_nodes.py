@@ -27,7 +27,7 @@ from fault_loop import (
 from fault_report import FaultTable
 from hostile import HostileMode, HostileNode
 
-from cluster.cli.main import run_loop
+from cluster.cli.loop import run_loop
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings

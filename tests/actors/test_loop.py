@@ -20,11 +20,12 @@ import pytest
 import ray
 
 from actors.remote import MANAGER_NAME
-from cluster.cli.main import fetch_signature_findings, run_loop
+from cluster.cli.loop import run_loop
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings
 from cluster.honesty.verdicts import Outcome
+from cluster.leaderboard.honesty import fetch_signature_findings
 from cluster.storage.connections import StoreConnections
 from cluster.testing.testnode import NodeBehaviour, TestNode
 

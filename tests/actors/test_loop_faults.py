@@ -36,10 +36,11 @@ from fault_loop import (
 from fault_report import FaultTable
 
 from actors.remote import get_or_create_manager
-from cluster.cli.main import load_datasets, run_loop
+from cluster.cli.loop import run_loop
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings, StoreSettings
 from cluster.local.embedded import EmbeddedMongo, EmbeddedPostgres
+from cluster.tasks.datasets import load_datasets
 from cluster.testing.testnode import NodeBehaviour
 
 TARGET = 4

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics import record_verdict
 from actors.remote import MANAGER_NAME
-from cluster.cli.main import run_loop
+from cluster.cli.loop import run_loop
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections

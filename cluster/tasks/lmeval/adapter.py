@@ -4,7 +4,8 @@ Requests are built with lm-eval's own Task machinery (``fewshot_context``,
 ``construct_requests``) and encoded with lm-eval's own API model class
 (``LocalCompletionsAPI`` for ``/v1/completions``, ``LocalChatCompletion`` for
 ``/v1/chat/completions``): its ``_encode_pair``, ``batch_loglikelihood_requests``,
-``tok_encode``, ``create_message`` and ``_create_payload``, with the glue of its
+``tok_encode``, ``create_message`` and ``_create_payload`` (its private names through
+:mod:`cluster.tasks.lmeval._compat`), with the glue of its
 ``loglikelihood`` / ``generate_until`` at ``batch_size=1`` reproduced here. Scoring parses
 each response with the same class's ``parse_logprobs`` / ``parse_generations``, applies the
 task's filter ensembles and calls ``task.process_results`` per filter, as
@@ -26,6 +27,7 @@ import copy
 import logging
 import math
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,8 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.core.errors import ErrorCode, EvaluationError, TaskError, TestbenchError
 from cluster.core.schemas import ApiKind, Node, Prompt, Relay, prompt_id
+from cluster.tasks.lmeval import _compat as lmeval_compat
 from cluster.tasks.lmeval.fewshot import FewshotReplay
 from cluster.tasks.lmeval.loading import load_lmeval_task
+from cluster.wire import openai as wire
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -43,8 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPLETIONS_PATH: Literal["/v1/completions"] = "/v1/completions"
-CHAT_PATH: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
 SUPPORTED_TYPES = ("loglikelihood", "multiple_choice", "generate_until")
 
@@ -91,10 +93,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# Logprobs are log-softmax outputs (<= 0); allow float noise above zero.
-_LOGPROB_EPS = 1e-3
-
-
 class TaskAdapter:
     """One lm-eval task from YAML, for one tokenizer and one API kind."""
 
@@ -128,12 +126,14 @@ class TaskAdapter:
         self.eval_split: str = task.config.test_split or task.config.validation_split
         self.num_fewshot: int = _num_fewshot(task, settings)
         self.repeats: int = int(task.config.repeats or 1)
-        self.filter_names: list[str] = [f.name for f in task._filters]
+        self.filter_names: list[str] = [f.name for f in lmeval_compat.filter_ensembles(task)]
         self.metric_names: list[str] = [
-            f"{metric},{flt}" for flt in self.filter_names for metric in task._metric_fn_list
+            f"{metric},{flt}"
+            for flt in self.filter_names
+            for metric in lmeval_compat.metric_names(task)
         ]
         self.path: Literal["/v1/completions", "/v1/chat/completions"] = (
-            CHAT_PATH if api == "chat-completions" else COMPLETIONS_PATH
+            wire.CHAT_PATH if api == "chat-completions" else wire.COMPLETIONS_PATH
         )
 
     # ------------------------------------------------------------------ requests
@@ -184,7 +184,7 @@ class TaskAdapter:
                 else (continuation_enc[:1], continuation_enc[1:])
             )
         else:
-            context_enc, continuation_enc = lm._encode_pair(context, continuation)
+            context_enc, continuation_enc = lmeval_compat.encode_pair(lm, context, continuation)
         inputs, ctxlens, _ = lm.batch_loglikelihood_requests(
             [[((context, continuation), context_enc, continuation_enc)]]
         )
@@ -196,7 +196,7 @@ class TaskAdapter:
         context, gen_kwargs = instance.args[0], instance.args[1]
         if lm.tokenized_requests:
             encodings = lm.tok_encode([context], add_special_tokens=lm.add_bos_token)
-            max_gen_toks = gen_kwargs.get("max_gen_toks", lm._max_gen_toks)
+            max_gen_toks = gen_kwargs.get("max_gen_toks", lmeval_compat.default_max_gen_toks(lm))
             max_context_len = lm.max_length - max_gen_toks
             return [x[-max_context_len:] for x in encodings]
         return [context]
@@ -207,22 +207,17 @@ class TaskAdapter:
         lm = self.lm
         if instance.request_type in LOGLIKELIHOOD_TYPES:
             tokens, _ = self._loglikelihood_input(instance)
-            body = lm._create_payload(
-                lm.create_message([tokens]),
-                generate=False,
-                gen_kwargs=None,
-                seed=lm._seed,
-                eos=lm.eos_string,
+            body = lmeval_compat.request_payload(
+                lm, lm.create_message([tokens]), generate=False, gen_kwargs=None
             )
             prompt_tokens = len(tokens)
         else:
             messages = self._generation_message(instance)
-            body = lm._create_payload(
+            body = lmeval_compat.request_payload(
+                lm,
                 lm.create_message(messages),
                 generate=True,
                 gen_kwargs=copy.deepcopy(instance.args[1]),
-                seed=lm._seed,
-                eos=lm.eos_string,
             )
             if lm.tokenized_requests:
                 prompt_tokens = len(messages[0])
@@ -246,34 +241,23 @@ class TaskAdapter:
         lists), exactly what lm-eval's ``model_call`` posts for such a batch."""
         lm = self.lm
         tokens = [self._loglikelihood_input(inst)[0] for inst in instances]
-        body = lm._create_payload(
-            lm.create_message(tokens), generate=False, gen_kwargs=None, seed=lm._seed,
-            eos=lm.eos_string,
+        body = lmeval_compat.request_payload(
+            lm, lm.create_message(tokens), generate=False, gen_kwargs=None
         )
         body["model"] = model
         return body, sum(len(t) for t in tokens)
-
-    def _split_batched(self, response: dict[str, Any], n: int, where: str) -> list[dict[str, Any]]:
-        """A batched answer as ``n`` single-choice answers, in prompt order (by ``index``)."""
-        choices = response.get("choices")
-        if not isinstance(choices, list) or len(choices) != n or not all(
-            isinstance(c, dict) and isinstance(c.get("index"), int) for c in choices
-        ):
-            raise EvaluationError(f"{where}: expected {n} indexed choices, got {_brief(choices)}")
-        ordered = sorted(choices, key=lambda c: c["index"])
-        if [c["index"] for c in ordered] != list(range(n)):
-            raise EvaluationError(f"{where}: choice indexes are not 0..{n - 1}")
-        return [{**response, "choices": [{**c, "index": 0}]} for c in ordered]
 
     def _estimate_tokens(self, message: Any) -> int:
         text = message.prompt if hasattr(message, "prompt") else str(message)
         return max(1, len(text) // 4)
 
     def build_prompts(
-        self, node: Node, doc_id: int, doc: dict[str, Any], sample_key: str, now: float
+        self, node: Node, doc_id: int, doc: dict[str, Any], sample_key: str, now: float,
+        gen_kwargs: Mapping[str, Any] | None = None,
     ) -> list[Prompt]:
-        """The HTTP requests that make up one sample of this doc for ``node``."""
-        instances = self.build_instances(doc_id, doc)
+        """The HTTP requests that make up one sample of this doc for ``node``; a run's
+        ``gen_kwargs`` are merged into generation requests (:func:`merge_gen_kwargs`)."""
+        instances = merge_gen_kwargs(self.build_instances(doc_id, doc), gen_kwargs)
         if self._batched(instances):
             bodies = [self.batched_request_body(instances, node.model)]
         else:
@@ -295,7 +279,7 @@ class TaskAdapter:
                         path=self.path,
                         body=copy.deepcopy(body),
                         prompt_tokens=prompt_tokens,
-                        max_output_tokens=int(body.get("max_tokens", 0) or 0),
+                        max_output_tokens=wire.max_output_tokens(body),
                         created_at=now,
                     )
                 )
@@ -305,34 +289,10 @@ class TaskAdapter:
     def _parse_loglikelihood(
         self, response: dict[str, Any], tokens: list[int], ctxlen: int, where: str
     ) -> tuple[float, bool]:
-        choices = response.get("choices")
-        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-            raise EvaluationError(f"{where}: expected exactly one choice, got {_brief(choices)}")
-        choice = choices[0]
-        logprobs = choice.get("logprobs")
-        if not isinstance(logprobs, dict):
-            raise EvaluationError(f"{where}: choice has no logprobs object (echo + logprobs asked)")
-        token_lps, top_lps = logprobs.get("token_logprobs"), logprobs.get("top_logprobs")
-        expected = len(tokens) + 1  # the echoed prompt and the one generated token
-        for field, values in (("token_logprobs", token_lps), ("top_logprobs", top_lps)):
-            if not isinstance(values, list) or len(values) != expected:
-                got = len(values) if isinstance(values, list) else type(values).__name__
-                raise EvaluationError(
-                    f"{where}: logprobs.{field} must cover the echoed prompt plus one token "
-                    f"({expected} entries), got {got}"
-                )
-        for i in range(ctxlen, expected - 1):
-            lp, top = token_lps[i], top_lps[i]
-            if not _is_number(lp) or lp > _LOGPROB_EPS:
-                raise EvaluationError(f"{where}: token_logprobs[{i}] = {lp!r} is not a logprob")
-            if (
-                not isinstance(top, dict)
-                or not top
-                or not all(_is_number(v) and v <= _LOGPROB_EPS for v in top.values())
-            ):
-                raise EvaluationError(f"{where}: top_logprobs[{i}] = {_brief(top)} is not a map of logprobs")
-        if not isinstance(choice.get("index", 0), int):
-            raise EvaluationError(f"{where}: choice index is not an integer")
+        try:
+            wire.check_echo_logprobs(wire.sole_choice(response), len(tokens), ctxlen)
+        except wire.MalformedAnswer as exc:
+            raise EvaluationError(f"{where}: {exc}") from exc
         try:
             parsed = self.lm.parse_logprobs(outputs=[response], tokens=[tokens], ctxlens=[ctxlen])
         except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
@@ -345,25 +305,12 @@ class TaskAdapter:
     def _parse_generation(self, response: dict[str, Any], where: str) -> str:
         from lm_eval.models.api_models import LMEVAL_MODEL_NONE_ANSWER_PLACEHOLDER
 
-        choices = response.get("choices")
-        if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
-            raise EvaluationError(f"{where}: expected exactly one choice, got {_brief(choices)}")
-        choice = choices[0]
-        if choice.get("index", 0) != 0:
-            raise EvaluationError(f"{where}: choice index {choice.get('index')!r} != 0")
-        if self.api == "chat-completions":
-            message = choice.get("message")
-            if not isinstance(message, dict) or "content" not in message:
-                raise EvaluationError(f"{where}: choice has no message.content")
-            text = message["content"]
-        else:
-            if "text" not in choice:
-                raise EvaluationError(f"{where}: choice has no text")
-            text = choice["text"]
-        if text is not None and not isinstance(text, str):
-            raise EvaluationError(f"{where}: generated text is {type(text).__name__}, not a string")
-        normalized = dict(response)
-        normalized["choices"] = [{**choice, "index": 0}]
+        try:
+            choice = wire.sole_choice(response)
+            wire.generated_text(choice, chat=self.api == "chat-completions")
+        except wire.MalformedAnswer as exc:
+            raise EvaluationError(f"{where}: {exc}") from exc
+        normalized = wire.with_sole_choice(response, choice)
         try:
             parsed = self.lm.parse_generations(outputs=normalized)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -402,15 +349,29 @@ class TaskAdapter:
         Raises :class:`EvaluationError` when a response cannot be parsed,
         :class:`FailedRelayError` (carrying the relay's code) when a relay is not OK and
         :class:`TaskError` when the relays do not match the doc's requests."""
-        instances = self.build_instances(doc_id, doc)
+        return self.score_instances(self.answered_instances(doc_id, doc, relays))
+
+    def answered_instances(
+        self, doc_id: int, doc: dict[str, Any], relays: list[Relay],
+        gen_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[Instance]:
+        """The doc's lm-eval Instances with ``resps`` parsed from its relays (what
+        :meth:`score` scores; lm-eval's per-sample records are built from them too).
+        Raises as :meth:`score` does."""
+        instances = merge_gen_kwargs(self.build_instances(doc_id, doc), gen_kwargs)
         if self._batched(instances):
             (relay,) = self._ordered_relays(doc_id, relays, 1)
             where = f"{self.name} doc {doc_id} batched request"
-            answers = self._split_batched(relay.response or {}, len(instances), where)
+            try:
+                answers = wire.split_choices(relay.response or {}, [1] * len(instances))
+            except wire.MalformedAnswer as exc:
+                raise EvaluationError(
+                    f"{where}: expected {len(instances)} indexed choices, one per request ({exc})"
+                ) from exc
             for i, (instance, answer) in enumerate(zip(instances, answers, strict=True)):
                 tokens, ctxlen = self._loglikelihood_input(instance)
                 instance.resps = [self._parse_loglikelihood(answer, tokens, ctxlen, f"{where} #{i}")]
-            return self.score_instances(instances)
+            return instances
         ordered = self._ordered_relays(doc_id, relays, len(instances) * self.repeats)
         for i, instance in enumerate(instances):
             instance.resps = []
@@ -427,12 +388,12 @@ class TaskAdapter:
                     instance.resps.append(self._parse_loglikelihood(response, *tokens_ctx, where))
                 else:
                     instance.resps.append(self._parse_generation(response, where))
-        return self.score_instances(instances)
+        return instances
 
     def score_instances(self, instances: list[Instance]) -> dict[str, float]:
         """Filters + ``process_results`` over one doc's answered Instances (``resps`` set)."""
         task = self.task
-        for ensemble in task._filters:
+        for ensemble in lmeval_compat.filter_ensembles(task):
             ensemble.apply(instances)
         instances = sorted(instances, key=lambda x: x.idx)
         doc = instances[0].doc
@@ -478,17 +439,25 @@ class TaskAdapter:
         return len(self.task.eval_docs)
 
 
+def merge_gen_kwargs(
+    instances: list[Instance], gen_kwargs: Mapping[str, Any] | None
+) -> list[Instance]:
+    """A run's ``gen_kwargs`` merged into each generation request's arguments, exactly as
+    lm-eval's ``simple_evaluate(gen_kwargs=...)`` merges them into ``generation_kwargs``."""
+    if gen_kwargs:
+        for inst in instances:
+            if inst.request_type == "generate_until":
+                context, kwargs = inst.arguments
+                inst.arguments = (context, {**kwargs, **copy.deepcopy(dict(gen_kwargs))})
+    return instances
+
+
 def _is_numpy_number(value: Any) -> bool:
     try:
         import numpy as np
     except ImportError:  # pragma: no cover
         return False
     return isinstance(value, np.number) and bool(np.isfinite(value))
-
-
-def _brief(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _num_fewshot(task: ConfigurableTask, settings: RequestSettings) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.core.errors import TaskError
+from cluster.tasks.lmeval import _compat as lmeval_compat
 
 if TYPE_CHECKING:
     from lm_eval.api.task import ConfigurableTask
@@ -71,10 +72,8 @@ def _absolute_data_files(data_files: Any, base: Path) -> Any:
 def task_config(name: str, datasets_dir: Path) -> dict[str, Any]:
     """The task's full lm-eval config (``include``s merged, ``!function``s resolved) with
     local ``data_files`` made absolute. Pass it to ``TaskManager.load`` or ``simple_evaluate``."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     path = task_yaml_path(name, datasets_dir)
-    cfg = copy.deepcopy(load_yaml(path, resolve_func=True))
+    cfg = copy.deepcopy(lmeval_compat.load_task_yaml(path))
     kwargs = cfg.get("dataset_kwargs")
     if isinstance(kwargs, dict) and "data_files" in kwargs:
         kwargs["data_files"] = _absolute_data_files(kwargs["data_files"], path.parent)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
+from cluster.testing.http_server import until_stop_signal
 from cluster.testing.testnode.behaviour import NodeBehaviour
 from cluster.testing.testnode.server import TestNode
 
@@ -53,11 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
     node = TestNode(behaviour, args.tokenizer, args.host, args.port, args.model_name)
     url = await node.start()
     print(f"testnode_listening url={url}", flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
+    await until_stop_signal()
     await node.stop()
 
 

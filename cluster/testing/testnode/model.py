@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from cluster.core.settings import PROJECT_ROOT
 from cluster.testing.testnode.tokens import TokenCodec
+from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ class FakeModel:
             ids = ids[:max_tokens]
             limit = ends[max_tokens - 1]
             finish = "length"
-        cut = min((i for i in (full.find(s, 0, limit) for s in stop if s) if i >= 0), default=-1)
+        cut = wire.earliest_stop(full, stop, limit)
         if cut >= 0:
             # keep the tokens that end within the cut (a token straddling it is dropped)
             ids = ids[: bisect_right(ends, cut, hi=len(ids))]
@@ -343,13 +344,4 @@ class FakeModel:
 
 def chat_prompt_text(messages: Sequence[dict[str, Any]]) -> str:
     """The messages' contents, joined by newlines (text parts only)."""
-    parts: list[str] = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-    return "\n".join(parts)
+    return "\n".join(text for message in messages for text in wire.content_texts(message))

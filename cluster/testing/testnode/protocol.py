@@ -1,45 +1,17 @@
-"""OpenAI wire format for the test node: request models and response builders.
-
-This is the only module of the test node that spells JSON field names.
+"""The OpenAI requests the test node serves, as pydantic models (what it accepts, and with
+which defaults). The prompt-list rule, the stop list and every answer the node builds are
+:mod:`cluster.wire.openai`'s, shared with the validator's side of the wire.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PromptItem = str | list[int]
+from cluster.wire.openai import PromptItem, prompt_items
 
-
-def normalize_prompts(raw: Any) -> list[PromptItem]:
-    """``prompt`` as a list of items: a string, strings, token ids, or lists of token ids."""
-    if isinstance(raw, str):
-        return [raw]
-    if not isinstance(raw, list) or not raw:
-        raise ValueError("prompt must be a string, a list of strings, or (lists of) token ids")
-    first = raw[0]
-    if isinstance(first, int) and not isinstance(first, bool):
-        if not all(type(t) is int and t >= 0 for t in raw):
-            raise ValueError("prompt token ids must be non-negative integers")
-        return [raw]
-    items: list[PromptItem] = []
-    for item in raw:
-        if isinstance(item, str):
-            items.append(item)
-        elif isinstance(item, list) and item and all(type(t) is int and t >= 0 for t in item):
-            items.append(item)
-        else:
-            raise ValueError("each prompt must be a string or a non-empty list of token ids")
-    return items
-
-
-def normalize_stop(raw: str | list[str] | None) -> list[str]:
-    if raw is None:
-        return []
-    if isinstance(raw, str):
-        return [raw]
-    return [s for s in raw if s]
+DEFAULT_CHAT_MAX_TOKENS = 256
 
 
 class _Request(BaseModel):
@@ -62,7 +34,7 @@ class CompletionRequest(_Request):
     @field_validator("prompt", mode="plain")
     @classmethod
     def _prompt(cls, v: Any) -> list[PromptItem]:
-        return normalize_prompts(v)
+        return prompt_items(v)
 
 
 class ChatMessage(BaseModel):
@@ -78,121 +50,9 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
 
-
-def completion_choice(
-    index: int,
-    text: str,
-    finish_reason: str,
-    logprobs: dict[str, Any] | None,
-) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def completion_logprobs(
-    tokens: list[str],
-    token_logprobs: list[float | None],
-    top_logprobs: list[dict[str, float] | None],
-    text_offset: list[int],
-) -> dict[str, Any]:
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": text_offset,
-    }
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_response(
-    response_id: str, created: int, model: str, choices: list[dict[str, Any]], use: dict[str, int]
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
-
-
-def chat_response(
-    response_id: str,
-    created: int,
-    model: str,
-    content: str,
-    finish_reason: str,
-    use: dict[str, int],
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": use,
-    }
-
-
-def chat_chunk(
-    response_id: str,
-    created: int,
-    model: str,
-    delta: dict[str, str],
-    finish_reason: str | None,
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
-
-
-def completion_chunk(
-    response_id: str, created: int, model: str, text: str, finish_reason: str | None
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
-def role_delta() -> dict[str, str]:
-    return {"role": "assistant", "content": ""}
-
-
-def content_delta(text: str) -> dict[str, str]:
-    return {"content": text}
-
-
-def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code}}
-
-
-def models_response(model: str, created: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "testbench"}],
-    }
-
-
-StreamKind = Literal["chat", "completion"]
+    def output_limit(self) -> int:
+        """The most tokens to generate: ``max_completion_tokens`` (OpenAI's newer name)
+        over ``max_tokens`` over :data:`DEFAULT_CHAT_MAX_TOKENS`."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens if self.max_tokens is not None else DEFAULT_CHAT_MAX_TOKENS

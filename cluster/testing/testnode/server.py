@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Generator, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from cluster.testing.testnode import protocol as wire
+from cluster.testing import http_server as http
 from cluster.testing.testnode.behaviour import (
     Fault,
     NodeBehaviour,
@@ -25,25 +22,18 @@ from cluster.testing.testnode.behaviour import (
     fault_draw,
 )
 from cluster.testing.testnode.model import FakeModel
+from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
 from cluster.testing.testnode.serving import NodeServing
 from cluster.testing.testnode.tokens import load_codec
+from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
-_JSON = "application/json"
 _HUGE_CHUNK = 64 * 1024
 _HTML_PAGE = (
     b"<html><head><title>502 Bad Gateway</title></head>"
     b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 )
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_dumps(obj), status=status, content_type=_JSON)
 
 
 class NodeStats:
@@ -110,30 +100,23 @@ class NodeApp:
         self._seen.clear()
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/stats", self.get_stats)
+        app = http.openai_app(completions=self.completions, chat=self.chat_completions,
+                              models=self.models, stats=self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
         return app
 
     # -- plain routes -------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        return _json_response(self.serving.models())
-
-    async def health(self, request: web.Request) -> web.Response:
-        return _json_response({"status": "ok"})
+        return http.json_response(self.serving.models())
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return _json_response(self.stats.as_dict())
+        return http.json_response(self.stats.as_dict())
 
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
-        return _json_response({"status": "ok"})
+        return http.json_response({"status": "ok"})
 
     # -- model routes -------------------------------------------------------------------
 
@@ -144,16 +127,16 @@ class NodeApp:
         return await self._serve(request, self._chat)
 
     async def _completions(self, request: web.Request, payload: Any) -> web.StreamResponse:
-        req = wire.CompletionRequest.model_validate(payload)
+        req = CompletionRequest.model_validate(payload)
         if req.stream:
             return await self._sse(request, self.serving.complete_stream(req))
-        return _json_response(self.serving.complete(req))
+        return http.json_response(self.serving.complete(req))
 
     async def _chat(self, request: web.Request, payload: Any) -> web.StreamResponse:
-        req = wire.ChatRequest.model_validate(payload)
+        req = ChatRequest.model_validate(payload)
         if req.stream:
             return await self._sse(request, self.serving.chat_stream(req))
-        return _json_response(self.serving.chat(req))
+        return http.json_response(self.serving.chat(req))
 
     async def _serve(
         self,
@@ -174,14 +157,10 @@ class NodeApp:
             if fault is not Fault.NONE:
                 return await self._fault_response(request, fault, behaviour)
             try:
-                payload = json.loads(body)
-                if not isinstance(payload, dict):
-                    raise ValueError("request body must be a JSON object")
-                return await render(request, payload)
+                return await render(request, http.json_object(body))
             except (ValueError, ValidationError) as exc:
                 outcome = "bad_request"
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                return _json_response(wire.error_body(message, "invalid_request_error", 400), 400)
+                return http.invalid_request(exc)
         except asyncio.CancelledError:
             if outcome != Fault.DISCONNECT.value:
                 outcome = f"{outcome}_cancelled"
@@ -201,16 +180,16 @@ class NodeApp:
         self, request: web.Request, fault: Fault, behaviour: NodeBehaviour
     ) -> web.StreamResponse:
         if fault is Fault.ERROR:
-            return _json_response(wire.error_body("injected internal error", "server_error", 500), 500)
+            return http.error_response("injected internal error", "server_error", 500)
         if fault is Fault.UNAVAILABLE:
-            return _json_response(wire.error_body("injected overload", "server_error", 503), 503)
+            return http.error_response("injected overload", "server_error", 503)
         if fault is Fault.RATE_LIMIT:
-            body = wire.error_body("injected rate limit", "rate_limit_error", 429)
-            resp = _json_response(body, 429)
+            resp = http.error_response("injected rate limit", "rate_limit_error", 429)
             resp.headers["Retry-After"] = "0"
             return resp
         if fault is Fault.INVALID_JSON:
-            return web.Response(body=b'{"choices": [{"text": "unterminated', content_type=_JSON)
+            head, _ = wire.text_answer_frame(compact=False)
+            return web.Response(body=head + b"unterminated", content_type=http.JSON_TYPE)
         if fault is Fault.WRONG_CONTENT_TYPE:
             return web.Response(body=_HTML_PAGE, content_type="text/html")
         if fault is Fault.HUGE_BODY:
@@ -223,17 +202,18 @@ class NodeApp:
         raise AssertionError(f"unhandled fault {fault}")
 
     async def _huge_body(self, request: web.Request, size: int) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers={"Content-Type": _JSON})
+        resp = web.StreamResponse(status=200, headers={"Content-Type": http.JSON_TYPE})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
-        chunk = b'{"choices":[{"text":"' + b"x" * (_HUGE_CHUNK - 20)
+        head, tail = wire.text_answer_frame()
+        chunk = head + b"x" * (_HUGE_CHUNK - 20)
         filler = b"x" * _HUGE_CHUNK
         sent = 0
         try:
             while sent < size:
                 await resp.write(chunk if sent == 0 else filler)
                 sent += _HUGE_CHUNK
-            await resp.write(b'"}]}')
+            await resp.write(tail)
             await resp.write_eof()
         except (ConnectionError, RuntimeError):
             pass  # the client gave up, as it should
@@ -247,7 +227,7 @@ class NodeApp:
         )
         await resp.prepare(request)
         for event in events:
-            await resp.write(b"data: " + _dumps(event) + b"\n\n")
+            await resp.write(b"data: " + http.dumps(event) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -278,14 +258,23 @@ class TestNode:
         model_name: str = "smollm2",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.host = host
-        self.port = port
         self.model_name = model_name
         self.app = NodeApp(behaviour or NodeBehaviour(), tokenizer_path, model_name, clock)
-        self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.base_url: str | None = None
+        self._server = http.AppServer(host, port, handler_cancellation=True, backlog=1024)
+        self._thread = http.LoopThread()
+
+    @property
+    def host(self) -> str:
+        return self._server.host
+
+    @property
+    def port(self) -> int:
+        """The port asked for; once started, the bound one."""
+        return self._server.port
+
+    @property
+    def base_url(self) -> str | None:
+        return self._server.url
 
     @property
     def behaviour(self) -> NodeBehaviour:
@@ -301,71 +290,30 @@ class TestNode:
 
     async def start(self) -> str:
         """Start serving; returns the base URL (``http://host:port``, no ``/v1``)."""
-        if self._runner is not None:
+        if self._server.serving:
             raise RuntimeError("test node already started")
-        runner = web.AppRunner(
-            self.app.build(), handler_cancellation=True, shutdown_timeout=0.5, access_log=None
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
-        await site.start()
-        self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self.port
-        self.base_url = f"http://{self.host}:{self.port}"
+        url = await self._server.start(self.app.build())
         log.info(
             "testnode_started url=%s mode=%s faults=%s",
-            self.base_url,
+            url,
             self.behaviour.mode,
             self.behaviour.has_faults,
         )
-        return self.base_url
+        return url
 
     def stop(self) -> Awaitable[None]:
         """Stop serving. Await it in async code; in thread mode it stops synchronously."""
-        if self._thread is not None:
-            self._stop_thread()
+        if self._thread.running:
+            self._thread.stop()
             return _Done()
         return self._stop_async()
 
     async def _stop_async(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        if await self._server.stop():
             log.info("testnode_stopped url=%s", self.base_url)
 
     def start_in_thread(self) -> str:
         """Start serving on a fresh event loop in a daemon thread; returns the base URL."""
-        if self._thread is not None:
+        if self._thread.running:
             raise RuntimeError("test node already started")
-        loop = asyncio.new_event_loop()
-        ready: Future[str] = Future()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                ready.set_result(loop.run_until_complete(self.start()))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                ready.set_exception(exc)
-                return
-            loop.run_forever()
-            loop.run_until_complete(self._stop_async())
-            loop.close()
-
-        thread = threading.Thread(target=run, name=f"testnode-{self.port}", daemon=True)
-        thread.start()
-        self._thread, self._loop = thread, loop
-        try:
-            return ready.result(timeout=60)
-        except BaseException:
-            self._thread = self._loop = None
-            raise
-
-    def _stop_thread(self) -> None:
-        thread, loop = self._thread, self._loop
-        self._thread = self._loop = None
-        if thread is None or loop is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
+        return self._thread.start(self.start, self._stop_async, name=f"testnode-{self.port}")

@@ -8,11 +8,25 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cluster.testing.testnode import protocol as wire
 from cluster.testing.testnode.model import FakeModel, Generation, chat_prompt_text
+from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
+from cluster.wire import openai as wire
 
-DEFAULT_CHAT_MAX_TOKENS = 256
 _PIECES = re.compile(r"\s*\S+|\s+")
+
+
+class ResponseIds:
+    """Response ids (``<prefix>-<n>``, counting from 1) and ``created`` times of one node."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._counter = itertools.count(1)
+
+    def new(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._counter)}"
+
+    def created(self) -> int:
+        return int(self._clock())
 
 
 class NodeServing:
@@ -23,8 +37,7 @@ class NodeServing:
     ) -> None:
         self.model = model
         self.model_name = model_name
-        self._clock = clock
-        self._ids = itertools.count(1)
+        self.ids = ResponseIds(clock)
         self._variants = itertools.count(1)
 
     def _variant(self, temperature: float, seed: int | None) -> int:
@@ -33,15 +46,9 @@ class NodeServing:
             return 0
         return seed if seed is not None else next(self._variants) + (1 << 40)
 
-    def new_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
-
-    def created(self) -> int:
-        return int(self._clock())
-
     # -- completions --------------------------------------------------------------------
 
-    def complete(self, req: wire.CompletionRequest) -> dict[str, Any]:
+    def complete(self, req: CompletionRequest) -> dict[str, Any]:
         model = self.model
         stop = wire.normalize_stop(req.stop)
         variant = self._variant(req.temperature, req.seed)
@@ -61,8 +68,8 @@ class NodeServing:
             out_text = text + gen.text if req.echo else gen.text
             choices.append(wire.completion_choice(index, out_text, gen.finish_reason, logprobs))
         return wire.completion_response(
-            self.new_id("cmpl"),
-            self.created(),
+            self.ids.new("cmpl"),
+            self.ids.created(),
             self.model_name,
             choices,
             wire.usage(prompt_tokens, completion_tokens),
@@ -97,44 +104,36 @@ class NodeServing:
             offsets = [o + shift for o in offsets[start:]]
         return wire.completion_logprobs(tokens, lps, tops, offsets)
 
-    def complete_stream(self, req: wire.CompletionRequest) -> Iterator[dict[str, Any]]:
+    def complete_stream(self, req: CompletionRequest) -> Iterator[dict[str, Any]]:
         body = self.complete(req.model_copy(update={"stream": False, "logprobs": None}))
-        rid, created = body["id"], body["created"]
-        choice = body["choices"][0]
-        for piece in _PIECES.findall(choice["text"]):
-            yield wire.completion_chunk(rid, created, self.model_name, piece, None)
-        yield wire.completion_chunk(rid, created, self.model_name, "", choice["finish_reason"])
+        yield from wire.completion_chunks(body, _PIECES.findall)
 
     # -- chat ---------------------------------------------------------------------------
 
-    def _chat_generation(self, req: wire.ChatRequest) -> tuple[Generation, int]:
-        messages = [m.model_dump() for m in req.messages]
-        text = chat_prompt_text(messages)
-        max_tokens = req.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_CHAT_MAX_TOKENS
+    def _chat_generation(self, req: ChatRequest) -> tuple[Generation, int]:
+        text = chat_prompt_text([m.model_dump() for m in req.messages])
         variant = self._variant(req.temperature, req.seed)
-        gen = self.model.generate(text, max_tokens, wire.normalize_stop(req.stop), variant)
+        gen = self.model.generate(text, req.output_limit(), wire.normalize_stop(req.stop), variant)
         return gen, len(self.model.encode(text))
 
-    def chat(self, req: wire.ChatRequest) -> dict[str, Any]:
+    def chat(self, req: ChatRequest) -> dict[str, Any]:
         gen, prompt_tokens = self._chat_generation(req)
         return wire.chat_response(
-            self.new_id("chatcmpl"),
-            self.created(),
+            self.ids.new("chatcmpl"),
+            self.ids.created(),
             self.model_name,
             gen.text,
             gen.finish_reason,
             wire.usage(prompt_tokens, len(gen.token_ids)),
         )
 
-    def chat_stream(self, req: wire.ChatRequest) -> Iterator[dict[str, Any]]:
+    def chat_stream(self, req: ChatRequest) -> Iterator[dict[str, Any]]:
         gen, _ = self._chat_generation(req)
-        rid, created = self.new_id("chatcmpl"), self.created()
+        rid, created = self.ids.new("chatcmpl"), self.ids.created()
         yield wire.chat_chunk(rid, created, self.model_name, wire.role_delta(), None)
         for piece in _PIECES.findall(gen.text):
             yield wire.chat_chunk(rid, created, self.model_name, wire.content_delta(piece), None)
         yield wire.chat_chunk(rid, created, self.model_name, {}, gen.finish_reason)
 
     def models(self) -> dict[str, Any]:
-        return wire.models_response(self.model_name, self.created())
+        return wire.models_response(self.model_name, self.ids.created())

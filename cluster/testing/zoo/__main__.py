@@ -16,12 +16,12 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import cast
 
 from cluster.local.zoo import READY_PREFIX
+from cluster.testing.http_server import until_stop_signal
 from cluster.testing.zoo.server import ZOO_KINDS, NodeSpec, Zoo, ZooKind
 
 
@@ -74,11 +74,7 @@ async def serve(args: argparse.Namespace) -> None:
               seed=args.seed, threads=args.threads or None)
     urls = await zoo.start(node_specs(args))
     print(READY_PREFIX + json.dumps(urls), flush=True)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    await done.wait()
+    await until_stop_signal()
     await zoo.stop()
 
 

@@ -24,19 +24,16 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from cluster.testing.zoo import protocol as wire
+from cluster.testing import http_server as http
+from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
 from cluster.testing.zoo.serving import AnswerCache, LazyServing, ModelServing
+from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
 ZooKind = Literal["honest", "perturbed", "quantized", "bf16", "proxy", "lazy", "random"]
 MODEL_KINDS: tuple[ZooKind, ...] = ("honest", "perturbed", "quantized", "bf16")
 ZOO_KINDS: tuple[ZooKind, ...] = (*MODEL_KINDS, "proxy", "lazy", "random")
-_JSON = "application/json"
-
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(obj, separators=(",", ":")).encode(), status=status,
-                        content_type=_JSON)
 
 @dataclass
 class NodeStats:
@@ -59,34 +56,28 @@ class ServingApp:
         self.stats = NodeStats()
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/stats", self.get_stats)
+        app = http.openai_app(completions=self.completions, chat=self.chat,
+                              models=self.models, stats=self.get_stats)
         if self.signatures is not None:
-            app.router.add_get("/signature/tokenizer", self.tokenizer_signature)
-            app.router.add_get("/signature/config", self.config_signature)
-            app.router.add_get("/signature/tokenizer/files/{name}", self.tokenizer_file)
+            app.router.add_get(wire.TOKENIZER_SIGNATURE_PATH, self.tokenizer_signature)
+            app.router.add_get(wire.CONFIG_SIGNATURE_PATH, self.config_signature)
+            app.router.add_get(wire.TOKENIZER_SIGNATURE_PATH + "/files/{name}",
+                               self.tokenizer_file)
         return app
 
-    async def health(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok"})
-
     async def get_stats(self, request: web.Request) -> web.Response:
-        return _json({"by_path": self.stats.by_path})
+        return http.json_response({"by_path": self.stats.by_path})
 
     async def models(self, request: web.Request) -> web.Response:
-        return _json(self.serving.models())
+        return http.json_response(self.serving.models())
 
     async def tokenizer_signature(self, request: web.Request) -> web.Response:
         self.stats.count(request.path)
-        return _json(self.signatures.tokenizer().model_dump(mode="json"))
+        return http.json_response(self.signatures.tokenizer().model_dump(mode="json"))
 
     async def config_signature(self, request: web.Request) -> web.Response:
         self.stats.count(request.path)
-        return _json(self.signatures.config().model_dump(mode="json"))
+        return http.json_response(self.signatures.config().model_dump(mode="json"))
 
     async def tokenizer_file(self, request: web.Request) -> web.Response:
         from cluster.modeldir.signatures import UnknownSignatureFile
@@ -94,40 +85,37 @@ class ServingApp:
         try:
             found = self.signatures.tokenizer_file(request.match_info["name"])
         except UnknownSignatureFile as exc:
-            return _json(wire.error_body(str(exc), "not_found", 404), 404)
+            return http.error_response(str(exc), "not_found", 404)
         return web.Response(body=found.content, content_type=found.media_type,
                             headers={"x-sha256": found.sha256})
 
     async def completions(self, request: web.Request) -> web.Response:
-        return await self._answer(request, wire.CompletionRequest, self.serving.complete)
+        return await self._answer(request, CompletionRequest, self.serving.complete)
 
     async def chat(self, request: web.Request) -> web.Response:
-        return await self._answer(request, wire.ChatRequest, self.serving.chat)
+        return await self._answer(request, ChatRequest, self.serving.chat)
 
     async def _answer(self, request: web.Request, model: Any,
                       handler: Callable[[Any], dict[str, Any]]) -> web.Response:
         self.stats.count(request.path)
         try:
-            payload = json.loads(await request.read())
-            if not isinstance(payload, dict):
-                raise ValueError("request body must be a JSON object")
-            if payload.get("stream"):
+            payload = http.json_object(await request.read())
+            if wire.is_streamed(payload):
                 raise ValueError("the zoo does not stream")
             parsed = model.model_validate(payload)
         except (ValueError, ValidationError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return _json(wire.error_body(message, "invalid_request_error", 400), 400)
+            return http.invalid_request(exc)
         key = self.cache.key(request.path, payload)
         cached = self.cache.get(key)
         if cached is not None:
-            return _json(cached)
+            return http.json_response(cached)
         running = self.cache.running.get(key) if key is not None else None
         if running is not None:
             # The same greedy request is being computed (e.g. for a proxy in front of this
             # node, or another node sharing the model): wait for that answer.
             shared = await asyncio.shield(running)
             if shared is not None:
-                return _json(shared)
+                return http.json_response(shared)
         future: asyncio.Future[dict[str, Any] | None] = \
             asyncio.get_running_loop().create_future()
         if key is not None:
@@ -138,13 +126,13 @@ class ServingApp:
             # nodes) answering while it runs; each model serialises its own calls.
             answer = await asyncio.to_thread(handler, parsed)
         except ValueError as exc:
-            return _json(wire.error_body(str(exc), "invalid_request_error", 400), 400)
+            return http.error_response(str(exc), "invalid_request_error", 400)
         finally:
             if key is not None and self.cache.running.get(key) is future:
                 del self.cache.running[key]
             future.set_result(answer)
         self.cache.put(key, answer)
-        return _json(answer)
+        return http.json_response(answer)
 
 
 class ProxyApp:
@@ -158,14 +146,14 @@ class ProxyApp:
         self.stats = NodeStats()
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = http.new_app()
         app.router.add_get("/stats", self.get_stats)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         app.on_cleanup.append(self._close)
         return app
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return _json({"by_path": self.stats.by_path})
+        return http.json_response({"by_path": self.stats.by_path})
 
     async def _close(self, app: web.Application) -> None:
         if self._http is not None:
@@ -176,18 +164,18 @@ class ProxyApp:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=self._timeout)
         body = await request.read()
-        headers = {"Content-Type": request.headers.get("Content-Type", _JSON)}
+        headers = {"Content-Type": request.headers.get("Content-Type", http.JSON_TYPE)}
         try:
             async with self._http.request(request.method, self.target + request.path_qs,
                                           data=body or None, headers=headers) as resp:
                 raw = await resp.read()
                 status, content_type = resp.status, resp.content_type
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return _json(wire.error_body(f"upstream: {exc}", "server_error", 502), 502)
-        if status == 200 and content_type == _JSON and request.path.startswith("/v1/"):
+            return http.error_response(f"upstream: {exc}", "server_error", 502)
+        if status == 200 and content_type == http.JSON_TYPE and request.path.startswith("/v1/"):
             answer = json.loads(raw)
             if isinstance(answer, dict):
-                return _json(wire.rename_response(answer, "px"))
+                return http.json_response(wire.rename_response(answer, "px"))
         return web.Response(body=raw, status=status, content_type=content_type)
 
 def load_serving(kind: ZooKind, model_dir: Path, model_name: str, *, relative_noise: float,
@@ -232,17 +220,13 @@ class Zoo:
         self.seed = seed
         self.threads = threads
         self.urls: dict[str, str] = {}
-        self._runners: list[web.AppRunner] = []
+        self._servers: list[http.AppServer] = []
 
     async def _start_app(self, app: web.Application, port: int) -> str:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, port, reuse_address=True)
-        await site.start()
-        self._runners.append(runner)
-        sockets = getattr(site._server, "sockets", None) or []
-        bound = int(sockets[0].getsockname()[1]) if sockets else port
-        return f"http://{self.host}:{bound}"
+        server = http.AppServer(self.host, port)
+        url = await server.start(app)
+        self._servers.append(server)
+        return url
 
     async def start(self, specs: list[NodeSpec]) -> dict[str, str]:
         """Load and serve every node (proxies last, so their targets have URLs)."""
@@ -274,6 +258,6 @@ class Zoo:
         return dict(self.urls)
 
     async def stop(self) -> None:
-        runners, self._runners = self._runners, []
-        for runner in reversed(runners):
-            await runner.cleanup()
+        servers, self._servers = self._servers, []
+        for server in reversed(servers):
+            await server.stop()

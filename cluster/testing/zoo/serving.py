@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import random
 import threading
@@ -26,9 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster.honesty.local_lm import LocalCausalLM, TokenChoice
-from cluster.testing.zoo import protocol as wire
+from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
+from cluster.testing.testnode.serving import ResponseIds
+from cluster.wire import openai as wire
 
-DEFAULT_CHAT_MAX_TOKENS = 256
 CACHE_SIZE = 512
 
 _CANNED = (
@@ -64,12 +64,9 @@ class AnswerCache:
 
     @staticmethod
     def key(path: str, payload: dict[str, Any]) -> str | None:
-        if payload.get("temperature", 1.0) != 0 or payload.get("stream"):
-            return None
-        # A greedy answer does not depend on the sampling seed: requests differing only in
-        # it share one answer.
-        same = {k: v for k, v in payload.items() if k != "seed"}
-        return path + json.dumps(same, sort_keys=True, separators=(",", ":"))
+        # Greedy requests only; those differing only in their seed share one answer.
+        key = wire.greedy_request_key(payload)
+        return None if key is None else path + key
 
     def get(self, key: str | None) -> dict[str, Any] | None:
         if key is None or self._size <= 0:
@@ -89,20 +86,8 @@ class AnswerCache:
                 self._items.popitem(last=False)
 
 
-class _Ids:
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._counter = itertools.count(1)
-
-    def new(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._counter)}"
-
-    def created(self) -> int:
-        return int(self._clock())
-
-
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    cut = wire.earliest_stop(text, stop)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -113,7 +98,7 @@ class ModelServing:
                  clock: Callable[[], float] = time.time) -> None:
         self.lm = lm
         self.model_name = model_name
-        self._ids = _Ids(clock)
+        self._ids = ResponseIds(clock)
         self.cache = AnswerCache(cache_size)
 
     def _top(self, choice: TokenChoice, k: int) -> dict[str, float]:
@@ -121,7 +106,7 @@ class ModelServing:
         top.setdefault(self.lm.token_text(choice.token_id), choice.logprob)
         return top
 
-    def complete(self, req: wire.CompletionRequest) -> dict[str, Any]:
+    def complete(self, req: CompletionRequest) -> dict[str, Any]:
         lm = self.lm
         prompts = [lm.encode_prompt(p) if isinstance(p, str) else list(p) for p in req.prompt]
         k = req.logprobs
@@ -177,14 +162,13 @@ class ModelServing:
             self._ids.new("cmpl"), self._ids.created(), self.model_name, choices,
             wire.usage(sum(len(p) for p in prompts), completion_tokens))
 
-    def chat(self, req: wire.ChatRequest) -> dict[str, Any]:
+    def chat(self, req: ChatRequest) -> dict[str, Any]:
         lm = self.lm
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else ""}
                     for m in req.messages]
         prompt = lm.chat_prompt(messages)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
-            else (req.max_tokens if req.max_tokens is not None else DEFAULT_CHAT_MAX_TOKENS)
-        gen = lm.generate([prompt], max_tokens, temperature=req.temperature, seed=req.seed)[0]
+        gen = lm.generate([prompt], req.output_limit(), temperature=req.temperature,
+                          seed=req.seed)[0]
         text, stopped = _cut_at_stop(lm.decode(gen.token_ids), wire.normalize_stop(req.stop))
         response = wire.chat_response(
             self._ids.new("chatcmpl"), self._ids.created(), self.model_name, text,
@@ -207,7 +191,7 @@ class LazyServing:
         self.random_text = random_text
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._ids = _Ids(clock)
+        self._ids = ResponseIds(clock)
 
     def _draw(self, key: str) -> random.Random:
         if self.random_text:
@@ -223,7 +207,7 @@ class LazyServing:
             words = [" " + w for w in rng.choice(_CANNED).split()][:max(0, max_tokens)]
         return words, [round(-rng.uniform(0.05, 3.0), 4) for _ in words]
 
-    def complete(self, req: wire.CompletionRequest) -> dict[str, Any]:
+    def complete(self, req: CompletionRequest) -> dict[str, Any]:
         choices = []
         produced = 0
         for index, item in enumerate(req.prompt):
@@ -249,7 +233,7 @@ class LazyServing:
         return wire.completion_response(self._ids.new("cmpl"), self._ids.created(),
                                         self.model_name, choices, wire.usage(0, produced))
 
-    def chat(self, req: wire.ChatRequest) -> dict[str, Any]:
+    def chat(self, req: ChatRequest) -> dict[str, Any]:
         key = json.dumps([m.model_dump() for m in req.messages], sort_keys=True)
         max_tokens = req.max_tokens if req.max_tokens is not None else 32
         words, lps = self._answer(key, max_tokens)

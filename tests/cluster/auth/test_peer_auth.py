@@ -20,12 +20,11 @@ from cluster.auth.peers import (
     AuthRefused,
     KeyRegistry,
     MemoryNonceStore,
-    MongoNonceStore,
     RequestSigner,
     RequestVerifier,
 )
 from cluster.core.settings import AuthSettings, load_settings
-from cluster.storage.mongo import MongoStores
+from cluster.storage.mongo import MongoNonceStore, MongoStores
 from serve_apps.common.peer_auth import install_peer_auth
 
 CONTROL = Ed25519Key(bytes([7]) * 32)
@@ -184,7 +183,7 @@ def test_the_signer_reads_its_key_from_settings(tmp_path: Any) -> None:
 async def test_nonces_in_mongodb_are_shared_by_replicas(mongo: MongoStores) -> None:
     now = 1_750_000_000.0
     registry = KeyRegistry.from_settings(SETTINGS)
-    collection = mongo.collection(f"nonces_{uuid.uuid4().hex[:6]}")
+    collection = mongo.database[f"nonces_{uuid.uuid4().hex[:6]}"]
     replicas = [RequestVerifier(registry, MongoNonceStore(collection, lambda: now), "control",
                                 30.0, lambda: now) for _ in range(2)]
     headers = {"host": "node-a:8000",
@@ -194,6 +193,23 @@ async def test_nonces_in_mongodb_are_shared_by_replicas(mongo: MongoStores) -> N
     with pytest.raises(AuthRefused) as info:
         await replicas[1].verify("POST", "/api/v1/add", "", headers, b"{}")
     assert info.value.problem == AuthProblem.REPLAYED and info.value.status == 403
+
+
+def test_apps_given_a_nonce_mongo_url_share_nonces_across_replicas(mongo_url: str) -> None:
+    settings = SETTINGS.model_copy(update={"nonce_mongo_url": mongo_url,
+                                           "nonce_mongo_database": f"n_{uuid.uuid4().hex[:8]}"})
+    servers = [AppServer(counter_app(settings)[0]) for _ in range(2)]
+    urls = [server.start() for server in servers]
+    try:
+        body = b'{"n": 1}'
+        # replicas behind one address: the same Host header reaches either of them
+        headers = {"host": "node-a:8000",
+                   **signer().sign("POST", "node-a:8000", "/api/v1/add", "", body)}
+        assert post_signed(f"{urls[0]}/api/v1/add", body, headers).status_code == 200
+        assert refusal(post_signed(f"{urls[1]}/api/v1/add", body, headers)) == (403, "replayed")
+    finally:
+        for server in servers:
+            server.stop()
 
 
 async def test_memory_nonces_are_forgotten_once_their_timestamp_expired() -> None:

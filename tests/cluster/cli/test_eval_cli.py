@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from eval_app import TENANTS, EvalApp
 
-from cluster.cli.evaluations import add_eval_parser, cmd_eval, parse_gen_kwargs
+from cluster.cli.evaluations import add_parser as add_eval_parser
+from cluster.cli.evaluations import parse_gen_kwargs
+from cluster.cli.evaluations import run as cmd_eval
 from cluster.testing.testnode import TestNode
 
 pytestmark = pytest.mark.slow

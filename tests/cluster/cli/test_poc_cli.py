@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import argparse
 import socket
-from collections.abc import Iterator
 
 import pytest
-import torch
 
-from cluster.cli.poc import add_poc_parser, cmd_poc, default_public_key
+from cluster.cli.poc import add_parser as add_poc_parser
+from cluster.cli.poc import default_public_key
+from cluster.cli.poc import run as cmd_poc
 from cluster.core.settings import Settings
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_settings() -> Iterator[None]:
-    """configure_torch changes process-wide settings: give the rest of the session them back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
 SMALL = ["--dim", "16", "--layers", "1", "--heads", "2", "--vocab", "256", "--seq-len", "4",
          "--out-dim", "16"]

@@ -23,10 +23,11 @@ from cluster.core.settings import HonestySettings
 from cluster.honesty.probes import build_probes
 from cluster.honesty.reference import ServeReference, TransformersReference
 from cluster.honesty.traffic import verification_traffic
-from cluster.honesty.verdicts import CHECKS, Outcome, Verdict, format_verdicts
+from cluster.honesty.verdicts import CHECKS, Outcome, Verdict
 from cluster.honesty.verification import NodeTarget, Verifier, record_verdicts
 from cluster.storage.mongo import MongoStores
 from cluster.testing.zoo import ZooProcess
+from cluster.reports.honesty import format_verdicts
 
 log = logging.getLogger(__name__)
 

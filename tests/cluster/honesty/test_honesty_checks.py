@@ -23,7 +23,8 @@ from cluster.honesty.traffic import (
     verification_due,
     verification_traffic,
 )
-from cluster.honesty.verdicts import Outcome, Traffic, Verdict, format_verdicts
+from cluster.honesty.verdicts import Outcome, Traffic, Verdict
+from cluster.reports.honesty import format_verdicts
 from cluster.storage.mongo import MongoStores
 from cluster.tasks.identity import (
     IdentitySignature,
@@ -203,7 +204,7 @@ def test_generated_tokens_are_aligned_to_ids_when_they_spell_the_text() -> None:
 # -- verdicts and traffic --------------------------------------------------------------------
 
 
-def test_unknown_is_stored_unflagged_with_its_outcome_and_the_table_says_why() -> None:
+def test_unknown_is_stored_as_unknown_and_the_table_says_unverified() -> None:
     verdicts = [
         Verdict("n1", "identity", Outcome.PASS, "unique identity", {"ok": True},
                 Traffic(0.25, 10, 16)),
@@ -211,11 +212,13 @@ def test_unknown_is_stored_unflagged_with_its_outcome_and_the_table_says_why() -
         Verdict("n2", "substitution", Outcome.FAIL, "mean |logprob - reference| 0.2 > 0.015"),
     ]
     record = verdicts[1].to_record("smollm2:7", 100.0)
-    assert record.verdict == "pass" and record.evidence["outcome"] == "unknown"
+    assert record.outcome is Outcome.UNKNOWN and not record.passed and not record.flagged
+    assert "outcome" not in record.evidence
     assert record.verdict_id == "tokenizer_signature|n1|smollm2:7"
     assert verdicts[0].to_record("r", 1.0).evidence["ok"] == 1  # bools stored as ints
     table = format_verdicts(verdicts)
-    assert "trusted*" in table and "FLAGGED" in table and "0.015" in table
+    assert "unverified" in table and "trusted" not in table
+    assert "FLAGGED" in table and "0.015" in table
 
 
 async def test_traffic_report_compares_verification_with_measuring(mongo: MongoStores) -> None:
@@ -236,6 +239,35 @@ async def test_traffic_report_compares_verification_with_measuring(mongo: MongoS
     (report,) = await traffic_report(mongo, ["n1"], now - 60)
     assert report.request_share == pytest.approx(0.1)
     assert report.token_share == pytest.approx(176 / 9156)
+
+
+async def test_every_check_reads_back_the_one_verdict_shape_unknown_as_unknown(
+    mongo: MongoStores,
+) -> None:
+    from cluster.core.verdicts import Check, VerdictRecord
+    from cluster.honesty.verification import latest_verdicts
+
+    unknown = Verdict("n1", "tokenizer_signature", Outcome.UNKNOWN, "unknown: no route",
+                      {}, Traffic(1.0, 5, 0))
+    passed = Verdict("n1", "identity", Outcome.PASS, "unique identity")
+    audit = VerdictRecord(verdict_id="streaming_job|n1|j|1", node_id="n1",
+                          check=Check.STREAMING_JOB, outcome=Outcome.FAIL, reason="1 refused",
+                          ts=3.0)
+    await mongo.verdicts.record([unknown.to_record("m:1", 1.0), passed.to_record("m:1", 1.0),
+                                 Verdict("n1", "identity", Outcome.FAIL, "proxy").to_record(
+                                     "m:0", 0.5), audit])
+    # a document of another shape (an unknown stored as a pass) is not read, nor guessed at
+    await mongo.database["verdicts"].insert_one(
+        {"_id": "identity|n1|old", "node_id": "n1", "check": "identity", "verdict": "pass",
+         "reason": "x", "evidence": {"outcome": "unknown"}, "ts": 9.0})
+    latest = await mongo.verdicts.latest(["n1"])
+    assert [(r.check, r.outcome) for r in latest] == [
+        ("identity", "pass"), ("streaming_job", "fail"), ("tokenizer_signature", "unknown")]
+    read = await latest_verdicts(mongo, ["n1"])
+    assert [(v.check, v.outcome) for v in read] == [
+        ("tokenizer_signature", Outcome.UNKNOWN), ("identity", Outcome.PASS)]
+    assert read[0].traffic == unknown.traffic and read[0].evidence == {"round": "m:1"}
+    assert format_verdicts(read).splitlines()[2].split()[1] == "unverified"
 
 
 def test_rounds_are_due_within_the_traffic_budget() -> None:

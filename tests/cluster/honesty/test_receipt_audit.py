@@ -1,4 +1,4 @@
-"""Streaming organic jobs through real HTTP: the jobs app (uvicorn) in front of test nodes,
+"""Streaming organic jobs through real HTTP: the streaming app (uvicorn) in front of test nodes,
 receipts on every answer, audits that re-run samples on a reference node."""
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from cluster.core.settings import AuthSettings, ReceiptSettings
 from cluster.honesty.receipt_audit import (
     AuditReport,
     JobAuditor,
-    JobClient,
     JobExchange,
     OpenAIReference,
+    StreamingJobClient,
     answer_texts,
 )
 from cluster.storage.mongo import MongoStores
 from cluster.streaming import protocol as wire
 from cluster.testing.testnode import TestNode
-from serve_apps.streaming import JobsAppConfig
+from serve_apps.streaming import StreamingJobConfig
 from serve_apps.streaming.routes import create_api
-from serve_apps.streaming.serving import JobServing
+from serve_apps.streaming.serving import StreamingServing
 
 NODE_KEY = Ed25519Key(bytes([21]) * 32)
 IMPOSTOR_KEY = Ed25519Key(bytes([22]) * 32)
@@ -43,9 +43,9 @@ ALL = ReceiptSettings(rerun_fraction=1.0, max_clock_skew_s=5.0)
 
 def job_server(upstream: str, job_id: str, key: Ed25519Key = NODE_KEY,
                **config: Any) -> AppServer:
-    cfg = JobsAppConfig(job_id=job_id, upstream_url=upstream, signing_key_hex=key.seed_hex,
+    cfg = StreamingJobConfig(job_id=job_id, upstream_url=upstream, signing_key_hex=key.seed_hex,
                         **config)
-    server = AppServer(create_api(JobServing(cfg, key), cfg.auth))
+    server = AppServer(create_api(StreamingServing(cfg, key), cfg.auth))
     server.start()
     return server
 
@@ -90,7 +90,7 @@ def requests_mix(n: int) -> list[tuple[str, dict[str, Any]]]:
 
 
 async def run_job(url: str, job_id: str, http: aiohttp.ClientSession, n: int) -> list[JobExchange]:
-    client = JobClient(url, job_id, http)
+    client = StreamingJobClient(url, job_id, http)
     return [await client.call(endpoint, body) for endpoint, body in requests_mix(n)]
 
 
@@ -148,7 +148,7 @@ async def test_an_honest_job_passes_its_audit(
     assert report.passed, report.verdicts
     assert (report.receipts_valid, report.eligible, report.rerun, report.mismatches) == (10, 8, 8, 0)
     stored = await mongo.verdicts.for_node("node-h")
-    assert [(v.check, v.verdict) for v in stored] == [("streaming_job", "pass")]
+    assert [(v.check, v.outcome) for v in stored] == [("streaming_job", "pass")]
     assert stored[0].evidence["rerun"] == 8
 
 
@@ -167,7 +167,7 @@ async def test_a_node_serving_another_model_is_caught_by_the_reruns(
     assert evidence["node_answer"] != evidence["reference_answer"]
     assert evidence["job_id"] == "job-cheat" and len(evidence["input_sha256"]) == 64
     summary = await mongo.verdicts.for_node("node-c", check="streaming_job")
-    assert [v.verdict for v in summary] == ["fail"]
+    assert [v.outcome for v in summary] == ["fail"]
 
 
 async def test_a_sample_is_rerun_at_the_configured_fraction(
@@ -203,6 +203,19 @@ async def test_receipts_of_another_key_or_replayed_are_verdicts(
     again = await auditor(mongo, reference_node, http).audit(assignment, genuine)
     assert again.receipts_refused == 3
     assert {v.reason for v in await mongo.verdicts.for_node("node-r", "receipt")} == {"replayed"}
+
+
+async def test_an_audit_of_no_answered_exchange_is_unknown_not_a_pass(
+    reference_node: TestNode, http: aiohttp.ClientSession, mongo: MongoStores,
+) -> None:
+    failed = JobExchange(job_id="job-down", request_id="r1", endpoint=wire.COMPLETIONS,
+                         request_body=b"{}", status=502, output=b"", streamed=False,
+                         receipt_wire=None, sent_at=1.0, received_at=2.0)
+    assignment = JobAssignment(job_id="job-down", node_id="node-d", node_key=NODE_KEY.public_key)
+    report = await auditor(mongo, reference_node, http).audit(assignment, [failed])
+    assert report.not_ok == 1 and not report.passed
+    [stored] = await mongo.verdicts.for_node("node-d")
+    assert (stored.check, stored.outcome) == ("streaming_job", "unknown")
 
 
 async def test_the_wrapper_refuses_what_it_cannot_sign(

@@ -12,19 +12,20 @@ from typing import Any
 
 import pytest
 
-from cluster.cli.main import build_parser, cmd_job
+from cluster.cli.main import build_parser
+from cluster.cli.organic import run as cmd_job
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings
 from cluster.honesty.verdicts import Outcome, Verdict
 from cluster.organic.jobs import (
-    ORGANIC_JOBS,
     NoNodeAvailable,
     OrganicJobs,
     OrganicRequest,
     rank_candidates,
 )
 from cluster.storage.connections import StoreConnections
+from cluster.storage.mongo import ORGANIC_JOBS
 from cluster.testing.testnode import NodeBehaviour, TestNode
 
 
@@ -151,7 +152,7 @@ def test_the_cli_runs_and_lists_jobs(settings: Settings, capsys: pytest.CaptureF
 
 def test_scores_reads_the_honesty_state_in_one_pass(settings: Settings,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.cli.main import cmd_scores
+    from cluster.cli.scores import run as cmd_scores
 
     assert cmd_scores(settings, build_parser().parse_args(["scores", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -14,14 +12,7 @@ from cluster.poc.config import PocModelParams, PocRoundParams, ValidationConfig
 from cluster.poc.model import build_model, weights_digest
 from cluster.poc.validator import ClaimedProof, PocValidator
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_settings() -> Iterator[None]:
-    """configure_torch changes process-wide settings: give the rest of the session them back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
 SEED = "0x" + "ab" * 32
 MODEL = PocModelParams(dim=32, n_layers=2, n_heads=4, vocab_size=1024, seq_len=8, out_dim=32)

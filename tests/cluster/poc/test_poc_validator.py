@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 
 import pytest
-import torch
 from pydantic import ValidationError
 
 from cluster.poc.binomial import (
@@ -26,14 +24,7 @@ from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, PocRoundParams, ValidationConfig
 from cluster.poc.validator import ClaimedProof, PocValidator, judge
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_settings() -> Iterator[None]:
-    """configure_torch changes process-wide settings: give the rest of the session them back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
 SEED = "block-0x5eed"
 MODEL = PocModelParams(dim=32, n_layers=2, n_heads=4, vocab_size=1024, seq_len=8, out_dim=32)
@@ -160,23 +151,23 @@ def test_flag_rate_agrees_with_the_binomial_model(
     assert abs(measured - model) <= 4 * sd + 0.01
 
 
-def test_verdict_is_a_complete_mongo_document(
+def test_verdict_is_a_complete_stored_verdict(
     validator: PocValidator, honest_claim: ClaimedProof
 ) -> None:
     fake = corrupt(honest_claim, 0.5, random.Random(9), validator._computer.r_target, "fake")  # noqa: SLF001
     verdict = validator.validate(fake, sample_seed=42)
-    doc = verdict.to_document()
-    assert doc["_id"] == verdict.verdict_id and doc["kind"] == "poc"
-    assert doc["fraud"] is True and doc["p_value"] < 1e-7
-    assert doc["n_sampled"] == 200 and doc["n_mismatch"] == verdict.n_mismatch > 50
-    ev = doc["evidence"]
+    record = verdict.to_record()
+    assert record.verdict_id == verdict.verdict_id and record.check == "poc"
+    ev = record.evidence
+    assert verdict.fraud is True and record.outcome == "fail" and ev["p_value"] < 1e-7
+    assert ev["n_sampled"] == 200 and ev["n_mismatch"] == verdict.n_mismatch > 50
     assert len(ev["mismatches"]) == ValidationConfig().max_evidence
     assert {m["reason"] for m in ev["mismatches"]} <= {"distance_differs", "not_below_r_target"}
     assert ev["weights_sha256"] and ev["sampled_nonces_sha256"]
     # replayable: the same sample seed samples and decides the same
-    again = validator.validate(fake, sample_seed=42).to_document()
-    again["evidence"]["validation_s"] = ev["validation_s"]  # the only timing field
-    assert again == doc
+    again = validator.validate(fake, sample_seed=42).to_record()
+    again.evidence["validation_s"] = ev["validation_s"]  # the only timing field
+    assert again == record
 
 
 def test_small_claims_are_sampled_whole_and_duplicates_reported(

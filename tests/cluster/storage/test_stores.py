@@ -21,6 +21,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from cluster.core.errors import DatasetError, ErrorCode, RegistrationError
+from cluster.core.evaluations import EvalSample, EvaluationRun, EvaluationSpec
 from cluster.core.schemas import Node, Prompt, Relay, Sample, prompt_id, sample_key
 from cluster.core.settings import PROJECT_ROOT, StoreSettings
 from cluster.local.embedded import (
@@ -29,7 +30,7 @@ from cluster.local.embedded import (
     EmbeddedServerError,
     EmbeddedStores,
 )
-from cluster.storage.mongo import BufferEntry, MongoStores
+from cluster.storage.mongo import BufferEntry, EvaluationStore, MongoStores
 from cluster.storage.postgres import DatasetStore, dataset_table_name
 from cluster.tasks.datasets import load_task_datasets, load_user_file, read_rows
 from cluster.testing.stores import ExternalMongo, ExternalPostgres
@@ -225,6 +226,11 @@ async def test_nodes_registry(mongo: MongoStores) -> None:
     assert await mongo.nodes.remove("a-node") is False
     assert await mongo.nodes.get("a-node") is None
 
+    # a fleet in one bulk insert: taken ids are skipped, the first registration stays
+    assert await mongo.nodes.add_many([_node("b-node", tasks=["x"]), _node("c-node")]) == 1
+    assert await mongo.nodes.get("b-node") == added
+    assert [n.node_id for n in await mongo.nodes.list()] == ["b-node", "c-node"]
+
 
 def _prompts(node_id: str, task: str, doc_id: int, n: int, created_at: float) -> list[Prompt]:
     key = sample_key(node_id, task, doc_id, 0)
@@ -373,6 +379,29 @@ async def test_buffer_entries_stored_as_subdocuments_are_read_too(mongo: MongoSt
     await mongo.buffers.push("n1", "t", [entry.model_copy(update={"doc_id": 2})], size=10)
     buf = await mongo.buffers.get("n1", "t")
     assert buf is not None and [e.doc_id for e in buf.entries] == [1, 2]
+
+
+async def test_evaluation_runs_are_one_store_on_mongo_stores(mongo: MongoStores) -> None:
+    spec = EvaluationSpec(endpoint="http://127.0.0.1:9/v1/completions", model="m", tasks=["t"])
+    run = EvaluationRun(run_id="r1", tenant="a", spec=spec, created_at=1.0, updated_at=1.0)
+    await mongo.evaluations.create(run)
+
+    def cancel(r: EvaluationRun) -> bool:
+        r.cancel_requested = True
+        return True
+
+    # another EvaluationStore on the same MongoStores (its own clock) sees the same run
+    other = EvaluationStore(mongo, clock=lambda: 7.0)
+    changed = await other.mutate("r1", cancel)
+    assert changed is not None and changed.rev == 1 and changed.updated_at == 7.0
+    stored = await mongo.evaluations.get("r1")
+    assert stored is not None and stored.cancel_requested and stored.spec.endpoint == "http://127.0.0.1:9"
+    sample = EvalSample(run_id="r1", task="t", doc_id=0, error_code=ErrorCode.OK, created_at=1.0)
+    assert await mongo.evaluations.record_samples([sample, sample]) == 1
+    assert await other.record_samples([sample]) == 0
+    line = await mongo.evaluations.append_log("r1", "hello")
+    assert line.ts == 1_000.0  # MongoStores' clock
+    assert [x.message for x in await other.logs_after("r1")] == ["hello"]
 
 
 # -- embedded servers' lifecycle ---------------------------------------------------------------

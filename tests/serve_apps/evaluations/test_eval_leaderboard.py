@@ -30,6 +30,7 @@ from actors.local import MongoRelaySink
 from actors.sampler import Sampler
 from cluster.core.schemas import Node, SampleRequest
 from cluster.core.settings import PROJECT_ROOT, Settings
+from cluster.core.verdicts import Check, Outcome, VerdictRecord
 from cluster.nodes.requester import Requester
 from cluster.storage.connections import StoreConnections
 from cluster.testing.testnode import NodeBehaviour, TestNode
@@ -74,9 +75,11 @@ async def _measure(settings: Settings, nodes: list[Node], clock: StepClock) -> N
                         await evaluator.score(relays, node)
         finally:
             await requester.close()
-        await mongo.collection("verdicts").insert_many([
-            {"_id": f"poc-{node.node_id}", "node_id": node.node_id, "kind": "poc",
-             "fraud": node.node_id.endswith("wrong"), "validated_at": clock.now}
+        await mongo.verdicts.record([
+            VerdictRecord(verdict_id=f"poc-{node.node_id}", node_id=node.node_id,
+                          check=Check.POC, reason="test",
+                          outcome=Outcome.FAIL if node.node_id.endswith("wrong") else Outcome.PASS,
+                          ts=clock.now)
             for node in nodes
         ])
     finally:

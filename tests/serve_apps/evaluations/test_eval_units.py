@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 
 from cluster.core.errors import ErrorCode
+from cluster.core.evaluations import EvaluationRun, EvaluationSpec, RunState
 from cluster.core.settings import PROJECT_ROOT, Settings
+from cluster.core.verdicts import Check, Outcome, VerdictRecord
 from cluster.evaluations.runs import new_run, request_cancel
 from cluster.evaluations.scoring import build_doc_prompts
-from cluster.evaluations.spec import EvaluationRun, EvaluationSpec, RunState
-from cluster.evaluations.store import EvaluationStore
 from cluster.evaluations.worker import claim_run, finish_run
 from cluster.storage.connections import StoreConnections
+from cluster.storage.mongo import EvaluationStore
 from cluster.tasks.lmeval import load_task_adapter
 from serve_apps.evaluations.client import parse_sse
 from serve_apps.evaluations.leaderboard import (
     cells_from_summaries,
     headline_metric,
+    latest_verdicts,
     score_series,
     verdict_of,
 )
@@ -77,9 +79,19 @@ def test_cells_and_verdicts_read_what_the_loop_writes() -> None:
                                                                         "stderr": None}},
     }])
     assert (cell.metric, cell.mean, cell.stderr) == ("exact_match,strict-match", 0.5, 0.2)
-    assert verdict_of({"kind": "poc", "fraud": True}).label == "fail"
-    assert verdict_of({"kind": "identity", "passed": 1, "at": 3}).passed is True
-    assert verdict_of({"verdict": "proxy-of:n2"}).label == "proxy-of:n2"
+    def record(check: Check, outcome: Outcome, ts: float = 3.0) -> VerdictRecord:
+        return VerdictRecord(verdict_id=f"{check}|n|{ts}", node_id="n", check=check,
+                             outcome=outcome, reason="why", ts=ts)
+
+    assert verdict_of(record(Check.POC, Outcome.FAIL)).label == "fail"
+    out = verdict_of(record(Check.IDENTITY, Outcome.PASS))
+    assert (out.kind, out.passed, out.at) == ("identity", True, 3.0)
+    unknown = verdict_of(record(Check.SUBSTITUTION, Outcome.UNKNOWN))
+    assert (unknown.label, unknown.passed) == ("unknown", None)  # never shown as a pass
+    latest = latest_verdicts([record(Check.IDENTITY, Outcome.FAIL, 1.0),
+                              record(Check.IDENTITY, Outcome.PASS, 2.0),
+                              record(Check.RERUN, Outcome.FAIL, 2.0)])
+    assert [(v.kind, v.label) for v in latest["n"]] == [("identity", "pass")]
 
 
 def test_sse_parsing_keeps_ids_and_drops_keepalives() -> None:

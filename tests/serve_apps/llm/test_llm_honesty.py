@@ -16,8 +16,9 @@ from llm_node_under_test import LLMNode
 
 from cluster.core.settings import HonestySettings
 from cluster.honesty.reference import TransformersReference
-from cluster.honesty.verdicts import Outcome, format_verdicts
+from cluster.honesty.verdicts import Outcome
 from cluster.honesty.verification import NodeTarget, Verifier
+from cluster.reports.honesty import format_verdicts
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import ray
 import requests
-import torch
 from ray import serve
 
 from cluster.auth.keys import Ed25519Key
 from cluster.auth.peers import RequestSigner
-from cluster.cli.poc import add_poc_parser, cmd_poc
+from cluster.cli.poc import add_parser as add_poc_parser
+from cluster.cli.poc import run as cmd_poc
 from cluster.core.settings import AuthSettings, Settings
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, ValidationConfig
@@ -34,14 +34,7 @@ from cluster.poc.validator import ClaimedProof, PocValidator
 from serve_apps.poc.deployers import LlmEndpoint
 from serve_apps.poc.server import build_poc_node_app
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_settings() -> Iterator[None]:
-    """configure_torch changes process-wide settings: give the rest of the session them back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
 APP_NAME = "poc-node-test"
 PREFIX = "/poc-node-test"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams
@@ -25,14 +24,7 @@ from serve_apps.poc.pool import LocalWorkerPool
 from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
 from serve_apps.poc.worker import GeneratedChunk, NonceChunk, PowWorkerSpec
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_torch_settings() -> Iterator[None]:
-    """configure_torch changes process-wide settings: give the rest of the session them back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
 MODEL = PocModelParams(dim=32, n_layers=1, n_heads=4, vocab_size=512, seq_len=8, out_dim=32)
 

@@ -1,4 +1,4 @@
-"""The jobs app deployed on Ray Serve: signed callers in, answers with receipts out.
+"""The streaming app deployed on Ray Serve: signed callers in, answers with receipts out.
 
 The upstream is the project's test node (a real HTTP server in a thread of this process,
 reachable from the replica on 127.0.0.1). The app runs under its own route prefix, so the
@@ -18,11 +18,11 @@ from cluster.auth.keys import Ed25519Key
 from cluster.auth.peers import RequestSigner
 from cluster.auth.receipts import JobAssignment, MemoryReplayGuard, Receipt, ReceiptVerifier
 from cluster.core.settings import AuthSettings
-from cluster.honesty.receipt_audit import JobClient, answer_texts
+from cluster.honesty.receipt_audit import StreamingJobClient, answer_texts
 from cluster.streaming import protocol as wire
 from cluster.testing.testnode import NodeBehaviour, TestNode
-from serve_apps.streaming import JobsAppConfig
-from serve_apps.streaming.server import build_jobs_app
+from serve_apps.streaming import StreamingJobConfig
+from serve_apps.streaming.server import build_streaming_app
 
 APP_NAME = "jobs-test"
 PREFIX = "/jobs-test"
@@ -34,11 +34,11 @@ CALLER_KEY = Ed25519Key(bytes([32]) * 32)
 def job_url(serve_http_port: int) -> Iterator[str]:
     node = TestNode(NodeBehaviour())
     upstream = node.start_in_thread()
-    config = JobsAppConfig(
+    config = StreamingJobConfig(
         job_id="serve-job", upstream_url=upstream, signing_key_hex=NODE_KEY.seed_hex,
         auth=AuthSettings(keys={"caller": {"public_key": CALLER_KEY.public_key,
                                            "purposes": ["jobs"]}}))
-    serve.run(build_jobs_app(config), name=APP_NAME, route_prefix=PREFIX)
+    serve.run(build_streaming_app(config), name=APP_NAME, route_prefix=PREFIX)
     try:
         yield f"http://127.0.0.1:{serve_http_port}{PREFIX}"
     finally:
@@ -54,7 +54,7 @@ async def test_a_job_on_serve_signs_every_answer_for_signed_callers(job_url: str
     async with aiohttp.ClientSession(middlewares=[signer.aiohttp_middleware]) as http:
         async with http.get(f"{job_url}/job") as r:
             assert r.status == 200 and (await r.json())["node_key"] == NODE_KEY.public_key
-        client = JobClient(job_url, "serve-job", http)
+        client = StreamingJobClient(job_url, "serve-job", http)
         for stream in (False, True):
             body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hello"}],
                     "max_tokens": 10, "temperature": 0, "stream": stream}

@@ -1,9 +1,11 @@
-"""What an evaluation run is: its spec (what to measure), its state and its progress.
+"""What an evaluation run is: its spec (what to measure), its state, its progress, its
+scored docs and its log lines.
 
-These are the domain records the runner, the store and the API share; the HTTP wire
-models live in ``serve_apps/evaluations/protocol.py``. A run is identified by an opaque id;
-its relays are keyed ``eval-<run id>|<task>|<doc>|0|<request index>`` so a resumed run finds
-the answers it already has.
+These are the records the runner (``cluster/evaluations/``), the store
+(``cluster/storage/mongo/evaluations.py``) and the API share; the HTTP wire models live in
+``serve_apps/evaluations/protocol.py``. A run is identified by an opaque id; its relays are
+keyed ``eval-<run id>|<task>|<doc>|0|<request index>`` so a resumed run finds the answers
+it already has.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
+from cluster.core.errors import ErrorCode
 from cluster.core.schemas import ApiKind, Node
 
 # lm-eval's own API suffixes: an endpoint given with them is the same server.
@@ -128,3 +131,37 @@ class EvaluationRun(BaseModel):
     def summary(self) -> dict[str, Any]:
         """Fields for log lines."""
         return {"run": self.run_id, "tenant": self.tenant, "state": self.state.value}
+
+
+class EvalSample(BaseModel):
+    """One doc of one task of a run, scored (or failed with its error code)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    task: str
+    doc_id: int
+    error_code: ErrorCode
+    error: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    latency_s: float | None = None
+    records: list[dict[str, Any]] = Field(
+        default_factory=list, description="lm-eval's per-filter sample records"
+    )
+    created_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}|{self.task}|{self.doc_id}"
+
+
+class LogLine(BaseModel):
+    """One line of a run's log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="time-ordered; the SSE event id")
+    run_id: str
+    ts: float
+    level: str
+    message: str

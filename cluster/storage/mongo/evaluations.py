@@ -1,6 +1,5 @@
-"""Evaluation runs in MongoDB: runs, their relays, scored docs, log lines and results.
-
-Collections (``evaluations`` and its satellites):
+"""``evaluations`` and its satellites: evaluation runs, their relays, scored docs, log
+lines and results.
 
 - ``evaluations``: one document per run. Query fields (tenant, state, times, lease) are
   top-level; the whole record is kept as canonical ASCII JSON in ``record``, so any string a
@@ -8,8 +7,9 @@ Collections (``evaluations`` and its satellites):
   document under a revision check (compare-and-swap): nx-27017 mangles ``$set`` of bools
   and ``$push`` of sub-documents, and a replace keeps concurrent writers honest.
 - ``evaluation_relays`` (+ ``evaluation_prompts``, unused but named for the RelayStore): the
-  measuring loop's :class:`~cluster.storage.mongo.RelayStore`, first-wins by prompt id. Kept
-  apart from the loop's ``prompts``/``relays`` so the Manager never re-drives a run's work.
+  measuring loop's :class:`~cluster.storage.mongo.relays.RelayStore`, first-wins by prompt
+  id. Kept apart from the loop's ``prompts``/``relays`` so the Manager never re-drives a
+  run's work.
 - ``evaluation_samples``: one document per (run, task, doc), first-wins.
 - ``evaluation_logs``: log lines, ``_id`` = ``<run>|<key>`` with time-ordered keys.
 - ``evaluation_results``: the lm-eval results JSON of a succeeded run.
@@ -25,21 +25,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, DESCENDING
 
 from cluster.core.errors import ErrorCode, TestbenchError
-from cluster.evaluations.spec import EvaluationRun, RunState
-from cluster.storage.mongo import MongoStores, RelayStore, insert_new
+from cluster.core.evaluations import EvalSample, EvaluationRun, LogLine, RunState
+from cluster.storage.mongo.base import (
+    EVALUATION_LOGS,
+    EVALUATION_PROMPTS,
+    EVALUATION_RELAYS,
+    EVALUATION_RESULTS,
+    EVALUATION_SAMPLES,
+    EVALUATIONS,
+    HasDatabase,
+    insert_new,
+)
+from cluster.storage.mongo.relays import RelayStore
 
 log = logging.getLogger(__name__)
-
-RUNS = "evaluations"
-RELAYS = "evaluation_relays"
-PROMPTS = "evaluation_prompts"
-SAMPLES = "evaluation_samples"
-LOGS = "evaluation_logs"
-RESULTS = "evaluation_results"
 
 # Bounded retries of a compare-and-swap: writers of one run are its owner and the API.
 _CAS_ATTEMPTS = 20
@@ -54,38 +56,6 @@ class RunConflictError(TestbenchError):
 def _dumps(value: Any) -> str:
     # ASCII only: lone surrogates or odd code points from users cannot break BSON.
     return json.dumps(value, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
-
-
-class EvalSample(BaseModel):
-    """One doc of one task of a run, scored (or failed with its error code)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: str
-    task: str
-    doc_id: int
-    error_code: ErrorCode
-    error: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    latency_s: float | None = None
-    records: list[dict[str, Any]] = Field(
-        default_factory=list, description="lm-eval's per-filter sample records"
-    )
-    created_at: float
-
-    @property
-    def key(self) -> str:
-        return f"{self.run_id}|{self.task}|{self.doc_id}"
-
-
-class LogLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    key: str = Field(description="time-ordered; the SSE event id")
-    run_id: str
-    ts: float
-    level: str
-    message: str
 
 
 def _run_document(run: EvaluationRun) -> dict[str, Any]:
@@ -105,17 +75,20 @@ def _run_from_document(doc: dict[str, Any]) -> EvaluationRun:
 
 
 class EvaluationStore:
-    """The evaluation collections of the bench's database."""
+    """The evaluation collections of the bench's database.
 
-    def __init__(self, mongo: MongoStores, clock: Callable[[], float] = time.time) -> None:
-        self.mongo = mongo
+    ``mongo`` is the :class:`~cluster.storage.mongo.stores.MongoStores` the store lives on
+    (``MongoStores.evaluations`` is one on its clock); ``clock`` stamps writes and log lines.
+    """
+
+    def __init__(self, mongo: HasDatabase, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         db = mongo.database
-        self._runs = db[RUNS]
-        self._samples = db[SAMPLES]
-        self._logs = db[LOGS]
-        self._results = db[RESULTS]
-        self.relays = RelayStore(db[RELAYS], db[PROMPTS])
+        self._runs = db[EVALUATIONS]
+        self._samples = db[EVALUATION_SAMPLES]
+        self._logs = db[EVALUATION_LOGS]
+        self._results = db[EVALUATION_RESULTS]
+        self.relays = RelayStore(db[EVALUATION_RELAYS], db[EVALUATION_PROMPTS])
 
     async def ensure_indexes(self) -> None:
         await self._runs.create_index([("tenant", ASCENDING), ("created_at", DESCENDING)])

@@ -1,0 +1,50 @@
+"""``testbench scores``: every (node, task) buffer, the honesty verdicts and traffic shares."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+from cluster.core.settings import Settings
+from cluster.leaderboard.honesty import HonestyView, read_honesty
+from cluster.reports.honesty import format_signature_findings, format_traffic, format_verdicts
+from cluster.reports.scores import format_scores
+from cluster.storage.connections import open_mongo
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("scores", help="node x task scores")
+    s.set_defaults(handler=run, needs_stores=True)
+    s.add_argument("--json", action="store_true")
+
+
+async def _read(settings: Settings) -> tuple[list[dict[str, Any]], HonestyView]:
+    async with open_mongo(settings) as mongo:
+        return await mongo.buffers.summaries(), await read_honesty(settings, mongo)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    rows, honesty = asyncio.run(_read(settings))
+    if args.json:
+        print(json.dumps({"scores": rows,
+                          "verdicts": [dataclasses.asdict(v) for v in honesty.verdicts],
+                          "signature_identity": {k: dataclasses.asdict(v)
+                                                 for k, v in honesty.signatures.items()},
+                          "verification_traffic": [t.as_dict() for t in honesty.traffic]},
+                         indent=2, default=str))
+        return 0
+    print(format_scores(rows) if rows else "no scores yet: register nodes and `testbench run`")
+    if honesty.signatures:
+        print("\nidentity signatures from the loop (bit-identical answers + logprobs = one backend):")
+        print(format_signature_findings(honesty.signatures))
+    if honesty.verdicts:
+        print("\nhonesty verdicts (latest per check):")
+        print(format_verdicts(honesty.verdicts))
+    table = format_traffic(honesty.traffic)
+    if table:
+        print("\nverification traffic vs measuring traffic (goal <= 10%):")
+        print(table)
+    return 0

@@ -1,0 +1,131 @@
+"""``buffers``: per (node, task), the last N samples and their summary."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+
+from cluster.core.errors import ErrorCode
+from cluster.core.schemas import Sample
+from cluster.storage.mongo.base import Document
+
+
+class BufferEntry(BaseModel):
+    """One sample as kept in a node's buffer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_key: str
+    doc_id: int
+    error_code: ErrorCode
+    metrics: dict[str, float] = Field(default_factory=dict)
+    latency_s: float | None = None
+    created_at: float
+
+    @classmethod
+    def from_sample(cls, sample: Sample) -> BufferEntry:
+        return cls(
+            sample_key=sample.sample_key,
+            doc_id=sample.doc_id,
+            error_code=sample.error_code,
+            metrics=dict(sample.metrics),
+            latency_s=sample.latency_s,
+            created_at=sample.created_at,
+        )
+
+
+class Buffer(BaseModel):
+    """A node's last N samples for one task (oldest first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_id: str
+    task: str
+    entries: builtins.list[BufferEntry]
+    updated_at: float
+
+
+def buffer_id(node_id: str, task: str) -> str:
+    return f"{node_id}|{task}"
+
+
+def _encode_entry(entry: BufferEntry | Mapping[str, Any]) -> str:
+    model = entry if isinstance(entry, BufferEntry) else BufferEntry.model_validate(entry)
+    return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _decode_entry(raw: str | Mapping[str, Any]) -> BufferEntry:
+    return BufferEntry.model_validate(json.loads(raw) if isinstance(raw, str) else raw)
+
+
+def _decode_buffer(doc: Mapping[str, Any]) -> Buffer:
+    return Buffer(
+        node_id=doc["node_id"],
+        task=doc["task"],
+        entries=[_decode_entry(e) for e in doc.get("entries", [])],
+        updated_at=float(doc.get("updated_at", 0.0)),
+    )
+
+
+class BufferStore:
+    """Per (node, task) circular buffer of the last ``size`` samples; ``_id`` = "node|task"."""
+
+    def __init__(self, collection: AsyncCollection[Document], clock: Callable[[], float] = time.time) -> None:
+        self.collection = collection
+        self._clock = clock
+
+    async def push(
+        self, node_id: str, task: str, entries: Sequence[BufferEntry | Mapping[str, Any]], size: int
+    ) -> None:
+        """Append entries and keep only the last ``size`` (one atomic upsert)."""
+        if size < 1:
+            raise ValueError(f"buffer size must be >= 1, got {size}")
+        if not entries:
+            return
+        encoded = [_encode_entry(e) for e in entries]
+        await self.collection.update_one(
+            {"_id": buffer_id(node_id, task)},
+            {
+                "$push": {"entries": {"$each": encoded, "$slice": -size}},
+                "$set": {"node_id": node_id, "task": task, "updated_at": float(self._clock())},
+            },
+            upsert=True,
+        )
+
+    async def set_summary(
+        self, summary: Mapping[str, Any], entries: Sequence[BufferEntry | Mapping[str, Any]]
+    ) -> None:
+        """Replace the buffer with ``entries`` and its summary (recomputed from the samples
+        collection by the Evaluator, so a replayed evaluation cannot skew it). A whole-document
+        replace keeps sub-documents intact on nx-27017, unlike ``$set``/``$push``."""
+        node_id, task = summary["node_id"], summary["task"]
+        doc: Document = {
+            "_id": buffer_id(node_id, task),
+            "node_id": node_id,
+            "task": task,
+            "entries": [_encode_entry(e) for e in entries],
+            "summary": json.dumps(dict(summary), sort_keys=True),
+            "updated_at": float(self._clock()),
+        }
+        await self.collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+
+    async def summaries(self) -> builtins.list[dict[str, Any]]:
+        """Every buffer's summary (``testbench scores``), ordered by node and task."""
+        docs = await self.collection.find({"summary": {"$exists": True}}).sort(
+            "_id", ASCENDING).to_list()
+        return [json.loads(d["summary"]) for d in docs]
+
+    async def get(self, node_id: str, task: str) -> Buffer | None:
+        doc = await self.collection.find_one({"_id": buffer_id(node_id, task)})
+        return _decode_buffer(doc) if doc is not None else None
+
+    async def all(self) -> builtins.list[Buffer]:
+        docs = await self.collection.find({}).sort("_id", ASCENDING).to_list()
+        return [_decode_buffer(d) for d in docs]

@@ -1,0 +1,62 @@
+"""The lm-eval internals testbench builds on (pinned: ``lm-eval[api]==0.4.13``).
+
+This module is the only user of lm-eval's private API: underscore names of its classes and
+modules. Requests must be exactly the ones lm-eval's ``local-completions`` /
+``local-chat-completions`` send (``TemplateAPI._create_payload`` with the model's
+``_seed``, ``TemplateLM._encode_pair``, the default ``_max_gen_toks``), and per-doc scores
+must go through the task's own filter ensembles and metric list (``ConfigurableTask._filters``,
+``_metric_fn_list``), which lm-eval publishes no other way. Everything else imports the
+public-named wrappers below, so an lm-eval upgrade that moves one breaks this module (the
+score-parity tests, ``tests/cluster/tasks/test_parity_lmeval.py``, reach it through the
+adapter), not the adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lm_eval.api.filter import FilterEnsemble
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.models.api_models import TemplateAPI
+
+
+def encode_pair(lm: TemplateAPI, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split as lm-eval's ``loglikelihood`` splits them."""
+    context_enc, continuation_enc = lm._encode_pair(context, continuation)
+    return context_enc, continuation_enc
+
+
+def request_payload(
+    lm: TemplateAPI, messages: Any, *, generate: bool, gen_kwargs: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The JSON body lm-eval's ``model_call`` posts for ``messages`` (the output of
+    ``lm.create_message``), with the model's seed and EOS string."""
+    body: dict[str, Any] = lm._create_payload(
+        messages, generate=generate, gen_kwargs=gen_kwargs, seed=lm._seed, eos=lm.eos_string
+    )
+    return body
+
+
+def default_max_gen_toks(lm: TemplateAPI) -> int:
+    """``max_gen_toks`` of a request that names none (the model's ``max_gen_toks`` arg)."""
+    return int(lm._max_gen_toks)
+
+
+def filter_ensembles(task: ConfigurableTask) -> list[FilterEnsemble]:
+    """The task's filter ensembles, in the order lm-eval applies them."""
+    return list(task._filters)
+
+
+def metric_names(task: ConfigurableTask) -> list[str]:
+    """The names of the task's metrics (``process_results`` keys), in config order."""
+    return list(task._metric_fn_list)
+
+
+def load_task_yaml(path: Path) -> dict[str, Any]:
+    """A task YAML as lm-eval reads it: ``include``s merged, ``!function``s resolved."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config: dict[str, Any] = load_yaml(path, resolve_func=True)
+    return config

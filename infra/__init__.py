@@ -1,0 +1,1 @@
+"""Deployment files and their checks; not one of testbench's layered packages."""

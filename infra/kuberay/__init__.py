@@ -1,0 +1,1 @@
+"""testbench on Kubernetes with KubeRay: manifests, image, and their checks (checks/)."""
