@@ -32,6 +32,7 @@ BENCHES: dict[str, list[str]] = {
     "poc.py": [],
     "e2e_vs_lmeval.py": [],
     "sim_nodes.py": [],
+    "honesty_calibration.py": [],
 }
 
 

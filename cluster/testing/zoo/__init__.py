@@ -13,7 +13,8 @@ Kinds (all claim the honest model's name and, where they have them, its signatur
 | ``random`` | no model: random words, made-up logprobs |
 
 Run ``python -m cluster.testing.zoo --help``; in tests, :class:`ZooProcess` starts one
-process serving several nodes and reads their URLs.
+process serving several nodes and reads their URLs. :mod:`cluster.testing.zoo.matrix`
+judges a verification round by the role (kind) each node is expected to play.
 """
 
 from cluster.local.zoo import ZooProcess

