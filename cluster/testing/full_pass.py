@@ -1,20 +1,30 @@
 """One full pass of a task over chosen docs on one node, and lm-eval's own run as its anchor.
 
-The measuring loop fills rolling buffers; a full pass (parity checks, the end-to-end bench,
-evaluation runs) measures a fixed set of docs once, with the loop's own parts: the task
-adapter builds the requests, :class:`cluster.nodes.requester.Requester` sends them (same limits,
-timeouts, retries and error codes) and the adapter scores the answers.
+The measuring loop fills rolling buffers; a full pass (parity checks) measures a fixed set
+of docs once, with the loop's own parts: the task adapter builds the requests,
+:class:`cluster.nodes.requester.Requester` sends them (same limits, timeouts, retries and
+error codes) and the adapter scores the answers. It skips the Manager, the Sampler and
+Evaluator actors and the stores: ``bench/e2e_vs_lmeval.py`` times the loop itself
+(``testbench run --until-full``) and reads its per-doc results with :func:`loop_doc_metrics`.
 
 :func:`run_lm_eval` runs lm-eval 0.4.13's ``local-completions`` client with the project's
-task YAMLs against the same endpoint, for a side-by-side comparison.
+task YAMLs against the same endpoint, for a side-by-side comparison; run as a module, it is
+that run in a process of its own, writing lm-eval's results (logged samples included) to a
+JSON file::
+
+    python -m cluster.testing.full_pass --task openbookqa --base-url http://127.0.0.1:8000/llm \\
+        --model smollm2 --tokenizer .cache/models/smollm2 --output results.json [--limit N] \\
+        [--concurrency 8] [--batch-size 4]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +148,77 @@ def compare_doc_metrics(
     return out
 
 
+@dataclass
+class LoopSamples:
+    """The loop's samples of one (node, task), as MongoDB's ``samples`` holds them."""
+
+    per_doc: dict[int, dict[str, float]] = field(default_factory=dict)  # OK samples
+    failed: dict[int, str] = field(default_factory=dict)  # doc -> "CODE: error"
+    measured: dict[int, int] = field(default_factory=dict)  # doc -> samples of it
+
+
+def loop_doc_metrics(samples: Iterable[Mapping[str, Any]]) -> LoopSamples:
+    """Per-doc metrics from ``samples`` documents (fields ``doc_id``, ``error_code``,
+    ``metrics``, ``error``): a doc with any failed sample is failed, never dropped."""
+    out = LoopSamples()
+    for row in samples:
+        doc_id = int(row["doc_id"])
+        out.measured[doc_id] = out.measured.get(doc_id, 0) + 1
+        code = ErrorCode(row["error_code"])
+        if code != ErrorCode.OK:
+            out.failed[doc_id] = f"{code.name}: {row.get('error')}"
+            out.per_doc.pop(doc_id, None)
+        elif doc_id not in out.failed:
+            out.per_doc[doc_id] = {k: float(v) for k, v in (row.get("metrics") or {}).items()}
+    return out
+
+
+def read_loop_samples(mongo_url: str, database: str, node_id: str, task: str) -> LoopSamples:
+    """:func:`loop_doc_metrics` of the ``samples`` collection for ``(node_id, task)``."""
+    from pymongo import MongoClient
+
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_url)
+    try:
+        rows = client[database]["samples"].find(
+            {"node_id": node_id, "task": task},
+            {"doc_id": 1, "error_code": 1, "metrics": 1, "error": 1},
+        )
+        return loop_doc_metrics(list(rows))
+    finally:
+        client.close()
+
+
 def aggregate(adapter: Any, per_doc: Mapping[int, Mapping[str, float]],
               metrics: Sequence[str] | None = None) -> dict[str, tuple[float, float | None]]:
     names = list(metrics or adapter.metric_names)
     return {m: adapter.aggregate(m, [per_doc[d][m] for d in sorted(per_doc)]) for m in names}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """lm-eval's run (:func:`run_lm_eval`) in this process; its results go to ``--output``."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--base-url", required=True, help="the node's base URL (no /v1)")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--datasets-dir", type=Path,
+                    default=Path(__file__).resolve().parents[2] / "datasets")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--concurrency", type=int, default=8, help="lm-eval's num_concurrent")
+    ap.add_argument("--batch-size", type=int, default=1, help="lm-eval's batch_size")
+    ap.add_argument("--output", type=Path, required=True)
+    args = ap.parse_args(argv)
+    from lm_eval.utils import handle_non_serializable
+
+    results = run_lm_eval(args.task, args.base_url, args.model, args.tokenizer,
+                          args.datasets_dir, limit=args.limit, num_fewshot=args.num_fewshot,
+                          concurrency=args.concurrency,
+                          extra_model_args=f"batch_size={args.batch_size}")
+    args.output.write_text(json.dumps(results, default=handle_non_serializable),
+                           encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
