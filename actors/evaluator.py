@@ -2,26 +2,34 @@
 
 A doc whose relays are not all OK becomes a failed sample with the failing code: it is
 never dropped. Samples are keyed by their sample key, so scoring the same relays twice
-(a replay after a crash) records nothing new. The (node, task) buffer summary is
+(a replay after a crash) records nothing new. Each (node, task) buffer summary is
 recomputed from the samples collection, which keeps it correct under replays too.
+
+One call scores the docs of many pairs: one MongoDB write for the samples, one for the
+prompts' ``_done`` marks, one read and one bulk write for the buffers. The docs come from
+the Sampler with the prompts; only a re-driven batch (after a crash) reads them from
+PostgreSQL again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from actors import metrics
 from cluster.core.buffers import summarize_buffer
-from cluster.core.errors import ErrorCode, EvaluationError, NodeError
-from cluster.core.schemas import Node, Relay, Sample, ScoreSamples, failure_code
+from cluster.core.errors import ErrorCode, EvaluationError, NodeError, TaskError
+from cluster.core.schemas import Node, Relay, Sample, failure_code
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
-from cluster.tasks.lmeval import TaskAdapter
 from cluster.tasks.registry import load_adapter
 
 log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+
 
 def epoch_of(key: str) -> int:
     return int(key.rsplit("|", 1)[1])
@@ -38,11 +46,24 @@ class Evaluator:
         self._stores = stores or StoreConnections(settings)
         self._clock = clock
 
-    def adapter(self, node: Node, task: str) -> TaskAdapter:
+    def adapter(self, node: Node, task: str) -> Any:
         return load_adapter(task, self._settings.datasets_dir, node)
 
+    def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> int:
+        """Build the adapters of these (node, task) pairs now (lm-eval's imports, tasks and
+        tokenizers take seconds); one that cannot be built is left for the real call to
+        report. Returns how many were built."""
+        built = 0
+        for node, task in pairs:
+            try:
+                self.adapter(node, task)
+                built += 1
+            except Exception:  # noqa: BLE001 - reported where it matters, on the pair
+                log.debug("warm_up.skipped node=%s task=%s", node.node_id, task, exc_info=True)
+        return built
+
     def score_doc(
-        self, adapter: TaskAdapter, doc_id: int, doc: dict, relays: list[Relay], now: float
+        self, adapter: Any, doc_id: int, doc: dict, relays: list[Relay], now: float
     ) -> Sample:
         first = relays[0]
         latencies = [r.latency_s for r in relays if r.latency_s is not None]
@@ -60,62 +81,116 @@ class Evaluator:
             errors = "; ".join(
                 f"#{r.request_index}: {r.error}" for r in relays if r.error_code != ErrorCode.OK
             )
-            return Sample(error_code=code, error=errors[:2000], **base)
+            return Sample(error_code=code, error=errors[:MAX_ERROR_CHARS], **base)
         ordered = sorted(relays, key=lambda r: r.request_index)
         evidence: dict[str, str] = {}
         try:
-            metrics = adapter.score(doc_id, doc, ordered)
+            scores = adapter.score(doc_id, doc, ordered)
             if hasattr(adapter, "evidence"):
                 evidence = adapter.evidence(doc_id, doc, ordered)
         except EvaluationError as exc:
-            return Sample(error_code=ErrorCode.EVALUATION, error=str(exc)[:2000], **base)
+            return Sample(error_code=ErrorCode.EVALUATION, error=str(exc)[:MAX_ERROR_CHARS], **base)
         except NodeError as exc:  # e.g. an image that does not decode: the node's answer is bad
-            return Sample(error_code=ErrorCode.NODE, error=str(exc)[:2000], **base)
-        return Sample(error_code=ErrorCode.OK, metrics=metrics, evidence=evidence, **base)
+            return Sample(error_code=ErrorCode.NODE, error=str(exc)[:MAX_ERROR_CHARS], **base)
+        return Sample(error_code=ErrorCode.OK, metrics=scores, evidence=evidence, **base)
 
-    async def score(self, relays: list[Relay], node: Node) -> ScoreSamples:
+    async def score(
+        self,
+        relays: Sequence[Relay],
+        nodes: Mapping[str, Node] | Node,
+        docs: Mapping[tuple[str, int], dict[str, Any]] | None = None,
+    ) -> list[Sample]:
+        """Score every doc the relays complete (relays grouped by sample key), record the
+        samples and refresh the buffers they land in; returns the samples (replays
+        included, so the caller learns the outcome of every doc it sent).
+
+        ``docs`` are the Sampler's (task, doc_id) → doc; missing ones are read from
+        PostgreSQL. A doc whose task cannot be scored as configured gets a ``BAD_PARAMS``
+        sample (the bench's side, not counted against the node)."""
+        if isinstance(nodes, Node):
+            nodes = {nodes.node_id: nodes}
         if not relays:
-            return ScoreSamples(node_id=node.node_id, task="", samples=[])
-        task = relays[0].task
-        adapter = self.adapter(node, task)
+            return []
         groups: dict[str, list[Relay]] = {}
         for relay in relays:
             groups.setdefault(relay.sample_key, []).append(relay)
-        doc_ids = sorted({r.doc_id for r in relays})
-        datasets = await self._stores.datasets()
-        docs = await datasets.fetch_docs(task, adapter.eval_split, doc_ids)
+        adapters: dict[tuple[str, str], Any] = {}
+        problems: dict[tuple[str, str], str] = {}
+        for group in groups.values():
+            pair = (group[0].node_id, group[0].task)
+            if pair in adapters or pair in problems:
+                continue
+            node = nodes.get(pair[0])
+            try:
+                if node is None:
+                    raise TaskError(f"node {pair[0]!r} is not among the nodes to score for")
+                adapters[pair] = self.adapter(node, pair[1])
+            except TaskError as exc:
+                problems[pair] = str(exc)
+        docs = dict(docs or {})
+        await self._read_missing_docs(groups, adapters, docs)
         now = self._clock()
-        samples = [
-            self.score_doc(adapter, group[0].doc_id, docs[group[0].doc_id], group, now)
-            for group in groups.values()
-        ]
+        samples: list[Sample] = []
+        for group in groups.values():
+            first = group[0]
+            pair = (first.node_id, first.task)
+            adapter = adapters.get(pair)
+            doc = docs.get((first.task, first.doc_id))
+            if adapter is None or doc is None:
+                why = problems.get(pair) or f"doc {first.doc_id} of {first.task} was not found"
+                samples.append(self._bench_failure(first, why, now))
+                continue
+            samples.append(self.score_doc(adapter, first.doc_id, doc, group, now))
         mongo = await self._stores.mongo()
         new = await mongo.samples.record_samples(samples)
         metrics.record_samples(new)  # only new ones: a replayed batch is not counted twice
-        await mongo.prompts.mark_done(list(groups))
-        await self.refresh_buffer(node.node_id, task, adapter)
-        log.info(
-            "evaluator.scored node=%s task=%s samples=%d new=%d failed=%d",
-            node.node_id, task, len(samples), len(new),
-            sum(1 for s in samples if s.error_code != ErrorCode.OK),
-        )
-        return ScoreSamples(node_id=node.node_id, task=task, samples=samples)
+        await mongo.prompts.mark_done([r.prompt_id for r in relays])
+        await self.refresh_buffers({pair: a for pair, a in adapters.items()})
+        log.debug("evaluator.scored samples=%d new=%d failed=%d", len(samples), len(new),
+                  sum(1 for s in samples if s.error_code != ErrorCode.OK))
+        return samples
 
-    async def refresh_buffer(self, node_id: str, task: str, adapter: TaskAdapter) -> None:
+    async def _read_missing_docs(
+        self, groups: Mapping[str, list[Relay]], adapters: Mapping[tuple[str, str], Any],
+        docs: dict[tuple[str, int], dict[str, Any]],
+    ) -> None:
+        missing: dict[tuple[str, str], set[int]] = {}
+        for group in groups.values():
+            first = group[0]
+            adapter = adapters.get((first.node_id, first.task))
+            if adapter is not None and (first.task, first.doc_id) not in docs:
+                missing.setdefault((first.task, adapter.eval_split), set()).add(first.doc_id)
+        if not missing:
+            return
+        datasets = await self._stores.datasets()
+        for (task, split), ids in missing.items():
+            for doc_id, doc in (await datasets.fetch_docs(task, split, sorted(ids))).items():
+                docs[(task, doc_id)] = doc
+
+    def _bench_failure(self, first: Relay, why: str, now: float) -> Sample:
+        return Sample(sample_key=first.sample_key, node_id=first.node_id, task=first.task,
+                      doc_id=first.doc_id, epoch=epoch_of(first.sample_key),
+                      error_code=ErrorCode.BAD_PARAMS, error=why[:MAX_ERROR_CHARS],
+                      created_at=now)
+
+    async def refresh_buffers(self, adapters: Mapping[tuple[str, str], Any]) -> None:
+        """Recompute the buffers of these (node, task) pairs from their samples."""
+        if not adapters:
+            return
         now = self._clock()
+        cfg = self._settings.manager
+        limits = {pair: cfg.task_targets.get(pair[1], cfg.target_samples) for pair in adapters}
         mongo = await self._stores.mongo()
-        recent = await mongo.samples.latest(
-            node_id, task, since_ts=now - self._settings.manager.sample_ttl_s,
-            limit=self._settings.manager.task_targets.get(
-                task, self._settings.manager.target_samples
-            ),
-        )
-        summary = summarize_buffer(
-            node_id, task, recent, adapter.metric_names, now, aggregate=adapter.aggregate
-        )
-        entries = [
-            {k: row.get(k) for k in ("doc_id", "error_code", "metrics", "latency_s", "created_at")}
-            | {"sample_key": row["_id"]}
-            for row in reversed(recent)
-        ]
-        await mongo.buffers.set_summary(summary.model_dump(), entries)
+        recent = await mongo.samples.latest_for_pairs(limits, since_ts=now - cfg.sample_ttl_s)
+        updates = []
+        for (node_id, task), adapter in adapters.items():
+            rows = recent.get((node_id, task), [])
+            summary = summarize_buffer(node_id, task, rows, adapter.metric_names, now,
+                                       aggregate=adapter.aggregate)
+            entries = [
+                {k: row.get(k) for k in ("doc_id", "error_code", "metrics", "latency_s",
+                                          "created_at")} | {"sample_key": row["_id"]}
+                for row in reversed(rows)
+            ]
+            updates.append((summary.model_dump(), entries))
+        await mongo.buffers.set_summaries(updates)

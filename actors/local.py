@@ -7,12 +7,13 @@ where a cluster would be overkill.
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from actors.evaluator import Evaluator
 from actors.requester import loop_requester
 from actors.sampler import Sampler
-from cluster.core.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples
+from cluster.core.schemas import Node, Prompt, Relay, Sample, SampleDraw, SampleRequest
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
 
@@ -36,17 +37,26 @@ class LocalPipeline:
         self._next_sampler = itertools.cycle(self.samplers)
         self._next_evaluator = itertools.cycle(self.evaluators)
 
-    async def sample(self, req: SampleRequest) -> tuple[list[int], Any]:
-        return await next(self._next_sampler).sample(req)
+    async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]:
+        draws, prompts, docs = await next(self._next_sampler).sample_batch(reqs)
+        return draws, (prompts, docs)
 
-    async def relay_and_score(self, prompts: Any, node: Node) -> ScoreSamples:
-        return await self.score(await self.relay(prompts, node), node)
+    async def relay_and_score(
+        self, handoff: Any, nodes: Mapping[str, Node]
+    ) -> AsyncIterator[list[Sample]]:
+        prompts, docs = handoff
+        relays = await self.relay(prompts, nodes)
+        yield await next(self._next_evaluator).score(relays, nodes, docs)
 
-    async def relay(self, prompts: list[Prompt], node: Node) -> list[Relay]:
-        return await self.requester.relay(prompts, {node.node_id: node})
+    async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]:
+        return await self.requester.relay(prompts, dict(nodes))
 
-    async def score(self, relays: list[Relay], node: Node) -> ScoreSamples:
-        return await next(self._next_evaluator).score(relays, node)
+    async def score(self, relays: list[Relay], nodes: Mapping[str, Node]) -> list[Sample]:
+        return await next(self._next_evaluator).score(relays, nodes)
+
+    async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None:
+        for child in [*self.samplers, *self.evaluators]:
+            child.warm_up(pairs)
 
     async def close(self) -> None:
         await self.requester.close()

@@ -19,28 +19,37 @@ def _stderr(line: str) -> None:
 def run_loop(settings: Settings, until_full: bool, once: bool, timeout_s: float | None,
              progress: Callable[[str], None] = _stderr) -> bool:
     """Drive the detached Manager (Ray already initialised); True when the goal was reached.
-    ``progress`` gets a status line whenever it changes, and the reason on a time-out."""
+
+    ``progress`` gets a status line whenever it changes, and the reason on a time-out.
+    With ``until_full`` the run ends when every pair is full or unmeasurable (its adapter
+    or dataset cannot be used as configured); unmeasurable pairs are named with their
+    reason and make the result False."""
     manager = get_or_create_manager(settings)
     ray.get(manager.ensure_started.remote())
     start = time.monotonic()
     last = ""
     while True:
-        status = ray.get(manager.status.remote())
-        pairs = status["pairs"]
-        valid = sum(min(p["valid"], p["target"]) for p in pairs)
-        target = sum(p["target"] for p in pairs)
-        in_flight = sum(p["in_flight"] for p in pairs)
+        status = ray.get(manager.status.remote(detail=False))
+        stuck = status["unmeasurable_pairs"]
+        valid, target, in_flight = status["valid"], status["target"], status["in_flight"]
         line = (f"[{time.monotonic() - start:6.1f}s] samples {valid}/{target} "
-                f"({100 * valid / max(target, 1):.0f}%), in flight {in_flight}, "
-                f"relay errors {status['pipeline_errors']}")
+                f"({100 * valid / max(target, 1):.0f}%), in flight {in_flight}"
+                + (f", unmeasurable pairs {len(stuck)}" if stuck else "")
+                + f", failed stage calls {status['pipeline_errors']} (re-driven)")
         if line[10:] != last:
             progress(line)
             last = line[10:]
-        if until_full and status["full"]:
-            return True
+        if until_full and status.get("settled", status["full"]):
+            for pair in stuck:
+                progress(f"error: {pair['node_id']} x {pair['task']} cannot be measured: "
+                         f"{pair['reason']}")
+            return not stuck
         if once and status["ticks"] >= 1 and in_flight == 0:
             return True
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             progress(f"error: timed out after {timeout_s:.0f}s with {valid}/{target} samples")
+            for pair in stuck:
+                progress(f"error: {pair['node_id']} x {pair['task']} cannot be measured: "
+                         f"{pair['reason']}")
             return False
         time.sleep(1.0)

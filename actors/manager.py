@@ -12,26 +12,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from actors import metrics
 from actors.planning import NodeBudget, PairState, PlanItem, PlanLimits, backoff_s, plan_samples
 from cluster.core.errors import ErrorCode
-from cluster.core.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples, sample_key
+from cluster.core.schemas import (
+    Node,
+    Prompt,
+    Relay,
+    Sample,
+    SampleDraw,
+    SampleRequest,
+    sample_key,
+)
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
 
 log = logging.getLogger(__name__)
 
+MIN_TICK_GAP_S = 0.05
+
 
 class Pipeline(Protocol):
-    """The Manager's children. ``prompts`` handles stay opaque (Ray object refs)."""
+    """The Manager's children. A batch's handoff (prompts and their docs) stays opaque:
+    Ray object refs in production, plain values in process."""
 
-    async def sample(self, req: SampleRequest) -> tuple[list[int], Any]: ...
-    async def relay_and_score(self, prompts: Any, node: Node) -> ScoreSamples: ...
-    async def relay(self, prompts: list[Prompt], node: Node) -> list[Relay]: ...
-    async def score(self, relays: list[Relay], node: Node) -> ScoreSamples: ...
+    async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]: ...
+    def relay_and_score(
+        self, handoff: Any, nodes: Mapping[str, Node]
+    ) -> AsyncIterator[list[Sample]]: ...
+    async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]: ...
+    async def score(self, relays: list[Relay], nodes: Mapping[str, Node]) -> list[Sample]: ...
+    async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -54,13 +68,19 @@ class Manager:
         self._states: dict[tuple[str, str], PairState] = {}
         self._budgets: dict[str, NodeBudget] = {}
         self._inflight_keys: set[str] = set()
-        self._sample_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
         self._ticks = 0
-        self._counters = {"dispatched": 0, "samples": 0, "redriven": 0, "pipeline_errors": 0}
+        self._counters = {"dispatched": 0, "samples": 0, "redriven": 0, "pipeline_errors": 0,
+                          "unmeasurable": 0}
+        self._swept_at = -1e18
+        self._wake: asyncio.Event | None = None
+        self._warm_s: float | None = None
+        # Orphans are older than redrive_after_s by definition: looking a few times per
+        # that period is enough, and spares MongoDB a query every tick.
+        self._sweep_every_s = max(settings.manager.tick_s, settings.manager.redrive_after_s / 4)
         self._limits = PlanLimits(
             target_samples=self._cfg.target_samples,
             max_in_flight=self._cfg.max_in_flight,
@@ -78,10 +98,27 @@ class Manager:
                 self._pipeline = self._pipeline_factory(self._settings)
                 await self.rebuild()
                 self._started = True
+                # Children load lm-eval, tasks and tokenizers (seconds each) while the
+                # first batches are planned, not when the first relays come back.
+                self._spawn(self._warm_up())
                 # Everything pending now is an orphan of an earlier life: re-drive it all.
                 await self._sweep(older_than=self._clock() + 1)
             if loop and (self._loop_task is None or self._loop_task.done()):
                 self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def _warm_up(self) -> None:
+        assert self._pipeline is not None
+        started = time.perf_counter()
+        kinds: dict[tuple[Any, ...], Node] = {}
+        for node in self._nodes.values():
+            kinds.setdefault((node.kind, node.model, node.api, node.tokenizer), node)
+        pairs = [(node, task) for node in kinds.values() for task in self._node_tasks(node)]
+        try:
+            await self._pipeline.warm_up(pairs)
+        except Exception:
+            log.warning("manager.warm_up_failed", exc_info=True)
+        self._warm_s = time.perf_counter() - started
+        log.info("manager.warm pairs=%d seconds=%.1f", len(pairs), self._warm_s)
 
     async def stop(self) -> None:
         if self._loop_task is not None:
@@ -94,14 +131,25 @@ class Manager:
         await self._stores.close()
 
     async def _run_loop(self) -> None:
+        """Tick every ``tick_s``, and sooner when finished docs free room to plan (so a
+        node is not left idle until the next tick), but never more often than a few
+        times the last tick's own duration (planning 100,000 pairs takes seconds)."""
+        wake = self._wake = asyncio.Event()
         while True:
+            started = time.perf_counter()
+            wake.clear()
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("manager.tick_failed")
-            await asyncio.sleep(self._cfg.tick_s)
+            spent = time.perf_counter() - started
+            await asyncio.sleep(max(MIN_TICK_GAP_S, 4 * spent))
+            try:
+                await asyncio.wait_for(wake.wait(), max(0.0, self._cfg.tick_s - spent))
+            except TimeoutError:
+                pass
 
     async def rebuild(self) -> None:
         """Planning state from the samples of the current TTL window."""
@@ -152,15 +200,35 @@ class Manager:
         await self._refresh_nodes()
         now = self._clock()
         plan = self.plan(now)
-        for item in plan:
-            self._state(item.node_id, item.task).reserved += item.count
-            self._spawn(self._dispatch(item))
+        for batch in self._batches(plan):
+            for item in batch:
+                self._state(item.node_id, item.task).reserved += item.count
+            self._spawn(self._dispatch(batch))
         self._ticks += 1
         metrics.set_manager_queue(len(self._inflight_keys), planned=sum(i.count for i in plan))
-        await self._sweep(older_than=now - self._cfg.redrive_after_s)
+        if now - self._swept_at >= self._sweep_every_s:
+            self._swept_at = now
+            await self._sweep(older_than=now - self._cfg.redrive_after_s)
         if plan:
             log.info("manager.tick planned=%d docs=%d", len(plan), sum(i.count for i in plan))
         return len(plan)
+
+    def _batches(self, plan: list[PlanItem]) -> list[list[PlanItem]]:
+        """The plan cut into batches of about ``dispatch_batch_docs`` docs: each batch is one
+        Sampler call, one Requester stream and a few Evaluator calls."""
+        size = self._cfg.dispatch_batch_docs
+        batches: list[list[PlanItem]] = []
+        current: list[PlanItem] = []
+        docs = 0
+        for item in plan:
+            if current and docs + item.count > size:
+                batches.append(current)
+                current, docs = [], 0
+            current.append(item)
+            docs += item.count
+        if current:
+            batches.append(current)
+        return batches
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -168,52 +236,81 @@ class Manager:
         task.add_done_callback(self._tasks.discard)
 
     # ---- dispatch --------------------------------------------------------------------
-    async def _dispatch(self, item: PlanItem) -> None:
-        node = self._nodes.get(item.node_id)
+    def _request(self, item: PlanItem, node: Node, epoch: int) -> SampleRequest:
         state = self._state(item.node_id, item.task)
+        if state.skip_epoch != epoch:
+            state.skip, state.skip_epoch = set(), epoch
+        exclude = state.in_flight | set(state.valid_doc_ids()) | state.skip
+        return SampleRequest(node=node, task=item.task, count=item.count,
+                             exclude_doc_ids=sorted(exclude), epoch=epoch, seed=self._cfg.seed)
+
+    async def _dispatch(self, batch: list[PlanItem]) -> None:
+        """Draw, relay and score one batch of plan items. A pair is never in two batches
+        being drawn at once (planning skips pairs with ``reserved`` docs), so the docs
+        excluded here are all the docs in flight."""
         assert self._pipeline is not None
         now = self._clock()
         epoch = int(now // self._cfg.sample_ttl_s)
-        if state.skip_epoch != epoch:
-            state.skip, state.skip_epoch = set(), epoch
-        lock = self._sample_locks.setdefault((item.node_id, item.task), asyncio.Lock())
+        reqs = [self._request(item, self._nodes[item.node_id], epoch)
+                for item in batch if item.node_id in self._nodes]
         try:
-            if node is None:
-                return
-            async with lock:
-                exclude = state.in_flight | set(state.valid_doc_ids()) | state.skip
-                req = SampleRequest(
-                    node=node, task=item.task, count=item.count,
-                    exclude_doc_ids=sorted(exclude), epoch=epoch, seed=self._cfg.seed,
-                )
-                doc_ids, prompts = await self._pipeline.sample(req)
-                state.in_flight.update(doc_ids)
+            draws, handoff = await self._pipeline.sample(reqs)
         except Exception:
             self._counters["pipeline_errors"] += 1
-            log.exception("manager.sample_failed node=%s task=%s", item.node_id, item.task)
+            log.exception("manager.sample_failed pairs=%d", len(reqs))
             return
         finally:
-            state.reserved -= item.count
-        keys = [sample_key(item.node_id, item.task, d, epoch) for d in doc_ids]
+            for item in batch:
+                self._state(item.node_id, item.task).reserved -= item.count
+        keys: list[str] = []
+        nodes: dict[str, Node] = {}
+        for draw in draws:
+            state = self._state(draw.node_id, draw.task)
+            if draw.error is not None:
+                self._unmeasurable(draw, state)
+                continue
+            state.unmeasurable = None
+            state.in_flight.update(draw.doc_ids)
+            keys += [sample_key(draw.node_id, draw.task, d, draw.epoch) for d in draw.doc_ids]
+            nodes[draw.node_id] = self._nodes[draw.node_id]
+        if not keys:
+            return
         self._inflight_keys.update(keys)
-        self._counters["dispatched"] += len(doc_ids)
+        self._counters["dispatched"] += len(keys)
+        open_keys = set(keys)
         try:
             try:
-                result: ScoreSamples | None = await self._pipeline.relay_and_score(prompts, node)
+                async for samples in self._pipeline.relay_and_score(handoff, nodes):
+                    self._absorb(samples)
+                    open_keys.difference_update(s.sample_key for s in samples)
             except Exception:
                 self._counters["pipeline_errors"] += 1
-                log.warning(
-                    "manager.pipeline_failed node=%s task=%s docs=%d: re-driving from MongoDB",
-                    item.node_id, item.task, len(keys), exc_info=True,
-                )
-                result = await self._redrive(node, keys)
-            if result is not None:
-                self._absorb(result)
+                log.warning("manager.pipeline_failed docs=%d: re-driving from MongoDB",
+                            len(open_keys), exc_info=True)
+                if open_keys:
+                    self._absorb(await self._redrive(sorted(open_keys)) or [])
         finally:
-            state.in_flight.difference_update(doc_ids)
-            self._inflight_keys.difference_update(keys)
+            self._release(keys)
 
-    async def _redrive(self, node: Node, keys: list[str], attempts: int = 5) -> ScoreSamples | None:
+    def _unmeasurable(self, draw: SampleDraw, state: PairState) -> None:
+        """A pair whose adapter or dataset cannot be used as configured: say why, and
+        try again only after a backoff (a fixed configuration fails the same way)."""
+        state.unmeasurable = draw.error
+        state.config_failures += 1
+        wait = backoff_s(state.config_failures, 1, self._cfg.backoff_base_s,
+                         self._cfg.backoff_max_s)
+        state.backoff_until = self._clock() + wait
+        self._counters["unmeasurable"] += 1
+        log.warning("manager.pair_unmeasurable node=%s task=%s retry_in_s=%.0f reason=%s",
+                    draw.node_id, draw.task, wait, draw.error)
+
+    def _release(self, keys: list[str]) -> None:
+        for key in keys:
+            node_id, task, doc_id, _ = key.split("|")
+            self._state(node_id, task).in_flight.discard(int(doc_id))
+        self._inflight_keys.difference_update(keys)
+
+    async def _redrive(self, keys: list[str], attempts: int = 5) -> list[Sample] | None:
         """Finish samples from what MongoDB holds: relay what has no relay, then score."""
         assert self._pipeline is not None
         delay = 0.5
@@ -224,13 +321,18 @@ class Manager:
                 prompts = [p for key in keys for p in by_key.get(key, [])]
                 if not prompts:
                     return None
+                nodes: dict[str, Node] = {}
+                for node_id in {p.node_id for p in prompts}:
+                    node = self._nodes.get(node_id) or await mongo.nodes.get(node_id)
+                    if node is not None:
+                        nodes[node_id] = node
                 have = await mongo.relays.get_for_prompts([p.prompt_id for p in prompts])
                 missing = [p for p in prompts if p.prompt_id not in have]
                 relays = list(have.values())
                 if missing:
-                    relays += await self._pipeline.relay(missing, node)
+                    relays += await self._pipeline.relay(missing, nodes)
                 self._counters["redriven"] += len(keys)
-                return await self._pipeline.score(relays, node)
+                return await self._pipeline.score(relays, nodes)
             except Exception:
                 log.warning("manager.redrive_failed attempt=%d keys=%d", attempt, len(keys),
                             exc_info=True)
@@ -242,75 +344,87 @@ class Manager:
         """Re-drive samples whose prompts are pending and that nothing here is driving."""
         mongo = await self._stores.mongo()
         pending = await mongo.prompts.pending_sample_keys(older_than)
-        groups: dict[tuple[str, str], list[str]] = {}
-        for key, node_id, task in pending:
-            if key not in self._inflight_keys:
-                groups.setdefault((node_id, task), []).append(key)
-        for (node_id, task), keys in groups.items():
-            node = self._nodes.get(node_id)
-            if node is None:
-                node = await mongo.nodes.get(node_id)
-            if node is None:
-                continue
-            self._spawn(self._redrive_tracked(node, task, keys))
-        metrics.set_manager_queue(
-            len(self._inflight_keys), redriven=sum(len(keys) for keys in groups.values())
-        )
+        keys = [key for key, _, _ in pending if key not in self._inflight_keys]
+        if keys:
+            self._spawn(self._redrive_tracked(keys))
+        metrics.set_manager_queue(len(self._inflight_keys), redriven=len(keys))
 
-    async def _redrive_tracked(self, node: Node, task: str, keys: list[str]) -> None:
-        state = self._state(node.node_id, task)
-        doc_ids = [int(k.split("|")[2]) for k in keys]
-        state.in_flight.update(doc_ids)
+    async def _redrive_tracked(self, keys: list[str]) -> None:
+        for key in keys:
+            node_id, task, doc_id, _ = key.split("|")
+            self._state(node_id, task).in_flight.add(int(doc_id))
         self._inflight_keys.update(keys)
         try:
-            result = await self._redrive(node, keys)
-            if result is not None:
-                self._absorb(result)
+            self._absorb(await self._redrive(keys) or [])
         finally:
-            state.in_flight.difference_update(doc_ids)
-            self._inflight_keys.difference_update(keys)
+            self._release(keys)
 
-    def _absorb(self, result: ScoreSamples) -> None:
-        if not result.samples:
-            return
-        state = self._state(result.node_id, result.task)
-        known = set(state.valid_doc_ids())
-        for s in result.samples:
-            self._counters["samples"] += 1
-            if not s.error_code.counts_against_node:
-                state.skip.add(s.doc_id)
-                continue
-            if s.doc_id not in known:
-                state.valid.append((s.created_at, s.doc_id))
-                known.add(s.doc_id)
-            if s.error_code == ErrorCode.OK:
-                state.consecutive_failures = 0
-                state.backoff_until = 0.0
-            else:
-                state.consecutive_failures += 1
-                wait = backoff_s(
-                    state.consecutive_failures, self._cfg.failure_backoff_after,
-                    self._cfg.backoff_base_s, self._cfg.backoff_max_s,
-                )
-                if wait:
-                    state.backoff_until = self._clock() + wait
+    def _absorb(self, samples: list[Sample]) -> None:
+        if samples and self._wake is not None:
+            self._wake.set()
+        by_pair: dict[tuple[str, str], list[Sample]] = {}
+        for sample in samples:
+            by_pair.setdefault((sample.node_id, sample.task), []).append(sample)
+        now = self._clock()
+        for (node_id, task), pair_samples in by_pair.items():
+            state = self._state(node_id, task)
+            known = set(state.valid_doc_ids())
+            for s in pair_samples:
+                self._counters["samples"] += 1
+                state.in_flight.discard(s.doc_id)
+                self._inflight_keys.discard(s.sample_key)
+                if not s.error_code.counts_against_node:
+                    state.skip.add(s.doc_id)
+                    continue
+                if s.doc_id not in known:
+                    state.valid.append((s.created_at, s.doc_id))
+                    known.add(s.doc_id)
+                if s.error_code == ErrorCode.OK:
+                    state.consecutive_failures = 0
+                    state.backoff_until = 0.0
+                else:
+                    state.consecutive_failures += 1
+                    wait = backoff_s(
+                        state.consecutive_failures, self._cfg.failure_backoff_after,
+                        self._cfg.backoff_base_s, self._cfg.backoff_max_s,
+                    )
+                    if wait:
+                        state.backoff_until = now + wait
 
     # ---- status ----------------------------------------------------------------------
-    async def status(self) -> dict[str, Any]:
-        """Progress per (node, task); ``full`` when every buffer reached its target."""
+    async def status(self, detail: bool = True) -> dict[str, Any]:
+        """Progress: totals over every (node, task) (``valid`` counted up to each target,
+        ``target``, ``in_flight``), and per pair when ``detail``. ``full`` when every
+        measurable buffer reached its target; ``unmeasurable`` pairs (listed with their
+        reason either way) are left out of it, and ``settled`` says every pair is either
+        full or unmeasurable."""
         await self.ensure_started()
         now = self._clock()
-        pairs = []
-        full = bool(self._nodes)
+        pairs: list[dict[str, Any]] = []
+        unmeasurable: list[dict[str, Any]] = []
+        totals = {"valid": 0, "target": 0, "in_flight": 0}
+        full = settled = bool(self._nodes)
         for nid, node in sorted(self._nodes.items()):
             for task in self._node_tasks(node):
                 state = self._state(nid, task)
                 valid = state.valid_count(now, self._cfg.sample_ttl_s)
                 target = self._limits.target(task)
-                pairs.append({
-                    "node_id": nid, "task": task, "valid": valid,
-                    "in_flight": len(state.in_flight), "target": target,
-                    "backoff_s": max(0.0, state.backoff_until - now),
-                })
-                full = full and valid >= target
-        return {"full": full, "ticks": self._ticks, "pairs": pairs, **self._counters}
+                totals["valid"] += min(valid, target)
+                totals["target"] += target
+                totals["in_flight"] += len(state.in_flight)
+                if state.unmeasurable is not None:
+                    unmeasurable.append({"node_id": nid, "task": task,
+                                         "reason": state.unmeasurable})
+                else:
+                    full = full and valid >= target
+                settled = settled and (valid >= target or state.unmeasurable is not None)
+                if detail:
+                    pairs.append({
+                        "node_id": nid, "task": task, "valid": valid,
+                        "in_flight": len(state.in_flight), "target": target,
+                        "backoff_s": max(0.0, state.backoff_until - now),
+                        "unmeasurable": state.unmeasurable,
+                    })
+        return {"full": full, "settled": settled, "ticks": self._ticks, **totals,
+                "pairs": pairs, "unmeasurable_pairs": unmeasurable, "warm_s": self._warm_s,
+                **self._counters}

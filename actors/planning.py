@@ -2,7 +2,8 @@
 
 need = min(max_in_flight - in_flight, target - in_flight - valid samples younger than
 the TTL) (docs already in flight will fill the buffer too, so they are not drawn twice),
-further limited by task dependencies, the node's hourly budget and failure backoff.
+further limited by task dependencies, the node's hourly budget and failure backoff; a pair
+whose docs are being drawn waits for that draw.
 This is the Manager's hot path (100,000 pairs a round at scale), so it is plain
 Python over small slotted objects: no pydantic, no per-pair allocations beyond the
 result.
@@ -29,6 +30,10 @@ class PairState:
     skip_epoch: int = -1
     consecutive_failures: int = 0
     backoff_until: float = 0.0
+    # why the pair cannot be measured as configured (None: it can), and how many times
+    # in a row drawing failed for such a reason (sets its backoff)
+    unmeasurable: str | None = None
+    config_failures: int = 0
 
     def valid_count(self, now: float, ttl_s: float) -> int:
         horizon = now - ttl_s
@@ -107,7 +112,9 @@ def plan_samples(
         full: dict[str, bool] | None = None
         for task in tasks:
             state = states.get((node_id, task), empty)
-            if state.backoff_until > now:
+            if state.backoff_until > now or state.reserved:
+                # backing off, or docs of it are being drawn: their ids are not known yet,
+                # so drawing more now could draw the same docs twice
                 continue
             required = deps.get(task)
             if required:

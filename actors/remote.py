@@ -9,7 +9,9 @@ shows it; when it restarts it rebuilds from MongoDB and re-creates its children.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -20,7 +22,7 @@ from actors.local import MongoRelaySink
 from actors.manager import Manager
 from actors.requester import loop_requester
 from actors.sampler import Sampler
-from cluster.core.schemas import Node, Prompt, Relay, SampleRequest, ScoreSamples
+from cluster.core.schemas import Node, Prompt, Relay, Sample, SampleDraw, SampleRequest
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
 
@@ -36,10 +38,64 @@ class RequesterHost:
     """The Requester with its MongoDB sink, as one async actor."""
 
     def __init__(self, settings: Settings) -> None:
-        self._requester = loop_requester(settings.requester, MongoRelaySink(StoreConnections(settings)))
+        # Relays are recorded here, batch by batch, not by the Requester call by call.
+        self._requester = loop_requester(settings.requester)
+        self._sink = MongoRelaySink(StoreConnections(settings))
+        self._wait_s = settings.manager.score_batch_wait_s
+        self._batch_relays = settings.manager.dispatch_batch_docs
 
-    async def relay(self, prompts: list[Prompt], nodes: dict[str, Node]) -> list[Relay]:
-        return await self._requester.relay(prompts, nodes)
+    async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]:
+        relays = await self._requester.relay(prompts, dict(nodes))
+        await self._sink.record_relays(relays)
+        return relays
+
+    async def relay_stream(
+        self, prompts: list[Prompt], nodes: Mapping[str, Node]
+    ) -> AsyncIterator[list[Relay]]:
+        """The prompts' relays in batches as their nodes finish (a node's prompts come
+        together, so a batch holds whole docs): a slow node holds back only its own docs.
+        Each batch is recorded before it is yielded; a batch gathers for at most
+        ``manager.score_batch_wait_s``."""
+        by_node: dict[str, list[Prompt]] = {}
+        for prompt in prompts:
+            by_node.setdefault(prompt.node_id, []).append(prompt)
+        finished: asyncio.Queue[list[Relay] | BaseException] = asyncio.Queue()
+        node_map = dict(nodes)
+
+        async def relay_node(node_prompts: list[Prompt]) -> None:
+            try:
+                finished.put_nowait(await self._requester.relay(node_prompts, node_map))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+                finished.put_nowait(exc)
+                raise
+
+        tasks = [asyncio.create_task(relay_node(ps)) for ps in by_node.values()]
+        left = len(tasks)
+        loop = asyncio.get_running_loop()
+
+        def take(item: list[Relay] | BaseException, batch: list[Relay]) -> None:
+            if isinstance(item, BaseException):
+                raise item
+            batch.extend(item)
+
+        try:
+            while left:
+                batch: list[Relay] = []
+                take(await finished.get(), batch)
+                left -= 1
+                deadline = loop.time() + self._wait_s
+                while left and len(batch) < self._batch_relays:
+                    try:
+                        item = await asyncio.wait_for(finished.get(), deadline - loop.time())
+                    except TimeoutError:
+                        break
+                    left -= 1
+                    take(item, batch)
+                await self._sink.record_relays(batch)
+                yield batch
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def stats(self) -> dict[str, Any]:
         return self._requester.stats()
@@ -78,20 +134,42 @@ class RayPipeline:
         self._next_sampler = itertools.cycle(self.samplers)
         self._next_evaluator = itertools.cycle(self.evaluators)
 
-    async def sample(self, req: SampleRequest) -> tuple[list[int], Any]:
+    async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]:
         sampler = next(self._next_sampler)
-        ids_ref, prompts_ref = sampler.sample.options(num_returns=2).remote(req)
-        return await ids_ref, prompts_ref
+        draws_ref, prompts_ref, docs_ref = sampler.sample_batch.options(num_returns=3).remote(
+            list(reqs))
+        return await draws_ref, (prompts_ref, docs_ref)
 
-    async def relay_and_score(self, prompts: Any, node: Node) -> ScoreSamples:
-        relays_ref = self.requester.relay.remote(prompts, {node.node_id: node})
-        return await next(self._next_evaluator).score.remote(relays_ref, node)
+    async def relay_and_score(
+        self, handoff: Any, nodes: Mapping[str, Node]
+    ) -> AsyncIterator[list[Sample]]:
+        """Scored docs as their relays come back from the Requester's stream; each batch
+        goes to the next Evaluator while the stream goes on."""
+        prompts_ref, docs_ref = handoff
+        nodes_ref = ray.put(dict(nodes))
+        stream = self.requester.relay_stream.options(num_returns="streaming").remote(
+            prompts_ref, nodes_ref)
+        scoring: set[asyncio.Future[list[Sample]]] = set()
+        async for relays_ref in stream:
+            scoring.add(asyncio.ensure_future(
+                next(self._next_evaluator).score.remote(relays_ref, nodes_ref, docs_ref)))
+            for future in [f for f in scoring if f.done()]:
+                scoring.discard(future)
+                yield future.result()
+        while scoring:
+            done, scoring = await asyncio.wait(scoring, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
 
-    async def relay(self, prompts: list[Prompt], node: Node) -> list[Relay]:
-        return await self.requester.relay.remote(prompts, {node.node_id: node})
+    async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]:
+        return await self.requester.relay.remote(prompts, dict(nodes))
 
-    async def score(self, relays: list[Relay], node: Node) -> ScoreSamples:
-        return await next(self._next_evaluator).score.remote(relays, node)
+    async def score(self, relays: list[Relay], nodes: Mapping[str, Node]) -> list[Sample]:
+        return await next(self._next_evaluator).score.remote(relays, dict(nodes))
+
+    async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None:
+        await asyncio.gather(*(child.warm_up.remote(list(pairs))
+                               for child in [*self.samplers, *self.evaluators]))
 
     def children(self) -> dict[str, Any]:
         return {"samplers": self.samplers, "evaluators": self.evaluators,

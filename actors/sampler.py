@@ -1,8 +1,14 @@
-"""Sampler: draws docs for (node, task) from PostgreSQL and builds the node's requests.
+"""Sampler: draws docs for many (node, task) pairs from PostgreSQL and builds their requests.
 
 Docs are drawn with a RNG seeded by the request (node, task, epoch, exclusions), so a
-replayed request draws the same docs. Prompts are written to MongoDB before they are
-returned: from then on nothing about them can be lost.
+replayed request draws the same docs. A batch of requests costs one PostgreSQL read per
+task and one MongoDB write: prompts are written before they are returned, and from then on
+nothing about them can be lost. The docs travel on with the prompts (to the Evaluator), so
+they are read once.
+
+A pair that cannot be measured as configured (its adapter cannot be built: a tokenizer
+that does not load, a chat node on a loglikelihood task; its dataset is not loaded) gets a
+:class:`SampleDraw` with the reason instead of failing the batch.
 """
 
 from __future__ import annotations
@@ -10,16 +16,19 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from cluster.core.errors import DatasetError
-from cluster.core.schemas import Node, Prompt, SampleRequest, sample_key
+from cluster.core.errors import DatasetError, TaskError
+from cluster.core.schemas import Node, Prompt, SampleDraw, SampleRequest, sample_key
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
-from cluster.tasks.lmeval import TaskAdapter
 from cluster.tasks.registry import load_adapter
 
 log = logging.getLogger(__name__)
+
+# (task, doc_id) -> the doc: what the Evaluator needs to score the doc's relays
+Docs = dict[tuple[str, int], dict[str, Any]]
 
 
 def draw_doc_ids(
@@ -43,8 +52,21 @@ class Sampler:
         self._clock = clock
         self._doc_ids: dict[tuple[str, str], list[int]] = {}
 
-    def adapter(self, node: Node, task: str) -> TaskAdapter:
+    def adapter(self, node: Node, task: str) -> Any:
         return load_adapter(task, self._settings.datasets_dir, node)
+
+    def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> int:
+        """Build the adapters of these (node, task) pairs now (lm-eval's imports, tasks and
+        tokenizers take seconds); one that cannot be built is left for the real call to
+        report. Returns how many were built."""
+        built = 0
+        for node, task in pairs:
+            try:
+                self.adapter(node, task)
+                built += 1
+            except Exception:  # noqa: BLE001 - reported where it matters, on the pair
+                log.debug("warm_up.skipped node=%s task=%s", node.node_id, task, exc_info=True)
+        return built
 
     async def _all_doc_ids(self, task: str, split: str) -> list[int]:
         key = (task, split)
@@ -60,26 +82,60 @@ class Sampler:
         return ids
 
     async def sample(self, req: SampleRequest) -> tuple[list[int], list[Prompt]]:
-        adapter = self.adapter(req.node, req.task)
-        all_ids = await self._all_doc_ids(req.task, adapter.eval_split)
-        exclude = set(req.exclude_doc_ids)
-        rng = random.Random(
-            f"{req.seed}|{req.node.node_id}|{req.task}|{req.epoch}|{len(exclude)}|{sum(exclude)}"
-        )
-        doc_ids = draw_doc_ids(all_ids, exclude, req.count, rng)
-        if not doc_ids:
-            return [], []
+        """One request (tests, tools): its doc ids and prompts; a pair that cannot be
+        measured raises its reason."""
+        draws, prompts, _ = await self.sample_batch([req])
+        if draws[0].error is not None:
+            raise TaskError(draws[0].error)
+        return draws[0].doc_ids, prompts
+
+    async def sample_batch(
+        self, reqs: Sequence[SampleRequest]
+    ) -> tuple[list[SampleDraw], list[Prompt], Docs]:
+        """Draw docs for every request, build their prompts and store them."""
+        draws: list[SampleDraw] = []
+        chosen: list[tuple[SampleRequest, Any, list[int]]] = []
+        wanted: dict[tuple[str, str], set[int]] = {}
+        for req in reqs:
+            draw = SampleDraw(node_id=req.node.node_id, task=req.task, epoch=req.epoch)
+            draws.append(draw)
+            try:
+                adapter = self.adapter(req.node, req.task)
+                all_ids = await self._all_doc_ids(req.task, adapter.eval_split)
+            except (TaskError, DatasetError) as exc:
+                draw.error = str(exc)
+                continue
+            exclude = set(req.exclude_doc_ids)
+            rng = random.Random(
+                f"{req.seed}|{req.node.node_id}|{req.task}|{req.epoch}|{len(exclude)}|{sum(exclude)}"
+            )
+            draw.doc_ids = draw_doc_ids(all_ids, exclude, req.count, rng)
+            if draw.doc_ids:
+                chosen.append((req, adapter, draw.doc_ids))
+                wanted.setdefault((req.task, adapter.eval_split), set()).update(draw.doc_ids)
+        if not chosen:
+            return draws, [], {}
         datasets = await self._stores.datasets()
-        docs = await datasets.fetch_docs(req.task, adapter.eval_split, doc_ids)
+        docs: Docs = {}
+        for (task, split), ids in wanted.items():
+            for doc_id, doc in (await datasets.fetch_docs(task, split, sorted(ids))).items():
+                docs[(task, doc_id)] = doc
         now = self._clock()
         prompts: list[Prompt] = []
-        for doc_id in doc_ids:
-            key = sample_key(req.node.node_id, req.task, doc_id, req.epoch)
-            prompts.extend(adapter.build_prompts(req.node, doc_id, docs[doc_id], key, now))
+        for draw, (req, adapter, doc_ids) in zip(
+                (d for d in draws if d.doc_ids), chosen, strict=True):
+            built: list[Prompt] = []
+            try:
+                for doc_id in doc_ids:
+                    key = sample_key(req.node.node_id, req.task, doc_id, req.epoch)
+                    built += adapter.build_prompts(
+                        req.node, doc_id, docs[(req.task, doc_id)], key, now)
+            except TaskError as exc:  # e.g. a doc the task's templates cannot render
+                draw.error, draw.doc_ids = str(exc), []
+                continue
+            prompts += built
         mongo = await self._stores.mongo()
         await mongo.prompts.insert_many(prompts)
-        log.info(
-            "sampler.sampled node=%s task=%s docs=%d prompts=%d",
-            req.node.node_id, req.task, len(doc_ids), len(prompts),
-        )
-        return doc_ids, prompts
+        log.debug("sampler.sampled pairs=%d docs=%d prompts=%d",
+                  len(chosen), sum(len(d) for _, _, d in chosen), len(prompts))
+        return draws, prompts, docs

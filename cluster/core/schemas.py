@@ -67,6 +67,18 @@ class SampleRequest(Record):
     seed: int
 
 
+class SampleDraw(Record):
+    """Sampler → Manager: what was drawn for one :class:`SampleRequest`. ``error`` is set
+    when the pair cannot be measured as configured (its task adapter or dataset is
+    unusable): nothing was drawn, and the Manager backs the pair off with the reason."""
+
+    node_id: str
+    task: str
+    epoch: int
+    doc_ids: list[int] = Field(default_factory=list)
+    error: str | None = None
+
+
 class Prompt(Record):
     """One HTTP request to a node. Sampler → Requester."""
 

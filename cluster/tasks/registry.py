@@ -20,7 +20,7 @@ from cluster.tasks.lmeval import load_task_adapter
 from cluster.tasks.signature import SignatureTaskAdapter, signature_task_config
 
 _lock = threading.Lock()
-_diffusion: dict[tuple[str, Path, str], DiffusionTaskAdapter] = {}
+_adapters: dict[tuple[Any, ...], Any] = {}
 
 
 def task_kind(name: str, datasets_dir: Path) -> str:
@@ -30,8 +30,22 @@ def task_kind(name: str, datasets_dir: Path) -> str:
 
 
 def load_adapter(name: str, datasets_dir: Path, node: Node) -> Any:
-    """The adapter measuring task ``name`` on ``node`` (cached)."""
+    """The adapter measuring task ``name`` on ``node``, cached per (task, datasets dir, and
+    what of the node shapes its requests): the Sampler and Evaluator ask for it per doc
+    group, and building one reads the task's YAML. A :class:`TaskError` (a task this node
+    cannot be measured on, a tokenizer that cannot load) is not cached."""
     root = Path(datasets_dir).resolve()
+    key = (name, root, node.kind, node.model, node.api, node.tokenizer)
+    with _lock:
+        adapter = _adapters.get(key)
+    if adapter is None:
+        adapter = _build_adapter(name, root, node)
+        with _lock:
+            adapter = _adapters.setdefault(key, adapter)
+    return adapter
+
+
+def _build_adapter(name: str, root: Path, node: Node) -> Any:
     signature = signature_task_config(name, root)
     if signature is not None:
         if node.kind == "diffusion":
@@ -44,9 +58,4 @@ def load_adapter(name: str, datasets_dir: Path, node: Node) -> Any:
         return load_task_adapter(name, root, node.tokenizer, node.api, node.model)
     if node.kind != "diffusion":
         raise TaskError(f"task {name!r} is a diffusion task; node {node.node_id} is an LLM node")
-    key = (name, root, node.model)
-    with _lock:
-        adapter = _diffusion.get(key)
-        if adapter is None:
-            adapter = _diffusion[key] = DiffusionTaskAdapter(config, node.model)
-    return adapter
+    return DiffusionTaskAdapter(config, node.model)

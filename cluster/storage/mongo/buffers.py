@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 
 from cluster.core.errors import ErrorCode
@@ -105,16 +105,28 @@ class BufferStore:
         """Replace the buffer with ``entries`` and its summary (recomputed from the samples
         collection by the Evaluator, so a replayed evaluation cannot skew it). A whole-document
         replace keeps sub-documents intact on nx-27017, unlike ``$set``/``$push``."""
-        node_id, task = summary["node_id"], summary["task"]
-        doc: Document = {
-            "_id": buffer_id(node_id, task),
-            "node_id": node_id,
-            "task": task,
-            "entries": [_encode_entry(e) for e in entries],
-            "summary": json.dumps(dict(summary), sort_keys=True),
-            "updated_at": float(self._clock()),
-        }
-        await self.collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+        await self.set_summaries([(summary, entries)])
+
+    async def set_summaries(
+        self, buffers: Sequence[tuple[Mapping[str, Any], Sequence[BufferEntry | Mapping[str, Any]]]]
+    ) -> None:
+        """:meth:`set_summary` for many buffers in one bulk write."""
+        if not buffers:
+            return
+        now = float(self._clock())
+        ops = []
+        for summary, entries in buffers:
+            node_id, task = summary["node_id"], summary["task"]
+            doc: Document = {
+                "_id": buffer_id(node_id, task),
+                "node_id": node_id,
+                "task": task,
+                "entries": [_encode_entry(e) for e in entries],
+                "summary": json.dumps(dict(summary), sort_keys=True),
+                "updated_at": now,
+            }
+            ops.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
+        await self.collection.bulk_write(ops, ordered=False)
 
     async def summaries(self) -> builtins.list[dict[str, Any]]:
         """Every buffer's summary (``testbench scores``), ordered by node and task."""

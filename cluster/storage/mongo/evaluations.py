@@ -6,7 +6,7 @@ lines and results.
   user sent survives BSON and nx-27017's sub-document quirks. Writes replace the whole
   document under a revision check (compare-and-swap): nx-27017 mangles ``$set`` of bools
   and ``$push`` of sub-documents, and a replace keeps concurrent writers honest.
-- ``evaluation_relays`` (+ ``evaluation_prompts``, unused but named for the RelayStore): the
+- ``evaluation_relays``: the
   measuring loop's :class:`~cluster.storage.mongo.relays.RelayStore`, first-wins by prompt
   id. Kept apart from the loop's ``prompts``/``relays`` so the Manager never re-drives a
   run's work.
@@ -31,7 +31,6 @@ from cluster.core.errors import ErrorCode, TestbenchError
 from cluster.core.evaluations import EvalSample, EvaluationRun, LogLine, RunState
 from cluster.storage.mongo.base import (
     EVALUATION_LOGS,
-    EVALUATION_PROMPTS,
     EVALUATION_RELAYS,
     EVALUATION_RESULTS,
     EVALUATION_SAMPLES,
@@ -88,7 +87,7 @@ class EvaluationStore:
         self._samples = db[EVALUATION_SAMPLES]
         self._logs = db[EVALUATION_LOGS]
         self._results = db[EVALUATION_RESULTS]
-        self.relays = RelayStore(db[EVALUATION_RELAYS], db[EVALUATION_PROMPTS])
+        self.relays = RelayStore(db[EVALUATION_RELAYS])
 
     async def ensure_indexes(self) -> None:
         await self._runs.create_index([("tenant", ASCENDING), ("created_at", DESCENDING)])

@@ -6,7 +6,6 @@ import builtins
 import logging
 from collections.abc import Sequence
 
-from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
 from cluster.core.schemas import Prompt
@@ -19,52 +18,26 @@ log = logging.getLogger(__name__)
 class PromptStore:
     """Requests sent (or to send) to nodes; ``_id`` = prompt_id.
 
-    ``_relayed`` (0/1) marks prompts that have a relay; it is set by ``RelayStore`` and
-    re-checked against the relays, so a crash between the two writes heals itself.
+    ``_done`` (0/1) marks prompts whose sample is recorded; the Manager re-drives the
+    samples of prompts still not done after a while (a crash anywhere on the way).
     """
 
-    def __init__(self, collection: AsyncCollection[Document], relays: AsyncCollection[Document]) -> None:
+    def __init__(self, collection: AsyncCollection[Document]) -> None:
         self.collection = collection
-        self._relays = relays
 
     async def insert_many(self, prompts: Sequence[Prompt]) -> int:
         """Insert prompts whose id is new; returns how many were inserted."""
-        docs = [to_document(p, id_field="prompt_id", _relayed=0, _done=0) for p in prompts]
+        docs = [to_document(p, id_field="prompt_id", opaque=("body",), _done=0) for p in prompts]
         inserted = await insert_new(self.collection, docs)
         if len(inserted) != len(docs):
             log.info("stores.prompts.duplicates_ignored n=%d", len(docs) - len(inserted))
         return len(inserted)
 
-    async def pending_without_relay(self, limit: int) -> builtins.list[Prompt]:
-        """Oldest prompts that have no relay yet (at most ``limit``)."""
-        if limit <= 0:
-            return []
-        out: builtins.list[Prompt] = []
-        while len(out) < limit:
-            batch = await (
-                self.collection.find({"_relayed": 0})
-                .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
-                .skip(len(out))
-                .limit(limit - len(out))
-                .to_list()
-            )
-            if not batch:
-                break
-            ids = [d["_id"] for d in batch]
-            relayed = {d["_id"] for d in await self._relays.find({"_id": {"$in": ids}}, {"_id": 1}).to_list()}
-            out.extend(from_document(Prompt, d) for d in batch if d["_id"] not in relayed)
-            if not relayed:
-                break
-            # A crash between a relay's insert and its flag: fix the flag, then look further.
-            await self.collection.update_many({"_id": {"$in": sorted(relayed)}}, {"$set": {"_relayed": 1}})
-            log.info("stores.prompts.relayed_flag_repaired n=%d", len(relayed))
-        return out
-
-    async def mark_done(self, sample_keys: Sequence[str]) -> None:
-        """The samples of these keys are recorded: their prompts need no more driving."""
-        if sample_keys:
+    async def mark_done(self, prompt_ids: Sequence[str]) -> None:
+        """The samples of these prompts are recorded: they need no more driving."""
+        if prompt_ids:
             await self.collection.update_many(
-                {"sample_key": {"$in": list(dict.fromkeys(sample_keys))}}, {"$set": {"_done": 1}}
+                {"_id": {"$in": list(dict.fromkeys(prompt_ids))}}, {"$set": {"_done": 1}}
             )
 
     async def pending_sample_keys(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
@@ -86,6 +86,30 @@ class SampleStore:
             .limit(limit)
             .to_list()
         )
+
+    async def latest_for_pairs(
+        self, limits: Mapping[tuple[str, str], int], since_ts: float
+    ) -> dict[tuple[str, str], builtins.list[Document]]:
+        """For each (node, task) of ``limits``: its newest ``limit`` counted samples after
+        ``since_ts``, as documents, newest first. One query for all pairs (the Evaluator
+        refreshes the buffers of a whole batch at once)."""
+        if not limits:
+            return {}
+        nodes = sorted({node for node, _ in limits})
+        tasks = sorted({task for _, task in limits})
+        query: Document = {"node_id": {"$in": nodes} if len(nodes) > 1 else nodes[0],
+                           "task": {"$in": tasks} if len(tasks) > 1 else tasks[0],
+                           "created_at": {"$gt": float(since_ts)},
+                           "error_code": {"$in": COUNTED_CODES}}
+        out: dict[tuple[str, str], builtins.list[Document]] = {pair: [] for pair in limits}
+        for doc in await self.collection.find(query).to_list(None):
+            rows = out.get((doc["node_id"], doc["task"]))
+            if rows is not None:
+                rows.append(doc)
+        for pair, rows in out.items():
+            rows.sort(key=lambda d: (d["created_at"], d["_id"]), reverse=True)
+            del rows[limits[pair]:]
+        return out
 
     async def all_since(self, since_ts: float) -> builtins.list[Document]:
         """Every sample after ``since_ts`` (the Manager's state after a restart)."""

@@ -52,8 +52,8 @@ class MongoStores:
         self.db = self.database
         db = self.database
         self.nodes = NodeStore(db[NODES])
-        self.prompts = PromptStore(db[PROMPTS], db[RELAYS])
-        self.relays = RelayStore(db[RELAYS], db[PROMPTS])
+        self.prompts = PromptStore(db[PROMPTS])
+        self.relays = RelayStore(db[RELAYS])
         self.samples = SampleStore(db[SAMPLES])
         self.buffers = BufferStore(db[BUFFERS], clock)
         self.receipts = ReceiptStore(db[RECEIPTS], clock)
@@ -94,7 +94,9 @@ class MongoStores:
 
     async def ensure_indexes(self) -> None:
         db = self.database
-        await db[PROMPTS].create_index([("_relayed", ASCENDING), ("created_at", ASCENDING)], name="pending")
+        # The Manager's sweep for samples to re-drive (every few ticks).
+        await db[PROMPTS].create_index([("_done", ASCENDING), ("created_at", ASCENDING)],
+                                       name="not_done")
         await db[PROMPTS].create_index([("sample_key", ASCENDING)], name="sample_key")
         await db[RELAYS].create_index([("node_id", ASCENDING), ("task", ASCENDING)], name="node_task")
         await db[SAMPLES].create_index(

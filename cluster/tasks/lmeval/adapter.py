@@ -24,9 +24,12 @@ Differences from lm-eval, on purpose:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
+BODY_CACHE_DOCS = 4096
 SUPPORTED_TYPES = ("loglikelihood", "multiple_choice", "generate_until")
 
 
@@ -135,6 +139,13 @@ class TaskAdapter:
         self.path: Literal["/v1/completions", "/v1/chat/completions"] = (
             wire.CHAT_PATH if api == "chat-completions" else wire.COMPLETIONS_PATH
         )
+        # doc -> its request bodies: a doc's few-shot context is a pure function of the doc
+        # (FewshotReplay), so every node measured on it gets the same bodies, and building
+        # them (templates, tokenizing a few-shot context) costs a millisecond or more.
+        self._bodies: OrderedDict[tuple[int, str], list[tuple[dict[str, Any], int]]] = (
+            OrderedDict())
+        self._instances: OrderedDict[tuple[int, str], list[Instance]] = OrderedDict()
+        self._bodies_lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests
     def _doc(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -146,9 +157,31 @@ class TaskAdapter:
         return dict(process(datasets.Dataset.from_list([doc]))[0])
 
     def build_instances(self, doc_id: int, doc: dict[str, Any]) -> list[Instance]:
-        """lm-eval's Instances for the doc, as ``Task.build_all_requests`` makes them."""
+        """lm-eval's Instances for the doc, as ``Task.build_all_requests`` makes them:
+        fresh objects every call (scoring fills their ``resps``), copied from the doc's
+        first build (an LRU of ``BODY_CACHE_DOCS`` docs), since a doc's requests are a pure
+        function of the doc (its few-shot examples included, :class:`FewshotReplay`)."""
         if doc_id < 0:
             raise TaskError(f"doc_id must be >= 0, got {doc_id}")
+        key = (doc_id, _doc_digest(doc))
+        with self._bodies_lock:
+            built = self._instances.get(key)
+            if built is not None:
+                self._instances.move_to_end(key)
+        if built is None:
+            built = self._new_instances(doc_id, doc)
+            with self._bodies_lock:
+                self._instances[key] = built
+                while len(self._instances) > BODY_CACHE_DOCS:
+                    self._instances.popitem(last=False)
+        fresh = []
+        for template in built:
+            inst = copy.copy(template)
+            inst.resps, inst.filtered_resps = [], {}
+            fresh.append(inst)
+        return fresh
+
+    def _new_instances(self, doc_id: int, doc: dict[str, Any]) -> list[Instance]:
         task, chat = self.task, self.api == "chat-completions"
         doc = self._doc(doc)
         chat_template = self.lm.apply_chat_template if chat else None
@@ -257,11 +290,11 @@ class TaskAdapter:
     ) -> list[Prompt]:
         """The HTTP requests that make up one sample of this doc for ``node``; a run's
         ``gen_kwargs`` are merged into generation requests (:func:`merge_gen_kwargs`)."""
-        instances = merge_gen_kwargs(self.build_instances(doc_id, doc), gen_kwargs)
-        if self._batched(instances):
-            bodies = [self.batched_request_body(instances, node.model)]
+        if gen_kwargs:
+            instances = merge_gen_kwargs(self.build_instances(doc_id, doc), gen_kwargs)
+            bodies = self._bodies_of(instances, node.model)
         else:
-            bodies = [self.request_body(inst, node.model) for inst in instances]
+            bodies = self._doc_bodies(doc_id, doc, node.model)
         n_requests = len(bodies) * self.repeats
         prompts: list[Prompt] = []
         for body, prompt_tokens in bodies:
@@ -277,13 +310,40 @@ class TaskAdapter:
                         request_index=index,
                         n_requests=n_requests,
                         path=self.path,
-                        body=copy.deepcopy(body),
+                        # a shallow copy: the nested values (token ids) are shared with the
+                        # cache and never modified (the Requester builds new bodies)
+                        body={**body, "model": node.model},
                         prompt_tokens=prompt_tokens,
                         max_output_tokens=wire.max_output_tokens(body),
                         created_at=now,
                     )
                 )
         return prompts
+
+    def _bodies_of(
+        self, instances: list[Instance], model: str
+    ) -> list[tuple[dict[str, Any], int]]:
+        if self._batched(instances):
+            return [self.batched_request_body(instances, model)]
+        return [self.request_body(inst, model) for inst in instances]
+
+    def _doc_bodies(
+        self, doc_id: int, doc: dict[str, Any], model: str
+    ) -> list[tuple[dict[str, Any], int]]:
+        """The doc's request bodies, built once per doc content (an LRU of the last
+        ``BODY_CACHE_DOCS`` docs); ``model`` is set per prompt."""
+        key = (doc_id, _doc_digest(doc))
+        with self._bodies_lock:
+            found = self._bodies.get(key)
+            if found is not None:
+                self._bodies.move_to_end(key)
+                return found
+        bodies = self._bodies_of(self.build_instances(doc_id, doc), model)
+        with self._bodies_lock:
+            self._bodies[key] = bodies
+            while len(self._bodies) > BODY_CACHE_DOCS:
+                self._bodies.popitem(last=False)
+        return bodies
 
     # ------------------------------------------------------------------ scoring
     def _parse_loglikelihood(
@@ -437,6 +497,10 @@ class TaskAdapter:
     @property
     def n_docs(self) -> int:
         return len(self.task.eval_docs)
+
+
+def _doc_digest(doc: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def merge_gen_kwargs(

@@ -5,7 +5,9 @@ sampler draws from it once per eval doc, in doc order (``build_all_requests`` â†
 ``fewshot_context`` â†’ ``sampler.sample``). So the few-shot examples of doc ``i`` come from
 the generator's state after the draws of docs ``0..i-1``. :class:`FewshotReplay` rebuilds
 that state by replaying those draws with lm-eval's own sampler on a fresh generator, and
-keeps a checkpoint every ``every`` docs so a doc costs at most ``every`` replayed draws.
+keeps a checkpoint every ``every`` docs so a doc costs at most ``every`` replayed draws;
+by default ``every`` is the smallest step that keeps at most ``MAX_CHECKPOINTS`` generator
+states (about 2.5 KB each): one per doc for tasks of up to that many docs.
 """
 
 from __future__ import annotations
@@ -20,13 +22,25 @@ if TYPE_CHECKING:
     from lm_eval.api.task import ConfigurableTask
 
 
+MAX_CHECKPOINTS = 4096
+
+
+def _eval_doc_count(task: ConfigurableTask) -> int:
+    try:
+        return len(task.eval_docs)
+    except Exception:  # noqa: BLE001 - a task without loaded docs: the step is a guess
+        return 64 * MAX_CHECKPOINTS
+
+
 class FewshotReplay:
     def __init__(
-        self, task: ConfigurableTask, *, seed: int, num_fewshot: int, every: int = 64
+        self, task: ConfigurableTask, *, seed: int, num_fewshot: int, every: int | None = None
     ) -> None:
         self._task = task
         self._seed = seed
         self._n = num_fewshot
+        if every is None:
+            every = max(1, -(-_eval_doc_count(task) // MAX_CHECKPOINTS))
         self._every = every
         self._checkpoints: list[Any] = [random.Random(seed).getstate()]
         self.lock = threading.RLock()

@@ -90,6 +90,7 @@ def load_lmeval_task(name: str, datasets_dir: Path) -> ConfigurableTask:
     """Build (once per process) lm-eval's Task object for ``name``, dataset loaded."""
     from lm_eval.api.task import ConfigurableTask
 
+    lmeval_compat.compile_templates_once()
     root = Path(datasets_dir).resolve()
     key = (root, name)
     with _lock:

@@ -253,7 +253,9 @@ def _relay(p: Prompt, *, error_code: ErrorCode = ErrorCode.OK, text: str = "ok")
     )
 
 
-async def test_prompts_are_idempotent_and_pending_until_relayed(mongo: MongoStores) -> None:
+async def test_prompts_are_idempotent_and_pending_until_their_sample_is_recorded(
+    mongo: MongoStores,
+) -> None:
     doc1 = _prompts("n1", "openbookqa", 1, 4, created_at=10.0)
     doc2 = _prompts("n1", "openbookqa", 2, 4, created_at=20.0)
     assert await mongo.prompts.insert_many(doc1 + doc2) == 8
@@ -263,14 +265,14 @@ async def test_prompts_are_idempotent_and_pending_until_relayed(mongo: MongoStor
     grouped = await mongo.prompts.by_sample_keys([doc2[0].sample_key, doc1[0].sample_key, "nope"])
     assert grouped == {doc1[0].sample_key: doc1, doc2[0].sample_key: doc2}
 
-    assert await mongo.prompts.pending_without_relay(3) == doc1[:3]
-    await mongo.relays.record_relays([_relay(p) for p in doc1])
-    assert await mongo.prompts.pending_without_relay(100) == doc2
-
-    # A relay written without its prompt's flag (crash in between) is noticed and repaired.
-    await mongo.relays.collection.insert_one({"_id": doc2[0].prompt_id, **_relay(doc2[0]).model_dump(mode="json")})
-    assert await mongo.prompts.pending_without_relay(2) == doc2[1:3]
-    assert await mongo.prompts.collection.count_documents({"_relayed": 0}) == 3
+    # Pending (to re-drive) until their samples are recorded, and only once old enough.
+    pending = await mongo.prompts.pending_sample_keys(older_than=30.0)
+    assert sorted(k for k, _, _ in pending) == sorted({doc1[0].sample_key, doc2[0].sample_key})
+    assert [k for k, _, _ in await mongo.prompts.pending_sample_keys(older_than=15.0)] == [
+        doc1[0].sample_key]
+    await mongo.prompts.mark_done([p.prompt_id for p in doc1])
+    assert [k for k, _, _ in await mongo.prompts.pending_sample_keys(older_than=30.0)] == [
+        doc2[0].sample_key]
 
 
 async def test_relays_keep_the_first_answer_per_prompt(mongo: MongoStores) -> None:
