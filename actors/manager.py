@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from actors import metrics
 from actors.planning import NodeBudget, PairState, PlanItem, PlanLimits, backoff_s, plan_samples
+from actors.scheduled_checks import ScheduledChecks
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import (
     Node,
@@ -28,6 +29,7 @@ from cluster.core.schemas import (
     sample_key,
 )
 from cluster.core.settings import Settings
+from cluster.core.streaming import StreamingJob
 from cluster.storage.connections import StoreConnections
 
 log = logging.getLogger(__name__)
@@ -35,17 +37,26 @@ log = logging.getLogger(__name__)
 MIN_TICK_GAP_S = 0.05
 
 
+RELAYED = "relayed"  # event payload: the sample keys whose relays are all recorded
+SCORED = "scored"  # event payload: list[Sample]
+
+
 class Pipeline(Protocol):
     """The Manager's children. A batch's handoff (prompts and their docs) stays opaque:
-    Ray object refs in production, plain values in process."""
+    Ray object refs in production, plain values in process. ``relay_and_score`` yields
+    ``(RELAYED, sample keys)`` as docs are answered and ``(SCORED, samples)`` as they are
+    scored."""
 
     async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]: ...
     def relay_and_score(
         self, handoff: Any, nodes: Mapping[str, Node]
-    ) -> AsyncIterator[list[Sample]]: ...
+    ) -> AsyncIterator[tuple[str, Any]]: ...
     async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]: ...
     async def score(self, relays: list[Relay], nodes: Mapping[str, Node]) -> list[Sample]: ...
     async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None: ...
+    # the Auditor child: scheduled honesty steps (actors/scheduled_checks.py)
+    async def verify(self, nodes: Sequence[Node]) -> dict[str, Any]: ...
+    async def audit(self, jobs: Sequence[StreamingJob]) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
 
@@ -81,6 +92,7 @@ class Manager:
         # Orphans are older than redrive_after_s by definition: looking a few times per
         # that period is enough, and spares MongoDB a query every tick.
         self._sweep_every_s = max(settings.manager.tick_s, settings.manager.redrive_after_s / 4)
+        self._checks = ScheduledChecks(settings, clock)
         self._limits = PlanLimits(
             target_samples=self._cfg.target_samples,
             max_in_flight=self._cfg.max_in_flight,
@@ -206,6 +218,8 @@ class Manager:
             self._spawn(self._dispatch(batch))
         self._ticks += 1
         metrics.set_manager_queue(len(self._inflight_keys), planned=sum(i.count for i in plan))
+        assert self._pipeline is not None
+        self._checks.tick(now, self._nodes, self._pipeline, self._stores, self._spawn)
         if now - self._swept_at >= self._sweep_every_s:
             self._swept_at = now
             await self._sweep(older_than=now - self._cfg.redrive_after_s)
@@ -269,8 +283,11 @@ class Manager:
             if draw.error is not None:
                 self._unmeasurable(draw, state)
                 continue
-            state.unmeasurable = None
+            if state.unmeasurable is not None:
+                self._spawn(self._record_unmeasurable(draw.node_id, draw.task, None, 0))
+            state.unmeasurable, state.config_failures = None, 0
             state.in_flight.update(draw.doc_ids)
+            state.at_node.update(draw.doc_ids)
             keys += [sample_key(draw.node_id, draw.task, d, draw.epoch) for d in draw.doc_ids]
             nodes[draw.node_id] = self._nodes[draw.node_id]
         if not keys:
@@ -280,9 +297,12 @@ class Manager:
         open_keys = set(keys)
         try:
             try:
-                async for samples in self._pipeline.relay_and_score(handoff, nodes):
-                    self._absorb(samples)
-                    open_keys.difference_update(s.sample_key for s in samples)
+                async for kind, payload in self._pipeline.relay_and_score(handoff, nodes):
+                    if kind == RELAYED:
+                        self._answered(payload)
+                        continue
+                    self._absorb(payload)
+                    open_keys.difference_update(s.sample_key for s in payload)
             except Exception:
                 self._counters["pipeline_errors"] += 1
                 log.warning("manager.pipeline_failed docs=%d: re-driving from MongoDB",
@@ -303,11 +323,38 @@ class Manager:
         self._counters["unmeasurable"] += 1
         log.warning("manager.pair_unmeasurable node=%s task=%s retry_in_s=%.0f reason=%s",
                     draw.node_id, draw.task, wait, draw.error)
+        self._spawn(self._record_unmeasurable(draw.node_id, draw.task, draw.error,
+                                              state.config_failures))
+
+    async def _record_unmeasurable(self, node_id: str, task: str, reason: str | None,
+                                   attempts: int) -> None:
+        """Keep the mark where other processes read it (`testbench scores`, the
+        leaderboard): beside the pair's buffer (``BufferStore.mark_unmeasurable``); None
+        clears it. A failed write is logged; the next attempt writes it again."""
+        try:
+            buffers = (await self._stores.mongo()).buffers
+            if reason is None:
+                await buffers.clear_unmeasurable(node_id, task)
+            else:
+                await buffers.mark_unmeasurable(node_id, task, reason, attempts, self._clock())
+        except Exception:
+            log.warning("manager.unmeasurable_not_recorded node=%s task=%s", node_id, task,
+                        exc_info=True)
+
+    def _answered(self, keys: list[str]) -> None:
+        """These docs' relays are in: the node has room for more (their scoring follows)."""
+        for key in keys:
+            node_id, task, doc_id, _ = key.split("|")
+            self._state(node_id, task).at_node.discard(int(doc_id))
+        if keys and self._wake is not None:
+            self._wake.set()
 
     def _release(self, keys: list[str]) -> None:
         for key in keys:
             node_id, task, doc_id, _ = key.split("|")
-            self._state(node_id, task).in_flight.discard(int(doc_id))
+            state = self._state(node_id, task)
+            state.in_flight.discard(int(doc_id))
+            state.at_node.discard(int(doc_id))
         self._inflight_keys.difference_update(keys)
 
     async def _redrive(self, keys: list[str], attempts: int = 5) -> list[Sample] | None:
@@ -352,7 +399,9 @@ class Manager:
     async def _redrive_tracked(self, keys: list[str]) -> None:
         for key in keys:
             node_id, task, doc_id, _ = key.split("|")
-            self._state(node_id, task).in_flight.add(int(doc_id))
+            state = self._state(node_id, task)
+            state.in_flight.add(int(doc_id))
+            state.at_node.add(int(doc_id))
         self._inflight_keys.update(keys)
         try:
             self._absorb(await self._redrive(keys) or [])
@@ -372,6 +421,7 @@ class Manager:
             for s in pair_samples:
                 self._counters["samples"] += 1
                 state.in_flight.discard(s.doc_id)
+                state.at_node.discard(s.doc_id)
                 self._inflight_keys.discard(s.sample_key)
                 if not s.error_code.counts_against_node:
                     state.skip.add(s.doc_id)
@@ -392,12 +442,25 @@ class Manager:
                         state.backoff_until = now + wait
 
     # ---- status ----------------------------------------------------------------------
+    def _blocked_by(self, node_id: str, task: str, tasks: Sequence[str], now: float
+                    ) -> str | None:
+        """Why a pair waits forever: a prerequisite task of the node (``task_dependencies``)
+        that cannot be measured and is not full."""
+        for dep in self._cfg.task_dependencies.get(task, ()):
+            if dep not in tasks:
+                continue
+            dep_state = self._state(node_id, dep)
+            full = dep_state.valid_count(now, self._cfg.sample_ttl_s) >= self._limits.target(dep)
+            if dep_state.unmeasurable is not None and not full:
+                return f"waits for {dep}, which cannot be measured: {dep_state.unmeasurable}"
+        return None
+
     async def status(self, detail: bool = True) -> dict[str, Any]:
         """Progress: totals over every (node, task) (``valid`` counted up to each target,
-        ``target``, ``in_flight``), and per pair when ``detail``. ``full`` when every
-        measurable buffer reached its target; ``unmeasurable`` pairs (listed with their
-        reason either way) are left out of it, and ``settled`` says every pair is either
-        full or unmeasurable."""
+        ``target``, ``in_flight``), and per pair when ``detail``. ``full`` when every buffer
+        reached its target; ``settled`` when every pair is full or cannot be measured
+        (``unmeasurable_pairs``, listed with their reasons either way: pairs that failed
+        to be drawn as configured, and pairs waiting on such a prerequisite)."""
         await self.ensure_started()
         now = self._clock()
         pairs: list[dict[str, Any]] = []
@@ -405,26 +468,26 @@ class Manager:
         totals = {"valid": 0, "target": 0, "in_flight": 0}
         full = settled = bool(self._nodes)
         for nid, node in sorted(self._nodes.items()):
-            for task in self._node_tasks(node):
+            tasks = self._node_tasks(node)
+            for task in tasks:
                 state = self._state(nid, task)
                 valid = state.valid_count(now, self._cfg.sample_ttl_s)
                 target = self._limits.target(task)
                 totals["valid"] += min(valid, target)
                 totals["target"] += target
                 totals["in_flight"] += len(state.in_flight)
-                if state.unmeasurable is not None:
-                    unmeasurable.append({"node_id": nid, "task": task,
-                                         "reason": state.unmeasurable})
-                else:
-                    full = full and valid >= target
-                settled = settled and (valid >= target or state.unmeasurable is not None)
+                reason = state.unmeasurable or self._blocked_by(nid, task, tasks, now)
+                if reason is not None:
+                    unmeasurable.append({"node_id": nid, "task": task, "reason": reason})
+                full = full and valid >= target
+                settled = settled and (valid >= target or reason is not None)
                 if detail:
                     pairs.append({
                         "node_id": nid, "task": task, "valid": valid,
                         "in_flight": len(state.in_flight), "target": target,
                         "backoff_s": max(0.0, state.backoff_until - now),
-                        "unmeasurable": state.unmeasurable,
+                        "unmeasurable": reason,
                     })
         return {"full": full, "settled": settled, "ticks": self._ticks, **totals,
                 "pairs": pairs, "unmeasurable_pairs": unmeasurable, "warm_s": self._warm_s,
-                **self._counters}
+                "honesty": self._checks.status(detail), **self._counters}

@@ -14,7 +14,7 @@ name with ``ray_`` and counters get ``_total``:
 | ``ray_testbench_manager_samples_in_flight`` | gauge | | Manager |
 | ``ray_testbench_manager_samples_planned`` | gauge | | Manager |
 | ``ray_testbench_manager_samples_redriven`` | gauge | | Manager |
-| ``ray_testbench_verdicts_total`` | counter | check, outcome | ``record_verdict`` callers |
+| ``ray_testbench_verdicts_total`` | counter | check, outcome | Auditor (every verdict it writes) |
 
 ``error_code`` is the lower-case name of :class:`~cluster.core.errors.ErrorCode` (``ok``,
 ``node``, ...). Latency has no ``node_id`` label: a histogram per node multiplies the series
@@ -202,7 +202,8 @@ def set_manager_queue(in_flight: int, planned: int | None = None,
 
 def record_verdict(check: str, outcome: str, n: int = 1) -> None:
     """Count ``n`` verdicts of ``check`` (e.g. ``"identity"``) with ``outcome`` (``"pass"``,
-    ``"fail"``). For honesty checks and the PoC validator to call where they record verdicts."""
+    ``"fail"``, ``"unknown"``). The loop's Auditor calls it for every verdict it writes
+    (``actors/auditor.py::MeteredVerdicts``): rounds, evasion and receipt audits."""
     m = loop_metrics()
     if m is None or n <= 0:
         return

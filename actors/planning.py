@@ -1,7 +1,9 @@
 """Planning: how many docs to draw for each (node, task) on one Manager tick.
 
-need = min(max_in_flight - in_flight, target - in_flight - valid samples younger than
-the TTL) (docs already in flight will fill the buffer too, so they are not drawn twice),
+need = min(max_in_flight - at the node, target - in flight - valid samples younger than
+the TTL): ``max_in_flight`` bounds the docs sent to the node and not yet answered (so a
+slow node is not buried), while docs answered and waiting to be scored do not hold the
+node back; every doc in flight, scored or not, will fill the buffer, so none is drawn twice;
 further limited by task dependencies, the node's hourly budget and failure backoff; a pair
 whose docs are being drawn waits for that draw.
 This is the Manager's hot path (100,000 pairs a round at scale), so it is plain
@@ -23,6 +25,8 @@ class PairState:
     # (created_at, doc_id) of valid samples, oldest first; expired ones are dropped lazily.
     valid: deque[tuple[float, int]] = field(default_factory=deque)
     in_flight: set[int] = field(default_factory=set)
+    # of those, docs not yet answered by the node (sent, or queued in the Requester)
+    at_node: set[int] = field(default_factory=set)
     # docs planned but not yet drawn by a Sampler (their ids are not known yet)
     reserved: int = 0
     # docs whose sample failed on the bench's side this epoch: not redrawn until the next
@@ -138,7 +142,8 @@ def plan_samples(
                     continue
             target = task_targets.get(task, default_target) if task_targets else default_target
             in_flight = len(state.in_flight) + state.reserved
-            need = min(max_in_flight - in_flight, target - in_flight - state.valid_count(now, ttl))
+            at_node = len(state.at_node) + state.reserved
+            need = min(max_in_flight - at_node, target - in_flight - state.valid_count(now, ttl))
             if need <= 0:
                 continue
             if need > remaining:

@@ -17,13 +17,15 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.auditor import Auditor
 from actors.evaluator import Evaluator
 from actors.local import MongoRelaySink
-from actors.manager import Manager
+from actors.manager import RELAYED, SCORED, Manager
 from actors.requester import loop_requester
 from actors.sampler import Sampler
 from cluster.core.schemas import Node, Prompt, Relay, Sample, SampleDraw, SampleRequest
 from cluster.core.settings import Settings
+from cluster.core.streaming import StreamingJob
 from cluster.storage.connections import StoreConnections
 
 MANAGER_NAME = "manager"
@@ -32,6 +34,7 @@ _CHILD = {"max_restarts": -1, "max_task_retries": -1, "num_cpus": 0}
 
 SamplerActor = ray.remote(**_CHILD)(Sampler)
 EvaluatorActor = ray.remote(**_CHILD)(Evaluator)
+AuditorActor = ray.remote(**_CHILD)(Auditor)
 
 
 class RequesterHost:
@@ -46,30 +49,34 @@ class RequesterHost:
 
     async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]:
         relays = await self._requester.relay(prompts, dict(nodes))
-        await self._sink.record_relays(relays)
+        await self._sink.record_relays(relays, {p.prompt_id: p for p in prompts})
         return relays
 
     async def relay_stream(
         self, prompts: list[Prompt], nodes: Mapping[str, Node]
-    ) -> AsyncIterator[list[Relay]]:
-        """The prompts' relays in batches as their nodes finish (a node's prompts come
-        together, so a batch holds whole docs): a slow node holds back only its own docs.
-        Each batch is recorded before it is yielded; a batch gathers for at most
-        ``manager.score_batch_wait_s``."""
-        by_node: dict[str, list[Prompt]] = {}
+    ) -> AsyncIterator[list[str] | list[Relay]]:
+        """The prompts' relays in batches as their docs finish (a doc's prompts are relayed
+        together, so a batch holds whole docs): a slow node holds back only its own docs,
+        and a node's finished docs are scored while its others are still in flight, so
+        the Manager can send it more. Each batch is recorded before it is yielded; a batch
+        gathers for at most ``manager.score_batch_wait_s``. Each batch is yielded as two
+        items: its sample keys (small: the Manager reads them), then its relays (passed on
+        to an Evaluator by reference, never fetched by the Manager)."""
+        by_doc: dict[str, list[Prompt]] = {}
         for prompt in prompts:
-            by_node.setdefault(prompt.node_id, []).append(prompt)
+            by_doc.setdefault(prompt.sample_key, []).append(prompt)
         finished: asyncio.Queue[list[Relay] | BaseException] = asyncio.Queue()
         node_map = dict(nodes)
+        by_id = {p.prompt_id: p for p in prompts}
 
-        async def relay_node(node_prompts: list[Prompt]) -> None:
+        async def relay_doc(doc_prompts: list[Prompt]) -> None:
             try:
-                finished.put_nowait(await self._requester.relay(node_prompts, node_map))
+                finished.put_nowait(await self._requester.relay(doc_prompts, node_map))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
                 finished.put_nowait(exc)
                 raise
 
-        tasks = [asyncio.create_task(relay_node(ps)) for ps in by_node.values()]
+        tasks = [asyncio.create_task(relay_doc(ps)) for ps in by_doc.values()]
         left = len(tasks)
         loop = asyncio.get_running_loop()
 
@@ -91,7 +98,8 @@ class RequesterHost:
                         break
                     left -= 1
                     take(item, batch)
-                await self._sink.record_relays(batch)
+                await self._sink.record_relays(batch, by_id)
+                yield sorted({r.sample_key for r in batch})
                 yield batch
         finally:
             for task in tasks:
@@ -131,6 +139,9 @@ class RayPipeline:
         self.evaluators = [EvaluatorActor.options(**placement).remote(settings)
                            for _ in range(pools.evaluators)]
         self.requester = RequesterActor.options(**placement).remote(settings)
+        # Created on first use: a loop with no honesty step to run never starts it.
+        self.auditor: Any | None = None
+        self._settings, self._placement = settings, placement
         self._next_sampler = itertools.cycle(self.samplers)
         self._next_evaluator = itertools.cycle(self.evaluators)
 
@@ -142,24 +153,31 @@ class RayPipeline:
 
     async def relay_and_score(
         self, handoff: Any, nodes: Mapping[str, Node]
-    ) -> AsyncIterator[list[Sample]]:
-        """Scored docs as their relays come back from the Requester's stream; each batch
-        goes to the next Evaluator while the stream goes on."""
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """Answered and scored docs as the Requester's stream goes: each batch's keys as
+        soon as it is recorded, and its relays to the next Evaluator while the stream
+        goes on."""
         prompts_ref, docs_ref = handoff
         nodes_ref = ray.put(dict(nodes))
         stream = self.requester.relay_stream.options(num_returns="streaming").remote(
             prompts_ref, nodes_ref)
         scoring: set[asyncio.Future[list[Sample]]] = set()
-        async for relays_ref in stream:
+        keys_next = True
+        async for ref in stream:
+            if keys_next:
+                keys_next = False
+                yield RELAYED, await ref
+                continue
+            keys_next = True
             scoring.add(asyncio.ensure_future(
-                next(self._next_evaluator).score.remote(relays_ref, nodes_ref, docs_ref)))
+                next(self._next_evaluator).score.remote(ref, nodes_ref, docs_ref)))
             for future in [f for f in scoring if f.done()]:
                 scoring.discard(future)
-                yield future.result()
+                yield SCORED, future.result()
         while scoring:
             done, scoring = await asyncio.wait(scoring, return_when=asyncio.FIRST_COMPLETED)
             for future in done:
-                yield future.result()
+                yield SCORED, future.result()
 
     async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]:
         return await self.requester.relay.remote(prompts, dict(nodes))
@@ -168,15 +186,32 @@ class RayPipeline:
         return await next(self._next_evaluator).score.remote(relays, dict(nodes))
 
     async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None:
-        await asyncio.gather(*(child.warm_up.remote(list(pairs))
-                               for child in [*self.samplers, *self.evaluators]))
+        # Samplers first: the first batch waits for them, and on a small machine the
+        # Evaluators' warm-up would compete for the same cores; a doc's scoring waits
+        # only for its relays, and the node stays busy meanwhile (planning counts the
+        # docs at the node, not the ones being scored).
+        await asyncio.gather(*(s.warm_up.remote(list(pairs)) for s in self.samplers))
+        await asyncio.gather(*(e.warm_up.remote(list(pairs)) for e in self.evaluators))
+
+    def _auditor(self) -> Any:
+        if self.auditor is None:
+            self.auditor = AuditorActor.options(**self._placement).remote(self._settings)
+        return self.auditor
+
+    async def verify(self, nodes: Sequence[Node]) -> dict[str, Any]:
+        return await self._auditor().verify.remote(list(nodes))
+
+    async def audit(self, jobs: Sequence[StreamingJob]) -> dict[str, Any]:
+        return await self._auditor().audit.remote(list(jobs))
 
     def children(self) -> dict[str, Any]:
-        return {"samplers": self.samplers, "evaluators": self.evaluators,
-                "requester": self.requester}
+        out = {"samplers": self.samplers, "evaluators": self.evaluators,
+               "requester": self.requester}
+        return {**out, "auditor": self.auditor} if self.auditor is not None else out
 
     async def close(self) -> None:
-        for actor in [*self.samplers, *self.evaluators, self.requester]:
+        extra = [self.auditor] if self.auditor is not None else []
+        for actor in [*self.samplers, *self.evaluators, self.requester, *extra]:
             ray.kill(actor, no_restart=True)
 
 

@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 pytest_plugins = (
     "fixtures_faults", "fixtures_honesty", "fixtures_serve", "fixtures_evaluations", "fixtures_poc",
+    "fixtures_train",
 )
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

@@ -34,10 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.auth.keys import PUBLIC_KEY_PATTERN, SIGNATURE_PATTERN, Ed25519Key, verify_signature
 from cluster.core.errors import ErrorCode, TestbenchError
+from cluster.core.streaming import ID_PATTERN
 
 RECEIPT_DOMAIN = b"testbench-receipt-v1\n"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-ID_PATTERN = r"^[A-Za-z0-9._:@/+=-]{1,200}$"
 
 
 def sha256_hex(data: bytes) -> str:

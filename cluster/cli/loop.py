@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from typing import Any
 
 from actors import loop
 from cluster.cli.output import progress
 from cluster.core.settings import Settings
-from cluster.leaderboard.scores import fetch_scores
+from cluster.leaderboard.scores import fetch_scores, fetch_unmeasurable
 from cluster.local.bootstrap import init_ray
-from cluster.reports.scores import format_scores
+from cluster.reports.scores import UNMEASURABLE_TITLE, format_scores, format_unmeasurable
 
 
 def add_parser(sub: Any) -> None:
@@ -19,7 +20,8 @@ def add_parser(sub: Any) -> None:
     r.set_defaults(handler=run, needs_stores=True)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="one planning round, then wait for it")
-    g.add_argument("--until-full", action="store_true", help="until every buffer is full")
+    g.add_argument("--until-full", action="store_true", help="until every buffer is full or its pair cannot be measured "
+                        "(then exit 1 naming it)")
     r.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
 
 
@@ -32,4 +34,8 @@ def run_loop(settings: Settings, until_full: bool, once: bool, timeout_s: float 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     ok = run_loop(settings, args.until_full, args.once, args.timeout)
     print(format_scores(asyncio.run(fetch_scores(settings))))
+    unmeasurable = asyncio.run(fetch_unmeasurable(settings))
+    if unmeasurable:
+        print(f"\n{UNMEASURABLE_TITLE}")
+        print(format_unmeasurable(unmeasurable, time.time()))
     return 0 if ok else 1

@@ -13,13 +13,24 @@ import sys
 
 from pydantic import ValidationError
 
-from cluster.cli import datasets, evaluations, honesty, local, loop, nodes, organic, poc, scores
+from cluster.cli import (
+    datasets,
+    evaluations,
+    honesty,
+    local,
+    loop,
+    nodes,
+    organic,
+    poc,
+    receipts,
+    scores,
+)
 from cluster.cli.output import error
 from cluster.core.errors import TestbenchError
 from cluster.core.settings import load_settings
 from cluster.local.bootstrap import stores_running
 
-GROUPS = (local, datasets, nodes, loop, scores, honesty, organic, poc, evaluations)
+GROUPS = (local, datasets, nodes, loop, scores, honesty, receipts, organic, poc, evaluations)
 
 
 def build_parser() -> argparse.ArgumentParser:

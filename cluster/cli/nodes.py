@@ -10,8 +10,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from cluster.cli.output import error
+from cluster.core.errors import RegistrationError
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings
+from cluster.modeldir.tokenizers import registered_node
 from cluster.reports.registry import format_nodes
 from cluster.storage.connections import open_mongo
 
@@ -26,7 +28,9 @@ def add_parser(sub: Any) -> None:
     na.add_argument("--model", required=True, help="the model the node claims to serve")
     na.add_argument("--api", default="completions", choices=["completions", "chat-completions"])
     na.add_argument("--kind", default="llm", choices=["llm", "diffusion"])
-    na.add_argument("--tokenizer", help="tokenizer path/id (needed for loglikelihood tasks)")
+    na.add_argument("--tokenizer", help="tokenizer directory (stored absolute; must hold the "
+                    "tokenizer's files) or Hugging Face hub id (only while the hub is on, or "
+                    "cached); needed by the completions API")
     na.add_argument("--tasks", help="comma-separated tasks (default: all configured)")
     nl = nsub.add_parser("list", help="list nodes")
     nl.add_argument("--json", action="store_true")
@@ -57,11 +61,16 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 tokenizer=args.tokenizer, kind=args.kind,
                 tasks=args.tasks.split(",") if args.tasks else None,
             )
+            node = registered_node(node)
         except ValidationError as exc:
             error(f"invalid node registration: {exc.errors(include_url=False)}")
             return 2
+        except RegistrationError as exc:
+            error(f"invalid node registration: {exc}")
+            return 2
         asyncio.run(_add(settings, node))
-        print(f"added node {node.node_id} -> {node.base_url} ({node.model}, {node.api})")
+        print(f"added node {node.node_id} -> {node.base_url} ({node.model}, {node.api}"
+              + (f", tokenizer {node.tokenizer}" if node.tokenizer else "") + ")")
         return 0
     if args.nodes_cmd == "remove":
         if not asyncio.run(_remove(settings, args.node_id)):

@@ -1,4 +1,5 @@
-"""``testbench scores``: every (node, task) buffer, the honesty verdicts and traffic shares."""
+"""``testbench scores``: every (node, task) buffer, the pairs that cannot be measured (with
+their reasons), the honesty verdicts and traffic shares."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any
 
+from cluster.core.buffers import UnmeasurablePair
 from cluster.core.settings import Settings
 from cluster.leaderboard.honesty import HonestyView, read_honesty
 from cluster.reports.honesty import format_signature_findings, format_traffic, format_verdicts
-from cluster.reports.scores import format_scores
+from cluster.reports.scores import UNMEASURABLE_TITLE, format_scores, format_unmeasurable
 from cluster.storage.connections import open_mongo
 
 
@@ -21,15 +24,18 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
 
 
-async def _read(settings: Settings) -> tuple[list[dict[str, Any]], HonestyView]:
+async def _read(settings: Settings
+                ) -> tuple[list[dict[str, Any]], list[UnmeasurablePair], HonestyView]:
     async with open_mongo(settings) as mongo:
-        return await mongo.buffers.summaries(), await read_honesty(settings, mongo)
+        return (await mongo.buffers.summaries(), await mongo.buffers.unmeasurable(),
+                await read_honesty(settings, mongo))
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    rows, honesty = asyncio.run(_read(settings))
+    rows, unmeasurable, honesty = asyncio.run(_read(settings))
     if args.json:
         print(json.dumps({"scores": rows,
+                          "unmeasurable": [p.model_dump() for p in unmeasurable],
                           "verdicts": [dataclasses.asdict(v) for v in honesty.verdicts],
                           "signature_identity": {k: dataclasses.asdict(v)
                                                  for k, v in honesty.signatures.items()},
@@ -37,6 +43,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                          indent=2, default=str))
         return 0
     print(format_scores(rows) if rows else "no scores yet: register nodes and `testbench run`")
+    if unmeasurable:
+        print(f"\n{UNMEASURABLE_TITLE}")
+        print(format_unmeasurable(unmeasurable, time.time()))
     if honesty.signatures:
         print("\nidentity signatures from the loop (bit-identical answers + logprobs = one backend):")
         print(format_signature_findings(honesty.signatures))

@@ -38,6 +38,20 @@ class BufferSummary(BaseModel):
     updated_at: float
 
 
+class UnmeasurablePair(BaseModel):
+    """A (node, task) the loop cannot measure as configured (its task adapter or dataset is
+    unusable, e.g. a tokenizer that does not load): why, since when, and how many draws in
+    a row failed for it. Kept beside the pair's buffer until the pair measures again."""
+
+    model_config = ConfigDict(extra="forbid")
+    node_id: str
+    task: str
+    reason: str
+    since: float
+    last_attempt_at: float
+    attempts: int
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in [0, 100]); None for no data."""
     if not values:

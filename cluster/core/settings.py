@@ -72,7 +72,12 @@ class ManagerSettings(StrictModel):
     tick_s: float = Field(default=5.0, gt=0)
     target_samples: int = Field(default=50, ge=1, description="buffer size per (node, task)")
     sample_ttl_s: float = Field(default=5 * 24 * 3600.0, gt=0)
-    max_in_flight: int = Field(default=10, ge=1, description="docs in flight per (node, task)")
+    max_in_flight: int = Field(
+        default=24, ge=1,
+        description="docs in flight per (node, task): beyond the node's own concurrency "
+        "(requester.per_node_concurrency, 8) they wait in the Requester, not at the node, and "
+        "keep it busy while finished docs are scored and new ones drawn",
+    )
     failure_backoff_after: int = Field(default=3, ge=1, description="consecutive failed samples")
     backoff_base_s: float = Field(default=30.0, ge=0)
     backoff_max_s: float = Field(default=1800.0, ge=0)
@@ -186,6 +191,16 @@ class ReceiptSettings(StrictModel):
     )
     rerun_min: int = Field(default=1, ge=0, description="re-run at least this many per audit")
     max_evidence_chars: int = Field(default=2000, ge=100)
+    audit_every_s: float = Field(
+        default=600.0, ge=0,
+        description="the loop audits each registered streaming job this often (its Manager's "
+        "receipt step); 0 = never (`testbench receipts audit` only)",
+    )
+    audit_requests: int = Field(
+        default=4, ge=1, le=64,
+        description="requests the loop sends through a job's app per audit: temperature 0, "
+        "every other one streamed, each answer's receipt verified",
+    )
 
 
 class EvaluationSettings(StrictModel):
@@ -297,7 +312,38 @@ class HonestySettings(StrictModel):
     request_timeout_s: float = Field(default=300.0, gt=0)
     max_traffic_share: float = Field(
         default=0.10, gt=0, le=1,
-        description="verification tokens per node as a share of its measuring tokens",
+        description="verification traffic per node as a share of its measuring traffic, in "
+        "requests and in tokens; after a node's first round, the loop starts a round only "
+        "while it keeps both within this share",
+    )
+    verify_every_s: float = Field(
+        default=60.0, ge=0,
+        description="the Manager's verification step looks for due nodes this often; 0 = "
+        "never (rounds only by `testbench verify`). Off while no reference is configured",
+    )
+    min_round_gap_s: float = Field(
+        default=3600.0, ge=0, description="a node's loop rounds at least this far apart",
+    )
+    max_nodes_per_round: int = Field(
+        default=64, ge=1, description="nodes one loop step verifies (never-verified first)",
+    )
+    evasion_rounds: int = Field(
+        default=3, ge=1,
+        description="a node whose probes went unanswered in this many consecutive rounds "
+        "while it answered its measuring traffic is flagged as evading",
+    )
+    evasion_min_relays: int = Field(
+        default=10, ge=1, description="measuring relays needed over those rounds to judge it",
+    )
+    evasion_min_ok_share: float = Field(
+        default=0.8, gt=0, le=1,
+        description="share of those relays answered ok that makes unanswered probes evasion "
+        "(below it the node is down, not evading)",
+    )
+    route_unverified: bool = Field(
+        default=False,
+        description="organic jobs by model may go to unverified nodes (a check unknown, none "
+        "failed); off: only nodes every check passed, or none has run on yet",
     )
 
 

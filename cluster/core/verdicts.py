@@ -32,6 +32,9 @@ class Check(StrEnum):
     IDENTITY = "identity"
     SYNTHETIC = "synthetic"
     SUBSTITUTION = "substitution"
+    # the loop's judgement over a node's recent rounds (cluster/honesty/evasion.py): fails
+    # when the node keeps leaving probes unanswered while it answers measuring traffic
+    EVASION = "evasion"
     # a streaming job's audit (cluster/honesty/receipt_audit.py): one failed verdict per
     # refused receipt or differing re-run, and one summary per audit
     RECEIPT = "receipt"

@@ -48,6 +48,7 @@ from cluster.auth.receipts import (
 )
 from cluster.core.settings import ReceiptSettings
 from cluster.core.verdicts import Check, Outcome, VerdictRecord
+from cluster.honesty.verdicts import VerdictSink
 from cluster.nodes.transport import DEFAULT_SIZE_CAP_BYTES, NodeTransport, NodeUnavailable
 
 # the streaming app's wire module spells the headers and the receipt event (no Ray inside)
@@ -233,10 +234,6 @@ class OpenAIReference:
             return answer_texts(endpoint, raw, streamed=False)
         except AnswerFormatError as exc:
             raise ReferenceUnavailable(str(exc)) from exc
-
-
-class VerdictSink(Protocol):
-    async def record(self, verdicts: Sequence[VerdictRecord]) -> int: ...
 
 
 class AuditReport(BaseModel):

@@ -9,9 +9,9 @@ never trusted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cluster.core.verdicts import Check, Outcome, VerdictRecord
 
@@ -24,6 +24,14 @@ CHECK_SUBSTITUTION = Check.SUBSTITUTION
 CHECKS: tuple[str, ...] = (CHECK_TOKENIZER, CHECK_CONFIG, CHECK_IDENTITY, CHECK_SYNTHETIC,
                            CHECK_SUBSTITUTION)
 TRAFFIC_KEY = "traffic"
+# every verdict of a round says what became of the node's probes (cluster/honesty/evasion.py)
+PROBES_KEY = "probes"
+
+
+class VerdictSink(Protocol):
+    """Where verdicts are written: ``VerdictStore``, or the loop's metered wrapper of it."""
+
+    async def record(self, verdicts: Sequence[VerdictRecord]) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ import aiohttp
 
 from cluster.core.schemas import ApiKind, Node
 from cluster.core.settings import HonestySettings
+from cluster.core.verdicts import DETAIL_CHECKS, VerdictRecord
+from cluster.honesty.evasion import ProbeState, judge_round_evasion
 from cluster.honesty.probes import ProbeKind, ProbeSet, build_probes
 from cluster.honesty.reference import (
     ExpectedSignatures,
@@ -48,6 +50,7 @@ from cluster.honesty.substitution import (
     substitution_stats,
 )
 from cluster.honesty.synthetic import SyntheticItem, common_prefix, judge_item, judge_synthetic
+from cluster.honesty.traffic import record_round_traffic
 from cluster.honesty.verdicts import (
     CHECK_CONFIG,
     CHECK_IDENTITY,
@@ -55,9 +58,11 @@ from cluster.honesty.verdicts import (
     CHECK_SYNTHETIC,
     CHECK_TOKENIZER,
     CHECKS,
+    PROBES_KEY,
     Outcome,
     Traffic,
     Verdict,
+    VerdictSink,
 )
 from cluster.nodes.transport import (
     NodeEndpoint,
@@ -65,7 +70,7 @@ from cluster.nodes.transport import (
     NodeUnavailable,
     open_node_session,
 )
-from cluster.storage.mongo import MongoStores, VerdictStore
+from cluster.storage.mongo import MongoStores
 from cluster.tasks.identity import judge_identities, reference_hashes, signature_from_answers
 from cluster.wire import openai as wire
 
@@ -383,8 +388,10 @@ class Verifier:
             verdicts.append(self._substitution_verdict(
                 ex, reference_answers, canary_pos, reference_scores,
                 node_scores[ex.target.node_id]))
+        probes = {ex.target.node_id: _probe_state(ex) for ex in exchanges}
         verdicts = [Verdict(v.node_id, v.check, v.outcome, v.reason,
-                            {**v.evidence, "model": model, "seed": seed}, v.traffic)
+                            {**v.evidence, "model": model, "seed": seed,
+                             PROBES_KEY: probes[v.node_id]}, v.traffic)
                     for v in verdicts]
         finished = self._clock()
         round_id = f"{model}:{seed}"
@@ -489,12 +496,24 @@ class Verifier:
         return Verdict(ex.target.node_id, CHECK_SUBSTITUTION, outcome, reason, evidence, traffic)
 
 
+def _probe_state(ex: _Exchange) -> ProbeState:
+    """What became of the node's probes (the evasion judge reads it)."""
+    err = ex.generation_error
+    if err is None:
+        return "answered"
+    if isinstance(err, UnsupportedApi):
+        return "unsupported"
+    if isinstance(err, wire.MalformedAnswer):
+        return "malformed"
+    return "unanswered"
+
+
 def new_seed() -> int:
     """An unpredictable round seed (nodes must not precompute the probes)."""
     return secrets.randbits(31)
 
 
-async def record_verdicts(store: VerdictStore, report: RoundReport) -> int:
+async def record_verdicts(store: VerdictSink, report: RoundReport) -> int:
     """Write a round's verdicts (one document per check and node, replay-safe)."""
     return await store.record([v.to_record(report.round_id, report.finished_at)
                                for v in report.verdicts])
@@ -519,7 +538,8 @@ def build_references(settings: HonestySettings, http: aiohttp.ClientSession, *,
 
 def _no_reference(target: NodeTarget) -> list[Verdict]:
     reason = f"unknown: no trusted reference for model {target.model!r}"
-    return [Verdict(target.node_id, check, Outcome.UNKNOWN, reason, {"model": target.model})
+    return [Verdict(target.node_id, check, Outcome.UNKNOWN, reason,
+                    {"model": target.model, PROBES_KEY: "not_sent"})
             for check in CHECKS]
 
 
@@ -530,7 +550,7 @@ async def run_verification(
     *,
     http: aiohttp.ClientSession | None = None,
     seed: int | None = None,
-    store: VerdictStore | None = None,
+    store: VerdictSink | None = None,
 ) -> list[Verdict]:
     """One round for every LLM node, grouped by claimed model; verdicts in node order.
 
@@ -566,6 +586,42 @@ async def run_verification(
     return sorted(verdicts, key=lambda v: order.get(v.node_id, len(order)))
 
 
+@dataclass(frozen=True)
+class VerifiedRound:
+    """A round as the loop and ``testbench verify`` record it: its verdicts, the evasion
+    verdicts judged after it, and what it sent each node."""
+
+    verdicts: list[Verdict]
+    evasion: list[VerdictRecord]
+    traffic: dict[str, Traffic]
+    finished_at: float
+
+
+async def verify_nodes(
+    settings: HonestySettings,
+    stores: MongoStores,
+    nodes: Sequence[Node | NodeTarget],
+    references: Mapping[str, TrustedReference],
+    *,
+    seed: int | None = None,
+    http: aiohttp.ClientSession | None = None,
+    sink: VerdictSink | None = None,
+    clock: Callable[[], float] = time.time,
+) -> VerifiedRound:
+    """One round over ``nodes``, recorded: its verdicts (through ``sink``, default the
+    verdict store), one round and its traffic per node in the traffic counters (what the
+    loop's budget weighs), and the evasion verdicts it leads to."""
+    sink = stores.verdicts if sink is None else sink
+    verdicts = await run_verification(settings, nodes, references, http=http, seed=seed,
+                                      store=sink)
+    finished = clock()
+    traffic = await record_round_traffic(stores, verdicts, finished)
+    evasion = await judge_round_evasion(settings, stores, verdicts, finished)
+    if evasion:
+        await sink.record(evasion)
+    return VerifiedRound(verdicts, evasion, traffic, finished)
+
+
 async def verify_registered_nodes(
     settings: HonestySettings,
     stores: MongoStores,
@@ -574,25 +630,32 @@ async def verify_registered_nodes(
     seed: int | None = None,
     http: aiohttp.ClientSession | None = None,
 ) -> list[Verdict]:
-    """One round over every enabled LLM node of the registry, verdicts written to MongoDB
-    (what ``testbench verify`` runs); ``references`` default to the configured ones.
-    Registry order (by id) stands in for registration order until nodes carry their
-    registration time."""
+    """One round over every enabled LLM node of the registry, recorded as the loop records
+    its rounds (:func:`verify_nodes`; what ``testbench verify`` runs); ``references``
+    default to the configured ones. Registry order (by id) stands in for registration
+    order until nodes carry their registration time."""
     nodes = [n for n in await stores.nodes.list(enabled_only=True) if n.kind == "llm"]
     session = open_node_session() if http is None else http
     try:
         refs = build_references(settings, session) if references is None else references
-        return await run_verification(settings, nodes, refs, http=session, seed=seed,
-                                      store=stores.verdicts)
+        done = await verify_nodes(settings, stores, nodes, refs, seed=seed, http=session)
+        return done.verdicts + [Verdict.from_record(r) for r in done.evasion]
     finally:
         if http is None:
             await session.close()
 
 
 async def latest_verdicts(stores: MongoStores, node_ids: Sequence[str]) -> list[Verdict]:
-    """Each node's newest verdict per round check, as :class:`Verdict`, in ``node_ids``
-    order then check order (``testbench scores``); outcomes as stored, unknown included."""
-    newest = {(r.node_id, r.check): r for r in await stores.verdicts.latest(node_ids)}
-    return [Verdict.from_record(newest[(node_id, check)])
-            for node_id in dict.fromkeys(node_ids) for check in CHECKS
-            if (node_id, check) in newest]
+    """Each node's newest verdict per check, as :class:`Verdict`, in ``node_ids`` order then
+    check order (the round's checks first, then evasion, receipt audits, PoC); outcomes as
+    stored, unknown included. A streaming job's per-request findings are summarised by its
+    ``streaming_job`` verdict and left out."""
+    newest = {(r.node_id, r.check.value): r for r in await stores.verdicts.latest(node_ids)
+              if r.check not in DETAIL_CHECKS}
+    order = {check: i for i, check in enumerate(CHECKS)}
+    out: list[Verdict] = []
+    for node_id in dict.fromkeys(node_ids):
+        mine = sorted((check for n, check in newest if n == node_id),
+                      key=lambda c: (order.get(c, len(order)), c))
+        out.extend(Verdict.from_record(newest[(node_id, check)]) for check in mine)
+    return out

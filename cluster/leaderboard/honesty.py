@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 
 from cluster.core.settings import Settings
-from cluster.honesty.traffic import TrafficReport, traffic_report
-from cluster.honesty.verdicts import Verdict
+from cluster.honesty.traffic import NodeTraffic, TrafficReport, read_ledger
+from cluster.honesty.verdicts import Traffic, Verdict
 from cluster.honesty.verification import latest_verdicts
 from cluster.storage.connections import open_mongo
 from cluster.storage.mongo import MongoStores
@@ -25,14 +25,17 @@ class HonestyView:
 
 async def read_honesty(settings: Settings, mongo: MongoStores) -> HonestyView:
     """Each node's latest verdicts, the loop's identity findings and its verification vs
-    measuring traffic (buffer TTL window), from one registry read."""
+    measuring traffic over the days of the buffer TTL window, from one registry read. The
+    traffic is the counters the loop's scheduler weighs (``cluster/honesty/traffic.py``):
+    what is shown is what is enforced."""
     nodes = await mongo.nodes.list()
     node_ids = [n.node_id for n in nodes]
     since = time.time() - settings.manager.sample_ttl_s
+    ledger: dict[str, TrafficReport] = dict(await read_ledger(mongo, since))
     return HonestyView(
         verdicts=await latest_verdicts(mongo, node_ids),
         signatures=await read_signature_findings(settings, mongo, nodes),
-        traffic=await traffic_report(mongo, node_ids, since),
+        traffic=[ledger.get(n) or NodeTraffic(n, Traffic(), Traffic()) for n in node_ids],
     )
 
 

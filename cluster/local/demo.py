@@ -54,13 +54,14 @@ async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
 
 
 async def _register(settings: Settings, nodes: list[Node]) -> None:
+    from cluster.modeldir.tokenizers import registered_node
     from cluster.storage.connections import open_mongo
 
     async with open_mongo(settings) as mongo:
         for node in nodes:
             if await mongo.nodes.get(node.node_id) is not None:
                 await mongo.nodes.remove(node.node_id)
-            await mongo.nodes.add(node)
+            await mongo.nodes.add(registered_node(node))
 
 
 def _quiet_logs() -> None:

@@ -227,9 +227,9 @@ class Requester:
         if self._sink is not None:
             await self._sink.record_relays(relays)
         self._observer.relays_done(relays)
-        if log.isEnabledFor(logging.INFO):
+        if log.isEnabledFor(logging.DEBUG):  # per call: the loop makes one call per doc
             codes = Counter(r.error_code.name for r in relays)
-            log.info(
+            log.debug(
                 "relay_batch_done prompts=%d nodes=%d seconds=%.3f %s",
                 len(relays),
                 len({p.node_id for p in prompts}),

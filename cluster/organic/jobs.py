@@ -2,9 +2,13 @@
 answered and recorded.
 
 A job names either a node or a model. For a model, the candidates are the enabled LLM nodes
-claiming it that no honesty check currently flags (the latest verification verdicts and the
-loop's identity signatures); the fastest by measured median latency goes first, and when it
-fails (timeout, 5xx, garbage) the next one is tried, up to ``max_nodes``. Every job is in
+claiming it that no honesty check currently flags (each node's latest verdict per check:
+the loop's verification rounds, evasion, receipt audits, PoC; and the loop's identity
+signatures) and that are not *unverified* (a latest verdict unknown: a check that could not
+be made is not a pass) unless ``honesty.route_unverified`` allows them, after the others; a
+node no check has run on yet is eligible (the loop verifies new nodes first). The fastest by
+measured median latency goes first, and when it fails (timeout, 5xx, garbage) the next one
+is tried, up to ``max_nodes``. Every job is in
 MongoDB (``organic_jobs``) *before* the first request leaves, and every attempt is recorded
 with the loop's error codes, so nothing a user asked for is lost, answered or not. Requests
 go through the measuring loop's :class:`cluster.nodes.requester.Requester`: the same SLA timeouts,
@@ -113,17 +117,22 @@ def rank_candidates(
     model: str,
     flagged: Mapping[str, str],
     buffers: Sequence[Mapping[str, Any]],
+    unverified: Mapping[str, str] | None = None,
+    *,
+    allow_unverified: bool = False,
 ) -> tuple[list[Node], dict[str, str]]:
     """Eligible nodes claiming ``model``, fastest first, and why the others were skipped.
 
     Speed is the median of the node's buffers' p50 latencies (nodes never measured go last,
-    in registration order): a user's job should land where answers come back soonest."""
+    in registration order): a user's job should land where answers come back soonest.
+    ``unverified`` nodes are skipped, or with ``allow_unverified`` ranked after the rest."""
+    unverified = unverified or {}
     p50s: dict[str, list[float]] = {}
     for b in buffers:
         if b.get("latency_p50_s") is not None:
             p50s.setdefault(b["node_id"], []).append(float(b["latency_p50_s"]))
     skipped: dict[str, str] = {}
-    eligible: list[tuple[float, int, Node]] = []
+    eligible: list[tuple[bool, float, int, Node]] = []
     for order, node in enumerate(nodes):
         if node.model != model:
             continue
@@ -133,28 +142,41 @@ def rank_candidates(
             skipped[node.node_id] = f"a {node.kind} node"
         elif node.node_id in flagged:
             skipped[node.node_id] = f"flagged: {flagged[node.node_id]}"
+        elif node.node_id in unverified and not allow_unverified:
+            skipped[node.node_id] = (f"unverified: {unverified[node.node_id]} "
+                                     "(honesty.route_unverified allows it)")
         else:
             speed = statistics.median(p50s[node.node_id]) if node.node_id in p50s else float("inf")
-            eligible.append((speed, order, node))
-    eligible.sort(key=lambda t: (t[0], t[1]))
-    return [n for _, _, n in eligible], skipped
+            eligible.append((node.node_id in unverified, speed, order, node))
+    eligible.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [n for _, _, _, n in eligible], skipped
+
+
+async def node_standing(settings: Settings, mongo: MongoStores, nodes: Sequence[Node]
+                        ) -> tuple[dict[str, str], dict[str, str]]:
+    """(flagged, unverified): node id -> reason, for the registry's nodes a check currently
+    fails, and for those with no failed check but an unknown one (not trusted either)."""
+    from cluster.core.verdicts import Outcome
+    from cluster.honesty.verification import latest_verdicts
+    from cluster.tasks.signature import read_signature_findings
+
+    flagged: dict[str, str] = {}
+    unknown: dict[str, str] = {}
+    for v in await latest_verdicts(mongo, [n.node_id for n in nodes]):
+        if v.flagged:
+            flagged.setdefault(v.node_id, f"{v.check}: {v.reason}")
+        elif v.outcome is Outcome.UNKNOWN:
+            unknown.setdefault(v.node_id, f"{v.check}: {v.reason}")
+    for node_id, finding in (await read_signature_findings(settings, mongo, nodes)).items():
+        if finding.outcome.value == "fail":
+            flagged.setdefault(node_id, f"identity signature: {finding.reason}")
+    return flagged, {n: why for n, why in unknown.items() if n not in flagged}
 
 
 async def flagged_nodes(settings: Settings, mongo: MongoStores, nodes: Sequence[Node]
                         ) -> dict[str, str]:
-    """node id -> reason, for the registry's nodes an honesty check currently fails (an
-    unknown check does not flag a node: it is unverified, as a node never checked is)."""
-    from cluster.honesty.verification import latest_verdicts
-    from cluster.tasks.signature import read_signature_findings
-
-    out: dict[str, str] = {}
-    for v in await latest_verdicts(mongo, [n.node_id for n in nodes]):
-        if v.flagged:
-            out.setdefault(v.node_id, f"{v.check}: {v.reason}")
-    for node_id, finding in (await read_signature_findings(settings, mongo, nodes)).items():
-        if finding.outcome.value == "fail":
-            out.setdefault(node_id, f"identity signature: {finding.reason}")
-    return out
+    """node id -> reason, for the registry's nodes an honesty check currently fails."""
+    return (await node_standing(settings, mongo, nodes))[0]
 
 
 class OrganicJobs:
@@ -179,9 +201,11 @@ class OrganicJobs:
                 raise NoNodeAvailable(f"node {request.node_id!r} is a {chosen[0].kind} node")
             return chosen, {}
         assert request.model is not None
-        flagged = await flagged_nodes(self._settings, self._mongo, nodes)
+        flagged, unverified = await node_standing(self._settings, self._mongo, nodes)
         buffers = await self._mongo.buffers.summaries()
-        ranked, skipped = rank_candidates(nodes, request.model, flagged, buffers)
+        ranked, skipped = rank_candidates(
+            nodes, request.model, flagged, buffers, unverified,
+            allow_unverified=self._settings.honesty.route_unverified)
         if not ranked:
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
             raise NoNodeAvailable(

@@ -1,8 +1,12 @@
-"""The leaderboard as a text table (``testbench scores``, ``make run``)."""
+"""The leaderboard as a text table (``testbench scores``, ``make run``), and the pairs
+that cannot be measured with their reasons."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from cluster.core.buffers import UnmeasurablePair
 
 
 def format_scores(rows: list[dict[str, Any]]) -> str:
@@ -26,4 +30,27 @@ def format_scores(rows: list[dict[str, Any]]) -> str:
                 f"{row['node_id'] if first else '':<22} {row['task'] if first else '':<16} "
                 f"{name:<31} {val:>17} {row['n'] if first else '':>4} "
                 f"{err_pct:>6} {p50s:>7} {p95s:>7}  {errs if first else ''}")
+    return "\n".join(lines)
+
+
+UNMEASURABLE_TITLE = ("pairs that cannot be measured as configured (retried with backoff; "
+                      "they resume once the cause is fixed):")
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_unmeasurable(pairs: Sequence[UnmeasurablePair], now: float) -> str:
+    """One line per pair: how many draws in a row failed, for how long, and why."""
+    header = f"{'node':<22} {'task':<16} {'attempts':>8} {'for':>8}  reason"
+    lines = [header, "-" * len(header)]
+    for p in sorted(pairs, key=lambda p: (p.node_id, p.task)):
+        lines.append(f"{p.node_id:<22} {p.task:<16} {p.attempts:>8} "
+                     f"{_age(now - p.since):>8}  {p.reason}")
     return "\n".join(lines)

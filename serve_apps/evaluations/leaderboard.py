@@ -2,6 +2,8 @@
 
 - cells: each (node, task) buffer summary (``buffers`` collection, as ``testbench scores``
   reads it): every metric's mean ± stderr, n, error rate, p50/p95 latency;
+- unmeasurable: the pairs the loop cannot measure as configured, with the reason
+  (``BufferStore.unmeasurable``), shown in their table cells;
 - verdicts: each node's latest verdict per check (the one stored verdict shape, from
   :class:`~cluster.storage.mongo.VerdictStore`): pass, fail, or unknown, which is shown as
   such and never as a pass; a streaming job's per-request findings are summarised by its
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from cluster.core.buffers import UnmeasurablePair
 from cluster.core.errors import ErrorCode
 from cluster.core.verdicts import DETAIL_CHECKS, Outcome, VerdictRecord
 from cluster.storage.mongo import MongoStores
@@ -73,6 +76,16 @@ def verdict_of(record: VerdictRecord) -> wire.VerdictOut:
                            at=record.ts)
 
 
+def node_status(verdicts: Sequence[wire.VerdictOut]) -> str:
+    """Flagged when a latest verdict failed, unverified when one is unknown (an unknown is
+    never a pass), trusted when all passed, unchecked when there is none."""
+    if any(v.passed is False for v in verdicts):
+        return "flagged"
+    if any(v.passed is None for v in verdicts):
+        return "unverified"
+    return "trusted" if verdicts else "unchecked"
+
+
 def latest_verdicts(records: Iterable[VerdictRecord]) -> dict[str, list[wire.VerdictOut]]:
     """node id → its newest verdict per check (ordered by check)."""
     latest: dict[tuple[str, str], VerdictRecord] = {}
@@ -122,6 +135,12 @@ def score_series(
     return series
 
 
+def unmeasurable_cells(pairs: Iterable[UnmeasurablePair]) -> list[wire.UnmeasurableCell]:
+    return sorted((wire.UnmeasurableCell(node_id=p.node_id, task=p.task, reason=p.reason,
+                                         since=p.since, attempts=p.attempts) for p in pairs),
+                  key=lambda c: (c.node_id, c.task))
+
+
 def build_leaderboard(
     summaries: Sequence[Mapping[str, Any]],
     node_models: Mapping[str, str],
@@ -129,21 +148,26 @@ def build_leaderboard(
     sample_docs: Iterable[Mapping[str, Any]],
     window: int,
     now: float,
+    unmeasurable: Iterable[UnmeasurablePair] = (),
 ) -> wire.LeaderboardResponse:
     cells = cells_from_summaries(summaries)
+    stuck = unmeasurable_cells(unmeasurable)
     verdicts = latest_verdicts(verdict_records)
     headlines: dict[str, str] = {}
     for cell in cells:
         if cell.metric is not None:
             headlines.setdefault(cell.task, cell.metric)
-    node_ids = sorted({c.node_id for c in cells} | set(verdicts))
+    node_ids = sorted({c.node_id for c in cells} | {c.node_id for c in stuck} | set(verdicts))
     return wire.LeaderboardResponse(
         generated_at=now,
-        tasks=sorted({c.task for c in cells}),
+        tasks=sorted({c.task for c in cells} | {c.task for c in stuck}),
         nodes=[wire.LeaderboardNode(node_id=n, model=node_models.get(n),
-                                    verdicts=verdicts.get(n, [])) for n in node_ids],
+                                    verdicts=verdicts.get(n, []),
+                                    status=node_status(verdicts.get(n, [])))
+               for n in node_ids],
         cells=cells,
         series=score_series(sample_docs, headlines, window),
+        unmeasurable=stuck,
     )
 
 
@@ -155,4 +179,5 @@ async def load_leaderboard(
     nodes = {n.node_id: n.model for n in await mongo.nodes.list()}
     verdicts = await mongo.verdicts.latest()
     sample_docs = await mongo.samples.history(now - history_s, max_samples)
-    return build_leaderboard(summaries, nodes, verdicts, sample_docs, window, now)
+    unmeasurable = await mongo.buffers.unmeasurable()
+    return build_leaderboard(summaries, nodes, verdicts, sample_docs, window, now, unmeasurable)

@@ -5,7 +5,8 @@ in ``data-api`` by the server) and draws, with DOM calls only (node ids are untr
 text, never parsed as HTML):
 
 - a table of nodes × tasks: the headline metric's mean ± stderr with an error bar, n,
-  error rate and p50/p95 latency, plus each node's latest verdicts;
+  error rate and p50/p95 latency, plus each node's latest verdicts; a pair the loop cannot
+  measure says so in its cell, with the reason;
 - per task, an SVG line chart of each node's score over time.
 
 It refreshes every 30 s. ``body[data-state]`` turns ``ready`` (or ``error``) once drawn, which
@@ -36,11 +37,15 @@ _PAGE = """<!doctype html>
   td.cell .stderr { font-variant-numeric: tabular-nums; color: var(--muted); }
   td.cell .meta { color: var(--muted); font-size: 12px; }
   td.empty { color: var(--muted); text-align: center; }
+  .unmeasurable { color: #8c1d1d; font-size: 12px; max-width: 28em; }
   .verdict { display: inline-block; border-radius: 3px; padding: 0 6px; margin: 0 4px 2px 0;
              font-size: 12px; background: #eceff3; }
   .verdict.pass { background: #dcf5e3; color: #13612e; }
   .verdict.fail { background: #fbe0e0; color: #8c1d1d; }
   .verdict.unknown { background: #fff3cd; color: #6b5200; }
+  .status { display: block; font-size: 11px; font-weight: normal; }
+  .status.flagged { color: #8c1d1d; }
+  .status.unverified { color: #6b5200; }
   .charts { display: flex; flex-wrap: wrap; gap: 24px; }
   figure.chart { margin: 0; background: #fff; box-shadow: 0 1px 2px #0001; padding: 8px; }
   figure.chart figcaption { font-weight: 600; margin: 0 0 4px 4px; }
@@ -100,12 +105,29 @@ function drawTable(data) {
   head.appendChild(el("th", {}, "verdicts"));
   thead.appendChild(head);
   const cells = new Map(data.cells.map(c => [c.node_id + "\\u0000" + c.task, c]));
+  const stuck = new Map((data.unmeasurable || []).map(u => [u.node_id + "\\u0000" + u.task, u]));
   for (const node of data.nodes) {
     const row = el("tr", {"data-node": node.node_id});
-    row.appendChild(el("th", {}, node.node_id));
+    const head = el("th", {}, node.node_id);
+    if (node.status && node.status !== "unchecked")
+      head.appendChild(el("span", {class: "status " + node.status}, node.status));
+    row.appendChild(head);
     row.appendChild(el("td", {}, node.model || "–"));
     for (const task of data.tasks) {
       const c = cells.get(node.node_id + "\\u0000" + task);
+      const u = stuck.get(node.node_id + "\\u0000" + task);
+      // a pair that cannot be measured as configured: why, and since when
+      const why = u && el("div", {class: "unmeasurable", "data-node": u.node_id,
+                                  "data-task": task,
+                                  title: `${u.attempts} failed attempts since ` +
+                                         new Date(u.since * 1000).toLocaleString()},
+                          `cannot be measured: ${u.reason}`);
+      if (!c && why) {
+        const td = el("td", {class: "stuck"});
+        td.appendChild(why);
+        row.appendChild(td);
+        continue;
+      }
       if (!c) { row.appendChild(el("td", {class: "empty"}, "–")); continue; }
       const td = el("td", {class: "cell", "data-node": c.node_id, "data-task": task,
                            "data-mean": c.mean === null ? "" : String(c.mean)});
@@ -121,6 +143,7 @@ function drawTable(data) {
       td.appendChild(el("div", {class: "meta"},
         `n ${c.n} · errors ${fmt(100 * c.error_rate, 1)}% · ` +
         `p50 ${fmt(c.latency_p50_s, 3)} s · p95 ${fmt(c.latency_p95_s, 3)} s`));
+      if (why) td.appendChild(why);
       row.appendChild(td);
     }
     const verdicts = el("td", {class: "verdicts"});
@@ -200,7 +223,9 @@ async function refresh() {
     const data = await resp.json();
     drawTable(data);
     drawCharts(data);
+    const stuck = (data.unmeasurable || []).length;
     status.textContent = `${data.nodes.length} nodes × ${data.tasks.length} tasks · ` +
+      (stuck ? `${stuck} pairs cannot be measured · ` : "") +
       `updated ${new Date(data.generated_at * 1000).toLocaleString()}`;
     document.body.dataset.state = "ready";
   } catch (err) {

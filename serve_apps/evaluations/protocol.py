@@ -213,10 +213,25 @@ class VerdictOut(_Wire):
     at: float | None
 
 
+class UnmeasurableCell(_Wire):
+    """One node on one task that the loop cannot measure as configured (its task adapter or
+    dataset is unusable): it has no fresh scores, and this says why."""
+
+    node_id: str
+    task: str
+    reason: str
+    since: float = Field(description="unix seconds of the first failed draw in a row")
+    attempts: int = Field(description="draws in a row that failed (retried with backoff)")
+
+
 class LeaderboardNode(_Wire):
     node_id: str
     model: str | None
     verdicts: list[VerdictOut]
+    status: Literal["trusted", "unverified", "flagged", "unchecked"] = Field(
+        default="unchecked",
+        description="flagged: a latest verdict failed; unverified: none failed, one is unknown "
+        "(not trusted); trusted: every latest verdict passed; unchecked: no verdict yet")
 
 
 class ScoreSeries(_Wire):
@@ -236,3 +251,4 @@ class LeaderboardResponse(_Wire):
     nodes: list[LeaderboardNode]
     cells: list[LeaderboardCell]
     series: list[ScoreSeries]
+    unmeasurable: list[UnmeasurableCell] = Field(default_factory=list)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from cluster.auth.keys import Ed25519Key
 from cluster.core.deployment import DeploymentOptions
 from cluster.core.settings import AuthSettings
 from cluster.poc.config import ValidationConfig
+from cluster.train.config import ScalingSpec
 
 
 class PocDeployment(DeploymentOptions):
@@ -18,6 +21,42 @@ class PocDeployment(DeploymentOptions):
     num_replicas: int = Field(default=1, ge=1, le=1)
     num_cpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=256, ge=1)
+
+
+class TrainingNodeConfig(BaseModel):
+    """The node's side of training runs: its key, its hardware, where data comes from.
+
+    ``node_key_file`` / ``node_key_hex`` is the ed25519 key this node signs its outer-sync
+    messages with (its public key is what the Network Node registers with the other nodes
+    of a run); without one the node refuses to train.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    node_key_file: Path | None = Field(default=None, description="a file holding the seed, hex")
+    node_key_hex: SecretStr | None = Field(default=None, description="the seed, hex")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    postgres_url: str | None = Field(
+        default=None, description="for dataset.task runs; None = $TESTBENCH_POSTGRES_URL")
+    output_root: Path | None = Field(
+        default=None, description="if set, a run's output_dir must lie inside it")
+    max_message_bytes: int = Field(default=2 * 1024**3, ge=1024,
+                                   description="largest outer-sync message accepted")
+    stop_timeout_s: float = Field(default=120.0, gt=0,
+                                  description="POST /train/stop waits this long for the workers")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> TrainingNodeConfig:
+        if self.node_key_file is not None and self.node_key_hex is not None:
+            raise ValueError("give at most one of node_key_file and node_key_hex")
+        return self
+
+    def node_key(self) -> Ed25519Key | None:
+        if self.node_key_hex is not None:
+            return Ed25519Key.from_hex(self.node_key_hex.get_secret_value())
+        if self.node_key_file is not None:
+            return Ed25519Key.from_file(self.node_key_file)
+        return None
 
 
 class PocNodeConfig(BaseModel):
@@ -48,6 +87,7 @@ class PocNodeConfig(BaseModel):
         default_factory=lambda: {"app_name": "llm-node", "route_prefix": "/llm"},
         description="keyword arguments the deployer class is built with",
     )
+    training: TrainingNodeConfig = Field(default_factory=TrainingNodeConfig)
     deployment: PocDeployment = Field(default_factory=PocDeployment)
     auth: AuthSettings = Field(
         default_factory=AuthSettings,

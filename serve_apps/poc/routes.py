@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
+from cluster.auth.sync_messages import SyncProblem, SyncRefused
 from cluster.core.settings import AuthSettings
 from cluster.poc.protocol import (
     Ack,
@@ -17,18 +18,24 @@ from cluster.poc.protocol import (
     ValidatedBatch,
 )
 from serve_apps.common.peer_auth import install_peer_auth
+from serve_apps.poc.protocol import TrainStartRequest, TrainStatusResponse
 from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
 
 API_PREFIX = "/api/v1"
+# Peers' outer-sync messages carry their own signature (cluster/auth/sync_messages.py),
+# checked against the keys registered for the training run, not the control keys.
+SYNC_PATH = f"{API_PREFIX}/train/sync"
 
 _STATUS = {StateConflict: 409, NotSupported: 501, BadRequest: 400}
 
 
 def create_api(service: PocNodeService, auth: AuthSettings | None = None) -> FastAPI:
     """The node's routes; with ``auth`` active every route takes only requests signed by a
-    key registered for the "control" purpose (a refused one never reaches the service)."""
-    app = FastAPI(title="testbench PoC node", version="1")
-    install_peer_auth(app, auth or AuthSettings(), purpose="control")
+    key registered for the "control" purpose (a refused one never reaches the service),
+    except the training run's peer channel (``SYNC_PATH``), whose messages are signed by
+    the run's registered MLNodes."""
+    app = FastAPI(title="testbench MLNode", version="1")
+    install_peer_auth(app, auth or AuthSettings(), purpose="control", exempt_paths=[SYNC_PATH])
 
     async def _error(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=_STATUS[type(exc)], content={"detail": str(exc)})
@@ -93,17 +100,36 @@ def create_api(service: PocNodeService, auth: AuthSettings | None = None) -> Fas
     async def stop() -> Ack:
         return await service.stop()
 
+    # ---- training -----------------------------------------------------------------------
     @r.post("/train/start")
-    async def train_start() -> Ack:
-        return service.train("start")
+    async def train_start(req: TrainStartRequest) -> Ack:
+        return await service.train_start(req)
 
     @r.post("/train/stop")
     async def train_stop() -> Ack:
-        return service.train("stop")
+        return await service.train_stop()
 
     @r.get("/train/status")
-    async def train_status() -> Ack:
-        return service.train("status")
+    async def train_status() -> TrainStatusResponse:
+        return await service.train_status()
+
+    @r.post("/train/sync")
+    async def train_sync(request: Request) -> JSONResponse:
+        limit = service.max_sync_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            refused = SyncRefused(SyncProblem.TOO_LARGE, f"the body is over {limit} bytes")
+            return JSONResponse(status_code=refused.status, content=refused.body())
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                refused = SyncRefused(SyncProblem.TOO_LARGE, f"the body is over {limit} bytes")
+                return JSONResponse(status_code=refused.status, content=refused.body())
+            chunks.append(chunk)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        status, content = await service.train_sync(headers, b"".join(chunks))
+        return JSONResponse(status_code=status, content=content)
 
     app.include_router(r)
     return app

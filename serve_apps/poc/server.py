@@ -1,4 +1,5 @@
-"""The package's one Ray place: worker actors, the Ray worker pool, the Serve app builder.
+"""The package's Ray place: worker actors, the Ray worker pool, the Serve app builder (the
+training runs' Ray Train wiring is ``serve_apps/poc/training.py``).
 
 YAML: ``import_path: serve_apps.poc.server:build_poc_node_app`` with ``args`` = PocNodeConfig.
 The ingress keeps the node's state, so it runs as exactly one replica; the work scales
@@ -20,7 +21,8 @@ from serve_apps.poc.config import PocNodeConfig
 from serve_apps.poc.deployers import LlmDeployer, load_object
 from serve_apps.poc.pool import WorkerPoolFactory
 from serve_apps.poc.routes import create_api
-from serve_apps.poc.serving import PocNodeService
+from serve_apps.poc.serving import PocNodeService, TrainingLauncher
+from serve_apps.poc.training import RayTrainingLauncher
 from serve_apps.poc.worker import GeneratedChunk, NonceChunk, PowWorker, PowWorkerSpec
 
 # Worker calls are pure functions of their arguments, so a restarted actor may redo them.
@@ -65,13 +67,19 @@ def ray_pool_factory(config: PocNodeConfig) -> WorkerPoolFactory:
     return make
 
 
+def ray_training_launcher(config: PocNodeConfig) -> TrainingLauncher:
+    t = config.training
+    return RayTrainingLauncher(t.scaling, t.postgres_url, t.max_message_bytes)
+
+
 class PocNodeIngress:
-    def __init__(self, config: dict[str, Any], deployer: LlmDeployer | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | PocNodeConfig,
+                 deployer: LlmDeployer | None = None) -> None:
         cfg = PocNodeConfig.model_validate(config)
         self._auth = cfg.auth
         self._service = PocNodeService(
             cfg, ray_pool_factory(cfg), deployer or load_object(cfg.deployer)(**cfg.deployer_args),
-            AiohttpCallbackSender(cfg.callback_timeout_s),
+            AiohttpCallbackSender(cfg.callback_timeout_s), trainer=ray_training_launcher(cfg),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -89,4 +97,5 @@ def build_poc_node_app(
     deployment = serve.deployment(**cfg.deployment.serve_options())(
         serve.ingress()(PocNodeIngress)
     )
-    return deployment.bind(cfg.model_dump(mode="json"), deployer)
+    # the model itself, not its JSON: a dump would mask training.node_key_hex
+    return deployment.bind(cfg, deployer)

@@ -3,7 +3,9 @@
 The node runs exactly one of POW, INFERENCE or TRAIN at a time (or nothing: STOPPED).
 Starting one while another runs is refused with :class:`StateConflict` (HTTP 409) naming
 the call that frees the node; stopping what is not running is a no-op, stopping the other
-mode is refused. Training is a later issue: its calls raise :class:`NotSupported` (501).
+mode is refused. A training run (:class:`TrainingLauncher`, on Ray Train in
+``serve_apps/poc/training.py``) holds the node until it completes, fails or is stopped; its
+status and its peers' outer-sync messages stay answered after it ended, until the next run.
 
 A PoC round (:class:`PowSession`) loads its workers in the background (LOADING), then
 sits in the requested phase: IDLE, GENERATING (workers stream valid nonces into stored
@@ -17,9 +19,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
+from cluster.auth.keys import Ed25519Key
+from cluster.auth.sync_messages import SyncProblem, SyncRefused
 from cluster.core.errors import ErrorCode, TestbenchError
 from cluster.poc.protocol import (
     Ack,
@@ -36,11 +40,14 @@ from cluster.poc.protocol import (
     ValidatedBatch,
 )
 from cluster.poc.validator import judge
+from cluster.train.config import TrainRunConfig
+from cluster.train.progress import RunProgress
 from serve_apps.poc.callbacks import CallbackQueue, CallbackSender
 from serve_apps.poc.config import PocNodeConfig
 from serve_apps.poc.deployers import LlmDeployer, LlmEndpoint
 from serve_apps.poc.generator import NoncePlan, PowGenerator
 from serve_apps.poc.pool import WorkerPool, WorkerPoolFactory
+from serve_apps.poc.protocol import TrainStartRequest, TrainStatusResponse
 from serve_apps.poc.worker import GeneratedChunk, PowWorkerSpec
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,32 @@ class BadRequest(TestbenchError):
     """The request is well-formed but does not apply to this round (HTTP 400)."""
 
     code = ErrorCode.BAD_PARAMS
+
+
+class TrainingRun(Protocol):
+    """One training run of this node, as the service drives it."""
+
+    run: TrainRunConfig
+
+    def done(self) -> bool:
+        """The workers have ended (completed, failed or stopped)."""
+        ...
+
+    async def status(self) -> RunProgress: ...
+
+    async def receive(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        """A peer's outer-sync message: (HTTP status, JSON answer)."""
+        ...
+
+    async def stop(self, timeout_s: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class TrainingLauncher(Protocol):
+    def start(self, run: TrainRunConfig, key: Ed25519Key) -> TrainingRun:
+        """Start the run in the background (called on the event loop: returns at once)."""
+        ...
 
 
 _LOADED = (PowState.IDLE, PowState.GENERATING, PowState.VALIDATING)
@@ -270,7 +303,7 @@ def _split(items: list[int], parts: int) -> list[list[int]]:
 
 
 class PocNodeService:
-    """The node control state machine: POW, INFERENCE, TRAIN (never) or STOPPED."""
+    """The node control state machine: POW, INFERENCE, TRAIN or STOPPED."""
 
     def __init__(
         self,
@@ -279,12 +312,16 @@ class PocNodeService:
         deployer: LlmDeployer,
         sender: CallbackSender,
         clock: Callable[[], float] = time.monotonic,
+        trainer: TrainingLauncher | None = None,
     ) -> None:
         self._config = config
         self._pool_factory = pool_factory
         self._deployer = deployer
         self._sender = sender
         self._clock = clock
+        self._trainer = trainer
+        self._node_key = config.training.node_key()
+        self._train: TrainingRun | None = None
         self._mode = NodeState.STOPPED
         self._pow: PowSession | None = None
         self._inference: InferenceStatus | None = None
@@ -303,6 +340,8 @@ class PocNodeService:
         """The running mode; a PoC round that failed or stopped frees the node."""
         if self._mode == NodeState.POW and (self._pow is None or self._pow.state == PowState.STOPPED):
             self._mode = NodeState.STOPPED
+        if self._mode == NodeState.TRAIN and (self._train is None or self._train.done()):
+            self._mode = NodeState.STOPPED
         return self._mode
 
     def _refuse_unless_free(self, wanted: str) -> None:
@@ -314,6 +353,10 @@ class PocNodeService:
             model = self._inference.model if self._inference else "?"
             raise StateConflict(f"cannot start {wanted}: the node runs INFERENCE of {model!r} "
                                 "(POST /api/v1/inference/down first)")
+        if mode == NodeState.TRAIN:
+            run = self._train.run.run_id if self._train else "?"
+            raise StateConflict(f"cannot start {wanted}: the node runs TRAIN (training run "
+                                f"{run!r}; POST /api/v1/train/stop first)")
 
     # ---- PoW ----------------------------------------------------------------------------
     async def pow_init(self, request: PowInitRequest, phase: PowPhase) -> Ack:
@@ -365,6 +408,9 @@ class PocNodeService:
             if mode == NodeState.INFERENCE:
                 raise StateConflict("PoW is not running: the node runs INFERENCE "
                                     "(POST /api/v1/inference/down to stop it)")
+            if mode == NodeState.TRAIN:
+                raise StateConflict("PoW is not running: the node runs TRAIN "
+                                    "(POST /api/v1/train/stop to stop it)")
             if mode == NodeState.STOPPED:
                 return Ack(message="PoW was not running", state=mode)
             assert self._pow is not None
@@ -404,6 +450,9 @@ class PocNodeService:
             if mode == NodeState.POW:
                 raise StateConflict("inference is not running: the node runs POW "
                                     "(POST /api/v1/pow/stop to stop it)")
+            if mode == NodeState.TRAIN:
+                raise StateConflict("inference is not running: the node runs TRAIN "
+                                    "(POST /api/v1/train/stop to stop it)")
             if mode == NodeState.STOPPED:
                 return Ack(message="inference was not running", state=mode)
             await self._teardown_inference()
@@ -432,11 +481,85 @@ class PocNodeService:
             return await self.pow_stop()
         if mode == NodeState.INFERENCE:
             return await self.inference_down()
+        if mode == NodeState.TRAIN:
+            return await self.train_stop()
         return Ack(message="nothing was running", state=mode)
 
-    def train(self, action: str) -> Any:
-        raise NotSupported(f"training ({action}) is not implemented on this node yet; "
-                           "the node runs POW or INFERENCE")
+    # ---- training -----------------------------------------------------------------------
+    @property
+    def max_sync_bytes(self) -> int:
+        return self._config.training.max_message_bytes
+
+    @property
+    def node_public_key(self) -> str | None:
+        return self._node_key.public_key if self._node_key is not None else None
+
+    def _check_run(self, run: TrainRunConfig) -> None:
+        training = self._config.training
+        if self._trainer is None or self._node_key is None:
+            raise NotSupported("this node has no training key (training.node_key_file or "
+                               "training.node_key_hex in its config): it cannot train")
+        if any(p.public_key == self._node_key.public_key for p in run.peers):
+            raise BadRequest("peers lists this node's own key "
+                             f"{self._node_key.public_key[:16]}...: list only the other nodes")
+        if training.output_root is not None:
+            root = training.output_root.resolve()
+            if not run.output_path.resolve().is_relative_to(root):
+                raise BadRequest(f"output_dir {run.output_dir!r} is not inside this node's "
+                                 f"training.output_root {str(root)!r}")
+
+    async def train_start(self, request: TrainStartRequest) -> Ack:
+        run = TrainRunConfig.model_validate(request.model_dump())
+        async with self._lock:
+            if self.mode == NodeState.TRAIN:
+                current = self._train.run.run_id if self._train else "?"
+                raise StateConflict(f"training run {current!r} is running: POST "
+                                    "/api/v1/train/stop first")
+            self._refuse_unless_free("TRAIN")
+            self._check_run(run)
+            assert self._trainer is not None and self._node_key is not None
+            if self._train is not None:  # the last run's coordinator: its status goes
+                await self._train.close()
+                self._train = None
+            self._train = self._trainer.start(run, self._node_key)
+            self._mode = NodeState.TRAIN
+            resumes = (run.checkpoint_root / run.run_id).is_dir()
+            return Ack(message=f"training run {run.run_id!r} starting"
+                       + (" (resuming from its output_dir)" if resumes else ""), state=self._mode)
+
+    async def train_stop(self) -> Ack:
+        """Stop the training run (idempotent): workers leave at their next inner step, the
+        last outer step's checkpoint stands."""
+        async with self._lock:
+            mode = self.mode
+            if mode == NodeState.POW:
+                raise StateConflict("training is not running: the node runs POW "
+                                    "(POST /api/v1/pow/stop to stop it)")
+            if mode == NodeState.INFERENCE:
+                raise StateConflict("training is not running: the node runs INFERENCE "
+                                    "(POST /api/v1/inference/down to stop it)")
+            if mode == NodeState.STOPPED or self._train is None:
+                return Ack(message="training was not running", state=mode)
+            await self._train.stop(self._config.training.stop_timeout_s)
+            run_id = self._train.run.run_id
+            if not self._train.done():
+                return Ack(message=f"training run {run_id!r} is stopping (workers still "
+                           f"busy after {self._config.training.stop_timeout_s:g} s)",
+                           state=self.mode)
+            return Ack(message=f"training run {run_id!r} stopped", state=self.mode)
+
+    async def train_status(self) -> TrainStatusResponse:
+        run = await self._train.status() if self._train is not None else None
+        return TrainStatusResponse(node_state=self.mode, node_public_key=self.node_public_key,
+                                   run=run)
+
+    async def train_sync(self, headers: Mapping[str, str],
+                         body: bytes) -> tuple[int, dict[str, Any]]:
+        """A peer's outer-sync message for this node's training run."""
+        if self._train is None:
+            refused = SyncRefused(SyncProblem.NOT_TRAINING, "this node has no training run")
+            return refused.status, refused.body()
+        return await self._train.receive(headers, body)
 
     async def shutdown(self) -> None:
         """Release workers and the LLM app (replica shutdown)."""
@@ -444,4 +567,7 @@ class PocNodeService:
             await self._pow.close()
         if self._mode == NodeState.INFERENCE:
             await self._teardown_inference()
+        if self._train is not None:
+            await self._train.close()
+            self._train = None
         await self._sender.close()

@@ -123,3 +123,28 @@ async def test_nodes_get_the_tasks_of_their_kind_with_per_task_targets(
     targets = {(p["node_id"], p["task"]): p["target"] for p in (await manager.status())["pairs"]}
     assert targets == {("n1", "openbookqa"): 5, ("n1", "gsm8k"): 2, ("d1", "diffusion_repro"): 3}
     await manager.stop()
+
+
+async def test_a_pair_waiting_on_an_unmeasurable_prerequisite_is_reported_and_settles(
+    fresh_settings: Settings, correct_node: Node
+) -> None:
+    """A node whose identity signature cannot be measured never gets benchmark traffic
+    (task_dependencies): its benchmark pair is reported with the reason, so `run
+    --until-full` ends instead of waiting forever."""
+    settings = fresh_settings.model_copy(update={
+        "tasks": ["signature", "openbookqa"],
+        "manager": fresh_settings.manager.model_copy(update={"tick_s": 0.05,
+                                                            "node_refresh_s": 0})})
+    stores = StoreConnections(settings)
+    mongo = await stores.mongo()
+    await mongo.nodes.add(correct_node)
+    manager = Manager(settings, LocalPipeline, stores=stores)
+    await manager.ensure_started(loop=False)
+    manager._state("n1", "signature").unmeasurable = "no signature route (test)"
+    status = await manager.status(detail=False)
+    reasons = {(p["node_id"], p["task"]): p["reason"] for p in status["unmeasurable_pairs"]}
+    assert reasons[("n1", "signature")] == "no signature route (test)"
+    assert reasons[("n1", "openbookqa")] == (
+        "waits for signature, which cannot be measured: no signature route (test)")
+    assert status["settled"] and not status["full"]
+    await manager.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,3 +62,59 @@ def test_a_sticky_gauge_sets_its_last_value_again() -> None:
 def test_error_code_labels_are_lower_case_names() -> None:
     assert metrics.code_label(ErrorCode.OK) == "ok"
     assert metrics.code_label(2) == "node"
+
+
+class FakeCounter:
+    def __init__(self) -> None:
+        self.counts: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        key = tuple(sorted((tags or {}).items()))
+        self.counts[key] = self.counts.get(key, 0) + value
+
+
+async def test_the_auditor_counts_every_verdict_it_writes_by_check_and_outcome(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production sink of the loop's Auditor (actors/auditor.py) after a known round:
+    three nodes' five verdicts and an evasion verdict each, written in one call."""
+    from actors.auditor import MeteredVerdicts
+    from cluster.core.verdicts import Check, Outcome, VerdictRecord
+
+    class Store:
+        written: list[VerdictRecord] = []
+
+        async def record(self, verdicts: Sequence[VerdictRecord]) -> int:
+            self.written.extend(verdicts)
+            return len(verdicts)
+
+    fake = FakeCounter()
+    monkeypatch.setattr(metrics, "_metrics", SimpleNamespace(verdicts=fake))
+    outcomes = {  # node -> outcome of its five round checks, then of evasion
+        "honest": [Outcome.PASS] * 5 + [Outcome.PASS],
+        "cheater": [Outcome.PASS, Outcome.PASS, Outcome.PASS, Outcome.FAIL, Outcome.FAIL,
+                    Outcome.PASS],
+        "evader": [Outcome.UNKNOWN] * 5 + [Outcome.FAIL],
+    }
+    checks = [Check.TOKENIZER_SIGNATURE, Check.CONFIG_SIGNATURE, Check.IDENTITY, Check.SYNTHETIC,
+              Check.SUBSTITUTION, Check.EVASION]
+    records = [VerdictRecord(verdict_id=f"{c}|{node}|m:1", node_id=node, check=c, outcome=o,
+                             reason="r", ts=1.0)
+               for node, outs in outcomes.items() for c, o in zip(checks, outs, strict=True)]
+    store = Store()
+    assert await MeteredVerdicts(store).record(records) == 18 and store.written == records
+    assert fake.counts == {
+        (("check", "tokenizer_signature"), ("outcome", "pass")): 2,
+        (("check", "tokenizer_signature"), ("outcome", "unknown")): 1,
+        (("check", "config_signature"), ("outcome", "pass")): 2,
+        (("check", "config_signature"), ("outcome", "unknown")): 1,
+        (("check", "identity"), ("outcome", "pass")): 2,
+        (("check", "identity"), ("outcome", "unknown")): 1,
+        (("check", "synthetic"), ("outcome", "pass")): 1,
+        (("check", "synthetic"), ("outcome", "fail")): 1,
+        (("check", "synthetic"), ("outcome", "unknown")): 1,
+        (("check", "substitution"), ("outcome", "pass")): 1,
+        (("check", "substitution"), ("outcome", "fail")): 1,
+        (("check", "substitution"), ("outcome", "unknown")): 1,
+        (("check", "evasion"), ("outcome", "pass")): 2,
+        (("check", "evasion"), ("outcome", "fail")): 1,
+    }

@@ -11,7 +11,9 @@ def limits(**kw: object) -> PlanLimits:
     return PlanLimits(**base)
 
 
-def state(valid: int = 0, in_flight: int = 0, expired: int = 0) -> PairState:
+def state(valid: int = 0, in_flight: int = 0, expired: int = 0, answered: int = 0) -> PairState:
+    """``in_flight`` docs sent and still at the node; of those, ``answered`` already
+    answered and waiting to be scored (in flight, no longer at the node)."""
     s = PairState()
     for i in range(expired):
         s.valid.append((NOW - TTL - 1 - i, 1000 + i))
@@ -19,6 +21,7 @@ def state(valid: int = 0, in_flight: int = 0, expired: int = 0) -> PairState:
     for i in range(valid):
         s.valid.append((NOW - 10 + i * 0.001, i))
     s.in_flight = set(range(500, 500 + in_flight))
+    s.at_node = set(range(500 + answered, 500 + in_flight))
     return s
 
 
@@ -40,6 +43,23 @@ def test_docs_in_flight_count_towards_the_target() -> None:
     plan = plan_samples([("a", ["t"])], {("a", "t"): state(valid=45, in_flight=3)}, {},
                         limits(), NOW)
     assert plan == [PlanItem("a", "t", 2)]
+
+
+def test_answered_docs_waiting_for_scoring_free_the_node_but_still_fill_the_buffer() -> None:
+    # 10 in flight, 8 of them answered: the node has room for 8 more, but the buffer
+    # (target 50, 35 valid) needs only 5 beyond the 10 that will land.
+    s = state(valid=35, in_flight=10, answered=8)
+    assert plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW) == [
+        PlanItem("a", "t", 5)]
+    s = state(valid=0, in_flight=10, answered=8)
+    assert plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW) == [
+        PlanItem("a", "t", 8)]
+
+
+def test_a_pair_being_drawn_is_not_planned_again_until_its_draw_returns() -> None:
+    s = state()
+    s.reserved = 1
+    assert plan_samples([("a", ["t"])], {("a", "t"): s}, {}, limits(), NOW) == []
 
 
 def test_reserved_docs_count_as_in_flight() -> None:

@@ -1,5 +1,5 @@
 """Durable state in MongoDB, one module per collection: nodes, prompts, relays, samples,
-buffers, receipts, verdicts, organic jobs, peer-auth nonces, evaluation runs (with their
+buffers, receipts, verdicts, organic jobs, streaming jobs, traffic counters, peer-auth nonces, evaluation runs (with their
 relays, samples, logs and results). Product code outside ``cluster.storage`` goes through
 these stores, never a collection.
 
@@ -38,6 +38,8 @@ from cluster.storage.mongo.base import (
     RECEIPTS,
     RELAYS,
     SAMPLES,
+    STREAMING_JOBS,
+    TRAFFIC,
     VERDICTS,
     Document,
     insert_new,
@@ -52,6 +54,8 @@ from cluster.storage.mongo.receipts import ReceiptStore
 from cluster.storage.mongo.relays import RelayStore
 from cluster.storage.mongo.samples import COUNTED_CODES, SampleStore
 from cluster.storage.mongo.stores import MongoStores
+from cluster.storage.mongo.streaming_jobs import StreamingJobStore
+from cluster.storage.mongo.traffic import TrafficRow, TrafficStore
 from cluster.storage.mongo.verdicts import VerdictStore
 
 __all__ = [
@@ -70,6 +74,8 @@ __all__ = [
     "RECEIPTS",
     "RELAYS",
     "SAMPLES",
+    "STREAMING_JOBS",
+    "TRAFFIC",
     "VERDICTS",
     "Buffer",
     "BufferEntry",
@@ -85,6 +91,9 @@ __all__ = [
     "RelayStore",
     "RunConflictError",
     "SampleStore",
+    "StreamingJobStore",
+    "TrafficRow",
+    "TrafficStore",
     "VerdictRecord",
     "VerdictStore",
     "buffer_id",

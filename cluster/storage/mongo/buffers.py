@@ -1,4 +1,5 @@
-"""``buffers``: per (node, task), the last N samples and their summary."""
+"""``buffers``: per (node, task), the last N samples and their summary, and, for a pair
+the loop cannot measure, why (``unmeasurable``: an :class:`UnmeasurablePair` as JSON)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 
+from cluster.core.buffers import UnmeasurablePair
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Sample
 from cluster.storage.mongo.base import Document
@@ -110,7 +112,8 @@ class BufferStore:
     async def set_summaries(
         self, buffers: Sequence[tuple[Mapping[str, Any], Sequence[BufferEntry | Mapping[str, Any]]]]
     ) -> None:
-        """:meth:`set_summary` for many buffers in one bulk write."""
+        """:meth:`set_summary` for many buffers in one bulk write. Samples were scored for
+        these pairs, so they measure: the replace drops any ``unmeasurable`` mark."""
         if not buffers:
             return
         now = float(self._clock())
@@ -133,6 +136,42 @@ class BufferStore:
         docs = await self.collection.find({"summary": {"$exists": True}}).sort(
             "_id", ASCENDING).to_list()
         return [json.loads(d["summary"]) for d in docs]
+
+    async def mark_unmeasurable(
+        self, node_id: str, task: str, reason: str, attempts: int, now: float | None = None
+    ) -> UnmeasurablePair:
+        """Record why the pair cannot be measured (its buffer and summary, if any, stay);
+        ``since`` is kept from an earlier mark. Only the Manager writes marks."""
+        key = buffer_id(node_id, task)
+        now = float(self._clock() if now is None else now)
+        doc = await self.collection.find_one({"_id": key}, {"unmeasurable": 1})
+        since = now
+        if doc is not None and isinstance(doc.get("unmeasurable"), str):
+            since = UnmeasurablePair.model_validate_json(doc["unmeasurable"]).since
+        mark = UnmeasurablePair(node_id=node_id, task=task, reason=reason, since=since,
+                                last_attempt_at=now, attempts=attempts)
+        await self.collection.update_one(
+            {"_id": key},
+            {"$set": {"node_id": node_id, "task": task, "unmeasurable": mark.model_dump_json()}},
+            upsert=True,
+        )
+        return mark
+
+    async def clear_unmeasurable(self, node_id: str, task: str) -> bool:
+        """The pair measures again: drop its mark. False when it had none."""
+        result = await self.collection.update_one(
+            {"_id": buffer_id(node_id, task), "unmeasurable": {"$exists": True}},
+            {"$unset": {"unmeasurable": ""}},
+        )
+        return result.modified_count == 1
+
+    async def unmeasurable(self) -> builtins.list[UnmeasurablePair]:
+        """Every pair marked unmeasurable, ordered by node and task."""
+        docs = await self.collection.find(
+            {"unmeasurable": {"$exists": True}}, {"unmeasurable": 1}).sort(
+            "_id", ASCENDING).to_list()
+        return [UnmeasurablePair.model_validate_json(d["unmeasurable"]) for d in docs
+                if isinstance(d.get("unmeasurable"), str)]
 
     async def get(self, node_id: str, task: str) -> Buffer | None:
         doc = await self.collection.find_one({"_id": buffer_id(node_id, task)})

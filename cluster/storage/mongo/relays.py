@@ -10,6 +10,7 @@ from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
 
+from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Relay
 from cluster.storage.documents import from_document, opaque_key, to_document
 from cluster.storage.mongo.base import Document, insert_new
@@ -92,6 +93,13 @@ class RelayStore:
                     {"response": 1, RESPONSE_KEY: 1}).to_list():
                 out[doc["_id"]] = _usage(doc)
         return out
+
+    async def answered_since(self, node_id: str, since_ts: float) -> tuple[int, int]:
+        """(relays, ok relays) of ``node_id`` started at or after ``since_ts``."""
+        query: Document = {"node_id": node_id, "started_at": {"$gte": float(since_ts)}}
+        total = await self.collection.count_documents(query)
+        ok = await self.collection.count_documents({**query, "error_code": int(ErrorCode.OK)}) if total else 0
+        return total, ok
 
     async def count(self, *, node_id: str | None = None, task: str | None = None) -> int:
         query: Document = {}

@@ -19,6 +19,8 @@ from cluster.storage.mongo.base import (
     RECEIPTS,
     RELAYS,
     SAMPLES,
+    STREAMING_JOBS,
+    TRAFFIC,
     VERDICTS,
     Document,
 )
@@ -30,6 +32,8 @@ from cluster.storage.mongo.prompts import PromptStore
 from cluster.storage.mongo.receipts import ReceiptStore
 from cluster.storage.mongo.relays import RelayStore
 from cluster.storage.mongo.samples import SampleStore
+from cluster.storage.mongo.streaming_jobs import StreamingJobStore
+from cluster.storage.mongo.traffic import TrafficStore
 from cluster.storage.mongo.verdicts import VerdictStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,8 @@ class MongoStores:
         self.receipts = ReceiptStore(db[RECEIPTS], clock)
         self.verdicts = VerdictStore(db[VERDICTS])
         self.organic_jobs = OrganicJobStore(db[ORGANIC_JOBS])
+        self.traffic = TrafficStore(db[TRAFFIC])
+        self.streaming_jobs = StreamingJobStore(db[STREAMING_JOBS])
         # Its indexes are made by EvaluationStore.ensure_indexes (the evaluations app).
         self.evaluations = EvaluationStore(self, clock)
 
@@ -102,6 +108,8 @@ class MongoStores:
         await db[SAMPLES].create_index(
             [("node_id", ASCENDING), ("task", ASCENDING), ("created_at", ASCENDING)], name="node_task_created"
         )
+        # The Manager's verification step reads a window of days (every step).
+        await self.traffic.ensure_indexes()
 
     async def close(self) -> None:
         await self.client.close()

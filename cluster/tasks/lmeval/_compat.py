@@ -13,7 +13,10 @@ adapter), not the adapter.
 
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,3 +98,60 @@ def compile_templates_once() -> None:
 
     apply_template._testbench_cached = True  # type: ignore[attr-defined]
     utils.apply_template = apply_template
+
+
+# tokenizer_class values that AutoTokenizer resolves to the generic fast tokenizer class
+_GENERIC_FAST = frozenset({"TokenizersBackend", "PreTrainedTokenizerFast"})
+
+
+class _DirectFastTokenizer:
+    """Stands in for ``transformers.AutoTokenizer`` while lm-eval builds its client.
+
+    ``AutoTokenizer`` imports transformers' whole model registry (and, through its
+    generation utilities, scikit-learn): 6-7 s of every Sampler's and Evaluator's start on
+    this machine, before the first request can leave. When the tokenizer directory names
+    the generic fast tokenizer class, which is what ``AutoTokenizer`` would instantiate
+    from it, that class is loaded directly: same class, same files, same token ids
+    (``tests/cluster/tasks/test_lmeval_adapter.py`` compares them). Anything else goes
+    to the real ``AutoTokenizer``."""
+
+    @staticmethod
+    def from_pretrained(name: str, *args: Any, **kwargs: Any) -> Any:
+        import transformers
+
+        config = Path(str(name)).expanduser() / "tokenizer_config.json"
+        tokenizer_class = None
+        if not args and kwargs.get("use_fast", True) and config.is_file():
+            try:
+                tokenizer_class = json.loads(config.read_text()).get("tokenizer_class")
+            except (OSError, ValueError):
+                tokenizer_class = None
+        if tokenizer_class in _GENERIC_FAST and not kwargs.get("trust_remote_code"):
+            from transformers import PreTrainedTokenizerFast
+
+            options = {k: v for k, v in kwargs.items()
+                       if k not in ("use_fast", "trust_remote_code") and v is not None}
+            return PreTrainedTokenizerFast.from_pretrained(name, **options)
+        transformers.__dict__.pop("AutoTokenizer", None)  # the real one, imported lazily
+        try:
+            return transformers.AutoTokenizer.from_pretrained(name, *args, **kwargs)
+        finally:
+            transformers.__dict__["AutoTokenizer"] = _DirectFastTokenizer
+
+
+@contextmanager
+def direct_fast_tokenizers() -> Iterator[None]:
+    """While lm-eval builds a client, load generic fast tokenizers without importing
+    transformers' model registry (:class:`_DirectFastTokenizer`)."""
+    import transformers
+
+    had = "AutoTokenizer" in transformers.__dict__
+    previous = transformers.__dict__.get("AutoTokenizer")
+    transformers.__dict__["AutoTokenizer"] = _DirectFastTokenizer
+    try:
+        yield
+    finally:
+        if had:
+            transformers.__dict__["AutoTokenizer"] = previous
+        else:
+            transformers.__dict__.pop("AutoTokenizer", None)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -559,12 +560,19 @@ def _api_lm(api: ApiKind, tokenizer: str | None, settings: RequestSettings) -> T
         if api == "completions":
             if not tokenizer:
                 raise TaskError("api 'completions' needs a tokenizer (path or id) to align tokens")
-            lm = LocalCompletionsAPI(
-                tokenizer_backend="huggingface",
-                tokenizer=tokenizer,
-                tokenized_requests=settings.tokenized_requests,
-                **common,
-            )
+            if tokenizer.startswith(("/", ".", "~")) and not Path(tokenizer).expanduser().is_dir():
+                # transformers would take it for a malformed hub id and say only that
+                raise TaskError(
+                    f"cannot build lm-eval's {api} client with tokenizer {tokenizer!r}: no such "
+                    f"directory on {socket.gethostname()} (working directory {Path.cwd()}); "
+                    "the tokenizer must be readable where the loop's workers run")
+            with lmeval_compat.direct_fast_tokenizers():
+                lm = LocalCompletionsAPI(
+                    tokenizer_backend="huggingface",
+                    tokenizer=tokenizer,
+                    tokenized_requests=settings.tokenized_requests,
+                    **common,
+                )
         elif api == "chat-completions":
             lm = LocalChatCompletion(tokenizer_backend=None, tokenized_requests=None, **common)
         else:

@@ -55,6 +55,11 @@ class NodeBehaviour(BaseModel):
     )
     huge_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     seed: int = 0
+    evade_probes: bool = Field(
+        default=False,
+        description="an evader: HTTP 503 to every request whose prompt is a list of several "
+        "texts (the verification round's batched probes) and to nothing else",
+    )
 
     @model_validator(mode="after")
     def _rates_sum(self) -> NodeBehaviour:

@@ -36,6 +36,16 @@ _HTML_PAGE = (
 )
 
 
+def _batched_texts(body: bytes) -> bool:
+    """Whether a request body's prompt is a list of several texts (how the verification
+    round sends its probes; the loop's measuring prompts are one text or token ids)."""
+    try:
+        prompt = http.json_object(body).get("prompt")
+    except ValueError:
+        return False
+    return isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt)
+
+
 class NodeStats:
     """Request counters of one node (served at ``GET /stats``)."""
 
@@ -169,6 +179,8 @@ class NodeApp:
             self.stats.end(outcome)
 
     def _fault(self, behaviour: NodeBehaviour, body: bytes) -> Fault:
+        if behaviour.evade_probes and _batched_texts(body):
+            return Fault.UNAVAILABLE
         if not behaviour.has_faults:
             return Fault.NONE
         digest = body_digest(body)

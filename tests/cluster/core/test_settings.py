@@ -10,7 +10,7 @@ def test_defaults_follow_the_seed_figures() -> None:
     s = Settings()
     assert s.manager.target_samples == 50
     assert s.manager.sample_ttl_s == 5 * 24 * 3600
-    assert s.manager.max_in_flight == 10
+    assert s.manager.max_in_flight == 24
     assert s.requester.sla.per_output_token_s == 0.336
     assert s.tasks == ["signature", "gsm8k", "openbookqa"]
     assert s.manager.task_dependencies == {"gsm8k": ["signature"], "openbookqa": ["signature"]}

@@ -264,10 +264,13 @@ async def test_every_check_reads_back_the_one_verdict_shape_unknown_as_unknown(
     assert [(r.check, r.outcome) for r in latest] == [
         ("identity", "pass"), ("streaming_job", "fail"), ("tokenizer_signature", "unknown")]
     read = await latest_verdicts(mongo, ["n1"])
+    # the round's checks first, then the others (here the receipt audit's summary)
     assert [(v.check, v.outcome) for v in read] == [
-        ("tokenizer_signature", Outcome.UNKNOWN), ("identity", Outcome.PASS)]
+        ("tokenizer_signature", Outcome.UNKNOWN), ("identity", Outcome.PASS),
+        ("streaming_job", Outcome.FAIL)]
     assert read[0].traffic == unknown.traffic and read[0].evidence == {"round": "m:1"}
-    assert format_verdicts(read).splitlines()[2].split()[1] == "unverified"
+    assert format_verdicts(read[:2]).splitlines()[2].split()[1] == "unverified"
+    assert format_verdicts(read).splitlines()[2].split()[1] == "FLAGGED"
 
 
 def test_rounds_are_due_within_the_traffic_budget() -> None:

@@ -3,8 +3,12 @@ receipts on every answer, audits that re-run samples on a reference node."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +24,7 @@ from cluster.auth.receipts import (
     Receipt,
     ReceiptVerifier,
 )
+from cluster.core.errors import RegistrationError
 from cluster.core.settings import AuthSettings, ReceiptSettings
 from cluster.honesty.receipt_audit import (
     AuditReport,
@@ -259,3 +264,46 @@ def test_job_routes_can_require_signed_callers(honest_node: TestNode) -> None:
         assert r.status_code == 200 and wire.HEADER_RECEIPT in r.headers
     finally:
         server.stop()
+
+
+def test_the_cli_registers_a_job_and_audits_it_on_demand(
+    honest_job: str, reference_node: TestNode, mongo_url: str, smollm2_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``testbench receipts register|list|audit``: the job's key is read from its app, and
+    an audit sends fresh requests through the app, as the loop does on schedule."""
+    from cluster.cli.main import build_parser
+    from cluster.cli.receipts import run as cmd_receipts
+    from cluster.core.schemas import Node
+    from cluster.core.settings import ReferenceSettings, Settings, StoreSettings
+
+    assert reference_node.base_url is not None
+    settings = Settings(stores=StoreSettings(mongo_url=mongo_url,
+                                             mongo_database=f"r_{uuid.uuid4().hex[:10]}"))
+    settings.honesty.references = {"smollm2": ReferenceSettings(
+        url=reference_node.base_url, model_dir=smollm2_dir)}
+    settings.receipts.rerun_fraction = 1.0
+
+    async def add_node() -> None:
+        stores = await MongoStores.connect(mongo_url, settings.stores.mongo_database)
+        await stores.nodes.add(Node(node_id="node-cli", url=honest_job, model="smollm2"))
+        await stores.close()
+
+    asyncio.run(add_node())
+
+    def cli(*argv: str) -> tuple[int, str]:
+        code = cmd_receipts(settings, build_parser().parse_args(["receipts", *argv]))
+        return code, capsys.readouterr().out
+
+    code, out = cli("register", "job-honest", "--node", "node-cli", "--url", honest_job)
+    assert code == 0 and NODE_KEY.public_key[:16] in out
+    with pytest.raises(RegistrationError, match="serves job 'job-honest', not 'job-other'"):
+        cli("register", "job-other", "--node", "node-cli", "--url", honest_job)
+    code, out = cli("audit", "--json")
+    assert code == 0, out
+    (audit,) = json.loads(out)
+    assert audit["job"]["job_id"] == "job-honest" and audit["report"]["outcome"] == "pass"
+    assert audit["report"]["receipts_valid"] == 4 and audit["report"]["rerun"] == 4
+    assert audit["report"]["mismatches"] == 0
+    code, out = cli("list")
+    assert code == 0 and "job-honest" in out and "never" not in out

@@ -161,3 +161,17 @@ def test_scores_reads_the_honesty_state_in_one_pass(settings: Settings,
     assert cmd_scores(settings, build_parser().parse_args(["scores"])) == 0
     text = capsys.readouterr().out
     assert "no scores yet" in text and "honesty verdicts" in text and "org-flagged" in text
+
+
+def test_unverified_nodes_get_organic_jobs_only_when_the_operator_allows_it() -> None:
+    nodes = [Node(node_id=n, url="http://127.0.0.1:9", model="m") for n in ("u", "t", "x")]
+    buffers = [{"node_id": "u", "latency_p50_s": 0.1}, {"node_id": "t", "latency_p50_s": 0.9}]
+    unverified = {"u": "identity: unknown: node did not answer"}
+    ranked, skipped = rank_candidates(nodes, "m", {"x": "substitution: differs"}, buffers,
+                                      unverified)
+    assert [n.node_id for n in ranked] == ["t"]
+    assert skipped["u"].startswith("unverified: identity") and "route_unverified" in skipped["u"]
+    # allowed: after the trusted nodes, however fast it is; flagged nodes stay out
+    ranked, skipped = rank_candidates(nodes, "m", {"x": "substitution: differs"}, buffers,
+                                      unverified, allow_unverified=True)
+    assert [n.node_id for n in ranked] == ["t", "u"] and set(skipped) == {"x"}

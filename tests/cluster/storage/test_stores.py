@@ -383,6 +383,31 @@ async def test_buffer_entries_stored_as_subdocuments_are_read_too(mongo: MongoSt
     assert buf is not None and [e.doc_id for e in buf.entries] == [1, 2]
 
 
+async def test_an_unmeasurable_mark_sits_beside_the_buffer_until_the_pair_measures(
+    mongo: MongoStores,
+) -> None:
+    # a pair with samples keeps them while it is marked; one without gets a bare document
+    summary = {"node_id": "n1", "task": "gsm8k", "n": 1, "error_rate": 0.0}
+    entry = BufferEntry.from_sample(_sample("n1", "gsm8k", 1, created_at=5.0))
+    await mongo.buffers.set_summary(summary, [entry])
+    first = await mongo.buffers.mark_unmeasurable("n1", "gsm8k", "tokenizer gone", 1, now=10.0)
+    await mongo.buffers.mark_unmeasurable("n2", "gsm8k", "no docs", 1, now=11.0)
+    again = await mongo.buffers.mark_unmeasurable("n1", "gsm8k", "tokenizer gone", 2, now=20.0)
+    assert (first.since, again.since, again.last_attempt_at, again.attempts) == (10.0, 10.0, 20.0, 2)
+    marks = await mongo.buffers.unmeasurable()
+    assert [(m.node_id, m.reason, m.attempts) for m in marks] == [
+        ("n1", "tokenizer gone", 2), ("n2", "no docs", 1)]
+    assert [r["node_id"] for r in await mongo.buffers.summaries()] == ["n1"]
+    buf = await mongo.buffers.get("n1", "gsm8k")
+    assert buf is not None and [e.doc_id for e in buf.entries] == [1]
+    assert await mongo.buffers.get("n2", "gsm8k") is not None  # entries: none
+    # measuring again: the Manager clears it, and a rewritten summary drops it
+    assert await mongo.buffers.clear_unmeasurable("n2", "gsm8k")
+    assert not await mongo.buffers.clear_unmeasurable("n2", "gsm8k")
+    await mongo.buffers.set_summary(summary, [entry])
+    assert await mongo.buffers.unmeasurable() == []
+
+
 async def test_evaluation_runs_are_one_store_on_mongo_stores(mongo: MongoStores) -> None:
     spec = EvaluationSpec(endpoint="http://127.0.0.1:9/v1/completions", model="m", tasks=["t"])
     run = EvaluationRun(run_id="r1", tenant="a", spec=spec, created_at=1.0, updated_at=1.0)

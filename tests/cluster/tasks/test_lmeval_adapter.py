@@ -535,3 +535,26 @@ def test_batched_doc_requests_score_exactly_like_one_request_per_choice(
     (relay,) = relays_for([one], lambda body: short)
     with pytest.raises(EvaluationError, match="expected 4 indexed choices"):
         batched.score(0, rows[0], [relay])
+
+
+def test_the_direct_fast_tokenizer_is_the_one_autotokenizer_builds(smollm2_dir: Path) -> None:
+    """lm-eval's clients load a generic fast tokenizer without transformers' model registry
+    (``_compat.direct_fast_tokenizers``): the same class and the same token ids as
+    ``AutoTokenizer``, so every request body is unchanged."""
+    import transformers
+
+    from cluster.tasks.lmeval import _compat
+
+    with _compat.direct_fast_tokenizers():
+        direct = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir), use_fast=True)
+    real = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir), use_fast=True)
+    assert type(direct) is type(real)
+    texts = ["Question: What is 2+2?\nAnswer:", " héllo\n\n  wörld <|im_start|> 123456",
+             "a" * 500, ""]
+    for text in texts:
+        for special in (False, True):
+            assert direct(text, add_special_tokens=special)["input_ids"] == real(
+                text, add_special_tokens=special)["input_ids"]
+    assert direct.eos_token == real.eos_token and direct.pad_token == real.pad_token
+    assert "AutoTokenizer" not in transformers.__dict__ or (
+        transformers.AutoTokenizer is not _compat._DirectFastTokenizer)

@@ -5,8 +5,8 @@ right, one wrong) on openbookqa and gsm8k in three rounds an hour apart (an inje
 clock), writing samples, buffer summaries and the node registry into the app's MongoDB; a
 PoC verdict is recorded for each node. Headless Chromium then loads ``/leaderboard``, whose
 script fetches ``/v1/leaderboard`` and draws the table and the charts; the dumped DOM must
-show every node × task score the JSON holds and one line per node in each task's chart,
-and a screenshot is saved (and copied to docs/leaderboard.png when that is missing).
+show every node × task score the JSON holds, a pair marked unmeasurable with its reason,
+and one line per node in each task's chart, and a screenshot is saved (and copied to docs/leaderboard.png when that is missing).
 """
 
 from __future__ import annotations
@@ -103,6 +103,21 @@ def measured(eval_app: EvalApp, eval_nodes: dict[str, TestNode], smollm2_dir: Pa
         wrong.stop()
 
 
+STUCK_REASON = "cannot build lm-eval's completions client with tokenizer '/gone'"
+
+
+async def _mark_unmeasurable(settings: Settings, reason: str | None) -> None:
+    stores = StoreConnections(settings)
+    try:
+        buffers = (await stores.mongo()).buffers
+        if reason is None:
+            await buffers.clear_unmeasurable("node-wrong", "openbookqa")
+        else:
+            await buffers.mark_unmeasurable("node-wrong", "openbookqa", reason, 3)
+    finally:
+        await stores.close()
+
+
 def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -114,6 +129,14 @@ def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
 def test_leaderboard_page_renders_live_scores_and_charts_in_chromium(
     eval_app: EvalApp, measured: list[Node], tmp_path: Path
 ) -> None:
+    asyncio.run(_mark_unmeasurable(eval_app.settings, STUCK_REASON))
+    try:
+        _check_page(eval_app, tmp_path)
+    finally:
+        asyncio.run(_mark_unmeasurable(eval_app.settings, None))
+
+
+def _check_page(eval_app: EvalApp, tmp_path: Path) -> None:
     data = httpx.get(f"{eval_app.url}/v1/leaderboard", timeout=30).json()
     assert data["tasks"] == sorted(DOCS)
     assert {n["node_id"] for n in data["nodes"]} == {"node-right", "node-wrong"}
@@ -122,6 +145,8 @@ def test_leaderboard_page_renders_live_scores_and_charts_in_chromium(
     assert cells[("node-wrong", "gsm8k")]["mean"] == 0.0
     assert all(c["n"] == ROUNDS * DOCS[c["task"]] for c in cells.values())
     assert all(len(s["points"]) == ROUNDS * DOCS[s["task"]] for s in data["series"])
+    assert [(u["node_id"], u["task"], u["reason"], u["attempts"]) for u in data["unmeasurable"]
+            ] == [("node-wrong", "openbookqa", STUCK_REASON, 3)]
 
     page = f"{eval_app.url}/leaderboard"
     # `make test` installs Debian's chromium; without it this test must fail, not skip.
@@ -141,6 +166,10 @@ def test_leaderboard_page_renders_live_scores_and_charts_in_chromium(
         assert f"± {stderr}" in " ".join(text.split())
         assert f"n {cell['n']}" in text
     assert dom.count('class="verdict pass"') == 1 and dom.count('class="verdict fail"') == 1
+    # the pair that cannot be measured says why, in its cell
+    stuck = re.search(r'<div class="unmeasurable" data-node="node-wrong" '
+                      r'data-task="openbookqa"[^>]*>(.*?)</div>', dom)
+    assert stuck and html.unescape(stuck.group(1)) == f"cannot be measured: {STUCK_REASON}"
     # the charts: one figure per task, one line per node with all its points
     for task in DOCS:
         figure = re.search(rf'<figure class="chart" data-task="{task}">(.*?)</figure>', dom, re.S)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.core.buffers import UnmeasurablePair
 from cluster.core.errors import ErrorCode
 from cluster.core.evaluations import EvaluationRun, EvaluationSpec, RunState
 from cluster.core.settings import PROJECT_ROOT, Settings
@@ -19,6 +20,7 @@ from cluster.storage.mongo import EvaluationStore
 from cluster.tasks.lmeval import load_task_adapter
 from serve_apps.evaluations.client import parse_sse
 from serve_apps.evaluations.leaderboard import (
+    build_leaderboard,
     cells_from_summaries,
     headline_metric,
     latest_verdicts,
@@ -92,6 +94,21 @@ def test_cells_and_verdicts_read_what_the_loop_writes() -> None:
                               record(Check.IDENTITY, Outcome.PASS, 2.0),
                               record(Check.RERUN, Outcome.FAIL, 2.0)])
     assert [(v.kind, v.label) for v in latest["n"]] == [("identity", "pass")]
+
+
+def test_the_leaderboard_shows_pairs_that_cannot_be_measured_with_their_reason() -> None:
+    summary = {"node_id": "n", "task": "gsm8k", "n": 2, "error_rate": 0.0, "updated_at": 1.0,
+               "metrics": {"exact_match,strict-match": {"mean": 1.0, "stderr": 0.0}}}
+    stuck = UnmeasurablePair(node_id="gone", task="openbookqa", reason="no tokenizer",
+                             since=2.0, last_attempt_at=9.0, attempts=3)
+    board = build_leaderboard([summary], {"n": "smollm2", "gone": "smollm2"}, [], [],
+                              window=4, now=10.0, unmeasurable=[stuck])
+    assert board.tasks == ["gsm8k", "openbookqa"]
+    assert [n.node_id for n in board.nodes] == ["gone", "n"]
+    assert [(c.node_id, c.task) for c in board.cells] == [("n", "gsm8k")]
+    [cell] = board.model_dump(mode="json")["unmeasurable"]
+    assert cell == {"node_id": "gone", "task": "openbookqa", "reason": "no tokenizer",
+                    "since": 2.0, "attempts": 3}
 
 
 def test_sse_parsing_keeps_ids_and_drops_keepalives() -> None:

@@ -1,0 +1,185 @@
+"""Auditing a registered streaming job, as the loop does it on schedule and
+``testbench receipts audit`` on demand.
+
+Where the receipts come from: the validator is the job's client. A job is registered
+(``testbench receipts register``: MongoDB ``streaming_jobs``, with the node it belongs to,
+its app's URL and the key its receipts must be signed with); each audit sends
+``receipts.audit_requests`` fresh temperature-0 ``/v1/completions`` requests through the
+job's app (every other one streamed), keeps the exact bytes sent and received and its own
+send and receive times (:class:`~cluster.honesty.receipt_audit.StreamingJobClient`), and
+hands them to :class:`~cluster.honesty.receipt_audit.JobAuditor`: every receipt's
+signature, key, hashes, clock skew and replay (MongoDB ``receipts``), and a seeded
+``receipts.rerun_fraction`` (at least ``rerun_min``) re-run on the trusted reference of the
+job's model. Only a client can check hashes and clock skew against what it actually sent
+and got, so receipts a node reports about itself would prove little; a user holding their
+own exchanges can have them audited with the same :class:`JobAuditor`.
+
+The prompts are drawn from a fresh seed with the verification round's generators
+(:mod:`cluster.honesty.probes`), so a node cannot tell audit traffic from its users' by
+content it has seen before.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from cluster.auth.receipts import JobAssignment, ReceiptVerifier
+from cluster.core.errors import NodeError, RegistrationError
+from cluster.core.settings import Settings
+from cluster.core.streaming import StreamingJob
+from cluster.honesty.probes import build_probes
+from cluster.honesty.receipt_audit import (
+    AuditReport,
+    JobAuditor,
+    JobExchange,
+    ReferenceUnavailable,
+    StreamingJobClient,
+)
+from cluster.honesty.reference import TrustedReference
+from cluster.honesty.verdicts import VerdictSink
+from cluster.honesty.verification import build_references
+from cluster.nodes.transport import NodeEndpoint, NodeTransport, open_node_session
+from cluster.storage.mongo import MongoStores
+from cluster.streaming import protocol as jobs_wire
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceAnswers:
+    """The trusted reference (:class:`TrustedReference`) as the auditor's re-run source:
+    greedy ``/v1/completions`` answers of the job's model; anything else is a reference
+    error (no verdict), never blamed on the node."""
+
+    def __init__(self, reference: TrustedReference | None, model: str) -> None:
+        self._reference = reference
+        self._model = model
+
+    async def answer(self, endpoint: str, body: dict[str, Any]) -> list[str]:
+        if self._reference is None:
+            raise ReferenceUnavailable(f"no trusted reference for model {self._model!r}")
+        if endpoint != jobs_wire.COMPLETIONS:
+            raise ReferenceUnavailable(f"the reference re-runs {jobs_wire.COMPLETIONS} only")
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ReferenceUnavailable("the reference re-runs text prompts only")
+        max_tokens = body.get("max_tokens", 16)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ReferenceUnavailable(f"max_tokens {max_tokens!r} cannot be re-run")
+        try:
+            answers = await self._reference.generate(prompts, max_tokens)
+        except Exception as exc:  # any reference failure is the bench's, not the node's
+            raise ReferenceUnavailable(f"reference failed: {type(exc).__name__}: {exc}") from exc
+        return [a.text for a in answers]
+
+
+def audit_requests(seed: int, n: int, model: str, max_tokens: int
+                   ) -> list[tuple[str, dict[str, Any]]]:
+    """``n`` temperature-0 completions requests from ``seed``, every other one streamed."""
+    probes = build_probes(seed, identity=n, identity_words=10, synthetic=n, canary=n)
+    texts = [text for _, _, text in probes.request_order()][:n]
+    return [(jobs_wire.COMPLETIONS, {"model": model, "prompt": text, "max_tokens": max_tokens,
+                                     "temperature": 0, "stream": i % 2 == 1})
+            for i, text in enumerate(texts)]
+
+
+async def audit_job(
+    settings: Settings,
+    stores: MongoStores,
+    job: StreamingJob,
+    references: Mapping[str, TrustedReference],
+    http: aiohttp.ClientSession,
+    *,
+    sink: VerdictSink | None = None,
+    seed: int | None = None,
+    clock: Callable[[], float] = time.time,
+) -> AuditReport:
+    """Query ``job``'s app with fresh requests and audit what came back; verdicts through
+    ``sink`` (default the verdict store), the job marked audited."""
+    seed = secrets.randbits(31) if seed is None else seed
+    client = StreamingJobClient(job.base_url, job.job_id, http, clock,
+                                timeout_s=settings.honesty.request_timeout_s)
+    exchanges: list[JobExchange] = []
+    unanswered = 0
+    for endpoint, body in audit_requests(seed, settings.receipts.audit_requests, job.model,
+                                         settings.honesty.max_tokens):
+        try:
+            exchanges.append(await client.call(endpoint, body))
+        except NodeError as exc:
+            unanswered += 1
+            log.warning("honesty.job_unanswered job=%s error=%s", job.job_id, exc)
+    verifier = ReceiptVerifier(stores.receipts, settings.receipts.max_clock_skew_s, clock)
+    auditor = JobAuditor(verifier, ReferenceAnswers(references.get(job.model), job.model),
+                         stores.verdicts if sink is None else sink, settings.receipts,
+                         random.Random(seed), clock)
+    report = await auditor.audit(
+        JobAssignment(job_id=job.job_id, node_id=job.node_id, node_key=job.node_key), exchanges)
+    await stores.streaming_jobs.mark_audited(job.job_id, clock())
+    if unanswered:
+        log.info("honesty.job_audit_partial job=%s unanswered=%d", job.job_id, unanswered)
+    return report
+
+
+async def register_streaming_job(
+    settings: Settings,
+    stores: MongoStores,
+    job_id: str,
+    node_id: str,
+    url: str,
+    *,
+    model: str | None = None,
+    node_key: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> StreamingJob:
+    """Register a job for the loop's audits. ``model`` defaults to the node's; ``node_key``
+    to what the job's app says it signs with (``GET /job``, which must name ``job_id``):
+    from then on receipts must carry that key."""
+    node = await stores.nodes.get(node_id)
+    if node is None:
+        raise RegistrationError(f"no node {node_id!r} is registered")
+    if node_key is None:
+        async with open_node_session() as http:
+            endpoint = NodeEndpoint(url, NodeTransport(http), settings.honesty.request_timeout_s)
+            try:
+                info = jobs_wire.JobInfo.model_validate(await endpoint.get_json("/job"))
+            except (NodeError, ValueError) as exc:
+                raise RegistrationError(f"cannot read the job's key from {url}/job: {exc}"
+                                        ) from exc
+        if info.job_id != job_id:
+            raise RegistrationError(f"{url} serves job {info.job_id!r}, not {job_id!r}")
+        node_key = info.node_key
+    try:
+        job = StreamingJob(job_id=job_id, node_id=node_id, url=url,  # type: ignore[arg-type]
+                           node_key=node_key, model=model or node.model, registered_at=clock())
+    except ValueError as exc:
+        raise RegistrationError(f"invalid streaming job: {exc}") from exc
+    return await stores.streaming_jobs.add(job)
+
+
+async def audit_registered_jobs(
+    settings: Settings,
+    stores: MongoStores,
+    job_ids: list[str] | None = None,
+    references: Mapping[str, TrustedReference] | None = None,
+) -> list[tuple[StreamingJob, AuditReport]]:
+    """Audit the enabled registered jobs (or ``job_ids``) now, as the loop does on schedule
+    (what ``testbench receipts audit`` runs); ``references`` default to the configured ones."""
+    jobs = await stores.streaming_jobs.list(enabled_only=job_ids is None)
+    if job_ids is not None:
+        unknown = sorted(set(job_ids) - {j.job_id for j in jobs})
+        if unknown:
+            raise RegistrationError(f"no streaming job {unknown[0]!r} is registered")
+        jobs = [j for j in jobs if j.job_id in job_ids]
+    out: list[tuple[StreamingJob, AuditReport]] = []
+    async with open_node_session() as http:
+        refs = build_references(settings.honesty, http) if references is None else references
+        for job in jobs:
+            out.append((job, await audit_job(settings, stores, job, refs, http)))
+    return out

@@ -1,0 +1,320 @@
+"""Training on two MLNodes through real HTTP, Ray Serve and Ray Train: DiLoCo between two
+node apps (each its own key and its own Ray Train worker group), exact resume after a killed
+worker and a killed node, the peer channel's refusals, and the node's one-service rule.
+
+The tiny model (SmolLM2's architecture and tokenizer, ``cluster/testing/tiny_lm.py``) keeps
+each node's run to seconds; Ray Train's start (~15-25 s on 2 busy cores) dominates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import requests
+from fixtures_train import tiny_run
+from ray import serve
+
+from cluster.auth.keys import Ed25519Key
+from cluster.auth.peers import RequestSigner
+from cluster.auth.sync_messages import SyncProblem, SyncRefused, sign_sync_message
+from cluster.core.settings import AuthSettings
+from cluster.train.diloco import encode_payload
+from cluster.train.exchange import HttpSyncSender, send_sync_message
+from serve_apps.poc.deployers import LlmEndpoint
+from serve_apps.poc.server import build_poc_node_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_settings_restored")]
+
+NETWORK_NODE = Ed25519Key(bytes([51]) * 32)  # signs control requests to both MLNodes
+SIGNER = RequestSigner("network-node", NETWORK_NODE)
+NODE_KEYS = {"a": Ed25519Key(bytes([52]) * 32), "b": Ed25519Key(bytes([53]) * 32)}
+FAKE_PEER = Ed25519Key(bytes([54]) * 32)  # a peer this test plays itself
+STRANGER = Ed25519Key(bytes([55]) * 32)
+AUTH = AuthSettings(keys={"network-node": {"public_key": NETWORK_NODE.public_key,
+                                           "purposes": ["control"]}})
+FINAL = {"COMPLETED", "FAILED", "STOPPED"}
+
+
+def ended(url: str) -> bool:
+    """The node's run ended and Ray Train returned (the node is free again)."""
+    s = status(url)
+    return s["node_state"] != "TRAIN" and (s["run"] or {}).get("state") in FINAL
+
+
+def _fake_deployer() -> Any:
+    """Deploys nothing (defined here so Ray pickles it by value)."""
+
+    class FakeDeployer:
+        async def deploy(self, model: str, config: dict[str, Any]) -> LlmEndpoint:
+            return LlmEndpoint(model=model, app_name="fake-llm", route_prefix="/fake-llm")
+
+        async def teardown(self, endpoint: LlmEndpoint) -> None:
+            return None
+
+    return FakeDeployer()
+
+
+def node_config(name: str) -> dict[str, Any]:
+    return {
+        "workers": 1, "cpus_per_worker": 0.1, "threads_per_worker": 1,
+        "auth": AUTH.model_dump(mode="json"),
+        "training": {"node_key_hex": NODE_KEYS[name].seed_hex,
+                     "scaling": {"workers": 1, "cpus_per_worker": 0.1, "threads_per_worker": 1,
+                                 "max_failures": 2}},
+    }
+
+
+def app_name(name: str) -> str:
+    return f"mlnode-{name}-test"
+
+
+@pytest.fixture(scope="module")
+def nodes(serve_http_port: int) -> Iterator[dict[str, str]]:
+    """Two MLNode apps on the session's Serve: {"a": base URL, "b": base URL}."""
+    urls = {}
+    for name in NODE_KEYS:
+        serve.run(build_poc_node_app(node_config(name), deployer=_fake_deployer()),
+                  name=app_name(name), route_prefix=f"/{app_name(name)}", blocking=False)
+        urls[name] = f"http://127.0.0.1:{serve_http_port}/{app_name(name)}"
+    for url in urls.values():
+        wait_for(lambda u=url: _up(u), timeout=120)
+    yield urls
+    for name in NODE_KEYS:
+        serve.delete(app_name(name))
+
+
+def _up(url: str) -> bool:
+    try:
+        return call("GET", f"{url}/api/v1/state").status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def call(method: str, url: str, body: dict[str, Any] | None = None) -> requests.Response:
+    data = b"" if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **SIGNER.headers(method, url, data)}
+    return requests.request(method, url, data=data, headers=headers, timeout=60)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 180.0, every: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(every)
+
+
+def status(url: str) -> dict[str, Any]:
+    r = call("GET", f"{url}/api/v1/train/status")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def run_of(url: str) -> dict[str, Any]:
+    return status(url)["run"] or {}
+
+
+def start(url: str, body: dict[str, Any]) -> requests.Response:
+    return call("POST", f"{url}/api/v1/train/start", body)
+
+
+def two_node_runs(nodes: dict[str, str], tiny_lm_dir: Path, out: Path, run_id: str,
+                  **overrides: Any) -> dict[str, dict[str, Any]]:
+    """The start body of each node: the same run, the other node as its peer."""
+    bodies = {}
+    for name, other in (("a", "b"), ("b", "a")):
+        peers = [{"public_key": NODE_KEYS[other].public_key, "url": nodes[other]}]
+        bodies[name] = tiny_run(run_id, tiny_lm_dir, out / name, peers=peers,
+                                sync_timeout_s=120, **overrides)
+    return bodies
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(nodes: dict[str, str], tiny_lm_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """A two-node run to its end: each node's final status."""
+    out = tmp_path_factory.mktemp("diloco")
+    bodies = two_node_runs(nodes, tiny_lm_dir, out, "straight")
+    for name, body in bodies.items():
+        r = start(nodes[name], body)
+        assert r.status_code == 200 and r.json()["state"] == "TRAIN", r.text
+    # while it trains, the node takes no other service
+    r = call("POST", f"{nodes['a']}/api/v1/pow/init", {"block_hash": "0x1", "public_key": "k",
+                                                       "r_target": 1.0})
+    assert r.status_code == 409 and "train/stop first" in r.json()["detail"]
+    r = call("POST", f"{nodes['a']}/api/v1/inference/up", {"model": "m"})
+    assert r.status_code == 409 and "runs TRAIN" in r.json()["detail"]
+    r = start(nodes["a"], bodies["a"])
+    assert r.status_code == 409 and "is running" in r.json()["detail"]
+    wait_for(lambda: all(ended(u) for u in nodes.values()))
+    return {name: run_of(url) for name, url in nodes.items()}
+
+
+def test_two_mlnodes_train_with_diloco_and_end_with_the_same_parameters(
+    nodes: dict[str, str], uninterrupted: dict[str, dict[str, Any]],
+) -> None:
+    a, b = uninterrupted["a"], uninterrupted["b"]
+    assert a["state"] == b["state"] == "COMPLETED", (a["error"], b["error"])
+    assert a["outer_step"] == b["outer_step"] == 3 and a["step"] == 12
+    # every outer step lowered the held-out loss of the global parameters
+    losses = [p["loss"] for p in a["eval_losses"]]
+    assert [p["outer_step"] for p in a["eval_losses"]] == [0, 1, 2, 3]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False))
+    # both nodes hold the same global parameters, bit for bit, and export the same model
+    assert a["params_sha256"] == b["params_sha256"] == a["last_checkpoint"]["params_sha256"]
+    weights = [Path(r["model_dir"], "model.safetensors").read_bytes() for r in (a, b)]
+    assert weights[0] == weights[1]
+    for me, other in (("a", "b"), ("b", "a")):
+        (peer,) = uninterrupted[me]["peers"]
+        assert peer["public_key"] == NODE_KEYS[other].public_key and peer["state"] == "ok"
+        assert peer["last_sync_step"] == 2 and peer["messages_received"] == 3
+        assert uninterrupted[me]["node_public_key"] == NODE_KEYS[me].public_key
+    assert a["tokens"] == 12 * 4 * 64 and a["tokens_per_s"] > 0
+    assert a["last_checkpoint"]["outer_step"] == 3
+    assert Path(a["last_checkpoint"]["path"], "checkpoint.json").is_file()
+    # the run ended: the node is free again, and stop is a no-op
+    assert status(nodes["a"])["node_state"] == "STOPPED"
+    r = call("POST", f"{nodes['a']}/api/v1/train/stop")
+    assert r.status_code == 200 and r.json()["message"] == "training was not running"
+
+
+def _replicas(app: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+
+
+def test_a_killed_worker_and_a_killed_mlnode_resume_to_the_uninterrupted_parameters(
+    nodes: dict[str, str], tiny_lm_dir: Path, tmp_path: Path,
+    uninterrupted: dict[str, dict[str, Any]],
+) -> None:
+    bodies = two_node_runs(nodes, tiny_lm_dir, tmp_path, "killed")
+    for name, body in bodies.items():
+        assert start(nodes[name], body).status_code == 200
+    # node a's Ray Train worker dies after the first outer step's checkpoint; Ray Train
+    # restarts a's worker group from it
+    wait_for(lambda: (run_of(nodes["a"]).get("last_checkpoint") or {}).get("outer_step", 0) >= 1,
+             every=0.05)
+    (worker,) = run_of(nodes["a"])["workers"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    # node b checkpointed step 1 too and waits for a's message of step 2; now b's whole
+    # MLNode dies (its ingress, and with it the run's coordinator and Ray Train run)
+    wait_for(lambda: (run_of(nodes["b"]).get("last_checkpoint") or {}).get("outer_step", 0) >= 1,
+             every=0.05)
+    (replica,) = _replicas(app_name("b"))
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    # Serve replaces it; the Network Node starts the same run on it again
+    wait_for(lambda: _replicas(app_name("b")) not in ([], [replica]) and _up(nodes["b"]),
+             timeout=120)
+    r = start(nodes["b"], bodies["b"])
+    assert r.status_code == 200 and "resuming" in r.json()["message"], r.text
+    wait_for(lambda: all(ended(u) for u in nodes.values()))
+    a, b = run_of(nodes["a"]), run_of(nodes["b"])
+    assert a["state"] == b["state"] == "COMPLETED", (a["error"], b["error"])
+    assert a["worker_starts"] == 2 and b["worker_starts"] == 1  # b's count is its new replica's
+    straight = uninterrupted["a"]["params_sha256"]
+    assert a["params_sha256"] == b["params_sha256"] == straight
+    assert a["eval_losses"] == uninterrupted["a"]["eval_losses"]
+
+
+def test_the_peer_channel_refuses_strangers_forgeries_other_runs_and_replays(
+    nodes: dict[str, str], tiny_lm_dir: Path, tmp_path: Path,
+) -> None:
+    """Node b trains with a peer the test plays (and one that never answers)."""
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    peers = [{"public_key": FAKE_PEER.public_key, "url": dead},
+             {"public_key": STRANGER.public_key[::-1], "url": dead}]
+    body = tiny_run("channel", tiny_lm_dir, tmp_path, peers=peers, min_nodes=2,
+                    sync_timeout_s=8,
+                    hyperparameters={"seq_len": 64, "micro_batch_size": 4, "inner_steps": 2,
+                                     "outer_steps": 3})
+    url = nodes["b"]
+    assert start(url, body).status_code == 200
+    # a zero pseudo-gradient of the tiny model, as a registered peer would send it
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tiny_lm_dir / "model.safetensors"))
+    zero = encode_payload({n: t.new_zeros(t.shape) for n, t in weights.items()}, "float16", 1)
+
+    def send(headers: dict[str, str], data: bytes) -> SyncRefused | int:
+        async def go() -> int:
+            sender = HttpSyncSender()
+            try:
+                return await send_sync_message(sender, url, headers, data)
+            finally:
+                await sender.close()
+        try:
+            return asyncio.run(go())
+        except SyncRefused as refused:
+            return refused
+
+    def reason(result: SyncRefused | int) -> tuple[int, SyncProblem] | int:
+        return (result.status, result.problem) if isinstance(result, SyncRefused) else result
+
+    wait_for(lambda: run_of(url).get("state") == "RUNNING")
+    good = sign_sync_message(FAKE_PEER, "channel", 0, zero)
+    assert reason(send(sign_sync_message(STRANGER, "channel", 0, zero), zero)) == (
+        401, SyncProblem.UNKNOWN_SENDER)
+    assert reason(send(good, zero[:-1] + b"\x01")) == (403, SyncProblem.BAD_SIGNATURE)
+    assert reason(send(sign_sync_message(FAKE_PEER, "another-run", 0, zero), zero)) == (
+        403, SyncProblem.WRONG_RUN)
+    assert reason(send({}, zero)) == (400, SyncProblem.MALFORMED)
+    assert send(good, zero) == 200
+    refused = send(good, zero)
+    assert reason(refused) == (409, SyncProblem.REPLAYED)
+    assert "already holds the message" in str(refused)
+    # step 0 goes on with b and the test's peer once the silent one timed out (8 s)
+    wait_for(lambda: run_of(url).get("outer_step", 0) >= 1, timeout=60)
+    run = run_of(url)
+    silent = next(p for p in run["peers"] if p["public_key"] != FAKE_PEER.public_key)
+    assert silent["state"] == "unresponsive"
+    assert "no message for outer step 0 within 8 s" in silent["last_error"]
+    assert "Connection refused" in silent["last_error"] or "connect" in silent["last_error"]
+    played = next(p for p in run["peers"] if p["public_key"] == FAKE_PEER.public_key)
+    assert played["state"] == "ok" and played["last_sync_step"] == 0
+    # an old step's message, now: a replay
+    assert reason(send(sign_sync_message(FAKE_PEER, "channel", 0, b"x"), b"x")) == (
+        409, SyncProblem.REPLAYED)
+    # step 1 waits for the test's peer, which stays silent: the Network Node stops the run
+    r = call("POST", f"{url}/api/v1/train/stop")
+    assert r.status_code == 200 and r.json()["message"] == "training run 'channel' stopped"
+    run = run_of(url)
+    assert run["state"] == "STOPPED" and run["outer_step"] == 1 and run["error"] is None
+    assert Path(run["model_dir"], "training.json").is_file()  # outer step 1's parameters
+    assert status(url)["node_state"] == "STOPPED"
+    r = call("POST", f"{url}/api/v1/train/stop")
+    assert r.status_code == 200 and r.json()["message"] == "training was not running"
+
+
+def test_training_is_refused_while_poc_or_inference_runs(nodes: dict[str, str],
+                                                         tiny_lm_dir: Path,
+                                                         tmp_path: Path) -> None:
+    url = nodes["a"]
+    body = tiny_run("refused", tiny_lm_dir, tmp_path)
+    init = {"block_hash": "0xfeed", "public_key": "k", "r_target": 1.36,
+            "params": {"dim": 32, "n_layers": 1, "n_heads": 4, "vocab_size": 512, "seq_len": 8,
+                       "out_dim": 32}}
+    assert call("POST", f"{url}/api/v1/pow/init", init).status_code == 200
+    r = start(url, body)
+    assert r.status_code == 409 and "runs POW (POST /api/v1/pow/stop first)" in r.json()["detail"]
+    r = call("POST", f"{url}/api/v1/train/stop")
+    assert r.status_code == 409 and "runs POW" in r.json()["detail"]
+    assert call("POST", f"{url}/api/v1/pow/stop").status_code == 200
+    assert call("POST", f"{url}/api/v1/inference/up", {"model": "m"}).status_code == 200
+    r = start(url, body)
+    assert r.status_code == 409 and "inference/down first" in r.json()["detail"]
+    assert call("POST", f"{url}/api/v1/inference/down").status_code == 200
+    # a start body that is not a run is refused before it reaches the node
+    assert start(url, {**body, "bogus": 1}).status_code == 422
+    own = [{"public_key": NODE_KEYS["a"].public_key, "url": url}]
+    r = start(url, {**body, "peers": own})
+    assert r.status_code == 400 and "own key" in r.json()["detail"]
+    assert status(url)["node_state"] == "STOPPED"
