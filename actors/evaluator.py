@@ -24,7 +24,7 @@ from cluster.core.errors import ErrorCode, EvaluationError, NodeError, TaskError
 from cluster.core.schemas import Node, Relay, Sample, failure_code
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
-from cluster.tasks.registry import load_adapter
+from cluster.tasks.registry import catalog_of, load_adapter, warm_adapters
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +47,10 @@ class Evaluator:
         self._clock = clock
 
     def adapter(self, node: Node, task: str) -> Any:
-        return load_adapter(task, self._settings.datasets_dir, node)
+        return load_adapter(task, catalog_of(self._settings), node)
 
     def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> int:
-        """Build the adapters of these (node, task) pairs now (lm-eval's imports, tasks and
-        tokenizers take seconds); one that cannot be built is left for the real call to
-        report. Returns how many were built."""
-        built = 0
-        for node, task in pairs:
-            try:
-                self.adapter(node, task)
-                built += 1
-            except Exception:  # noqa: BLE001 - reported where it matters, on the pair
-                log.debug("warm_up.skipped node=%s task=%s", node.node_id, task, exc_info=True)
-        return built
+        return warm_adapters(pairs, catalog_of(self._settings))
 
     def score_doc(
         self, adapter: Any, doc_id: int, doc: dict, relays: list[Relay], now: float

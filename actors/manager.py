@@ -31,6 +31,7 @@ from cluster.core.schemas import (
 from cluster.core.settings import Settings
 from cluster.core.streaming import StreamingJob
 from cluster.storage.connections import StoreConnections
+from cluster.tasks.registry import catalog_of, leaf_task_names
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +186,15 @@ class Manager:
         return state
 
     def _node_tasks(self, node: Node) -> list[str]:
-        configured = (
-            self._settings.diffusion_tasks if node.kind == "diffusion" else self._settings.tasks
-        )
+        # an lm-eval group or tag stands for its leaf tasks, each with a buffer of its own
+        # (cluster/tasks/registry.py::leaf_task_names); its score is derived from theirs
+        catalog = catalog_of(self._settings)
+        configured = leaf_task_names(
+            self._settings.diffusion_tasks if node.kind == "diffusion" else self._settings.tasks,
+            catalog)
         if node.tasks is None:
-            return list(configured)
-        return [t for t in node.tasks if t in configured]
+            return configured
+        return [t for t in leaf_task_names(node.tasks, catalog) if t in configured]
 
     async def _refresh_nodes(self, force: bool = False) -> None:
         now = self._clock()

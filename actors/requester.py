@@ -22,8 +22,12 @@ class MetricsObserver:
         metrics.record_relays(relays)
 
 
-def loop_requester(settings: RequesterSettings, relay_sink: RelaySink | None = None) -> Requester:
-    return Requester(settings, relay_sink, observer=MetricsObserver())
+def loop_requester(
+    settings: RequesterSettings, relay_sink: RelaySink | None = None, *, quote_bodies: bool = True
+) -> Requester:
+    """``quote_bodies=False``: error texts never quote what a node answered (the evaluation
+    service, whose tenants read them)."""
+    return Requester(settings, relay_sink, observer=MetricsObserver(), quote_bodies=quote_bodies)
 
 
 __all__ = ["MetricsObserver", "Requester", "loop_requester"]

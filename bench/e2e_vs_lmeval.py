@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from cluster.core.settings import Settings, StoreSettings, load_settings  # noqa: E402
+from cluster.core.settings import EndpointAllowlist, Settings, StoreSettings, load_settings  # noqa: E402
 from cluster.testing.full_pass import (  # noqa: E402
     LoopSamples,
     compare_doc_metrics,
@@ -345,7 +345,9 @@ def write_loop_config(path: Path, stores: StoreSettings, ray_address: str, task:
         "manager": {"task_targets": {task: n}},
         "requester": {"per_node_concurrency": concurrency,
                       "global_concurrency": max(concurrency,
-                                                Settings().requester.global_concurrency)},
+                                                Settings().requester.global_concurrency),
+                      # the Serve node and the proxy listen on loopback: allowlisted
+                      "endpoint_allowlist": EndpointAllowlist.loopback().model_dump()},
     }
     for item in overrides:
         key, _, value = item.partition("=")

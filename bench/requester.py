@@ -79,7 +79,12 @@ from actors.local import MongoRelaySink  # noqa: E402
 from actors.requester import loop_requester  # noqa: E402
 from cluster.core.errors import ErrorCode  # noqa: E402
 from cluster.core.schemas import Node, Prompt, Relay  # noqa: E402
-from cluster.core.settings import RequesterSettings, Settings, StoreSettings  # noqa: E402
+from cluster.core.settings import (  # noqa: E402
+    EndpointAllowlist,
+    RequesterSettings,
+    Settings,
+    StoreSettings,
+)
 from cluster.storage.connections import StoreConnections  # noqa: E402
 
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
@@ -204,7 +209,8 @@ async def run_requester(url: str, prompts: list[Prompt], concurrency: int,
                         sink: MongoRelaySink, coalesce: int = 1) -> int:
     """The loop's Requester (``loop_requester``) recording through the loop's sink."""
     settings = RequesterSettings(global_concurrency=concurrency, per_node_concurrency=concurrency,
-                                 coalesce_prompts=coalesce)
+                                 coalesce_prompts=coalesce,
+                                 endpoint_allowlist=EndpointAllowlist.loopback())
     requester = loop_requester(settings, sink)
     nodes = {"bench": Node.model_validate({"node_id": "bench", "url": url, "model": MODEL})}
     try:

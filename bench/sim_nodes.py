@@ -221,7 +221,7 @@ def main() -> None:
     import ray
 
     from actors.remote import get_or_create_manager
-    from cluster.core.settings import Settings, StoreSettings
+    from cluster.core.settings import EndpointAllowlist, Settings, StoreSettings
     from cluster.local.embedded import EmbeddedStores, free_port
     from cluster.local.models import prepare_smollm2
     from cluster.storage.connections import open_mongo
@@ -245,7 +245,8 @@ def main() -> None:
                 "target_samples": args.target, "max_in_flight": args.target,
                 "tick_s": 1.0, "node_refresh_s": 1.0}),
             "requester": base.requester.model_copy(update={
-                "global_concurrency": 128, "per_node_concurrency": 4}),
+                "global_concurrency": 128, "per_node_concurrency": 4,
+                "endpoint_allowlist": EndpointAllowlist.loopback()}),  # the local fleet
         })
         asyncio.run(load_datasets(settings, [TASK]))
         anchor_n, anchor_s, anchor_cpu, anchor_bad = asyncio.run(

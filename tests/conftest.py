@@ -27,7 +27,13 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from cluster.core.settings import PROJECT_ROOT, Settings, StoreSettings  # noqa: E402
+from cluster.core.settings import (  # noqa: E402
+    PROJECT_ROOT,
+    EndpointAllowlist,
+    RequesterSettings,
+    Settings,
+    StoreSettings,
+)
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
 
@@ -64,9 +70,11 @@ def loaded_stores(session_stores: StoreSettings) -> StoreSettings:
 
 @pytest.fixture
 def fresh_settings(loaded_stores: StoreSettings) -> Settings:
-    """Settings on the session stores with a MongoDB database of its own."""
+    """Settings on the session stores with a MongoDB database of its own. The test nodes
+    listen on loopback, which the endpoint policy refuses unless allowlisted: allowlisted."""
     stores = loaded_stores.model_copy(update={"mongo_database": f"t_{uuid.uuid4().hex[:10]}"})
-    return Settings(stores=stores)
+    return Settings(stores=stores,
+                    requester=RequesterSettings(endpoint_allowlist=EndpointAllowlist.loopback()))
 
 
 @pytest.fixture(scope="session")

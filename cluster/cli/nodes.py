@@ -14,6 +14,7 @@ from cluster.core.errors import RegistrationError
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings
 from cluster.modeldir.tokenizers import registered_node
+from cluster.nodes.policy import check_node_url
 from cluster.reports.registry import format_nodes
 from cluster.storage.connections import open_mongo
 
@@ -31,7 +32,15 @@ def add_parser(sub: Any) -> None:
     na.add_argument("--tokenizer", help="tokenizer directory (stored absolute; must hold the "
                     "tokenizer's files) or Hugging Face hub id (only while the hub is on, or "
                     "cached); needed by the completions API")
-    na.add_argument("--tasks", help="comma-separated tasks (default: all configured)")
+    na.add_argument("--tasks", help="comma-separated tasks, groups or tags (default: all "
+                    "configured)")
+    na.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction,
+                    default=None, help="prompts through the chat template (default: on for "
+                    "chat-completions, off for completions, as lm-eval)")
+    na.add_argument("--system-instruction", default=None,
+                    help="prepended to every prompt (lm-eval's --system_instruction)")
+    na.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
+                    default=True, help="with a chat template, few-shot examples as turns")
     nl = nsub.add_parser("list", help="list nodes")
     nl.add_argument("--json", action="store_true")
     nr = nsub.add_parser("remove", help="remove a node")
@@ -39,6 +48,7 @@ def add_parser(sub: Any) -> None:
 
 
 async def _add(settings: Settings, node: Node) -> None:
+    await check_node_url(node.node_id, node.base_url, settings.requester.endpoint_allowlist)
     async with open_mongo(settings) as mongo:
         await mongo.nodes.add(node)
 
@@ -60,6 +70,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 node_id=args.node_id, url=args.url, model=args.model, api=args.api,
                 tokenizer=args.tokenizer, kind=args.kind,
                 tasks=args.tasks.split(",") if args.tasks else None,
+                apply_chat_template=args.apply_chat_template,
+                system_instruction=args.system_instruction,
+                fewshot_as_multiturn=args.fewshot_as_multiturn,
             )
             node = registered_node(node)
         except ValidationError as exc:
@@ -68,7 +81,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         except RegistrationError as exc:
             error(f"invalid node registration: {exc}")
             return 2
-        asyncio.run(_add(settings, node))
+        try:
+            asyncio.run(_add(settings, node))
+        except RegistrationError as exc:
+            error(f"refused node registration: {exc}")
+            return 2
         print(f"added node {node.node_id} -> {node.base_url} ({node.model}, {node.api}"
               + (f", tokenizer {node.tokenizer}" if node.tokenizer else "") + ")")
         return 0

@@ -25,15 +25,45 @@ GenValue = str | bool | int | float | list[str]
 
 
 class RunState(StrEnum):
-    QUEUED = "queued"
+    """A run's state, as TrustyAI's LMEvalJob names them, and ``failed``.
+
+    new (submitted, nobody holds it) → scheduled (a replica claimed it: loading the tasks,
+    counting docs) → running (sending requests) → complete | failed | cancelled. suspended:
+    stopped on request (``POST .../suspend``), held by nobody, until resumed (back to new);
+    docs already scored and requests already answered are never repeated. Runs stored
+    before these names were ``queued`` (now new) or ``succeeded`` (now complete).
+    """
+
+    NEW = "new"
+    SCHEDULED = "scheduled"
     RUNNING = "running"
-    SUCCEEDED = "succeeded"
+    SUSPENDED = "suspended"
+    COMPLETE = "complete"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    @classmethod
+    def _missing_(cls, value: object) -> RunState | None:
+        name = LEGACY_STATES.get(str(value))
+        return cls(name) if name is not None else None
+
     @property
     def terminal(self) -> bool:
-        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+        return self in (RunState.COMPLETE, RunState.FAILED, RunState.CANCELLED)
+
+    @property
+    def active(self) -> bool:
+        """A replica holds the run (its lease) and executes it."""
+        return self in (RunState.SCHEDULED, RunState.RUNNING)
+
+    @property
+    def stored_names(self) -> list[str]:
+        """The values a stored document's ``state`` may hold for this state."""
+        return [self.value, *(old for old, new in LEGACY_STATES.items() if new == self.value)]
+
+
+# Names of states in runs stored before LMEvalJob's names were adopted.
+LEGACY_STATES = {"queued": "new", "succeeded": "complete"}
 
 
 def endpoint_base_url(url: str) -> str:
@@ -43,6 +73,16 @@ def endpoint_base_url(url: str) -> str:
         if base.endswith(suffix):
             return base[: -len(suffix)]
     return base
+
+
+class CustomTaskSource(BaseModel):
+    """A tenant's own lm-eval task folder: uploaded files (relative path → base64 bytes) or
+    a folder of the offline data volume (``cluster/tasks/lmeval/custom.py`` checks both)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    files: dict[str, str] = Field(default_factory=dict)
+    volume_path: str | None = None
 
 
 class EvaluationSpec(BaseModel):
@@ -58,6 +98,11 @@ class EvaluationSpec(BaseModel):
     limit: int | None = Field(default=None, ge=1, description="first N docs of each eval split")
     gen_kwargs: dict[str, GenValue] = Field(default_factory=dict)
     tokenizer: str | None = None
+    # lm-eval's prompting options (cluster/tasks/lmeval/adapter.py::RequestSettings)
+    apply_chat_template: bool | None = None
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = True
+    custom_tasks: list[CustomTaskSource] = Field(default_factory=list)
 
     @field_validator("endpoint")
     @classmethod
@@ -107,14 +152,19 @@ class EvaluationRun(BaseModel):
     run_id: str
     tenant: str
     spec: EvaluationSpec
-    state: RunState = RunState.QUEUED
+    state: RunState = RunState.NEW
     progress: list[TaskProgress] = Field(default_factory=list)
+    percent: float = Field(default=0.0, ge=0, le=100, description="share of the work done, "
+                           "docs scored plus the answered part of docs in flight")
+    eta_s: float | None = Field(default=None, description="seconds left at ``progress_at``")
+    progress_at: float | None = Field(default=None, description="when progress was measured")
     created_at: float
     updated_at: float
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
     cancel_requested: bool = False
+    suspend_requested: bool = False
     owner: str | None = Field(default=None, description="the replica executing it")
     lease_until: float = 0.0
     attempts: int = Field(default=0, description="times a replica claimed it")

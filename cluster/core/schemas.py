@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from cluster.core.errors import ErrorCode
 
@@ -35,6 +35,21 @@ class Node(Record):
     tokenizer: str | None = Field(default=None, description="HF tokenizer path or id")
     tasks: list[str] | None = Field(default=None, description="None = all configured tasks")
     enabled: bool = True
+    # lm-eval's prompting options (RequestSettings in cluster/tasks/lmeval/adapter.py)
+    apply_chat_template: bool | None = Field(
+        default=None, description="prompts through the chat template; None = on for "
+        "chat-completions (which needs it), off for completions")
+    system_instruction: str | None = Field(default=None, max_length=4096,
+                                           description="prepended to every prompt")
+    fewshot_as_multiturn: bool = Field(
+        default=True, description="with a chat template: few-shot examples as separate turns")
+
+    @model_validator(mode="after")
+    def _chat_template(self) -> Node:
+        if self.api == "chat-completions" and self.apply_chat_template is False:
+            raise ValueError("apply_chat_template: a chat-completions node needs the chat "
+                             "template (its requests are chat messages)")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -8,6 +8,7 @@ Override rules (applied after the YAML file):
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "TESTBENCH_"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +54,52 @@ class SlaSettings(StrictModel):
     max_timeout_s: float = 120.0
 
 
+class EndpointAllowlist(StrictModel):
+    """Endpoints the endpoint policy refuses by default that may be reached anyway.
+
+    The policy (``cluster/nodes/policy.py``) refuses loopback, private, link-local,
+    carrier-grade NAT, multicast, reserved and cloud-metadata addresses, literal or resolved.
+    ``networks`` lets addresses inside them through; ``hosts`` lets names through whatever
+    they resolve to (an address in ``hosts`` is a one-address network). Cloud metadata
+    addresses pass only by a network entry of that very address (``/32``, ``/128``).
+    """
+
+    networks: list[str] = Field(
+        default_factory=list, description="CIDR networks, e.g. 10.0.0.0/8 or ::1/128",
+    )
+    hosts: list[str] = Field(
+        default_factory=list, description="host names (exact, any case) or single addresses",
+    )
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=True)))
+            except ValueError as exc:
+                raise ValueError(f"endpoint allowlist network {item!r}: {exc}") from None
+        return out
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            host = item.strip().lower().rstrip(".")
+            if not re.fullmatch(r"[a-z0-9_.\-]{1,253}|[0-9a-f:.]{2,45}", host):
+                raise ValueError(f"endpoint allowlist host {item!r}: a host name or an address, "
+                                 "without scheme, port or path")
+            out.append(host)
+        return out
+
+    @classmethod
+    def loopback(cls) -> EndpointAllowlist:
+        """This machine only: what local demos and tests allowlist, explicitly."""
+        return cls(networks=["127.0.0.0/8", "::1/128"])
+
+
 class RequesterSettings(StrictModel):
     global_concurrency: int = Field(default=64, ge=1)
     per_node_concurrency: int = Field(default=8, ge=1)
@@ -66,6 +113,9 @@ class RequesterSettings(StrictModel):
     # what QoS figures mean. Above 1, a relay carries the latency of the body it rode in.
     coalesce_prompts: int = Field(default=1, ge=1, le=1024)
     sla: SlaSettings = Field(default_factory=SlaSettings)
+    # Nodes are untrusted endpoints: refused addresses (cluster/nodes/policy.py) are never
+    # connected to unless allowlisted here. Node registration applies the same allowlist.
+    endpoint_allowlist: EndpointAllowlist = Field(default_factory=EndpointAllowlist)
 
 
 class ManagerSettings(StrictModel):
@@ -203,6 +253,33 @@ class ReceiptSettings(StrictModel):
     )
 
 
+class TaskSourceSettings(BaseModel):
+    """Where lm-eval tasks get their data and what a task may run.
+
+    A task name resolves in ``datasets_dir`` first, then in lm-eval's built-in task YAMLs
+    (``cluster/tasks/lmeval/loading.py``). A task whose data are not local files is read from
+    ``offline_data_dir`` (a mounted volume holding ``<dataset_path>/<dataset_name>/`` in the
+    hub's layout, or parquet/jsonl/json/csv files per split; see
+    ``cluster/tasks/lmeval/sources.py``), else from the Hugging Face hub only where
+    ``allow_online`` is on. ``allow_code_execution`` lets tenants' tasks run ``!function``
+    code and any task run code (``unsafe_code``, ``trust_remote_code``); off by default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    offline_data_dir: Path | None = Field(
+        default=None, description="datasets in the hub's layout, and tenants' task folders",
+    )
+    allow_online: bool = Field(
+        default=False, description="read a task's dataset from the Hugging Face hub when the "
+        "offline data directory does not hold it",
+    )
+    allow_code_execution: bool = Field(
+        default=False, description="tasks may run code: tenants' `!function`s, `unsafe_code` "
+        "tasks, datasets with `trust_remote_code`",
+    )
+
+
 class EvaluationSettings(StrictModel):
     """Evaluation as a service: who may submit runs and how runs execute.
 
@@ -215,11 +292,21 @@ class EvaluationSettings(StrictModel):
     tenants: dict[str, str] = Field(
         default_factory=dict, description="tenant name -> bearer token (keep it in a Secret)"
     )
+    endpoint_allowlists: dict[str, EndpointAllowlist] = Field(
+        default_factory=dict,
+        description="tenant name -> endpoints refused by default (loopback, private, ...) it "
+        "may evaluate anyway; '*' applies to every tenant (cluster/nodes/policy.py)",
+    )
     max_concurrent_runs: int = Field(
         default=2, ge=0, description="runs one replica executes at once; 0 = API only"
     )
     per_run_concurrency: int = Field(default=8, ge=1, description="requests in flight per run")
     chunk_docs: int = Field(default=32, ge=1, description="docs built and sent per step")
+    progress_every_s: float = Field(
+        default=2.0, gt=0, le=5.0,
+        description="a running run's progress (percent, count, ETA) is written this often "
+        "while requests complete",
+    )
     lease_s: float = Field(default=30.0, gt=0, description="a dead replica's runs resume after")
     poll_s: float = Field(default=1.0, gt=0, description="lease renewal and queue polling")
     max_tasks: int = Field(default=16, ge=1, description="tasks per run")
@@ -232,6 +319,11 @@ class EvaluationSettings(StrictModel):
     leaderboard_max_samples: int = Field(
         default=20_000, ge=1, description="samples read for the charts (newest first)"
     )
+    max_custom_task_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, le=12 * 1024 * 1024,
+        description="a run's uploaded task files, decoded, in all (they live in its MongoDB "
+        "document)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EvaluationSettings:
@@ -240,6 +332,9 @@ class EvaluationSettings(StrictModel):
             raise ValueError(f"evaluations.tenants: tokens of {short} are shorter than 16 chars")
         if len(set(self.tenants.values())) != len(self.tenants):
             raise ValueError("evaluations.tenants: two tenants share a token")
+        unknown = sorted(set(self.endpoint_allowlists) - set(self.tenants) - {"*"})
+        if unknown:
+            raise ValueError(f"evaluations.endpoint_allowlists: {unknown} are no tenants")
         if self.page_size > self.max_page_size:
             raise ValueError("evaluations.page_size exceeds max_page_size")
         if self.poll_s * 2 >= self.lease_s:
@@ -356,6 +451,7 @@ class Settings(StrictModel):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     receipts: ReceiptSettings = Field(default_factory=ReceiptSettings)
     evaluations: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    tasks_sources: TaskSourceSettings = Field(default_factory=TaskSourceSettings)
     honesty: HonestySettings = Field(default_factory=HonestySettings)
     datasets_dir: Path = PROJECT_ROOT / "datasets"
     cache_dir: Path = PROJECT_ROOT / ".cache"

@@ -12,10 +12,12 @@ from typing import Any
 from cluster.core.errors import TestbenchError
 from cluster.core.evaluations import EvaluationRun, EvaluationSpec, RunState
 from cluster.core.settings import Settings
+from cluster.evaluations.endpoints import operator_guard
 from cluster.evaluations.results import with_samples
 from cluster.evaluations.runner import EvaluationRunner, RelayRecorder
 from cluster.evaluations.runs import SpecError, check_spec, new_run, new_run_id
 from cluster.evaluations.worker import StoreReporter, claim_run, finish_run, new_owner_id
+from cluster.nodes.policy import EndpointRefusedError
 from cluster.nodes.requester import Requester
 from cluster.storage.connections import StoreConnections
 from cluster.storage.mongo import EvaluationStore
@@ -36,9 +38,17 @@ async def run_here(
     Raises :class:`TestbenchError` when the spec cannot run or the run fails; a cancelled
     or interrupted run is recorded as cancelled."""
     try:
-        check_spec(spec, settings.datasets_dir)
+        leaves = check_spec(spec, settings)
     except SpecError as exc:
         raise TestbenchError(f"{exc.param}: {exc}") from exc
+    # The operator's own run: their allowlist (requester.endpoint_allowlist) applies, here
+    # and, through the Requester built below, to every connection of the run.
+    try:
+        await operator_guard(settings).check_url(spec.endpoint)
+    except EndpointRefusedError as exc:
+        raise TestbenchError(f"endpoint: {exc}; requester.endpoint_allowlist opens it "
+                             "(e.g. TESTBENCH_REQUESTER__ENDPOINT_ALLOWLIST="
+                             "'{networks: [127.0.0.0/8]}' for this machine)") from exc
     conns = StoreConnections(settings)
     executor = ThreadPoolExecutor(1, thread_name_prefix="lmeval")
     owner = new_owner_id()
@@ -47,7 +57,7 @@ async def run_here(
     try:
         store = EvaluationStore(await conns.mongo())
         await store.ensure_indexes()
-        await store.create(new_run(spec, LOCAL_TENANT, run_id, time.time()))
+        await store.create(new_run(spec, LOCAL_TENANT, run_id, time.time(), leaves))
         claimed = await claim_run(store, run_id, owner, time.time(), lease_s=LOCAL_LEASE_S)
         assert claimed is not None
         requester = Requester(
@@ -67,7 +77,7 @@ async def run_here(
             await finish_run(store, run_id, owner, RunState.FAILED, time.time(), str(exc))
             raise
         await store.save_results(run_id, results)
-        await finish_run(store, run_id, owner, RunState.SUCCEEDED, time.time())
+        await finish_run(store, run_id, owner, RunState.COMPLETE, time.time())
         if samples:
             results = with_samples(results, await store.samples(run_id))
         return results

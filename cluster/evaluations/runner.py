@@ -8,8 +8,19 @@ makes them. Instead of rolling buffers a run walks its docs in chunks and record
 sample per doc.
 
 Resume: a doc's relays are keyed by run, task, doc and request index, and its sample by
-run, task and doc. A restarted run skips docs already scored and sends only the requests
-of the others that have no recorded relay.
+run, task and doc. A restarted (or suspended and resumed) run skips docs already scored and
+sends only the requests of the others that have no recorded relay. Each request is its own
+Requester call, so its relay is recorded the moment it is answered: only requests in flight
+when a run stops are sent again.
+
+Progress: a :class:`~cluster.evaluations.progress.ProgressMeter` counts answered requests
+and scored docs; a flusher writes it every ``evaluations.progress_every_s`` while it
+changes (percent, docs, ETA). The run is scheduled until its tasks are loaded and counted,
+then running.
+
+Endpoint policy: with ``guards`` (the evaluation service: one per tenant,
+``cluster/evaluations/endpoints.py``) every request goes through the run's tenant's guard;
+without, through the Requester's own (the operator's allowlist).
 
 lm-eval's Task machinery and the tokenizer are CPU-bound and not async: that work runs on
 one worker thread (``offload``), so the event loop keeps serving HTTP meanwhile.
@@ -18,6 +29,7 @@ one worker thread (``offload``), so the event loop keeps serving HTTP meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -26,11 +38,13 @@ from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
 from cluster.core.errors import DatasetError, ErrorCode, TestbenchError
-from cluster.core.evaluations import EvalSample, EvaluationRun, EvaluationSpec
+from cluster.core.evaluations import EvalSample, EvaluationRun, EvaluationSpec, TaskProgress
 from cluster.core.schemas import Node, Prompt, Relay
 from cluster.core.settings import Settings
+from cluster.evaluations.progress import ProgressMeter
 from cluster.evaluations.results import build_results
 from cluster.evaluations.scoring import build_doc_prompts, score_doc
+from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.requester import Requester
 from cluster.storage.connections import StoreConnections
 from cluster.storage.mongo import EvaluationStore
@@ -54,6 +68,11 @@ class RunReporter(Protocol):
 
     async def progress(self, task: str, done: int, total: int, failed: int) -> None: ...
 
+    async def meter(
+        self, progress: list[TaskProgress], percent: float, eta_s: float | None, now: float,
+        running: bool,
+    ) -> None: ...
+
     async def log(self, message: str, level: str = "info") -> None: ...
 
 
@@ -64,7 +83,9 @@ class RelayRecorder:
         self._store = store
 
     async def record_relays(self, relays: list[Relay]) -> None:
-        await self._store.relays.record_relays(relays)
+        # Shielded: a run stopped (suspend, cancel) while an answer is being written still
+        # keeps that answer, and does not send its request again when it resumes.
+        await asyncio.shield(self._store.relays.record_relays(relays))
 
 
 def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
@@ -82,6 +103,7 @@ class EvaluationRunner:
         requester: Requester,
         executor: Executor,
         clock: Callable[[], float] = time.time,
+        guards: Callable[[str], EndpointGuard] | None = None,
     ) -> None:
         self._settings = settings
         self._stores = stores
@@ -89,6 +111,8 @@ class EvaluationRunner:
         self._requester = requester
         self._executor = executor
         self._clock = clock
+        self._guards = guards
+        self._flush_lock = asyncio.Lock()
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -106,6 +130,8 @@ class EvaluationRunner:
         """Measure every requested doc (resuming), then return lm-eval's results JSON."""
         spec = run.spec
         node = spec.node(run.run_id)
+        guard = self._guards(run.tenant) if self._guards is not None else None
+        meter = ProgressMeter(list(spec.tasks), self._clock)
         datasets = await self._stores.datasets()
         adapters: dict[str, TaskAdapter] = {}
         wanted: dict[str, list[int]] = {}
@@ -125,10 +151,22 @@ class EvaluationRunner:
             # Every task's total up front, with what a previous attempt already scored.
             scored[task] = await self._store.scored_docs(run.run_id, task)
             done = [d for d in wanted[task] if d in scored[task]]
-            await reporter.progress(task, len(done), len(wanted[task]),
-                                    sum(1 for d in done if scored[task][d] != ErrorCode.OK))
-        for task in spec.tasks:
-            await self._run_task(run, node, adapters[task], wanted[task], scored[task], reporter)
+            meter.counted(task, len(wanted[task]), len(done),
+                          sum(1 for d in done if scored[task][d] != ErrorCode.OK))
+        meter.start()
+        await self._flush(meter, reporter)  # every total known: scheduled -> running
+        flusher = asyncio.create_task(self._flush_every(meter, reporter))
+        try:
+            for task in spec.tasks:
+                await self._run_task(run, node, adapters[task], wanted[task], scored[task],
+                                     reporter, meter, guard)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        if meter.failure is not None:
+            raise meter.failure
+        await self._flush(meter, reporter)
         samples = await self._store.samples(run.run_id)
         ok = [s for s in samples if s.error_code == ErrorCode.OK]
         if samples and not ok:
@@ -140,6 +178,30 @@ class EvaluationRunner:
             build_results, run, adapters, samples, n_docs, float(self._clock())
         )
 
+    async def _flush(self, meter: ProgressMeter, reporter: RunReporter) -> None:
+        """Write the meter (one write at a time, newest counts last)."""
+        async with self._flush_lock:
+            meter.dirty = False
+            await reporter.meter(meter.progress(), meter.percent(), meter.eta_s(),
+                                 float(self._clock()), running=True)
+
+    async def _flush_every(self, meter: ProgressMeter, reporter: RunReporter) -> None:
+        """Write the meter every ``progress_every_s`` while it changes. A lost lease ends
+        the run (the next doc raises it); other write failures wait for the next turn."""
+        every = self._settings.evaluations.progress_every_s
+        while True:
+            await asyncio.sleep(every)
+            if not meter.dirty:
+                continue
+            try:
+                await self._flush(meter, reporter)
+            except LeaseLostError as exc:
+                meter.failure = exc
+                return
+            except Exception:  # noqa: BLE001 - progress is retried on the next turn
+                meter.dirty = True
+                log.warning("evaluations.progress_write_failed", exc_info=True)
+
     async def _run_task(
         self,
         run: EvaluationRun,
@@ -148,6 +210,8 @@ class EvaluationRunner:
         doc_ids: list[int],
         scored: dict[int, ErrorCode],
         reporter: RunReporter,
+        meter: ProgressMeter,
+        guard: EndpointGuard | None,
     ) -> None:
         task, total = adapter.name, len(doc_ids)
         done = sum(1 for d in doc_ids if d in scored)
@@ -170,12 +234,12 @@ class EvaluationRunner:
                 [p.prompt_id for ps in prompts.values() for p in ps]
             )
             samples = await asyncio.gather(*(
-                self._measure_doc(run, node, adapter, d, docs[d], prompts[d], recorded)
+                self._measure_doc(run, node, adapter, d, docs[d], prompts[d], recorded,
+                                  meter, guard)
                 for d in chunk
             ))
             done += len(samples)
             failed += sum(1 for s in samples if s.error_code != ErrorCode.OK)
-            await reporter.progress(task, done, total, failed)
         if remaining:
             await reporter.log(f"{task}: done, {done}/{total} docs, {failed} failed")
 
@@ -199,11 +263,12 @@ class EvaluationRunner:
         doc: dict[str, Any],
         prompts: list[Prompt],
         recorded: dict[str, Relay],
+        meter: ProgressMeter,
+        guard: EndpointGuard | None,
     ) -> EvalSample:
-        # One Requester call per doc: its relays are recorded as soon as the doc is
-        # answered, so a restart loses at most the docs in flight, not a whole chunk.
         missing = [p for p in prompts if p.prompt_id not in recorded]
-        fresh = await self._requester.relay(missing, {node.node_id: node}) if missing else []
+        meter.doc_started(adapter.name, doc_id, len(prompts), len(prompts) - len(missing))
+        fresh = await asyncio.gather(*(self._relay_one(p, node, meter, guard) for p in missing))
         by_id = {**recorded, **{r.prompt_id: r for r in fresh}}
         relays = [by_id[p.prompt_id] for p in prompts]
         sample = await self.offload(
@@ -211,5 +276,17 @@ class EvaluationRunner:
             run.spec.gen_kwargs,
         )
         await self._store.record_samples([sample])
+        meter.doc_scored(adapter.name, doc_id, failed=sample.error_code != ErrorCode.OK)
+        if meter.failure is not None:
+            raise meter.failure
         return sample
+
+    async def _relay_one(
+        self, prompt: Prompt, node: Node, meter: ProgressMeter, guard: EndpointGuard | None
+    ) -> Relay:
+        # One Requester call per request: its relay is recorded as soon as it is answered,
+        # so a stopped run loses (and later sends again) only the requests in flight.
+        [relay] = await self._requester.relay([prompt], {node.node_id: node}, guard)
+        meter.request_answered(prompt.task, prompt.doc_id)
+        return relay
 

@@ -1,8 +1,12 @@
 """The run executor of one process (a Serve replica, or the CLI): claims, leases, cancels.
 
-Every ``poll_s`` the worker renews the leases of the runs it executes (noticing cancel
-requests and runs another process took over) and claims queued runs, or running runs whose
-owner's lease ran out, up to ``max_concurrent_runs``. All writes are compare-and-swap
+Every ``poll_s`` the worker renews the leases of the runs it executes (noticing cancel and
+suspend requests and runs another process took over) and claims new runs, or scheduled and
+running runs whose owner's lease ran out, up to ``max_concurrent_runs``. A claimed run is
+scheduled until its runner has counted its docs and starts sending (then running). A
+suspend request stops the run's task like a cancel but leaves it suspended and held by
+nobody; a resumed run is new again and resumes like any claimed run (docs scored and
+requests answered are not repeated). All writes are compare-and-swap
 replaces of the run document (:meth:`EvaluationStore.mutate`), so a cancel from the API and
 a progress write from the owner never lose each other.
 
@@ -23,14 +27,14 @@ from collections.abc import Callable
 from typing import Literal
 
 from cluster.core.errors import TestbenchError
-from cluster.core.evaluations import EvaluationRun, RunState
+from cluster.core.evaluations import EvaluationRun, RunState, TaskProgress
 from cluster.core.settings import EvaluationSettings
 from cluster.evaluations.runner import EvaluationRunner, LeaseLostError
 from cluster.storage.mongo import EvaluationStore
 
 log = logging.getLogger(__name__)
 
-StopReason = Literal["cancel", "lost", "shutdown"]
+StopReason = Literal["cancel", "suspend", "lost", "shutdown"]
 
 
 def new_owner_id() -> str:
@@ -55,7 +59,7 @@ class StoreReporter:
 
     async def progress(self, task: str, done: int, total: int, failed: int) -> None:
         def change(run: EvaluationRun) -> bool:
-            if run.owner != self._owner or run.state != RunState.RUNNING:
+            if run.owner != self._owner or not run.state.active:
                 return False
             item = run.progress_of(task)
             if (item.done, item.total, item.failed) == (done, total, failed):
@@ -65,6 +69,28 @@ class StoreReporter:
 
         run = await self._store.mutate(self._run_id, change)
         if run is None or run.owner != self._owner:
+            raise LeaseLostError(f"run {self._run_id} is no longer held by {self._owner}")
+        if self._on_change is not None:
+            self._on_change(run)
+
+    async def meter(
+        self, progress: list[TaskProgress], percent: float, eta_s: float | None, now: float,
+        running: bool,
+    ) -> None:
+        """Every task's progress, the percent done and the ETA in one write; ``running``:
+        the run is sending requests (scheduled → running)."""
+
+        def change(run: EvaluationRun) -> bool:
+            if run.owner != self._owner or not run.state.active:
+                return False
+            run.progress = [p.model_copy() for p in progress]
+            run.percent, run.eta_s, run.progress_at = percent, eta_s, now
+            if running:
+                run.state = RunState.RUNNING
+            return True
+
+        run = await self._store.mutate(self._run_id, change)
+        if run is None or run.owner != self._owner or not run.state.active:
             raise LeaseLostError(f"run {self._run_id} is no longer held by {self._owner}")
         if self._on_change is not None:
             self._on_change(run)
@@ -99,28 +125,53 @@ async def finish_run(
 async def claim_run(
     store: EvaluationStore, run_id: str, owner: str, now: float, lease_s: float
 ) -> EvaluationRun | None:
-    """Take a queued run, or a running one whose lease ran out; None if someone else did.
+    """Take a new run, or a scheduled or running one whose lease ran out (it is scheduled
+    then); None if someone else did.
 
-    A run whose cancel was requested while nobody held it is cancelled here instead.
+    A run whose cancel (suspend) was requested while nobody held it is cancelled
+    (suspended) here instead.
     """
 
     def change(run: EvaluationRun) -> bool:
-        if run.state.terminal or run.lease_until >= now:
+        if run.state.terminal or run.state == RunState.SUSPENDED or run.lease_until >= now:
             return False
         if run.cancel_requested:
             run.state, run.finished_at = RunState.CANCELLED, now
             run.owner, run.lease_until = None, 0.0
             return True
-        run.state = RunState.RUNNING
+        if run.suspend_requested:
+            run.state, run.suspend_requested = RunState.SUSPENDED, False
+            run.owner, run.lease_until, run.eta_s = None, 0.0, None
+            return True
+        run.state = RunState.SCHEDULED
         run.started_at = run.started_at or now
         run.owner, run.lease_until = owner, now + lease_s
         run.attempts += 1
         return True
 
     run = await store.mutate(run_id, change)
-    if run is None or run.owner != owner or run.state != RunState.RUNNING:
+    if run is None or run.owner != owner or run.state != RunState.SCHEDULED:
         return None
     return run
+
+
+async def suspend_run(
+    store: EvaluationStore, run_id: str, owner: str
+) -> EvaluationRun | None:
+    """Leave a run this owner stopped suspended and held by nobody; None if it holds it no
+    longer (or a cancel came first: the cancel wins)."""
+
+    def change(run: EvaluationRun) -> bool:
+        if run.owner != owner or not run.state.active:
+            return False
+        if run.cancel_requested:
+            return False
+        run.state, run.suspend_requested = RunState.SUSPENDED, False
+        run.owner, run.lease_until, run.eta_s = None, 0.0, None
+        return True
+
+    run = await store.mutate(run_id, change)
+    return run if run is not None and run.state == RunState.SUSPENDED else None
 
 
 class EvaluationWorker:
@@ -219,11 +270,14 @@ class EvaluationWorker:
         outcome: list[StopReason] = []
 
         def change(run: EvaluationRun) -> bool:
-            if run.owner != self.owner or run.state != RunState.RUNNING:
+            if run.owner != self.owner or not run.state.active:
                 outcome.append("lost")
                 return False
             if run.cancel_requested:
                 outcome.append("cancel")
+                return False
+            if run.suspend_requested:
+                outcome.append("suspend")
                 return False
             # Renew once half the lease is gone: a read per tick, a write per lease/2.
             if run.lease_until - now > lease_s / 2:
@@ -253,7 +307,7 @@ class EvaluationWorker:
             await self._store.save_results(run_id, results)
             # Log before the state flips: a log stream ends at the terminal state.
             await reporter.log("succeeded")
-            await finish_run(self._store, run_id, self.owner, RunState.SUCCEEDED,
+            await finish_run(self._store, run_id, self.owner, RunState.COMPLETE,
                              float(self._clock()))
         except asyncio.CancelledError:
             reason = self._reasons.pop(run_id, "shutdown")
@@ -279,6 +333,12 @@ class EvaluationWorker:
                 await self._store.append_log(run_id, "cancelled")
                 await finish_run(self._store, run_id, self.owner, RunState.CANCELLED,
                                  float(self._clock()))
+            elif reason == "suspend":
+                await self._store.append_log(run_id, "suspended")
+                if await suspend_run(self._store, run_id, self.owner) is None:
+                    # a cancel arrived meanwhile: it wins
+                    await finish_run(self._store, run_id, self.owner, RunState.CANCELLED,
+                                     float(self._clock()))
             elif reason == "shutdown":
                 await self._release(run_id)
         except Exception:  # noqa: BLE001 - the lease runs out anyway
@@ -286,7 +346,7 @@ class EvaluationWorker:
 
     async def _release(self, run_id: str) -> None:
         def change(run: EvaluationRun) -> bool:
-            if run.owner != self.owner or run.state != RunState.RUNNING:
+            if run.owner != self.owner or not run.state.active:
                 return False
             run.owner, run.lease_until = None, 0.0
             return True

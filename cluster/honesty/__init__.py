@@ -11,6 +11,11 @@ entry points (imported on first use, so ``cluster.auth.receipts`` & co. stay lig
     verdicts = await run_verification(settings.honesty, nodes, references, store=stores.verdicts)
     print(format_verdicts(verdicts))
 
+The loop runs rounds by itself (``cluster/honesty/schedule.py`` decides who is due within the
+traffic budget, ``verify_nodes`` records a round with its traffic and evasion verdicts) and
+audits registered streaming jobs (``cluster/honesty/job_audits.py``); see
+``docs/architecture.md``, "The loop's honesty steps".
+
 See ``cluster/honesty/README.md`` for the rules, the calibrated thresholds and the limits.
 """
 
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
         latest_verdicts,
         record_verdicts,
         run_verification,
+        verify_nodes,
         verify_registered_nodes,
     )
 
@@ -50,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "latest_verdicts": "cluster.honesty.verification",
     "record_verdicts": "cluster.honesty.verification",
     "run_verification": "cluster.honesty.verification",
+    "verify_nodes": "cluster.honesty.verification",
     "verify_registered_nodes": "cluster.honesty.verification",
 }
 
@@ -69,6 +76,7 @@ __all__ = [
     "run_verification",
     "traffic_report",
     "verification_due",
+    "verify_nodes",
     "verify_registered_nodes",
 ]
 

@@ -26,6 +26,13 @@ prompt-list form lm-eval itself posts at ``batch_size`` > 1. The answer's choice
 back by ``index`` into one relay per prompt. Prompts only wait for slots they would wait
 for anyway: an idle node gets single-prompt bodies, a busy one gets fewer, larger ones.
 
+Endpoint policy: every connection obeys an :class:`~cluster.nodes.policy.EndpointGuard`,
+the Requester's own (``endpoint_allowlist`` of its settings) or one given per ``relay()``
+call (the evaluation service passes each tenant's). Each guard has a transport of its own,
+so no connection or resolved address is shared between policies. Names resolve through
+the guard to checked addresses only (no DNS rebinding); a refused endpoint is a ``NODE``
+relay whose error says why, and nothing is sent to it.
+
 Timing: ``ttft_s`` is the time to the response headers and ``latency_s`` the time to the
 end of the body, both of the final attempt; ``started_at``/``finished_at`` bracket all
 attempts (from the first send, after the concurrency slots were acquired).
@@ -49,6 +56,7 @@ from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node, Prompt, Relay
 from cluster.core.settings import RequesterSettings
 from cluster.core.sla import SlaTimeout
+from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.transport import NodeTransport, NodeUnavailable, dumps_json
 from cluster.wire import openai as wire
 
@@ -136,14 +144,21 @@ class Requester:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         observer: RequesterObserver | None = None,
+        *,
+        guard: EndpointGuard | None = None,
+        quote_bodies: bool = True,
     ) -> None:
         self.settings = settings
+        self.guard = guard or EndpointGuard.of(settings.endpoint_allowlist)
+        self._quote_bodies = quote_bodies
         self._sink = relay_sink
         self._observer: RequesterObserver = observer or _Unobserved()
         self._clock = clock
         self._rng = rng or random.Random(0)
         self._sla = SlaTimeout(settings.sla)
-        self._transport: NodeTransport | None = None
+        # guard id -> (guard, its transport); all on the event loop ``_loop``
+        self._transports: dict[int, tuple[EndpointGuard, NodeTransport]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._global = asyncio.Semaphore(settings.global_concurrency)
         self._node_slots: dict[str, asyncio.Semaphore] = {}
         self._urls: dict[tuple[str, str], URL] = {}
@@ -159,15 +174,21 @@ class Requester:
 
     # -- public -------------------------------------------------------------------------
 
-    async def relay(self, prompts: Sequence[Prompt], nodes: dict[str, Node]) -> list[Relay]:
+    async def relay(
+        self,
+        prompts: Sequence[Prompt],
+        nodes: dict[str, Node],
+        guard: EndpointGuard | None = None,
+    ) -> list[Relay]:
         """One Relay per prompt, in order. Node misbehaviour never raises.
 
         The relays are recorded through the sink (if any) before they are returned; a
-        failing sink raises, since the relays would otherwise be lost.
+        failing sink raises, since the relays would otherwise be lost. ``guard``: the
+        endpoint policy of this call's connections (default: the Requester's own).
         """
         if not prompts:
             return []
-        transport = self._ensure_transport()
+        transport = self._ensure_transport(guard or self.guard)
         t0 = time.perf_counter()
         slots: list[Relay | None] = [None] * len(prompts)
         by_node: dict[str, list[int]] = {}
@@ -239,8 +260,8 @@ class Requester:
         return relays
 
     async def close(self) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
+        transports, self._transports = self._transports, {}
+        for _, transport in transports.values():
             await transport.close()
 
     def stats(self) -> dict[str, Any]:
@@ -258,19 +279,26 @@ class Requester:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _ensure_transport(self) -> NodeTransport:
-        transport = self._transport
-        if transport is None or transport.closed:
-            s = self.settings
-            transport = NodeTransport.open(
-                size_cap=s.response_size_cap_bytes, max_connections=s.global_concurrency
-            )
-            self._transport = transport
-            if self._pending == 0:  # a new session may run on a new loop: fresh semaphores
-                self._global = asyncio.Semaphore(s.global_concurrency)
+    def _ensure_transport(self, guard: EndpointGuard) -> NodeTransport:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new event loop (asyncio.run again): sessions and semaphores of the old one
+            # cannot be used here.
+            self._loop = loop
+            self._transports = {}
+            if self._pending == 0:
+                self._global = asyncio.Semaphore(self.settings.global_concurrency)
                 self._node_slots.clear()
                 self._queues.clear()
-        return transport
+        entry = self._transports.get(id(guard))
+        if entry is None or entry[1].closed:
+            s = self.settings
+            transport = NodeTransport.open(
+                size_cap=s.response_size_cap_bytes, max_connections=s.global_concurrency,
+                guard=guard, quote_bodies=self._quote_bodies,
+            )
+            entry = self._transports[id(guard)] = (guard, transport)
+        return entry[1]
 
     def _node_slot(self, node_id: str) -> asyncio.Semaphore:
         slot = self._node_slots.get(node_id)

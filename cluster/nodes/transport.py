@@ -12,6 +12,15 @@ status, headers and body bytes of any answer. Compressed bodies are never asked 
 decompressed (``Accept-Encoding: identity``): a small compressed body could inflate past
 the cap. Every caller sends the same headers, so a check looks like measuring traffic.
 
+With an :class:`~cluster.nodes.policy.EndpointGuard` (the Requester always has one) the
+endpoint policy is applied to every connection: the session's connector resolves names only
+through the guard, which checks every address and hands the connector exactly the checked
+ones (a rebinding name never reaches its private answer), and address literals are checked
+before each request. A refused endpoint is a :class:`NodeUnavailable` that is never
+retried, and nothing is sent. ``quote_bodies=False`` keeps the start of an answer's body out
+of error messages (the evaluation service: tenants see them), which then give the status,
+content type and size only.
+
 Failures are typed, with what was measured (status, time to the headers, to the end):
 
 - :class:`NodeUnavailable`: no answer. The connection was refused, reset or cut, the
@@ -35,6 +44,7 @@ import aiohttp
 from yarl import URL
 
 from cluster.core.errors import NodeError
+from cluster.nodes.policy import EndpointGuard, EndpointRefusedError
 from cluster.wire.openai import MalformedAnswer
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -133,18 +143,25 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 
 
 def open_node_session(
-    max_connections: int = 100, middlewares: Sequence[Middleware] = ()
+    max_connections: int = 100,
+    middlewares: Sequence[Middleware] = (),
+    guard: EndpointGuard | None = None,
 ) -> aiohttp.ClientSession:
     """A session for untrusted nodes: the node headers, no decompression, no cookies.
 
     ``max_connections`` bounds the pool (no per-host limit: nodes may share a host, their
-    callers bound each node); ``middlewares`` sign requests for nodes with peer auth on.
+    callers bound each node); ``middlewares`` sign requests for nodes with peer auth on;
+    ``guard``: names resolve only through it, to checked addresses (it keeps the answers).
     """
+    pinned: dict[str, Any] = {}
+    if guard is not None:
+        pinned = {"resolver": guard.aiohttp_resolver(), "use_dns_cache": False}
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,
         ttl_dns_cache=300,
         keepalive_timeout=30,
+        **pinned,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -162,7 +179,9 @@ class NodeTransport:
     A session from :func:`open_node_session` (``node_session=True``; :meth:`open` makes
     one) already carries the node headers and never decompresses; any other session (the
     honesty checks take their caller's) gets both per request instead, since its defaults
-    ask for gzip. ``close_session``: :meth:`close` closes the session.
+    ask for gzip. ``close_session``: :meth:`close` closes the session. ``guard``: the
+    endpoint policy of the session's connector (address literals are checked here);
+    ``quote_bodies``: error messages quote the start of a body (module docstring).
     """
 
     def __init__(
@@ -172,9 +191,13 @@ class NodeTransport:
         size_cap: int = DEFAULT_SIZE_CAP_BYTES,
         node_session: bool = False,
         close_session: bool = False,
+        guard: EndpointGuard | None = None,
+        quote_bodies: bool = True,
     ) -> None:
         self.session = session
         self.size_cap = size_cap
+        self.guard = guard
+        self._quote = quote_bodies
         self._close_session = close_session
         # None = the session's own setting (per-request arguments of aiohttp's ``request``)
         self._headers: Mapping[str, str] | None = None if node_session else NODE_HEADERS
@@ -187,10 +210,14 @@ class NodeTransport:
         size_cap: int = DEFAULT_SIZE_CAP_BYTES,
         max_connections: int = 100,
         middlewares: Sequence[Middleware] = (),
+        guard: EndpointGuard | None = None,
+        quote_bodies: bool = True,
     ) -> NodeTransport:
-        """A transport over a session of its own (closed by :meth:`close`)."""
-        session = open_node_session(max_connections, middlewares)
-        return cls(session, size_cap=size_cap, node_session=True, close_session=True)
+        """A transport over a session of its own (closed by :meth:`close`); with ``guard``,
+        every connection it makes obeys the endpoint policy."""
+        session = open_node_session(max_connections, middlewares, guard)
+        return cls(session, size_cap=size_cap, node_session=True, close_session=True,
+                   guard=guard, quote_bodies=quote_bodies)
 
     @property
     def closed(self) -> bool:
@@ -220,12 +247,14 @@ class NodeTransport:
         except ValueError:
             content_type = answer.headers.get("Content-Type", "")
             raise MalformedAnswer(
-                f"invalid JSON body (Content-Type {content_type or 'missing'}): {snippet(body)}",
+                f"invalid JSON body (Content-Type {content_type or 'missing'}): "
+                f"{self._quoted(body)}",
                 status, ttft_s=ttft, latency_s=latency,
             ) from None
         if not isinstance(parsed, dict):
             raise MalformedAnswer(
-                f"response is a JSON {type(parsed).__name__}, not an object: {snippet(body)}",
+                f"response is a JSON {type(parsed).__name__}, not an object: "
+                f"{self._quoted(body)}",
                 status, ttft_s=ttft, latency_s=latency,
             )
         return NodeAnswer(status, parsed, ttft, latency)
@@ -266,6 +295,9 @@ class NodeTransport:
         t0 = time.perf_counter()
         ttft: float | None = None
         try:
+            if self.guard is not None:
+                self.guard.check_literal(URL(url).raw_host if isinstance(url, str)
+                                         else url.raw_host)
             async with self.session.request(
                 method,
                 url,
@@ -279,7 +311,7 @@ class NodeTransport:
                 ttft = time.perf_counter() - t0
                 status = resp.status
                 if not any_status and not 200 <= status < 300:
-                    raise await _http_error(resp, status, t0, ttft)
+                    raise await _http_error(resp, status, t0, ttft, quote=self._quote)
                 body = await self._read_capped(resp)
                 latency = time.perf_counter() - t0
                 if body is None:
@@ -287,6 +319,9 @@ class NodeTransport:
                     raise MalformedAnswer(f"response exceeded {self.size_cap} bytes", status,
                                           ttft_s=ttft, latency_s=latency)
                 return NodeBytes(status, resp.headers, body, ttft, latency)
+        except EndpointRefusedError as exc:
+            # Nothing was sent; a retry would be refused the same way.
+            raise NodeUnavailable(str(exc), latency_s=time.perf_counter() - t0) from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise NodeUnavailable(
                 f"connect timed out after {timeout.sock_connect or timeout.total or 0:g} s",
@@ -318,6 +353,9 @@ class NodeTransport:
                 latency_s=time.perf_counter() - t0,
             ) from exc
 
+    def _quoted(self, body: bytes) -> str:
+        return snippet(body) if self._quote else f"{len(body)} bytes, not quoted"
+
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes | None:
         """The whole body, or None as soon as it exceeds the size cap."""
         cap = self.size_cap
@@ -335,7 +373,7 @@ class NodeTransport:
 
 
 async def _http_error(
-    resp: aiohttp.ClientResponse, status: int, t0: float, ttft: float
+    resp: aiohttp.ClientResponse, status: int, t0: float, ttft: float, quote: bool = True
 ) -> NodeUnavailable:
     length = resp.content_length
     if length is not None and length <= SMALL_ERROR_BODY_BYTES:
@@ -344,8 +382,13 @@ async def _http_error(
         body = await resp.content.read(ERROR_SNIPPET_BYTES)
         resp.close()
     retryable = status in RETRYABLE_STATUSES
+    if body and not quote:
+        kind = resp.headers.get("Content-Type", "no content type").split(";")[0]
+        message = f"HTTP {status} ({kind}, body not quoted)"
+    else:
+        message = f"HTTP {status}: {snippet(body)}" if body else f"HTTP {status}"
     return NodeUnavailable(
-        f"HTTP {status}: {snippet(body)}" if body else f"HTTP {status}",
+        message,
         status,
         retryable=retryable,
         retry_after_s=retry_after_s(resp.headers) if retryable else None,

@@ -1,5 +1,6 @@
-"""Load task datasets into PostgreSQL: the project's ``datasets/`` dirs, a user's files, or
-the Hugging Face hub.
+"""Load task datasets into PostgreSQL: the project's ``datasets/`` dirs, a user's files, an
+lm-eval task's own data (local files, the offline data directory, or the hub where
+allowed: :func:`load_lmeval_data`), or the Hugging Face hub.
 
 A task dir holds its splits as files named ``<split>.<ext>`` (``train.jsonl``,
 ``test.jsonl``...) beside files that are not data (YAMLs, LICENSE, README). A doc's id is
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ConfigDict
 
 from cluster.core.errors import DatasetError
 from cluster.storage.connections import open_datasets
+from cluster.tasks.lmeval.groups import LeafTask, plan_tasks
+from cluster.tasks.lmeval.loading import TaskCatalog
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +225,27 @@ def split_files(task_dir: Path) -> dict[str, Path]:
     return found
 
 
-def dataset_sha256(files: Mapping[str, Path]) -> str:
-    """sha256 over (split name, size, bytes) of each split file, in split-name order."""
+SplitFiles = Mapping[str, Path | Sequence[Path]]
+
+
+def _paths(files: Path | Sequence[Path]) -> list[Path]:
+    return [Path(files)] if isinstance(files, str | Path) else [Path(p) for p in files]
+
+
+def dataset_sha256(files: SplitFiles) -> str:
+    """sha256 over (split name, size, bytes) of each split file (or shard, in order), in
+    split-name order."""
     digest = hashlib.sha256()
     for split in sorted(files):
-        path = files[split]
-        try:
-            size = path.stat().st_size
-            digest.update(f"{split}\0{size}\0".encode())
-            with path.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: file not found") from None
+        for path in _paths(files[split]):
+            try:
+                size = path.stat().st_size
+                digest.update(f"{split}\0{size}\0".encode())
+                with path.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(chunk)
+            except FileNotFoundError:
+                raise DatasetError(f"{path}: file not found") from None
     return digest.hexdigest()
 
 
@@ -242,7 +253,7 @@ def _result(task: str, splits: Mapping[str, int], sha256: str, loaded: bool) -> 
     return LoadResult(task=task, splits=dict(splits), n_docs=sum(splits.values()), sha256=sha256, loaded=loaded)
 
 
-async def _load_files(store: DatasetRegistry, task: str, files: Mapping[str, Path]) -> LoadResult:
+async def _load_files(store: DatasetRegistry, task: str, files: SplitFiles) -> LoadResult:
     sha = await asyncio.to_thread(dataset_sha256, files)
     current = await store.get_registry(task)
     if current is not None and current.sha256 == sha:
@@ -250,7 +261,8 @@ async def _load_files(store: DatasetRegistry, task: str, files: Mapping[str, Pat
         return _result(task, current.splits, sha, loaded=False)
 
     def parse() -> dict[str, list[Row]]:
-        return {split: read_rows(path) for split, path in sorted(files.items())}
+        return {split: [row for path in _paths(paths) for row in read_rows(path)]
+                for split, paths in sorted(files.items())}
 
     splits = await asyncio.to_thread(parse)
     loaded = await store.register_dataset(task, splits, sha)
@@ -330,39 +342,103 @@ async def load_hub_dataset(
             "HF_DATASETS_OFFLINE is set); load it from files instead (load_user_file)"
         )
 
-    def fetch() -> list[Row]:
-        reason = hub_unreachable()
-        if reason is not None:
-            raise DatasetError(f"cannot load {where}: the Hugging Face hub is offline: {reason}")
-        try:
-            # by name: the project's own datasets/ dir (data, no __init__) must not shadow it
-            hf_datasets = importlib.import_module("datasets")
-        except ImportError:
-            raise DatasetError(f"cannot load {where}: the `datasets` package is not installed") from None
-        try:
-            data = hf_datasets.load_dataset(hub_path, name, split=split)
-        except Exception as err:  # network, auth, unknown dataset/config/split...
-            raise DatasetError(
-                f"cannot load {where} from the Hugging Face hub (offline or unknown dataset?): "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        return [_row(r, f"{where} row {i}") for i, r in enumerate(data)]
-
-    rows = await asyncio.to_thread(fetch)
-    if not rows:
-        raise DatasetError(f"{where} is empty")
-    digest = hashlib.sha256()
-    digest.update(f"{split}\0".encode())
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\n")
-    sha = digest.hexdigest()
+    rows = await asyncio.to_thread(_fetch_hub_rows, hub_path, name, split, where)
+    sha = _rows_sha256({split: rows})
     loaded = await store.register_dataset(task_name, {split: rows}, sha)
     log.info("datasets.hub_loaded task=%s source=%s docs=%d loaded=%s", task_name, hub_path, len(rows), loaded)
     return _result(task_name, {split: len(rows)}, sha, loaded)
 
 
+def _fetch_hub_rows(hub_path: str, name: str | None, split: str, where: str) -> list[Row]:
+    reason = hub_unreachable()
+    if reason is not None:
+        raise DatasetError(f"cannot load {where}: the Hugging Face hub is offline: {reason}")
+    try:
+        # by name: the project's own datasets/ dir (data, no __init__) must not shadow it
+        hf_datasets = importlib.import_module("datasets")
+    except ImportError:
+        raise DatasetError(f"cannot load {where}: the `datasets` package is not installed") from None
+    try:
+        data = hf_datasets.load_dataset(hub_path, name, split=split)
+    except Exception as err:  # network, auth, unknown dataset/config/split...
+        raise DatasetError(
+            f"cannot load {where} from the Hugging Face hub (offline or unknown dataset?): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    rows = [_row(r, f"{where} row {i}") for i, r in enumerate(data)]
+    if not rows:
+        raise DatasetError(f"{where} is empty")
+    return rows
+
+
+def _rows_sha256(splits: Mapping[str, Sequence[Row]]) -> str:
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        digest.update(f"{split}\0".encode())
+        for row in splits[split]:
+            digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            digest.update(b"\n")
+    return digest.hexdigest()
+
+
+async def load_lmeval_data(
+    store: DatasetRegistry, catalog: TaskCatalog, leaf: LeafTask, key: str | None = None
+) -> LoadResult:
+    """The dataset lm-eval reads for ``leaf`` (its config in ``catalog``: local files, the
+    offline data directory, or the hub where allowed) into PostgreSQL as ``key`` (default
+    the task's name), idempotently. A :class:`DatasetError` names the task, its dataset and
+    where it looked."""
+    from cluster.tasks.lmeval.sources import SPLIT_KEYS, data_files
+
+    name, key = leaf.name, key or leaf.name
+    cfg = await asyncio.to_thread(
+        catalog.config, name, leaf.extra_overrides or None, leaf.inline, leaf.base_dir)
+    files = data_files(cfg)
+    if files is not None:
+        for paths in files.values():
+            for path in paths:
+                try:
+                    check_data_file(path)
+                except DatasetError as err:
+                    raise DatasetError(f"task {name!r}: {err}") from None
+        return await _load_files(store, key, files)
+    hub_path = cfg.get("dataset_path")
+    if not isinstance(hub_path, str):
+        raise DatasetError(f"task {name!r} names no dataset_path; only tasks reading a "
+                           "dataset can be measured")
+    hub_name = cfg.get("dataset_name")
+    splits = sorted({str(cfg[k]) for k in SPLIT_KEYS if cfg.get(k)})
+    rows = {}
+    for split in splits:
+        where = f"task {name!r}: hub dataset {hub_path!r}" + (
+            f" ({hub_name})" if hub_name else "") + f" split {split!r}"
+        rows[split] = await asyncio.to_thread(
+            _fetch_hub_rows, hub_path, str(hub_name) if hub_name else None, split, where)
+    sha = _rows_sha256(rows)
+    loaded = await store.register_dataset(key, rows, sha)
+    log.info("datasets.hub_loaded task=%s source=%s splits=%s loaded=%s", key, hub_path,
+             splits, loaded)
+    return _result(key, {s: len(r) for s, r in rows.items()}, sha, loaded)
+
+
 async def load_datasets(settings: Any, tasks: list[str] | None = None) -> list[LoadResult]:
-    """The shipped task datasets (``settings.datasets_dir``) into PostgreSQL, idempotently."""
+    """The shipped task datasets (``settings.datasets_dir``) into PostgreSQL, idempotently;
+    with ``tasks``, those tasks, groups (their subtasks) or tags, shipped or lm-eval's
+    built-in ones (:func:`load_lmeval_data`)."""
+    datasets_dir = Path(settings.datasets_dir)
     async with open_datasets(settings) as store:
-        return await load_task_datasets(store, Path(settings.datasets_dir), tasks)
+        if tasks is None:
+            return await load_task_datasets(store, datasets_dir, None)
+        catalog = TaskCatalog.of(datasets_dir, settings.tasks_sources)
+        results: list[LoadResult] = []
+        for name in tasks:
+            if (datasets_dir / name).is_dir():
+                results += await load_task_datasets(store, datasets_dir, [name])
+                continue
+            plan = await asyncio.to_thread(plan_tasks, [name], catalog)
+            for leaf in plan.leaves:
+                if (datasets_dir / leaf.name).is_dir() and not leaf.extra_overrides:
+                    results += await load_task_datasets(store, datasets_dir, [leaf.name])
+                else:
+                    results.append(await load_lmeval_data(store, catalog, leaf))
+        return results

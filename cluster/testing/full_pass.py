@@ -30,7 +30,7 @@ from typing import Any
 
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node, Prompt, Relay, sample_key
-from cluster.core.settings import RequesterSettings
+from cluster.core.settings import EndpointAllowlist, RequesterSettings
 
 
 @dataclass
@@ -60,6 +60,11 @@ async def run_pass(
     from cluster.nodes.requester import Requester
 
     base = settings or RequesterSettings()
+    # The nodes of a pass are local test and Serve nodes: loopback is allowlisted explicitly.
+    allowlist = base.endpoint_allowlist
+    base = base.model_copy(update={"endpoint_allowlist": EndpointAllowlist(
+        networks=[*allowlist.networks, *EndpointAllowlist.loopback().networks],
+        hosts=allowlist.hosts)})
     settings = base.model_copy(update={
         "per_node_concurrency": concurrency,
         "global_concurrency": max(concurrency, base.global_concurrency),

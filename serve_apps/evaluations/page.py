@@ -43,9 +43,9 @@ _PAGE = """<!doctype html>
   .verdict.pass { background: #dcf5e3; color: #13612e; }
   .verdict.fail { background: #fbe0e0; color: #8c1d1d; }
   .verdict.unknown { background: #fff3cd; color: #6b5200; }
-  .status { display: block; font-size: 11px; font-weight: normal; }
-  .status.flagged { color: #8c1d1d; }
-  .status.unverified { color: #6b5200; }
+  .node-status { display: block; font-size: 11px; font-weight: normal; }
+  .node-status.flagged { color: #8c1d1d; }
+  .node-status.unverified { color: #6b5200; }
   .charts { display: flex; flex-wrap: wrap; gap: 24px; }
   figure.chart { margin: 0; background: #fff; box-shadow: 0 1px 2px #0001; padding: 8px; }
   figure.chart figcaption { font-weight: 600; margin: 0 0 4px 4px; }
@@ -110,7 +110,7 @@ function drawTable(data) {
     const row = el("tr", {"data-node": node.node_id});
     const head = el("th", {}, node.node_id);
     if (node.status && node.status !== "unchecked")
-      head.appendChild(el("span", {class: "status " + node.status}, node.status));
+      head.appendChild(el("span", {class: "node-status " + node.status}, node.status));
     row.appendChild(head);
     row.appendChild(el("td", {}, node.model || "–"));
     for (const task of data.tasks) {

@@ -20,10 +20,11 @@ from pydantic import (
     HttpUrl,
     StringConstraints,
     UrlConstraints,
+    ValidationInfo,
     field_validator,
 )
 
-from cluster.core.evaluations import EvaluationSpec
+from cluster.core.evaluations import CustomTaskSource, EvaluationSpec
 
 RunStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ApiName = Literal["completions", "chat-completions"]
@@ -42,6 +43,34 @@ GenValue = bool | GenInt | GenFloat | GenString | Annotated[list[GenString], Fie
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./\-]{0,255}$")]
+MAX_FILE_CHARS = 17_000_000  # base64 of the largest allowed upload (settings cap it lower)
+
+
+class CustomTaskIn(_Wire):
+    """A tenant's own lm-eval task folder: uploaded ``files`` (relative path → base64 of the
+    file: task/group YAMLs and jsonl/json/csv/parquet data) or ``volume_path``, a folder of
+    the deployment's offline data volume. Its tasks and groups are then requested by name
+    in ``tasks``."""
+
+    files: dict[FileName, Annotated[str, StringConstraints(max_length=MAX_FILE_CHARS)]] = Field(
+        default_factory=dict, max_length=64)
+    volume_path: str | None = Field(default=None, min_length=1, max_length=512,
+                                    pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./\-]*$")
+
+    @field_validator("volume_path")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("files"):
+            raise ValueError("give files or volume_path, not both")
+        return value
+
+
+class CustomTaskOut(_Wire):
+    files: list[str] = Field(description="the uploaded files' names")
+    volume_path: str | None
 
 
 class EvaluationRequest(_Wire):
@@ -71,6 +100,17 @@ class EvaluationRequest(_Wire):
         default=None, min_length=1, max_length=1024, pattern=_PRINTABLE,
         description="Hugging Face tokenizer path or id; None = the model name (as lm-eval)",
     )
+    apply_chat_template: bool | None = Field(
+        default=None, description="prompts through the chat template (lm-eval's "
+        "--apply_chat_template); null = on for chat-completions, off for completions")
+    system_instruction: str | None = Field(
+        default=None, min_length=1, max_length=4096, pattern=r"^[^\x00]*$",
+        description="prepended to every prompt (lm-eval's --system_instruction)")
+    fewshot_as_multiturn: bool = Field(
+        default=True, description="with a chat template, few-shot examples as separate turns")
+    custom_tasks: list[CustomTaskIn] = Field(
+        default_factory=list, max_length=8,
+        description="the tenant's own task folders, whose tasks `tasks` may name")
 
     @field_validator("endpoint")
     @classmethod
@@ -101,7 +141,11 @@ class EvaluationRequest(_Wire):
         return EvaluationSpec(
             endpoint=str(self.endpoint), model=self.model, api=self.api, tasks=list(self.tasks),
             num_fewshot=self.num_fewshot, limit=self.limit, gen_kwargs=dict(self.gen_kwargs),
-            tokenizer=self.tokenizer,
+            tokenizer=self.tokenizer, apply_chat_template=self.apply_chat_template,
+            system_instruction=self.system_instruction,
+            fewshot_as_multiturn=self.fewshot_as_multiturn,
+            custom_tasks=[CustomTaskSource(files=dict(c.files), volume_path=c.volume_path)
+                          for c in self.custom_tasks],
         )
 
 
@@ -116,6 +160,10 @@ class EvaluationSpecOut(_Wire):
     limit: int | None
     gen_kwargs: dict[str, bool | int | float | str | list[str]]
     tokenizer: str | None
+    apply_chat_template: bool | None = None
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = True
+    custom_tasks: list[CustomTaskOut] = Field(default_factory=list)
 
 
 class TaskProgressOut(_Wire):

@@ -8,6 +8,12 @@ of the same event loop (``evaluations.max_concurrent_runs: 0`` makes an API-only
 A tenant is whoever holds one of the configured bearer tokens; a run belongs to the tenant
 that submitted it, and another tenant gets the same 404 as for a run that does not exist,
 so run ids leak nothing.
+
+Endpoints: a run's endpoint must pass the tenant's endpoint policy when it is submitted
+(400 ``endpoint_refused``), and every request of the run goes through the tenant's guard
+(``cluster/evaluations/endpoints.py``). Errors tenants read never quote what an endpoint
+answered (status, content type and size only): an allowlisted internal service's pages do
+not leak through run errors.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pydantic import ValidationError
 from cluster.core.errors import TestbenchError
 from cluster.core.evaluations import EvaluationRun, LogLine, RunState
 from cluster.core.settings import RequesterSettings, Settings
+from cluster.evaluations.endpoints import TenantGuards
 from cluster.evaluations.results import with_samples
 from cluster.evaluations.runner import EvaluationRunner, RelayRecorder
 from cluster.evaluations.runs import (
@@ -35,8 +42,11 @@ from cluster.evaluations.runs import (
     new_run,
     new_run_id,
     request_cancel,
+    request_resume,
+    request_suspend,
 )
 from cluster.evaluations.worker import EvaluationWorker
+from cluster.nodes.policy import EndpointRefusedError
 from cluster.storage.connections import StoreConnections
 from cluster.storage.mongo import EvaluationStore
 from serve_apps.evaluations import protocol as wire
@@ -72,7 +82,27 @@ def _not_found(run_id: str) -> ApiError:
                     error_type="not_found_error")
 
 
-def to_status(run: EvaluationRun) -> wire.EvaluationStatus:
+def overall_progress(run: EvaluationRun, now: float) -> wire.RunProgressOut:
+    """Percent, count, elapsed and ETA of a run as of ``now``."""
+    done = sum(p.done for p in run.progress)
+    counted = all(p.total is not None for p in run.progress)
+    total = sum(p.total or 0 for p in run.progress) if counted else None
+    elapsed = None
+    if run.started_at is not None:
+        elapsed = max(0.0, (run.finished_at or now) - run.started_at)
+    eta = None
+    if run.state == RunState.RUNNING and run.eta_s is not None:
+        eta = max(0.0, run.eta_s - (now - (run.progress_at or now)))
+    percent = 100.0 if run.state == RunState.COMPLETE else run.percent
+    return wire.RunProgressOut(
+        percent=round(percent, 2), done=done, total=total,
+        count=f"{done}/{total if total is not None else '?'}",
+        elapsed_s=None if elapsed is None else round(elapsed, 3),
+        eta_s=None if eta is None else round(eta, 3), updated_at=run.progress_at,
+    )
+
+
+def to_status(run: EvaluationRun, now: float | None = None) -> wire.EvaluationStatus:
     spec = run.spec
     return wire.EvaluationStatus(
         id=run.run_id,
@@ -80,11 +110,17 @@ def to_status(run: EvaluationRun) -> wire.EvaluationStatus:
         request=wire.EvaluationSpecOut(
             endpoint=spec.endpoint, model=spec.model, api=spec.api, tasks=list(spec.tasks),
             num_fewshot=spec.num_fewshot, limit=spec.limit, gen_kwargs=dict(spec.gen_kwargs),
-            tokenizer=spec.tokenizer,
+            tokenizer=spec.tokenizer, apply_chat_template=spec.apply_chat_template,
+            system_instruction=spec.system_instruction,
+            fewshot_as_multiturn=spec.fewshot_as_multiturn,
+            custom_tasks=[wire.CustomTaskOut(files=sorted(c.files), volume_path=c.volume_path)
+                          for c in spec.custom_tasks],
         ),
         progress=[wire.TaskProgressOut(task=p.task, done=p.done, total=p.total, failed=p.failed)
                   for p in run.progress],
+        overall=overall_progress(run, time.time() if now is None else now),
         cancel_requested=run.cancel_requested,
+        suspend_requested=run.suspend_requested,
         error=run.error,
         attempts=run.attempts,
         created_at=run.created_at,
@@ -117,6 +153,7 @@ class EvaluationService:
         self._executor: ThreadPoolExecutor | None = None
         self._requester: Any = None
         self.worker: EvaluationWorker | None = None
+        self.guards = TenantGuards(settings)
         # Checked in constant time; a token maps to exactly one tenant (config validates).
         self._tokens = {token: tenant for tenant, token in settings.evaluations.tenants.items()}
 
@@ -139,9 +176,11 @@ class EvaluationService:
             requester_settings: RequesterSettings = self.settings.requester.model_copy(update={
                 "per_node_concurrency": cfg.per_run_concurrency,
             })
-            self._requester = loop_requester(requester_settings, RelayRecorder(self._store))
+            self._requester = loop_requester(requester_settings, RelayRecorder(self._store),
+                                             quote_bodies=False)
             runner = EvaluationRunner(self.settings, self._stores, self._store, self._requester,
-                                      self._executor, self._clock)
+                                      self._executor, self._clock,
+                                      guards=self.guards.for_tenant)
             self.worker = EvaluationWorker(cfg, self._store, runner, clock=self._clock)
             self.worker.start()
         if not self._tokens:
@@ -209,10 +248,16 @@ class EvaluationService:
                            code="invalid_value", param="tasks")
         try:
             # lm-eval's TaskManager imports and indexes YAMLs: keep it off the event loop.
-            await asyncio.to_thread(check_spec, spec, self.settings.datasets_dir)
+            leaves = await asyncio.to_thread(check_spec, spec, self.settings)
         except SpecError as exc:
-            raise ApiError(400, str(exc), code="invalid_value", param=exc.param) from exc
-        run = new_run(spec, tenant, self._new_id(), float(self._clock()))
+            code = "too_large" if exc.status == 413 else "invalid_value"
+            raise ApiError(exc.status, str(exc), code=code, param=exc.param) from exc
+        try:
+            await self.guards.for_tenant(tenant).check_url(spec.endpoint)
+        except EndpointRefusedError as exc:
+            raise ApiError(400, f"{exc} (for tenant {tenant})", code="endpoint_refused",
+                           param="endpoint") from exc
+        run = new_run(spec, tenant, self._new_id(), float(self._clock()), leaves)
         # The first line before the run exists: no replica can log ahead of it.
         await self.store.append_log(run.run_id, f"queued by tenant {tenant}")
         await self.store.create(run)
@@ -220,10 +265,10 @@ class EvaluationService:
                  run.run_id, tenant, ",".join(spec.tasks), spec.limit)
         if self.worker is not None:
             self.worker.wake()
-        return to_status(run)
+        return to_status(run, float(self._clock()))
 
     async def status(self, tenant: str, run_id: str) -> wire.EvaluationStatus:
-        return to_status(await self._owned(tenant, run_id))
+        return to_status(await self._owned(tenant, run_id), float(self._clock()))
 
     async def list_runs(
         self, tenant: str, state: str | None, offset: int, limit: int
@@ -232,12 +277,13 @@ class EvaluationService:
             tenant, state=RunState(state) if state else None, offset=offset, limit=limit
         )
         next_offset = offset + len(runs) if offset + len(runs) < total else None
-        return wire.EvaluationList(data=[to_status(r) for r in runs], total=total,
+        now = float(self._clock())
+        return wire.EvaluationList(data=[to_status(r, now) for r in runs], total=total,
                                    offset=offset, limit=limit, next_offset=next_offset)
 
     async def cancel(self, tenant: str, run_id: str) -> wire.EvaluationStatus:
         run = await self._owned(tenant, run_id)
-        if run.state in (RunState.SUCCEEDED, RunState.FAILED):
+        if run.state in (RunState.COMPLETE, RunState.FAILED):
             raise ApiError(409, f"evaluation {run_id} already {run.state.value}",
                            code="already_finished", param="id")
         updated = await request_cancel(self.store, run_id, float(self._clock()))
@@ -248,14 +294,48 @@ class EvaluationService:
             log.info("evaluations.cancel_requested run=%s state=%s", run_id, updated.state.value)
         if self.worker is not None:
             self.worker.wake()
-        return to_status(updated)
+        return to_status(updated, float(self._clock()))
+
+    async def suspend(self, tenant: str, run_id: str) -> wire.EvaluationStatus:
+        """Stop a run without losing its work (suspended until resumed); 409 once ended."""
+        run = await self._owned(tenant, run_id)
+        if run.state.terminal:
+            raise ApiError(409, f"evaluation {run_id} already {run.state.value}",
+                           code="already_finished", param="id")
+        updated = await request_suspend(self.store, run_id)
+        if updated is None:
+            raise _not_found(run_id)
+        if updated.rev != run.rev:
+            await self.store.append_log(run_id, f"suspend requested by tenant {tenant}")
+            log.info("evaluations.suspend_requested run=%s state=%s", run_id,
+                     updated.state.value)
+        if self.worker is not None:
+            self.worker.wake()
+        return to_status(updated, float(self._clock()))
+
+    async def resume(self, tenant: str, run_id: str) -> wire.EvaluationStatus:
+        """Make a suspended run runnable again (no effect on a run that is not); 409 once
+        ended. Docs scored and requests answered before are not repeated."""
+        run = await self._owned(tenant, run_id)
+        if run.state.terminal:
+            raise ApiError(409, f"evaluation {run_id} already {run.state.value}",
+                           code="already_finished", param="id")
+        updated = await request_resume(self.store, run_id)
+        if updated is None:
+            raise _not_found(run_id)
+        if updated.rev != run.rev:
+            await self.store.append_log(run_id, f"resumed by tenant {tenant}")
+            log.info("evaluations.resumed run=%s state=%s", run_id, updated.state.value)
+        if self.worker is not None:
+            self.worker.wake()
+        return to_status(updated, float(self._clock()))
 
     async def results(self, tenant: str, run_id: str, samples: bool) -> dict[str, Any]:
         run = await self._owned(tenant, run_id)
-        if run.state != RunState.SUCCEEDED:
+        if run.state != RunState.COMPLETE:
             detail = f" ({run.error})" if run.error else ""
             raise ApiError(409, f"evaluation {run_id} is {run.state.value}{detail}; results "
-                           "exist once it succeeded", code="no_results", param="id")
+                           "exist once it is complete", code="no_results", param="id")
         results = await self.store.results(run_id)
         if results is None:  # written before the state flips: only a lost write gets here
             raise ApiError(409, f"evaluation {run_id} has no stored results", code="no_results",

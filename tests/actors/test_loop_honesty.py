@@ -52,7 +52,7 @@ from serve_apps.streaming.serving import StreamingServing
 TARGET = 24  # 16 signature + 24 + 24 relays: room for the evader's second round at 10%
 # Buffers refill every TTL, as they do over days in production: evasion is judged on measuring
 # traffic sent after the probes began to fail, and the first round ends after the first fill.
-TTL_S = 30.0
+TTL_S = 20.0
 JOB = "job-fresh"
 JOB_KEY = Ed25519Key(bytes([31]) * 32)
 ROUND_CHECKS = ("tokenizer_signature", "config_signature", "identity", "synthetic",

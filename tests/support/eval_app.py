@@ -14,7 +14,10 @@ TENANTS = {
     "alice": "alice-token-0123456789abcdef",
     "bob": "bob-token-0123456789abcdef00",
     "fuzz": "fuzz-token-0123456789abcdef0",
+    "carol": "carol-token-0123456789abcdef",  # no endpoint allowlist: loopback is refused
 }
+# The test nodes listen on loopback, which the endpoint policy refuses by default.
+LOOPBACK_TENANTS = ("alice", "bob", "fuzz")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 

@@ -19,7 +19,7 @@ import ray
 from actors.remote import MANAGER_NAME
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node
-from cluster.core.settings import Settings
+from cluster.core.settings import EndpointAllowlist, Settings
 from cluster.storage.connections import StoreConnections
 from cluster.testing.testnode import NodeBehaviour, TestNode
 
@@ -39,6 +39,7 @@ def fault_settings(base: Settings, target: int, **manager: Any) -> Settings:
             "node_refresh_s": 0.0, **manager}),
         "requester": base.requester.model_copy(update={
             "retry_backoff_s": 0.1, "connect_timeout_s": 2.0,
+            "endpoint_allowlist": EndpointAllowlist.loopback(),  # the test nodes' loopback
             "sla": base.requester.sla.model_copy(update={
                 "queue_s": 2.0, "per_output_token_s": 0.0, "max_timeout_s": 5.0})}),
     })

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from eval_app import TENANTS, EvalApp
+from eval_app import LOOPBACK_TENANTS, TENANTS, EvalApp
 from ray import serve
 
-from cluster.core.settings import EvaluationSettings, Settings, StoreSettings
+from cluster.core.settings import (
+    EndpointAllowlist,
+    EvaluationSettings,
+    RequesterSettings,
+    Settings,
+    StoreSettings,
+)
 from cluster.testing.testnode import NodeBehaviour, TestNode
 from serve_apps.evaluations import build_evaluations_app
 from serve_apps.evaluations.config import EvaluationsAppConfig, EvaluationsDeployment
@@ -49,10 +55,17 @@ def eval_nodes(smollm2_dir: Path) -> Iterator[dict[str, TestNode]]:
 @pytest.fixture(scope="session")
 def eval_settings(loaded_stores: StoreSettings) -> Settings:
     stores = loaded_stores.model_copy(update={"mongo_database": f"ev_{uuid.uuid4().hex[:10]}"})
-    return Settings(stores=stores, evaluations=EvaluationSettings(
-        tenants=TENANTS, max_concurrent_runs=2, per_run_concurrency=4, chunk_docs=8,
-        lease_s=3.0, poll_s=0.5,
-    ))
+    # Loopback (the test nodes) allowlisted explicitly: for the tenants but carol, and for
+    # what runs in process (`testbench eval` without --server, the leaderboard's measuring).
+    return Settings(
+        stores=stores,
+        requester=RequesterSettings(endpoint_allowlist=EndpointAllowlist.loopback()),
+        evaluations=EvaluationSettings(
+            tenants=TENANTS, max_concurrent_runs=2, per_run_concurrency=4, chunk_docs=8,
+            lease_s=3.0, poll_s=0.5, progress_every_s=1.0,
+            endpoint_allowlists={t: EndpointAllowlist.loopback() for t in LOOPBACK_TENANTS},
+        ),
+    )
 
 
 def _deploy(name: str, settings: Settings, port: int) -> EvalApp:

@@ -12,7 +12,7 @@ lines and results.
   run's work.
 - ``evaluation_samples``: one document per (run, task, doc), first-wins.
 - ``evaluation_logs``: log lines, ``_id`` = ``<run>|<key>`` with time-ordered keys.
-- ``evaluation_results``: the lm-eval results JSON of a succeeded run.
+- ``evaluation_results``: the lm-eval results JSON of a complete run.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class EvaluationStore:
         """A tenant's runs, newest first, and how many there are in all."""
         query: dict[str, Any] = {"tenant": tenant}
         if state is not None:
-            query["state"] = state.value
+            query["state"] = {"$in": state.stored_names}  # runs stored under older names too
         total = await self._runs.count_documents(query)
         docs = await (
             self._runs.find(query)
@@ -143,10 +143,12 @@ class EvaluationStore:
         raise RunConflictError(f"run {run_id} kept changing; gave up after {_CAS_ATTEMPTS} tries")
 
     async def claimable(self, now: float, limit: int) -> builtins.list[EvaluationRun]:
-        """Queued runs and running runs whose owner's lease ran out, oldest first."""
+        """New runs and scheduled or running ones whose owner's lease ran out, oldest first."""
+        states = [name for state in (RunState.NEW, RunState.SCHEDULED, RunState.RUNNING)
+                  for name in state.stored_names]
         docs = await (
             self._runs.find({
-                "state": {"$in": [RunState.QUEUED.value, RunState.RUNNING.value]},
+                "state": {"$in": states},
                 "lease_until": {"$lt": float(now)},
             })
             .sort([("created_at", ASCENDING), ("_id", ASCENDING)])

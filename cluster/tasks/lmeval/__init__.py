@@ -3,8 +3,12 @@
 Public surface (internals live in the submodules and may move):
 - :func:`load_task_adapter` → :class:`TaskAdapter` (``build_prompts``, ``score``, ``aggregate``)
 - :class:`RequestSettings`: lm-eval's request/score knobs (defaults = lm-eval 0.4.13's)
-- :func:`task_config` / :func:`load_lmeval_task`: the project's task YAMLs through lm-eval's
-  TaskManager, local data paths resolved
+- :class:`TaskCatalog`: where task names resolve (the project's ``datasets/`` and a tenant's
+  folders first, then lm-eval's built-in tasks) and where their data may come from;
+  :func:`task_config` / :func:`load_lmeval_task`: a task's config and Task through lm-eval's
+  TaskManager, data paths resolved (:mod:`cluster.tasks.lmeval.sources`)
+- :func:`plan_tasks` / :func:`aggregate_group`: groups and tags as leaf tasks, and a group's
+  score as lm-eval computes it
 """
 
 from cluster.tasks.lmeval.adapter import (
@@ -15,16 +19,34 @@ from cluster.tasks.lmeval.adapter import (
     load_task_adapter,
 )
 from cluster.tasks.lmeval.fewshot import FewshotReplay
-from cluster.tasks.lmeval.loading import load_lmeval_task, task_config, task_manager
+from cluster.tasks.lmeval.groups import (
+    GroupPlan,
+    LeafTask,
+    TaskPlan,
+    aggregate_group,
+    plan_tasks,
+)
+from cluster.tasks.lmeval.loading import (
+    TaskCatalog,
+    load_lmeval_task,
+    task_config,
+    task_manager,
+)
 
 __all__ = [
     "FailedRelayError",
     "FewshotReplay",
+    "GroupPlan",
+    "LeafTask",
     "RequestSettings",
     "TaskAdapter",
+    "TaskCatalog",
+    "TaskPlan",
+    "aggregate_group",
     "clear_caches",
     "load_lmeval_task",
     "load_task_adapter",
+    "plan_tasks",
     "task_config",
     "task_manager",
 ]

@@ -58,12 +58,25 @@ def metric_names(task: ConfigurableTask) -> list[str]:
     return list(task._metric_fn_list)
 
 
-def load_task_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML as lm-eval reads it: ``include``s merged, ``!function``s resolved."""
+def load_task_yaml(path: Path, resolve_functions: bool = True) -> dict[str, Any]:
+    """A task YAML as lm-eval reads it: ``include``s merged, ``!function``s resolved
+    (imported: code runs) or, with ``resolve_functions=False``, left as path strings."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    config: dict[str, Any] = load_yaml(path, resolve_func=True)
+    config: dict[str, Any] = load_yaml(path, resolve_func=resolve_functions)
     return config
+
+
+def propagate_group_fields(
+    groups: list[Any], n_shot: dict[str, int], higher_is_better: dict[str, dict[str, bool]]
+) -> None:
+    """Give groups the ``n-shot`` and ``higher_is_better`` lm-eval's results give them
+    (from their children's; ``evaluator_utils._propagate_*``, which read only each group's
+    ``name`` and ``child_names``)."""
+    from lm_eval.evaluator_utils import _propagate_higher_is_better, _propagate_num_fewshot
+
+    _propagate_higher_is_better(groups, higher_is_better)
+    _propagate_num_fewshot(groups, n_shot)
 
 
 _TEMPLATE_CACHE_SIZE = 4096

@@ -41,7 +41,8 @@ from cluster.core.errors import ErrorCode, EvaluationError, TaskError, Testbench
 from cluster.core.schemas import ApiKind, Node, Prompt, Relay, prompt_id
 from cluster.tasks.lmeval import _compat as lmeval_compat
 from cluster.tasks.lmeval.fewshot import FewshotReplay
-from cluster.tasks.lmeval.loading import load_lmeval_task
+from cluster.tasks.lmeval.groups import LeafTask
+from cluster.tasks.lmeval.loading import TaskCatalog, as_catalog, config_digest, load_lmeval_task
 from cluster.wire import openai as wire
 
 if TYPE_CHECKING:
@@ -73,8 +74,14 @@ class RequestSettings(BaseModel):
     num_fewshot: int | None = Field(
         default=None, ge=0, description="None = the task's; a task set to 0 stays 0 (as lm-eval)"
     )
-    system_instruction: str | None = None
-    fewshot_as_multiturn: bool = Field(default=True, description="chat-completions only")
+    system_instruction: str | None = Field(
+        default=None, description="prepended to every prompt (a system message with a chat "
+        "template, text before the few-shot examples without one), as lm-eval's")
+    apply_chat_template: bool | None = Field(
+        default=None, description="render prompts with the chat template (the tokenizer's for "
+        "completions); None = on for chat-completions, which needs it, off for completions")
+    fewshot_as_multiturn: bool = Field(
+        default=True, description="with a chat template: few-shot examples as separate turns")
     bootstrap_iters: int = Field(default=100000, ge=0)
     # Not an lm-eval knob: send all of a doc's loglikelihood requests (a multiple-choice
     # doc's choices) as one batched /v1/completions body (a prompt list, as lm-eval itself
@@ -128,6 +135,7 @@ class TaskAdapter:
                 f"task {self.name} needs loglikelihoods ({self.output_type}), which "
                 "/v1/chat/completions cannot give; measure it over api='completions'"
             )
+        self.chat_template: bool = chat_template_on(api, settings)
         self.eval_split: str = task.config.test_split or task.config.validation_split
         self.num_fewshot: int = _num_fewshot(task, settings)
         self.repeats: int = int(task.config.repeats or 1)
@@ -147,15 +155,31 @@ class TaskAdapter:
             OrderedDict())
         self._instances: OrderedDict[tuple[int, str], list[Instance]] = OrderedDict()
         self._bodies_lock = threading.Lock()
+        self._features = _eval_features(task, self.eval_split)
 
     # ------------------------------------------------------------------ requests
     def _doc(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The doc as lm-eval's task sees it: a row of its dataset (the dataset's column
+        order and types: PostgreSQL's JSONB returns keys in its own order, and lm-eval's
+        ``doc_hash`` is over the row's JSON), then ``process_docs``."""
         process = self.task.config.process_docs
-        if process is None:
+        features = self._features
+        if process is None and features is None:
             return doc
         import datasets
 
-        return dict(process(datasets.Dataset.from_list([doc]))[0])
+        rows = None
+        if features is not None and set(doc) <= set(features):
+            try:  # columns in the dataset's order (nested ones follow the features' types)
+                rows = datasets.Dataset.from_list([{k: doc.get(k) for k in features}],
+                                                  features=features)
+            except (TypeError, ValueError, KeyError) as exc:  # not a row of this dataset
+                log.debug("doc_as_row.skipped task=%s reason=%r", self.name, exc)
+        if rows is None:
+            rows = datasets.Dataset.from_list([doc])
+        if process is not None:
+            rows = process(rows)
+        return dict(rows[0])
 
     def build_instances(self, doc_id: int, doc: dict[str, Any]) -> list[Instance]:
         """lm-eval's Instances for the doc, as ``Task.build_all_requests`` makes them:
@@ -183,7 +207,7 @@ class TaskAdapter:
         return fresh
 
     def _new_instances(self, doc_id: int, doc: dict[str, Any]) -> list[Instance]:
-        task, chat = self.task, self.api == "chat-completions"
+        task, chat = self.task, self.chat_template
         doc = self._doc(doc)
         chat_template = self.lm.apply_chat_template if chat else None
         with self._lock, self._replay.positioned(doc_id):
@@ -525,6 +549,26 @@ def _is_numpy_number(value: Any) -> bool:
     return isinstance(value, np.number) and bool(np.isfinite(value))
 
 
+def chat_template_on(api: ApiKind, settings: RequestSettings) -> bool:
+    """Whether prompts go through a chat template; TaskError for a chat endpoint without
+    one (lm-eval's chat client sends messages, which only a chat template makes)."""
+    if settings.apply_chat_template is None:
+        return api == "chat-completions"
+    if api == "chat-completions" and not settings.apply_chat_template:
+        raise TaskError("apply_chat_template: a chat-completions endpoint needs the chat "
+                        "template (its requests are chat messages)")
+    return settings.apply_chat_template
+
+
+def _eval_features(task: ConfigurableTask, split: str | None) -> Any:
+    """The Hugging Face features of the task's eval split (None when unknown)."""
+    dataset = getattr(task, "dataset", None)
+    try:
+        return dataset[split].features if dataset is not None and split else None
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def _num_fewshot(task: ConfigurableTask, settings: RequestSettings) -> int:
     configured = task.config.num_fewshot
     if settings.num_fewshot is not None and configured != 0:
@@ -536,7 +580,7 @@ def _num_fewshot(task: ConfigurableTask, settings: RequestSettings) -> int:
 _cache_lock = threading.Lock()
 _lms: dict[tuple[str, str | None, RequestSettings], TemplateAPI] = {}
 _replays: dict[tuple[int, int, int], tuple[FewshotReplay, threading.RLock]] = {}
-_adapters: dict[tuple[str, Path, str | None, str, str, RequestSettings], TaskAdapter] = {}
+_adapters: dict[tuple[Any, ...], TaskAdapter] = {}
 
 
 def _api_lm(api: ApiKind, tokenizer: str | None, settings: RequestSettings) -> TemplateAPI:
@@ -598,26 +642,33 @@ def _replay_for(task: ConfigurableTask, settings: RequestSettings) -> tuple[Fews
 
 def load_task_adapter(
     name: str,
-    datasets_dir: Path,
+    datasets_dir: TaskCatalog | Path,
     tokenizer: str | None,
     api: ApiKind,
     model: str,
     settings: RequestSettings | None = None,
+    leaf: LeafTask | None = None,
 ) -> TaskAdapter:
-    """The adapter for task ``name`` from ``datasets_dir`` (cached per arguments).
+    """The adapter for task ``name`` of a catalog (or a datasets dir), cached per arguments.
 
     ``tokenizer`` is a Hugging Face tokenizer path or id; like lm-eval, ``model`` stands in
     for it when it is None. Bodies name the model each node claims (``node.model``).
+    ``leaf`` carries what a group sets for this member (overrides, or an inline config).
     The lm-eval Task and the tokenizer are shared by all adapters that use them."""
     settings = settings or RequestSettings()
-    root = Path(datasets_dir).resolve()
+    catalog = as_catalog(datasets_dir)
     tokenizer_id = tokenizer or (model if api == "completions" else None)
-    key = (name, root, tokenizer_id, api, model, settings)
+    overrides = leaf.extra_overrides if leaf is not None else None
+    inline = leaf.inline if leaf is not None else None
+    key = (name, catalog, config_digest(overrides), config_digest(inline), tokenizer_id, api,
+           model, settings)
     with _cache_lock:
         adapter = _adapters.get(key)
     if adapter is not None:
         return adapter
-    task = load_lmeval_task(name, root)
+    chat_template_on(api, settings)
+    task = load_lmeval_task(name, catalog, overrides, inline,
+                            leaf.base_dir if leaf is not None else None)
     if api == "chat-completions" and task.OUTPUT_TYPE in LOGLIKELIHOOD_TYPES:
         raise TaskError(
             f"task {name} needs loglikelihoods ({task.OUTPUT_TYPE}), which "

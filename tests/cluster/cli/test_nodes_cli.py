@@ -61,3 +61,23 @@ def test_nodes_add_refuses_a_missing_path_or_an_offline_hub_id_with_exit_2(
     assert f"{tmp_path}/models/smollm2 is not a directory (it does not exist)" in missing
     assert "hub is switched off (HF_HUB_OFFLINE=1)" in hub and "nobody/no-such-tokenizer" in hub
     assert asyncio.run(_stored(fresh_settings)) == {}
+
+
+def test_nodes_add_applies_the_endpoint_policy_with_the_operators_allowlist(
+    fresh_settings: Settings, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Loopback is refused (exit 2, nothing stored) until requester.endpoint_allowlist
+    names it; ``fresh_settings`` allowlists loopback, so the policy's default is rebuilt."""
+    from cluster.core.settings import EndpointAllowlist
+
+    closed = fresh_settings.model_copy(update={"requester": fresh_settings.requester.model_copy(
+        update={"endpoint_allowlist": EndpointAllowlist()})})
+    for url in ("http://127.0.0.1:9", "http://[::ffff:127.0.0.1]:9", "http://localhost:9"):
+        assert cmd_nodes(closed, _parse("add", "n-local", url, "--model", "m")) == 2
+        err = capsys.readouterr().err
+        assert "refused node registration" in err and "loopback address" in err, err
+        assert "requester.endpoint_allowlist" in err
+    assert asyncio.run(_stored(fresh_settings)) == {}
+    assert cmd_nodes(fresh_settings, _parse("add", "n-local", "http://localhost:9",
+                                            "--model", "m")) == 0
+    assert set(asyncio.run(_stored(fresh_settings))) == {"n-local"}

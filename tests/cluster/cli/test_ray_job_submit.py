@@ -141,6 +141,8 @@ def job_runtime_env(stores: StoreSettings) -> dict[str, object]:
             "TESTBENCH_MANAGER__TARGET_SAMPLES": "2",
             "TESTBENCH_MANAGER__TICK_S": "0.5",
             "TESTBENCH_MANAGER__NODE_REFRESH_S": "0",
+            # the test node listens on loopback: allowlisted explicitly
+            "TESTBENCH_REQUESTER__ENDPOINT_ALLOWLIST": "{networks: [127.0.0.0/8]}",
             **OFFLINE,
         },
     }

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node, Prompt, Relay
-from cluster.core.settings import RequesterSettings, SlaSettings
+from cluster.core.settings import EndpointAllowlist, RequesterSettings, SlaSettings
 from cluster.nodes.requester import Requester
 from cluster.testing.testnode import NodeBehaviour, TestNode
 
@@ -27,6 +27,8 @@ def settings(**overrides: Any) -> RequesterSettings:
         "retry_backoff_s": 0.01,
         "connect_timeout_s": 1.0,
         "sla": SlaSettings(queue_s=0.5, per_output_token_s=0.0, max_timeout_s=5.0),
+        # the test nodes listen on loopback, which the endpoint policy refuses by default
+        "endpoint_allowlist": EndpointAllowlist.loopback(),
     }
     base.update(overrides)
     return RequesterSettings(**base)
