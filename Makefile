@@ -28,8 +28,9 @@ model: $(MODEL_READY)
 $(MODEL_READY): $(VENV)/.installed
 	$(PY) -m cluster models prepare smollm2
 
+# SERVE=1: keep the nodes and the leaderboard page up until Ctrl-C (`testbench demo --serve`).
 run: install model
-	$(OFFLINE) $(PY) -m cluster demo
+	$(OFFLINE) $(PY) -m cluster demo $(if $(SERVE),--serve)
 
 # Debian's chromium for the leaderboard page's browser test (as root, or through sudo).
 chromium:

@@ -15,6 +15,14 @@ times, and the receipt was never accepted before (a :class:`ReplayGuard`, persis
 MongoDB's ``receipts`` collection). The replay record is written last, so a receipt that
 fails any other check does not burn its request id.
 
+A sampled answer can carry a **token commitment** (receipt version 2): the request's
+``seed`` and ``token_ids_sha256``, the sha256 of the answer's token ids per choice
+(:func:`token_ids_digest`; the ids travel in the answer itself, vLLM's
+``return_token_ids``). Seeded sampling makes those ids replayable
+(``cluster/honesty/seeded_sampling.py``): the validator checks that the ids it got are the
+ones committed to and that the seed is the one it sent, then replays them on the trusted
+reference. Version-1 receipts (no commitment) keep their exact signed encoding.
+
 What receipts cannot prove: that the node ran the model it claims (a signed answer from a
 cheaper model is still correctly signed; re-running samples on a reference catches that,
 see :mod:`cluster.honesty.receipt_audit`), nor that its clock is right to better than the skew bound.
@@ -26,11 +34,11 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.auth.keys import PUBLIC_KEY_PATTERN, SIGNATURE_PATTERN, Ed25519Key, verify_signature
 from cluster.core.errors import ErrorCode, TestbenchError
@@ -48,6 +56,13 @@ def to_ms(ts: float) -> int:
     return int(math.floor(ts * 1000.0))
 
 
+def token_ids_digest(token_ids: Sequence[Sequence[int]]) -> str:
+    """sha256 of an answer's token ids, one list per choice in choice order, as compact
+    JSON (``[[1,2],[3]]``): what a version-2 receipt commits to."""
+    body = json.dumps([[int(t) for t in choice] for choice in token_ids], separators=(",", ":"))
+    return sha256_hex(body.encode("ascii"))
+
+
 class ReceiptProblem(StrEnum):
     """Why a receipt was refused (stored as a verdict's reason)."""
 
@@ -63,6 +78,8 @@ class ReceiptProblem(StrEnum):
     TIME_ORDER = "time_order"
     CLOCK_SKEW = "clock_skew"
     REPLAYED = "replayed"
+    TOKEN_IDS_MISMATCH = "token_ids_mismatch"
+    SEED_MISMATCH = "seed_mismatch"
 
 
 class ReceiptRejected(TestbenchError):
@@ -81,7 +98,7 @@ class Receipt(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 1
     job_id: str = Field(pattern=ID_PATTERN)
     request_id: str = Field(pattern=ID_PATTERN)
     endpoint: str = Field(min_length=1, max_length=200)
@@ -90,10 +107,23 @@ class Receipt(BaseModel):
     ts_to_ms: int = Field(ge=0, description="last output byte produced, ms since the epoch")
     input_sha256: str = Field(pattern=SHA256_PATTERN)
     output_sha256: str = Field(pattern=SHA256_PATTERN)
+    seed: int | None = Field(default=None, description="version 2: the sampling seed")
+    token_ids_sha256: str | None = Field(
+        default=None, pattern=SHA256_PATTERN,
+        description="version 2: token_ids_digest of the answer's token ids")
     signature: str = Field(pattern=SIGNATURE_PATTERN)
 
+    @model_validator(mode="after")
+    def _commitment_is_version_2(self) -> Receipt:
+        committed = self.seed is not None and self.token_ids_sha256 is not None
+        if committed != (self.version == 2) or (self.seed is None) != (self.token_ids_sha256 is None):
+            raise ValueError("a version-2 receipt has both seed and token_ids_sha256, "
+                             "a version-1 receipt neither")
+        return self
+
     def signed_fields(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"signature"})
+        # exclude_none keeps a version-1 receipt's encoding as it always was
+        return self.model_dump(mode="json", exclude={"signature"}, exclude_none=True)
 
     def canonical_bytes(self) -> bytes:
         return canonical_encoding(self.signed_fields())
@@ -110,7 +140,8 @@ class Receipt(BaseModel):
 
     def to_wire(self) -> str:
         """Compact JSON (ASCII: it travels in an HTTP header and an SSE event)."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True,
+                          separators=(",", ":"))
 
     @classmethod
     def from_wire(cls, text: str | bytes) -> Receipt:
@@ -148,11 +179,12 @@ class ReceiptSigner:
         output_bytes: bytes,
         started_at: float,
         finished_at: float,
+        commitment: TokenCommitment | None = None,
     ) -> Receipt:
         return self.sign_digests(
             request_id=request_id, endpoint=endpoint, input_sha256=sha256_hex(input_bytes),
             output_sha256=sha256_hex(output_bytes), started_at=started_at,
-            finished_at=finished_at)
+            finished_at=finished_at, commitment=commitment)
 
     def sign_digests(
         self,
@@ -163,8 +195,10 @@ class ReceiptSigner:
         output_sha256: str,
         started_at: float,
         finished_at: float,
+        commitment: TokenCommitment | None = None,
     ) -> Receipt:
-        """:meth:`sign` with the hashes already computed (a stream is hashed as it passes)."""
+        """:meth:`sign` with the hashes already computed (a stream is hashed as it passes);
+        a ``commitment`` makes it a version-2 receipt."""
         fields: dict[str, Any] = {
             "version": 1,
             "job_id": self.job_id,
@@ -176,7 +210,19 @@ class ReceiptSigner:
             "input_sha256": input_sha256,
             "output_sha256": output_sha256,
         }
+        if commitment is not None:
+            fields.update(version=2, seed=commitment.seed,
+                          token_ids_sha256=token_ids_digest(commitment.token_ids))
         return Receipt(**fields, signature=self._key.sign(canonical_encoding(fields)))
+
+
+class TokenCommitment(BaseModel):
+    """A sampled answer's seed and token ids (one list per choice)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int
+    token_ids: list[list[int]]
 
 
 class JobAssignment(BaseModel):
@@ -237,11 +283,14 @@ class ReceiptVerifier:
         endpoint: str | None = None,
         sent_at: float | None = None,
         received_at: float | None = None,
+        commitment: TokenCommitment | None = None,
     ) -> None:
         """Every check but replay; raises :class:`ReceiptRejected`.
 
         ``received_at`` is when the client got the answer (default: now, for a client that
         verifies on receipt); ``sent_at``, when it sent the request, if it knows.
+        ``commitment``: the seed the client sent and the token ids its answer carries; a
+        version-2 receipt must commit to exactly those.
         """
         if receipt.job_id != assignment.job_id:
             raise ReceiptRejected(ReceiptProblem.WRONG_JOB,
@@ -266,6 +315,18 @@ class ReceiptVerifier:
         if receipt.output_sha256 != sha256_hex(output_bytes):
             raise ReceiptRejected(ReceiptProblem.OUTPUT_MISMATCH,
                          "sha256 of the answer received differs from the receipt's output_sha256")
+        if receipt.version == 2:
+            if commitment is None:
+                raise ReceiptRejected(ReceiptProblem.TOKEN_IDS_MISMATCH,
+                                      "the receipt commits to token ids the answer does not carry")
+            if receipt.seed != commitment.seed:
+                raise ReceiptRejected(ReceiptProblem.SEED_MISMATCH,
+                                      f"the receipt commits to seed {receipt.seed}, the request "
+                                      f"sent {commitment.seed}")
+            if receipt.token_ids_sha256 != token_ids_digest(commitment.token_ids):
+                raise ReceiptRejected(ReceiptProblem.TOKEN_IDS_MISMATCH,
+                                      "the answer's token ids differ from the ones the receipt "
+                                      "commits to")
         if receipt.ts_to_ms < receipt.ts_from_ms:
             raise ReceiptRejected(ReceiptProblem.TIME_ORDER,
                          f"ts_to_ms {receipt.ts_to_ms} is before ts_from_ms {receipt.ts_from_ms}")
@@ -296,11 +357,12 @@ class ReceiptVerifier:
         endpoint: str | None = None,
         sent_at: float | None = None,
         received_at: float | None = None,
+        commitment: TokenCommitment | None = None,
     ) -> Receipt:
         """:meth:`check`, then claim the receipt once; returns it when it is accepted."""
         self.check(receipt, assignment, input_bytes=input_bytes, output_bytes=output_bytes,
                    request_id=request_id, endpoint=endpoint, sent_at=sent_at,
-                   received_at=received_at)
+                   received_at=received_at, commitment=commitment)
         fields = {**receipt.model_dump(mode="json"), "node_id": assignment.node_id}
         previous = await self._guard.claim(receipt.replay_key, receipt.digest, fields)
         if previous is not None:

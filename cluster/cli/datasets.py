@@ -19,7 +19,9 @@ def add_parser(sub: Any) -> None:
     d.set_defaults(handler=run, needs_stores=True)
     dsub = d.add_subparsers(dest="datasets_cmd", required=True)
     dl = dsub.add_parser("load", help="load shipped task datasets, a user file or a hub dataset")
-    dl.add_argument("--task", action="append", help="only this shipped task (repeatable)")
+    dl.add_argument("--task", action="append",
+                    help="only this task, group or tag (repeatable): shipped, or lm-eval's "
+                    "built-in one read from tasks_sources (offline data dir, or the hub)")
     dl.add_argument("--file", help="a jsonl/json/csv/parquet file to load")
     dl.add_argument("--name", help="dataset name for --file / --hub")
     dl.add_argument("--split", default="test")

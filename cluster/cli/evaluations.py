@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -27,7 +28,6 @@ from cluster.evaluations.local_run import run_here
 from cluster.evaluations.results import results_table
 from cluster.local.bootstrap import stores_running
 from cluster.reports.progress import ProgressDisplay
-from cluster.tasks.datasets import load_datasets
 from serve_apps.evaluations import protocol as wire
 from serve_apps.evaluations.client import EvaluationsClient
 
@@ -46,7 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", required=True,
                    help="base URL of the OpenAI-compatible server (…/v1/completions accepted)")
     p.add_argument("--model", required=True, help="the model name sent in every request")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval tasks, groups or tags: the project's, "
+                        "lm-eval's built-in ones, or those of --custom-task")
     p.add_argument("--limit", type=int, default=None,
                    help="first N docs of each task's eval split (lm-eval's --limit)")
     p.add_argument("--num-fewshot", type=int, default=None, help="default: each task's own")
@@ -56,6 +58,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--gen-kwargs", default=None,
                    help="generation overrides, lm-eval style 'temperature=0,max_gen_toks=64' "
                         "or a JSON object")
+    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction,
+                   default=None, help="prompts through the chat template (default: on for "
+                   "chat-completions, off for completions, as lm-eval)")
+    p.add_argument("--system-instruction", default=None,
+                   help="prepended to every prompt (lm-eval's --system_instruction)")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
+                   default=True, help="with a chat template, few-shot examples as turns")
+    p.add_argument("--custom-task", action="append", default=[], type=Path, metavar="DIR",
+                   help="upload this folder's task/group YAMLs and data files (repeatable)")
+    p.add_argument("--custom-task-volume", action="append", default=[], metavar="PATH",
+                   help="a task folder on the server's offline data volume (repeatable)")
     p.add_argument("--server", default=None,
                    help="evaluations API root, e.g. http://host:8000/evaluations")
     p.add_argument("--token", default=None, help=f"tenant bearer token (default: ${TOKEN_ENV})")
@@ -81,12 +94,27 @@ def parse_gen_kwargs(raw: str | None) -> dict[str, Any]:
     return dict(simple_parse_args_string(text))
 
 
+def folder_upload(folder: Path) -> dict[str, str]:
+    """A local task folder as an upload: relative path → base64 of every file in it."""
+    if not folder.is_dir():
+        raise ValueError(f"--custom-task {folder}: not a directory")
+    return {path.relative_to(folder).as_posix(): base64.b64encode(path.read_bytes()).decode()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+            and not any(p.startswith(".") for p in path.relative_to(folder).parts)}
+
+
 def _request(args: argparse.Namespace) -> wire.EvaluationRequest:
+    custom = ([{"files": folder_upload(Path(d))} for d in args.custom_task]
+              + [{"volume_path": v} for v in args.custom_task_volume])
     return wire.EvaluationRequest.model_validate({
         "endpoint": args.endpoint, "model": args.model, "api": args.api,
         "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()],
         "num_fewshot": args.num_fewshot, "limit": args.limit,
         "gen_kwargs": parse_gen_kwargs(args.gen_kwargs), "tokenizer": args.tokenizer,
+        "apply_chat_template": args.apply_chat_template,
+        "system_instruction": args.system_instruction,
+        "fewshot_as_multiturn": args.fewshot_as_multiturn, "custom_tasks": custom,
     })
 
 
@@ -102,7 +130,8 @@ def _on_server(args: argparse.Namespace, request: wire.EvaluationRequest,
     client = EvaluationsClient(args.server, token)
     try:
         return client.follow(
-            request, on_status=lambda st: display.update(st.state, _progress_rows(st.progress)),
+            request, on_status=lambda st: display.update(
+                st.state, _progress_rows(st.progress), st.overall.percent, st.overall.eta_s),
             on_log=display.log, samples=args.samples, poll_s=POLL_S)
     finally:
         client.close()
@@ -112,11 +141,11 @@ def _in_process(settings: Settings, args: argparse.Namespace, request: wire.Eval
                 display: ProgressDisplay) -> dict[str, Any]:
     spec = request.to_spec()
     with stores_running(settings) as resolved:
-        # Idempotent by content hash: a no-op when the datasets are already loaded.
-        asyncio.run(load_datasets(resolved, list(spec.tasks)))
+        # the run loads its tasks' datasets itself (idempotent by content hash)
         return asyncio.run(run_here(
             resolved, spec,
-            on_change=lambda run: display.update(run.state.value, _progress_rows(run.progress)),
+            on_change=lambda run: display.update(
+                run.state.value, _progress_rows(run.progress), run.percent, run.eta_s),
             on_log=display.log, samples=args.samples))
 
 

@@ -33,6 +33,8 @@ def add_parser(sub: Any) -> None:
     dm.add_argument("--target", type=int, default=None,
                     help="samples per (node, task) (default: sized per task to take minutes)")
     dm.add_argument("--timeout", type=float, default=1800.0)
+    dm.add_argument("--serve", action="store_true",
+                    help="then keep the nodes and the leaderboard page up until Ctrl-C")
 
 
 def up(settings: Settings, args: argparse.Namespace) -> int:
@@ -57,4 +59,5 @@ def models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def demo(settings: Settings, args: argparse.Namespace) -> int:
-    return run_demo(settings, target=args.target, timeout_s=args.timeout)
+    return run_demo(settings, target=args.target, timeout_s=args.timeout,
+                    serve_page=args.serve)

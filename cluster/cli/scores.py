@@ -12,10 +12,12 @@ from typing import Any
 
 from cluster.core.buffers import UnmeasurablePair
 from cluster.core.settings import Settings
+from cluster.leaderboard.groups import fold_groups, group_summaries
 from cluster.leaderboard.honesty import HonestyView, read_honesty
 from cluster.reports.honesty import format_signature_findings, format_traffic, format_verdicts
 from cluster.reports.scores import UNMEASURABLE_TITLE, format_scores, format_unmeasurable
 from cluster.storage.connections import open_mongo
+from cluster.tasks.registry import catalog_of, configured_groups
 
 
 def add_parser(sub: Any) -> None:
@@ -33,8 +35,10 @@ async def _read(settings: Settings
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     rows, unmeasurable, honesty = asyncio.run(_read(settings))
+    # configured lm-eval groups: one row per node from their subtasks' buffers
+    groups = configured_groups(settings.tasks, catalog_of(settings))
     if args.json:
-        print(json.dumps({"scores": rows,
+        print(json.dumps({"scores": rows, "groups": group_summaries(rows, groups),
                           "unmeasurable": [p.model_dump() for p in unmeasurable],
                           "verdicts": [dataclasses.asdict(v) for v in honesty.verdicts],
                           "signature_identity": {k: dataclasses.asdict(v)
@@ -42,7 +46,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                           "verification_traffic": [t.as_dict() for t in honesty.traffic]},
                          indent=2, default=str))
         return 0
-    print(format_scores(rows) if rows else "no scores yet: register nodes and `testbench run`")
+    print(format_scores(fold_groups(rows, groups)) if rows
+          else "no scores yet: register nodes and `testbench run`")
     if unmeasurable:
         print(f"\n{UNMEASURABLE_TITLE}")
         print(format_unmeasurable(unmeasurable, time.time()))

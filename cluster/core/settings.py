@@ -251,6 +251,20 @@ class ReceiptSettings(StrictModel):
         description="requests the loop sends through a job's app per audit: temperature 0, "
         "every other one streamed, each answer's receipt verified",
     )
+    audit_sampled_requests: int = Field(
+        default=2, ge=0, le=64,
+        description="seeded sampled requests per audit (temperature audit_temperature, a fresh "
+        "seed each): their receipts commit to the token ids, which are replayed on the reference",
+    )
+    audit_temperature: float = Field(default=0.7, gt=0, le=2)
+    audit_sampled_max_tokens: int = Field(default=160, ge=1, le=4096)
+    replay_max_mismatch_share: float = Field(
+        default=0.01, ge=0, le=1,
+        description="a node fails the replay when more of its replayed tokens than this are not "
+        "the reference's seeded pick (honest CPU float32: 0; int8: ~3%; half the layers: ~90%)",
+    )
+    replay_min_tokens: int = Field(
+        default=32, ge=1, description="fewer replayed tokens in an audit: unknown, not a pass")
 
 
 class TaskSourceSettings(BaseModel):
@@ -320,9 +334,9 @@ class EvaluationSettings(StrictModel):
         default=20_000, ge=1, description="samples read for the charts (newest first)"
     )
     max_custom_task_bytes: int = Field(
-        default=4 * 1024 * 1024, ge=1024, le=12 * 1024 * 1024,
+        default=4 * 1024 * 1024, ge=1024, le=8 * 1024 * 1024,
         description="a run's uploaded task files, decoded, in all (they live in its MongoDB "
-        "document)",
+        "document as base64, which must stay under MongoDB's 16 MB)",
     )
 
     @model_validator(mode="after")
@@ -439,6 +453,45 @@ class HonestySettings(StrictModel):
         default=False,
         description="organic jobs by model may go to unverified nodes (a check unknown, none "
         "failed); off: only nodes every check passed, or none has run on yet",
+    )
+    # The trusted reference's per-doc results and the traffic check
+    # (cluster/honesty/reference_docs.py, cluster/honesty/measuring.py)
+    reference_docs_every_s: float = Field(
+        default=30.0, ge=0,
+        description="the Manager's step computing the reference's per-doc results of each "
+        "(model with a reference, task) looks this often; 0 = never",
+    )
+    reference_docs_chunk: int = Field(
+        default=64, ge=1, description="docs the reference computes per step, all pairs together",
+    )
+    traffic_check_every_s: float = Field(
+        default=300.0, ge=0,
+        description="the Manager's traffic check (measuring traffic vs the reference) runs this "
+        "often over each node's samples of the buffer TTL window; 0 = never",
+    )
+    rescore_share: float = Field(
+        default=0.1, ge=0, le=1,
+        description="validator-side budget of the traffic check: tokens the reference "
+        "re-scores (sampled loglikelihood relays, parting generations) per token the node "
+        "processed for measuring traffic in the window",
+    )
+    traffic_outlier_logprob_diff: float = Field(
+        default=0.1, gt=0,
+        description="nats per token: a loglikelihood request (or re-scored relay) this far "
+        "from the reference is an outlier; honest nodes sit ~1e-5 away, the cheaper model "
+        "of the zoo above 1",
+    )
+    traffic_min_outliers: int = Field(
+        default=1, ge=1, description="outlier requests that fail the traffic check",
+    )
+    traffic_max_parted_share: float = Field(
+        default=0.1, ge=0, le=1,
+        description="share of temperature-0 generations that may part from the reference's "
+        "greedy answer at a token that is not a near tie (honest nodes: 0)",
+    )
+    traffic_min_comparisons: int = Field(
+        default=4, ge=1,
+        description="requests compared with the reference needed to judge a node's traffic",
     )
 
 

@@ -35,10 +35,14 @@ class Check(StrEnum):
     # the loop's judgement over a node's recent rounds (cluster/honesty/evasion.py): fails
     # when the node keeps leaving probes unanswered while it answers measuring traffic
     EVASION = "evasion"
+    # the measuring traffic itself, compared with the trusted reference's per-doc results
+    # and re-scored on it (cluster/honesty/measuring.py): fails when it deviates
+    TRAFFIC_SUBSTITUTION = "traffic_substitution"
     # a streaming job's audit (cluster/honesty/receipt_audit.py): one failed verdict per
-    # refused receipt or differing re-run, and one summary per audit
+    # refused receipt, differing re-run or failed replay, and one summary per audit
     RECEIPT = "receipt"
     RERUN = "rerun"
+    REPLAY = "replay"  # seeded sampled answers replayed on their committed token ids
     STREAMING_JOB = "streaming_job"
     # a proof-of-compute validation (cluster/poc/validator.py)
     POC = "poc"
@@ -46,7 +50,7 @@ class Check(StrEnum):
 
 # Per-request findings of an audit: only failures are written, so the audit's summary
 # (STREAMING_JOB) says where a node stands, and these are its evidence.
-DETAIL_CHECKS: frozenset[Check] = frozenset({Check.RECEIPT, Check.RERUN})
+DETAIL_CHECKS: frozenset[Check] = frozenset({Check.RECEIPT, Check.RERUN, Check.REPLAY})
 
 
 class VerdictRecord(BaseModel):

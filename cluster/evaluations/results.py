@@ -6,6 +6,11 @@
 and stderr (``TaskAdapter.aggregate``). Unlike lm-eval, a failed request does not abort
 the run: a doc whose answer counts against the node (node or evaluation error) scores 0 on
 every metric, bench-side failures are left out, and both are reported under ``testbench``.
+
+Groups get their entries as lm-eval's ``_to_eval_results`` gives them: ``results[group]``
+from :func:`~cluster.tasks.lmeval.aggregate_group` (children before parents), ``groups``
+for those with an ``aggregate_metric_list``, ``group_subtasks``, ``versions``, and
+``n-shot`` / ``higher_is_better`` propagated from their children in lm-eval's order.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 from cluster.core.errors import ErrorCode
 from cluster.core.evaluations import EvalSample, EvaluationRun
-from cluster.tasks.lmeval import TaskAdapter
+from cluster.tasks.lmeval import TaskAdapter, TaskPlan, aggregate_group
+from cluster.tasks.lmeval import _compat as lmeval_compat
 
 LMEVAL_VERSION = "0.4.13"
 MAX_REPORTED_ERRORS = 5
@@ -43,8 +49,8 @@ def task_metrics(adapter: TaskAdapter, samples: Sequence[EvalSample]) -> dict[st
     counted = sorted(
         (s for s in samples if s.error_code.counts_against_node), key=lambda s: s.doc_id
     )
-    entry: dict[str, Any] = {"name": adapter.name, "alias": adapter.name,
-                             "sample_len": len(counted)}
+    alias = adapter.task.config.task_alias or adapter.name
+    entry: dict[str, Any] = {"name": adapter.name, "alias": alias, "sample_len": len(counted)}
     if not counted:
         return entry
     for key in adapter.metric_names:
@@ -63,10 +69,12 @@ def build_results(
     samples: Sequence[EvalSample],
     n_docs: dict[str, int],
     finished_at: float,
+    plan: TaskPlan | None = None,
 ) -> dict[str, Any]:
-    """The results JSON of a finished run (without per-sample records)."""
+    """The results JSON of a finished run (without per-sample records); ``adapters`` are
+    its leaf tasks, ``plan`` has the groups to report."""
     spec = run.spec
-    by_task: dict[str, list[EvalSample]] = {task: [] for task in spec.tasks}
+    by_task: dict[str, list[EvalSample]] = {task: [] for task in adapters}
     for sample in samples:
         by_task.setdefault(sample.task, []).append(sample)
     results: dict[str, Any] = {}
@@ -78,7 +86,7 @@ def build_results(
     failed: dict[str, dict[str, int]] = {}
     excluded: dict[str, dict[str, int]] = {}
     errors: dict[str, list[str]] = {}
-    for task in spec.tasks:
+    for task in adapters:
         adapter, task_samples = adapters[task], by_task[task]
         entry = task_metrics(adapter, task_samples)
         results[task] = entry
@@ -93,11 +101,13 @@ def build_results(
         excluded[task] = dict(Counter(s.error_code.name.lower() for s in bad
                                       if not s.error_code.counts_against_node))
         errors[task] = [f"doc {s.doc_id}: {s.error}" for s in bad[:MAX_REPORTED_ERRORS]]
+    group_subtasks, groups = _add_groups(plan, results, versions, n_shot, higher)
     started = run.started_at or run.created_at
     model = "local-chat-completions" if spec.api == "chat-completions" else "local-completions"
     return _json_safe({
         "results": results,
-        "group_subtasks": {},
+        **({"groups": groups} if groups else {}),
+        "group_subtasks": group_subtasks,
         "configs": dict(sorted(configs.items())),
         "versions": dict(sorted(versions.items())),
         "n-shot": dict(sorted(n_shot.items())),
@@ -123,9 +133,14 @@ def build_results(
         "lm_eval_version": LMEVAL_VERSION,
         "model_source": model,
         "model_name": spec.model,
+        # prompting options under the names lm-eval's EvaluationTracker writes them
+        "system_instruction": spec.system_instruction,
+        "system_instruction_sha": _sha(spec.system_instruction),
+        "fewshot_as_multiturn": spec.fewshot_as_multiturn,
         "testbench": {
             "run_id": run.run_id,
             "endpoint": spec.endpoint,
+            "apply_chat_template": next(iter(adapters.values())).chat_template,
             "failed_docs": failed,
             "excluded_docs": excluded,
             "errors": errors,
@@ -133,9 +148,40 @@ def build_results(
     })
 
 
+def _sha(text: str | None) -> str | None:
+    from lm_eval.utils import hash_string
+
+    return hash_string(text) if text else None
+
+
+def _add_groups(
+    plan: TaskPlan | None,
+    results: dict[str, Any],
+    versions: dict[str, Any],
+    n_shot: dict[str, int],
+    higher: dict[str, Any],
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Group entries added in place; returns ``group_subtasks`` and ``groups``."""
+    if plan is None or not plan.groups:
+        return {}, {}
+    for group in plan.all_groups():  # children before parents, as lm-eval aggregates
+        results[group.name] = aggregate_group(group, results)
+        versions[group.name] = group.version
+    # lm-eval's order of its groups dict (TaskManager.load): each requested group, then
+    # its subgroups depth first; propagation follows it
+    ordered = list({g.name: g for root in plan.groups
+                    for g in (root, *root.subgroups())}.values())
+    lmeval_compat.propagate_group_fields(ordered, n_shot, higher)
+    subtasks = {g.name: g.child_names for g in ordered}
+    groups = {g.name: dict(results[g.name]) for g in ordered if g.has_aggregation}
+    return subtasks, groups
+
+
 def with_samples(results: dict[str, Any], samples: Sequence[EvalSample]) -> dict[str, Any]:
     """``results`` plus lm-eval's ``samples`` section: per task, filter-major, doc order."""
-    out: dict[str, list[dict[str, Any]]] = {task: [] for task in results.get("results", {})}
+    # tasks only (``configs`` has no groups), as lm-eval's samples
+    out: dict[str, list[dict[str, Any]]] = {
+        task: [] for task in results.get("configs", results.get("results", {}))}
     by_task: dict[str, list[EvalSample]] = {}
     for sample in samples:
         by_task.setdefault(sample.task, []).append(sample)
@@ -158,7 +204,10 @@ def with_samples(results: dict[str, Any], samples: Sequence[EvalSample]) -> dict
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """lm-eval's own markdown table (``lm_eval.utils.make_table``)."""
+    """lm-eval's own markdown tables (``lm_eval.utils.make_table``): tasks, then groups."""
     from lm_eval.utils import make_table
 
-    return make_table(results)
+    table = make_table(results)
+    if results.get("groups"):
+        table += "\n" + make_table(results, "groups")
+    return table

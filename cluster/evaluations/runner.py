@@ -44,11 +44,18 @@ from cluster.core.settings import Settings
 from cluster.evaluations.progress import ProgressMeter
 from cluster.evaluations.results import build_results
 from cluster.evaluations.scoring import build_doc_prompts, score_doc
+from cluster.evaluations.tasks import load_leaf_data, resolve_run_tasks
 from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.requester import Requester
 from cluster.storage.connections import StoreConnections
 from cluster.storage.mongo import EvaluationStore
-from cluster.tasks.lmeval import RequestSettings, TaskAdapter, load_task_adapter
+from cluster.tasks.lmeval import (
+    LeafTask,
+    RequestSettings,
+    TaskAdapter,
+    TaskCatalog,
+    load_task_adapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +125,17 @@ class EvaluationRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    def _adapter(self, spec: EvaluationSpec, task: str) -> TaskAdapter:
+    def _adapter(self, spec: EvaluationSpec, leaf: LeafTask, catalog: TaskCatalog
+                 ) -> TaskAdapter:
         return load_task_adapter(
-            task, self._settings.datasets_dir, spec.tokenizer, spec.api, spec.model,
+            leaf.name, catalog, spec.tokenizer, spec.api, spec.model,
             # one request per instance: the run's lm-eval `samples` records are rebuilt
             # per request (scoring._answered_instances), as lm-eval logs them
-            RequestSettings(num_fewshot=spec.num_fewshot, batch_doc_requests=False),
+            RequestSettings(num_fewshot=spec.num_fewshot, batch_doc_requests=False,
+                            apply_chat_template=spec.apply_chat_template,
+                            system_instruction=spec.system_instruction,
+                            fewshot_as_multiturn=spec.fewshot_as_multiturn),
+            leaf=leaf,
         )
 
     async def run(self, run: EvaluationRun, reporter: RunReporter) -> dict[str, Any]:
@@ -131,15 +143,22 @@ class EvaluationRunner:
         spec = run.spec
         node = spec.node(run.run_id)
         guard = self._guards(run.tenant) if self._guards is not None else None
-        meter = ProgressMeter(list(spec.tasks), self._clock)
+        # groups and tags as their leaf tasks, custom task folders written and checked
+        tasks = await self.offload(resolve_run_tasks, spec, self._settings)
+        meter = ProgressMeter(tasks.plan.leaf_names, self._clock)
         datasets = await self._stores.datasets()
         adapters: dict[str, TaskAdapter] = {}
         wanted: dict[str, list[int]] = {}
         n_docs: dict[str, int] = {}
         scored: dict[str, dict[int, ErrorCode]] = {}
-        for task in spec.tasks:
-            adapter = adapters[task] = await self.offload(self._adapter, spec, task)
-            ids = await datasets.doc_ids(task, adapter.eval_split)
+        keys: dict[str, str] = {}
+        for leaf in tasks.plan.leaves:
+            task = leaf.name
+            adapter = adapters[task] = await self.offload(
+                self._adapter, spec, leaf, tasks.catalog)
+            await load_leaf_data(datasets, tasks, leaf)  # a no-op once loaded
+            keys[task] = tasks.dataset_key(leaf)
+            ids = await datasets.doc_ids(keys[task], adapter.eval_split)
             if not ids:
                 raise DatasetError(
                     f"task {task!r} has no docs in split {adapter.eval_split!r}: "
@@ -157,9 +176,9 @@ class EvaluationRunner:
         await self._flush(meter, reporter)  # every total known: scheduled -> running
         flusher = asyncio.create_task(self._flush_every(meter, reporter))
         try:
-            for task in spec.tasks:
+            for task in adapters:
                 await self._run_task(run, node, adapters[task], wanted[task], scored[task],
-                                     reporter, meter, guard)
+                                     reporter, meter, guard, keys[task])
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -175,7 +194,7 @@ class EvaluationRunner:
                 f"every one of {len(samples)} docs failed; e.g. {example[:300]}"
             )
         return await self.offload(
-            build_results, run, adapters, samples, n_docs, float(self._clock())
+            build_results, run, adapters, samples, n_docs, float(self._clock()), tasks.plan
         )
 
     async def _flush(self, meter: ProgressMeter, reporter: RunReporter) -> None:
@@ -212,6 +231,7 @@ class EvaluationRunner:
         reporter: RunReporter,
         meter: ProgressMeter,
         guard: EndpointGuard | None,
+        dataset: str | None = None,
     ) -> None:
         task, total = adapter.name, len(doc_ids)
         done = sum(1 for d in doc_ids if d in scored)
@@ -225,7 +245,7 @@ class EvaluationRunner:
             )
         datasets = await self._stores.datasets()
         for chunk in _chunks(remaining, self._settings.evaluations.chunk_docs):
-            docs = await datasets.fetch_docs(task, adapter.eval_split, chunk)
+            docs = await datasets.fetch_docs(dataset or task, adapter.eval_split, chunk)
             now = float(self._clock())
             prompts: dict[int, list[Prompt]] = await self.offload(
                 self._build_chunk, adapter, node, docs, chunk, now, run.spec.gen_kwargs

@@ -96,7 +96,11 @@ def custom_folders(spec: EvaluationSpec, settings: Settings) -> list[CustomFolde
         else:
             files = decode_files(source.files, budget, param)
             budget -= sum(len(b) for b in files.values())
-            path = materialize(files, settings.cache_dir)
+            try:
+                path = materialize(files, settings.cache_dir)
+            except OSError as exc:
+                raise CustomTaskError(f"cannot write the uploaded files under cache_dir "
+                                      f"{settings.cache_dir}: {exc}", param, 500) from exc
             folder = CustomFolder(path, path.name)
         check_task_folder(folder.path, settings.tasks_sources, param)
         out.append(folder)

@@ -5,7 +5,9 @@ Where the receipts come from: the validator is the job's client. A job is regist
 (``testbench receipts register``: MongoDB ``streaming_jobs``, with the node it belongs to,
 its app's URL and the key its receipts must be signed with); each audit sends
 ``receipts.audit_requests`` fresh temperature-0 ``/v1/completions`` requests through the
-job's app (every other one streamed), keeps the exact bytes sent and received and its own
+job's app (every other one streamed) and ``receipts.audit_sampled_requests`` seeded sampled
+ones (``receipts.audit_temperature``, a fresh seed each, whose receipts commit to their token
+ids and whose answers are replayed on the reference), keeps the exact bytes sent and received and its own
 send and receive times (:class:`~cluster.honesty.receipt_audit.StreamingJobClient`), and
 hands them to :class:`~cluster.honesty.receipt_audit.JobAuditor`: every receipt's
 signature, key, hashes, clock skew and replay (MongoDB ``receipts``), and a seeded
@@ -36,6 +38,7 @@ from cluster.core.settings import Settings
 from cluster.core.streaming import StreamingJob
 from cluster.honesty.probes import build_probes
 from cluster.honesty.receipt_audit import (
+    AnswerNotSpelled,
     AuditReport,
     JobAuditor,
     JobExchange,
@@ -43,6 +46,7 @@ from cluster.honesty.receipt_audit import (
     StreamingJobClient,
 )
 from cluster.honesty.reference import TrustedReference
+from cluster.honesty.seeded_sampling import ReplayResult, SeededAnswer, choice_seed
 from cluster.honesty.verdicts import VerdictSink
 from cluster.honesty.verification import build_references
 from cluster.nodes.transport import NodeEndpoint, NodeTransport, open_node_session
@@ -80,14 +84,59 @@ class ReferenceAnswers:
         return [a.text for a in answers]
 
 
-def audit_requests(seed: int, n: int, model: str, max_tokens: int
+    async def replay(self, endpoint: str, body: dict[str, Any], token_ids: list[list[int]],
+                     texts: list[str]) -> list[ReplayResult]:
+        """Every choice of a seeded sampled completion, replayed teacher-forced on its ids.
+
+        Choice ``k`` of a body with ``P`` prompts and ``n`` choices each answers prompt
+        ``k // n`` with seed ``seed + k % n`` (vLLM's order and parallel-sampling seeds)."""
+        if self._reference is None:
+            raise ReferenceUnavailable(f"no trusted reference for model {self._model!r}")
+        if endpoint != jobs_wire.COMPLETIONS:
+            raise ReferenceUnavailable(f"the reference replays {jobs_wire.COMPLETIONS} only")
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        seed, temperature, n = body.get("seed"), body.get("temperature"), body.get("n") or 1
+        if (not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts)
+                or not isinstance(seed, int) or not isinstance(temperature, int | float)
+                or not isinstance(n, int) or n < 1):
+            raise ReferenceUnavailable("the reference replays text prompts with a seed only")
+        if len(token_ids) != len(prompts) * n or len(texts) != len(token_ids):
+            raise AnswerNotSpelled(f"{len(token_ids)} token-id lists and {len(texts)} texts "
+                                   f"for {len(prompts) * n} choices")
+        answers: list[SeededAnswer] = []
+        for k, (ids, text) in enumerate(zip(token_ids, texts, strict=True)):
+            if self._reference.decode(ids) != text:
+                raise AnswerNotSpelled(f"choice {k}: the token ids decode to another text")
+            answers.append(SeededAnswer(
+                tuple(self._reference.encode_prompt(prompts[k // n])), tuple(ids),
+                choice_seed(seed, k % n), float(temperature)))
+        try:
+            return await self._reference.replay_seeded(answers)
+        except Exception as exc:  # any reference failure is the bench's, not the node's
+            raise ReferenceUnavailable(f"reference failed: {type(exc).__name__}: {exc}") from exc
+
+
+def audit_requests(seed: int, n: int, model: str, max_tokens: int, *, sampled: int = 0,
+                   temperature: float = 0.7, sampled_max_tokens: int = 160,
                    ) -> list[tuple[str, dict[str, Any]]]:
-    """``n`` temperature-0 completions requests from ``seed``, every other one streamed."""
+    """``n`` temperature-0 completions requests from ``seed``, every other one streamed, then
+    ``sampled`` seeded sampled ones (natural-text openings, a seed each, every other one
+    streamed)."""
     probes = build_probes(seed, identity=n, identity_words=10, synthetic=n, canary=n)
     texts = [text for _, _, text in probes.request_order()][:n]
-    return [(jobs_wire.COMPLETIONS, {"model": model, "prompt": text, "max_tokens": max_tokens,
-                                     "temperature": 0, "stream": i % 2 == 1})
-            for i, text in enumerate(texts)]
+    out = [(jobs_wire.COMPLETIONS, {"model": model, "prompt": text, "max_tokens": max_tokens,
+                                    "temperature": 0, "stream": i % 2 == 1})
+           for i, text in enumerate(texts)]
+    rng = random.Random(seed)
+    openings = build_probes(rng.getrandbits(31), identity=0, identity_words=10, synthetic=0,
+                            canary=sampled).canary
+    for i, text in enumerate(openings):
+        out.append((jobs_wire.COMPLETIONS, {
+            "model": model, "prompt": text, "max_tokens": sampled_max_tokens,
+            "temperature": temperature, "seed": rng.getrandbits(31), "stream": i % 2 == 1,
+            jobs_wire.RETURN_TOKEN_IDS: True}))
+    return out
 
 
 async def audit_job(
@@ -108,8 +157,12 @@ async def audit_job(
                                 timeout_s=settings.honesty.request_timeout_s)
     exchanges: list[JobExchange] = []
     unanswered = 0
-    for endpoint, body in audit_requests(seed, settings.receipts.audit_requests, job.model,
-                                         settings.honesty.max_tokens):
+    r = settings.receipts
+    for endpoint, body in audit_requests(seed, r.audit_requests, job.model,
+                                         settings.honesty.max_tokens,
+                                         sampled=r.audit_sampled_requests,
+                                         temperature=r.audit_temperature,
+                                         sampled_max_tokens=r.audit_sampled_max_tokens):
         try:
             exchanges.append(await client.call(endpoint, body))
         except NodeError as exc:

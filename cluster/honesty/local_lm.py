@@ -13,6 +13,7 @@ so callers must not expect bit equality between a batched and an unbatched run.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -232,3 +233,65 @@ class LocalCausalLM:
             next_token = TokenChoice(best, float(last[best]), _top(last, top_k))
             results.append(ScoredSequence(tuple(seq), tuple(scored), next_token))
         return results
+
+    def teacher_forced_logits(self, prompt: Sequence[int], continuation: Sequence[int]
+                              ) -> torch.Tensor:
+        """Logits ``[len(continuation), V]`` (float32): row ``i`` predicts ``continuation[i]``
+        from ``prompt + continuation[:i]`` (one unbatched forward, no padding)."""
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        if not continuation:
+            return torch.empty(0, 0)
+        ids = torch.tensor([list(prompt) + list(continuation)], dtype=torch.long)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, logits_to_keep=len(continuation) + 1).logits
+        return logits[0, : len(continuation)].float()
+
+    def generate_seeded(self, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+                        seeds: Sequence[int], temperature: float) -> list[list[int]]:
+        """Seeded sampling (:mod:`cluster.honesty.seeded_sampling`) of up to ``max_tokens``
+        tokens per prompt, batched; an answer keeps its end-of-sequence token when it picks
+        one (as vLLM reports token ids)."""
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        from cluster.honesty.seeded_sampling import seeded_pick
+
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if not prompts or max_tokens <= 0:
+            return [[] for _ in prompts]
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(p) for p in prompts)
+        pads = [width - len(p) for p in prompts]
+
+        class SeededPicks(LogitsProcessor):
+            """Leaves only the seeded pick of each row; greedy decoding then takes it."""
+
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                out = torch.full_like(scores, -math.inf)
+                for row in range(scores.shape[0]):
+                    position = input_ids.shape[1] - pads[row]  # the row's unpadded length
+                    out[row, seeded_pick(scores[row], seeds[row], position, temperature)] = 0.0
+                return out
+
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, pads[row]:] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, pads[row]:] = 1
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=int(max_tokens),
+                do_sample=False, temperature=None, top_p=None, top_k=None,
+                logits_processor=LogitsProcessorList([SeededPicks()]),
+                pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        answers: list[list[int]] = []
+        for row in out[:, width:].tolist():
+            tokens: list[int] = []
+            for token in row:
+                tokens.append(int(token))
+                if token == self.eos_id:
+                    break
+            answers.append(tokens)
+        return answers

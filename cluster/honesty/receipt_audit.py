@@ -12,15 +12,21 @@ redirects). A :class:`JobAuditor` then
    ``rerun_min``) on the trusted reference and compares the answers' texts exactly
    (``id``/``created`` differ between servers, the text must not); a difference is a
    verdict with both texts as evidence;
-3. writes the verdicts and one summary verdict per audit (check ``streaming_job``): it
-   fails when a receipt was refused or a re-run differs, and is ``unknown`` when no
-   exchange was answered (no receipt to check): an audit of nothing proves nothing.
+3. replays every **seeded sampled** answer (temperature > 0 with a ``seed``; its receipt
+   commits to the seed and the answer's token ids, version 2) on the reference, teacher-
+   forced on the committed ids (``cluster/honesty/seeded_sampling.py``), and judges all of
+   the audit's replayed tokens together (``replay_max_mismatch_share``; fewer than
+   ``replay_min_tokens``: no judgement). A seeded answer without a commitment, or whose
+   ids do not spell its text, fails (check ``replay``, one verdict per audit);
+4. writes the verdicts and one summary verdict per audit (check ``streaming_job``): it
+   fails when a receipt was refused, a re-run differs or the replay fails, and is
+   ``unknown`` when no exchange was answered (no receipt to check): an audit of nothing
+   proves nothing.
 
-Only temperature-0 answers are re-run: sampled answers have no single right text. So a
-node that cheats only on sampled requests is not caught here (the substitution check's
-logprob comparison is the tool for that), nor one that answers the sampled 2% honestly
-by chance: the chance of catching a node that cheats on a share ``q`` of its answers
-with ``k`` re-runs is ``1 - (1 - q) ** k``.
+Temperature-0 answers are re-run and compared as text. Sampled answers have no single
+right text: only seeded ones can be checked (by replay); a sampled answer without a seed is
+not checked at all. The chance of catching a node that cheats on a share ``q`` of its
+temperature-0 answers with ``k`` re-runs is ``1 - (1 - q) ** k``.
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ from cluster.auth.receipts import (
     ReceiptProblem,
     ReceiptRejected,
     ReceiptVerifier,
+    TokenCommitment,
     sha256_hex,
     to_ms,
 )
 from cluster.core.settings import ReceiptSettings
 from cluster.core.verdicts import Check, Outcome, VerdictRecord
+from cluster.honesty.seeded_sampling import ReplayJudgement, ReplayResult, judge_replay
 from cluster.honesty.verdicts import VerdictSink
 from cluster.nodes.transport import DEFAULT_SIZE_CAP_BYTES, NodeTransport, NodeUnavailable
 
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 
 CHECK_RECEIPT = Check.RECEIPT
 CHECK_RERUN = Check.RERUN
+CHECK_REPLAY = Check.REPLAY
 CHECK_JOB = Check.STREAMING_JOB
 
 
@@ -177,6 +186,23 @@ def answer_texts(endpoint: str, output: bytes, streamed: bool) -> list[str]:
     return [texts[i] for i in sorted(texts)]
 
 
+def request_head(request_body: bytes) -> wire.RequestHead | None:
+    try:
+        return wire.RequestHead.model_validate_json(request_body)
+    except ValueError:
+        return None
+
+
+def token_commitment(ex: JobExchange) -> TokenCommitment | None:
+    """The seed a seeded sampled request sent and the token ids its answer carries (None:
+    not seeded, or the answer carries no ids)."""
+    head = request_head(ex.request_body)
+    if head is None or not head.seeded_sampling or head.seed is None:
+        return None
+    token_ids = wire.answer_token_ids(ex.output, ex.streamed)
+    return None if token_ids is None else TokenCommitment(seed=head.seed, token_ids=token_ids)
+
+
 def is_temperature_zero(request_body: bytes) -> bool:
     try:
         payload = json.loads(request_body)
@@ -191,9 +217,20 @@ class ReferenceUnavailable(Exception):
     """The reference could not answer (not the node's fault: no verdict)."""
 
 
+class AnswerNotSpelled(ValueError):
+    """An answer's committed token ids do not decode to its text (the node's fault)."""
+
+
 class Reference(Protocol):
     async def answer(self, endpoint: str, body: dict[str, Any]) -> list[str]:
         """The reference's answer texts to ``body`` (raises :class:`ReferenceUnavailable`)."""
+        ...
+
+    async def replay(self, endpoint: str, body: dict[str, Any], token_ids: list[list[int]],
+                     texts: list[str]) -> list[ReplayResult]:
+        """Replay a seeded sampled answer's choices on their token ids, one result per
+        choice (raises :class:`AnswerNotSpelled` when the ids do not spell ``texts``,
+        :class:`ReferenceUnavailable` when it cannot replay)."""
         ...
 
 
@@ -235,6 +272,11 @@ class OpenAIReference:
         except AnswerFormatError as exc:
             raise ReferenceUnavailable(str(exc)) from exc
 
+    async def replay(self, endpoint: str, body: dict[str, Any], token_ids: list[list[int]],
+                     texts: list[str]) -> list[ReplayResult]:
+        raise ReferenceUnavailable("a bare OpenAI reference has no tokenizer to replay with: "
+                                   "use a trusted reference (cluster/honesty/reference.py)")
+
 
 class AuditReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -249,6 +291,10 @@ class AuditReport(BaseModel):
     rerun: int
     mismatches: int
     reference_errors: int
+    seeded: int = 0  # valid receipts of seeded sampled requests
+    replayed_tokens: int = 0
+    replay_mismatches: int = 0
+    replay_outcome: Outcome | None = None  # None: nothing seeded to replay
     outcome: Outcome  # the summary verdict's
     verdicts: list[VerdictRecord]
 
@@ -308,6 +354,7 @@ class JobAuditor:
                                  ts=now)
 
         accepted: list[JobExchange] = []
+        receipts: dict[str, Receipt] = {}
         not_ok = 0
         for ex in exchanges:
             if ex.status != 200:
@@ -316,11 +363,12 @@ class JobAuditor:
             try:
                 if ex.receipt_wire is None:
                     raise ReceiptRejected(ReceiptProblem.MISSING, "the answer carried no receipt")
-                await self._verifier.verify(
+                receipts[ex.request_id] = await self._verifier.verify(
                     Receipt.from_wire(ex.receipt_wire), assignment,
                     input_bytes=ex.request_body, output_bytes=ex.output,
                     request_id=ex.request_id, endpoint=ex.endpoint,
-                    sent_at=ex.sent_at, received_at=ex.received_at)
+                    sent_at=ex.sent_at, received_at=ex.received_at,
+                    commitment=token_commitment(ex))
             except ReceiptRejected as refused:
                 log.warning("honesty.receipt_refused node=%s job=%s request=%s problem=%s",
                             node, job, ex.request_id, refused.problem.value)
@@ -362,11 +410,21 @@ class JobAuditor:
                     "node_answer": [_excerpt(t, limit) for t in node_texts],
                     "reference_answer": [_excerpt(t, limit) for t in reference_texts]}))
 
+        seeded = [ex for ex in accepted
+                  if (head := request_head(ex.request_body)) is not None and head.seeded_sampling]
+        replay, replay_failures, replay_errors = await self._replay(seeded, receipts)
+        reference_errors += replay_errors
+        for request_id, reason, evidence in replay_failures:
+            verdicts.append(verdict(CHECK_REPLAY, request_id, reason, evidence))
+
         refused = sum(1 for v in verdicts if v.check == CHECK_RECEIPT)
-        failed = refused + mismatches
+        replay_failed = len(replay_failures)
+        failed = refused + mismatches + replay_failed
         if failed:
             outcome = Outcome.FAIL
             reason = f"{refused} receipts refused, {mismatches} of {len(sample)} re-runs differ"
+            if replay_failed:
+                reason += f"; replay: {replay_failures[0][1]}"
         elif not accepted:
             outcome = Outcome.UNKNOWN
             reason = f"unknown: none of {len(exchanges)} exchanges was answered"
@@ -379,7 +437,9 @@ class JobAuditor:
             evidence={"job_id": job, "exchanges": len(exchanges), "receipts_valid": len(accepted),
                       "receipts_refused": refused, "eligible": len(eligible),
                       "rerun": len(sample), "mismatches": mismatches,
-                      "reference_errors": reference_errors},
+                      "reference_errors": reference_errors, "seeded": len(seeded),
+                      **({f"replay_{k}": v for k, v in replay.evidence().items() if v is not None}
+                         | {"replay_outcome": replay.outcome.value} if replay is not None else {})},
             ts=now)
         verdicts.append(summary)
         await self._verdicts.record(verdicts)
@@ -389,5 +449,52 @@ class JobAuditor:
         return AuditReport(node_id=node, job_id=job, exchanges=len(exchanges), not_ok=not_ok,
                            receipts_valid=len(accepted), receipts_refused=refused,
                            eligible=len(eligible), rerun=len(sample), mismatches=mismatches,
-                           reference_errors=reference_errors, outcome=outcome,
-                           verdicts=verdicts)
+                           reference_errors=reference_errors, seeded=len(seeded),
+                           replayed_tokens=replay.positions if replay else 0,
+                           replay_mismatches=replay.mismatches if replay else 0,
+                           replay_outcome=replay.outcome if replay else None,
+                           outcome=outcome, verdicts=verdicts)
+
+    async def _replay(
+        self, seeded: Sequence[JobExchange], receipts: Mapping[str, Receipt]
+    ) -> tuple[ReplayJudgement | None, list[tuple[str, str, dict[str, Any]]], int]:
+        """(the judgement over every replayed token, failures as (request id, reason,
+        evidence), reference errors) for the audit's seeded sampled exchanges."""
+        failures: list[tuple[str, str, dict[str, Any]]] = []
+        results: list[ReplayResult] = []
+        by_request: list[tuple[str, list[ReplayResult]]] = []
+        errors = 0
+        for ex in seeded:
+            receipt = receipts[ex.request_id]
+            commitment = token_commitment(ex)
+            if receipt.version != 2 or commitment is None:
+                failures.append((ex.request_id, "no_token_commitment", {
+                    "endpoint": ex.endpoint, "detail": "a seeded sampled answer without a "
+                    "receipt committing to its token ids cannot be replayed"}))
+                continue
+            try:
+                texts = answer_texts(ex.endpoint, ex.output, ex.streamed)
+                replayed = await self._reference.replay(
+                    ex.endpoint, json.loads(ex.request_body), commitment.token_ids, texts)
+            except (AnswerNotSpelled, AnswerFormatError) as exc:
+                failures.append((ex.request_id, "token_ids_do_not_spell_answer", {
+                    "endpoint": ex.endpoint, "detail": str(exc)}))
+                continue
+            except ReferenceUnavailable as exc:
+                errors += 1
+                log.warning("honesty.replay_unavailable request=%s error=%s", ex.request_id, exc)
+                continue
+            results.extend(replayed)
+            by_request.append((ex.request_id, replayed))
+        if not results:
+            return None, failures, errors
+        s = self._settings
+        judgement = judge_replay(results, max_mismatch_share=s.replay_max_mismatch_share,
+                                 min_positions=s.replay_min_tokens)
+        if judgement.outcome is Outcome.FAIL:
+            worst = max(by_request, key=lambda item: sum(r.mismatches for r in item[1]))
+            failures.append((worst[0], "replay_differs", {
+                **{k: v for k, v in judgement.evidence().items() if v is not None},
+                "reason": judgement.reason,
+                "mismatch_at": [list(r.mismatch_at[:20]) for r in worst[1]]}))
+        return judgement, failures, errors

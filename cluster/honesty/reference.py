@@ -14,6 +14,15 @@ One small interface, :class:`TrustedReference`, two implementations:
 Generated token ids are the reference tokenizer's encoding of the answer text: the same
 rule is applied to a node's answers, so both sides are compared in one token space even
 when a server does not report token ids.
+
+Seeded sampled answers (``cluster/honesty/seeded_sampling.py``) are replayed on their
+committed token ids (``replay_seeded``): the in-process reference runs one teacher-forced
+forward per answer and recomputes every pick, with margins; the Serve reference, which has
+no full logits to give, replays teacher-forced by segments: it samples with the same seed
+from prompt + the answer's first ``i`` tokens (the noise's position is absolute, so a
+continuation sees the same noise), finds where its own tokens part from the answer's,
+counts that position and continues after it with the answer's token. One request per
+mismatch (+1), at most ``MAX_REPLAY_REQUESTS`` per answer.
 """
 
 from __future__ import annotations
@@ -33,8 +42,11 @@ from cluster.wire import openai as wire
 
 if TYPE_CHECKING:  # torch is imported only where a model runs in process
     from cluster.honesty.local_lm import LocalCausalLM
+    from cluster.honesty.seeded_sampling import ReplayResult, SeededAnswer
 
 log = logging.getLogger(__name__)
+
+MAX_REPLAY_REQUESTS = 64  # per answer, Serve reference: enough to convict, bounded for a liar
 
 
 class ReferenceUnavailable(TestbenchError):
@@ -111,6 +123,11 @@ class TrustedReference(Protocol):
         """Greedy (temperature 0) answers of up to ``max_tokens`` tokens, in prompt order."""
         ...
 
+    async def generate_ids(self, prompts: Sequence[Sequence[int]], max_tokens: int
+                           ) -> list[ReferenceAnswer]:
+        """As :meth:`generate`, for prompts given as token ids (what lm-eval sends)."""
+        ...
+
     async def logprobs(
         self, items: Sequence[tuple[Sequence[int], Sequence[int]]]
     ) -> list[list[TokenScore]]:
@@ -118,6 +135,14 @@ class TrustedReference(Protocol):
         ...
 
     async def signatures(self) -> ExpectedSignatures: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of generated token ids (special tokens dropped, as servers answer)."""
+        ...
+
+    async def replay_seeded(self, answers: Sequence[SeededAnswer]) -> list[ReplayResult]:
+        """Teacher-forced replay of seeded sampled answers on their committed token ids."""
+        ...
 
 
 def directory_signatures(model_dir: Path) -> ExpectedSignatures:
@@ -158,12 +183,21 @@ class TransformersReference:
         return self.lm.encode(text)
 
     async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
-        ids = [self.encode_prompt(p) for p in prompts]
+        return await self._generate(list(prompts), [self.encode_prompt(p) for p in prompts],
+                                    max_tokens)
+
+    async def generate_ids(self, prompts: Sequence[Sequence[int]], max_tokens: int
+                           ) -> list[ReferenceAnswer]:
+        ids = [list(p) for p in prompts]
+        return await self._generate([self.lm.decode(p) for p in ids], ids, max_tokens)
+
+    async def _generate(self, texts: list[str], ids: list[list[int]], max_tokens: int
+                        ) -> list[ReferenceAnswer]:
         generated = await asyncio.to_thread(self.lm.generate, ids, max_tokens)
         return [ReferenceAnswer(prompt, gen.prompt_ids, self.lm.decode(gen.token_ids),
                                 tuple(gen.token_ids),
                                 tuple(TokenScore(t.logprob, t.top_logprob) for t in gen.tokens))
-                for prompt, gen in zip(prompts, generated, strict=True)]
+                for prompt, gen in zip(texts, generated, strict=True)]
 
     async def logprobs(
         self, items: Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -183,6 +217,18 @@ class TransformersReference:
 
     async def signatures(self) -> ExpectedSignatures:
         return directory_signatures(self.lm.model_dir)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.lm.decode(token_ids)
+
+    async def replay_seeded(self, answers: Sequence[SeededAnswer]) -> list[ReplayResult]:
+        from cluster.honesty.seeded_sampling import replay_from_logits
+
+        def replay_all() -> list[ReplayResult]:
+            return [replay_from_logits(
+                self.lm.teacher_forced_logits(a.prompt_ids, a.token_ids), a) for a in answers]
+
+        return await asyncio.to_thread(replay_all)
 
 
 class ServeReference:
@@ -207,6 +253,14 @@ class ServeReference:
         self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self._seed = seed
 
+    @property
+    def base_url(self) -> str:
+        return self._client.base_url
+
+    @property
+    def served_model(self) -> str:
+        return self._served
+
     def encode_prompt(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
 
@@ -221,15 +275,26 @@ class ServeReference:
             raise ReferenceUnavailable(f"reference {self._client.base_url}: {exc}") from exc
 
     async def generate(self, prompts: Sequence[str], max_tokens: int) -> list[ReferenceAnswer]:
+        return await self._generate(list(prompts), [self.encode_prompt(p) for p in prompts],
+                                    list(prompts), max_tokens)
+
+    async def generate_ids(self, prompts: Sequence[Sequence[int]], max_tokens: int
+                           ) -> list[ReferenceAnswer]:
+        ids = [[int(t) for t in p] for p in prompts]
+        texts = [str(self._tokenizer.decode(p)) for p in ids]
+        return await self._generate(texts, ids, list(ids), max_tokens)
+
+    async def _generate(self, prompts: list[str], prompt_ids_of: list[list[int]],
+                        sent: list[str] | list[list[int]], max_tokens: int
+                        ) -> list[ReferenceAnswer]:
         if not prompts:
             return []
-        body = wire.completion_body(self._served, list(prompts), max_tokens, seed=self._seed,
-                                    logprobs=1)
+        body = wire.completion_body(self._served, sent, max_tokens, seed=self._seed, logprobs=1)
         choices = await self._post(body, len(prompts))
         answers: list[ReferenceAnswer | None] = []
         rescore: list[tuple[int, list[int], list[int]]] = []
         for i, (prompt, choice) in enumerate(zip(prompts, choices, strict=True)):
-            prompt_ids = self.encode_prompt(prompt)
+            prompt_ids = prompt_ids_of[i]
             ids, own = align_token_ids(choice.text, choice.tokens, self.encode_continuation)
             lps, tops = choice.token_logprobs, choice.top_logprobs
             if own and lps is not None and len(lps) == len(ids) and None not in lps:
@@ -276,6 +341,41 @@ class ServeReference:
                 scores.append(TokenScore(lp, max(lp, top)))
             out.append(scores)
         return out
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    async def replay_seeded(self, answers: Sequence[SeededAnswer]) -> list[ReplayResult]:
+        return [await self._replay_one(a) for a in answers]
+
+    async def _replay_one(self, answer: SeededAnswer) -> ReplayResult:
+        from cluster.honesty.seeded_sampling import ReplayResult
+
+        ids, prompt = list(answer.token_ids), list(answer.prompt_ids)
+        mismatch_at: list[int] = []
+        done = 0  # positions of the answer judged so far
+        for _ in range(MAX_REPLAY_REQUESTS):
+            if done >= len(ids):
+                break
+            body = wire.seeded_completion_body(self._served, prompt + ids[:done], len(ids) - done,
+                                               seed=answer.seed, temperature=answer.temperature)
+            try:
+                picked = wire.choice_token_ids((await self._client.post_json(
+                    wire.COMPLETIONS_PATH, body))[0])
+            except (NodeUnavailable, wire.MalformedAnswer) as exc:
+                raise ReferenceUnavailable(f"reference {self._client.base_url}: {exc}") from exc
+            if not picked:
+                raise ReferenceUnavailable("reference sampled no token for a replay")
+            agree = 0
+            while agree < len(picked) and done + agree < len(ids) and picked[agree] == ids[done + agree]:
+                agree += 1
+            done += agree
+            if done < len(ids) and agree < len(picked):  # parted here: count it, go on after it
+                mismatch_at.append(done)
+                done += 1
+        return ReplayResult(positions=done, mismatches=len(mismatch_at),
+                            first_mismatch=mismatch_at[0] if mismatch_at else None, margins=None,
+                            mismatch_at=tuple(mismatch_at))
 
     async def signatures(self) -> ExpectedSignatures:
         found: list[str | None] = []

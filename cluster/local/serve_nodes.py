@@ -108,3 +108,28 @@ def deploy_diffusion_node(settings: Settings, port: int, *, name: str = "diffusi
     node = Node(node_id=node_id, url=url, model=args.get("model_id", "tiny-diffusion"),
                 kind="diffusion")
     return LocalApp(name, f"/{name}", node, time.monotonic() - started)
+
+
+def deploy_evaluations_app(
+    settings: Settings,
+    port: int,
+    *,
+    name: str = "evaluations",
+    deployment: dict[str, Any] | None = None,
+) -> str:
+    """The evaluations app (API and leaderboard page) from ``evaluations.yaml`` at
+    ``/<name>`` on ``settings`` (merged into the file's args: the replica reads the stores
+    and tenants from them); ``deployment`` overrides the file's placement. Returns its URL
+    once it answers. ``make run``'s page (``testbench demo --serve``) is deployed here."""
+    from ray import serve
+
+    from serve_apps.evaluations import build_evaluations_app
+
+    args = app_args(CONFIGS / "evaluations.yaml", "evaluations")
+    args["settings"] = {**args.get("settings", {}), **settings.model_dump(mode="json")}
+    if deployment:
+        args["deployment"] = {**args.get("deployment", {}), **deployment}
+    serve.run(build_evaluations_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    url = f"http://127.0.0.1:{port}/{name}"
+    _wait_http(f"{url}/health")
+    return url

@@ -9,11 +9,21 @@ from typing import Any
 from cluster.core.buffers import UnmeasurablePair
 
 
+def _task_label(row: dict[str, Any]) -> str:
+    """A task's name; a group's subtasks (``depth`` > 0) indented under it."""
+    depth = int(row.get("depth", 0))
+    return ("  " * (depth - 1) + "└ " if depth else "") + str(row["task"])
+
+
 def format_scores(rows: list[dict[str, Any]]) -> str:
+    """One block per (node, task); rows with ``depth`` (groups folded over their subtasks,
+    ``cluster/leaderboard/groups.py::fold_groups``) keep their order."""
     header = (f"{'node':<22} {'task':<16} {'metric':<31} {'mean ± stderr':>17} {'n':>4} "
               f"{'err%':>6} {'p50 s':>7} {'p95 s':>7}  errors")
     lines = [header, "-" * len(header)]
-    for row in sorted(rows, key=lambda r: (r["node_id"], r["task"])):
+    folded = any("depth" in r for r in rows)
+    previous_node = None
+    for row in rows if folded else sorted(rows, key=lambda r: (r["node_id"], r["task"])):
         metrics = row.get("metrics") or {"-": None}
         for i, (name, m) in enumerate(sorted(metrics.items())):
             val = "-" if m is None else (
@@ -26,10 +36,13 @@ def format_scores(rows: list[dict[str, Any]]) -> str:
             err_pct = f"{100 * row['error_rate']:.1f}" if first else ""
             p50s = f"{p50:.3f}" if first and p50 is not None else ""
             p95s = f"{p95:.3f}" if first and p95 is not None else ""
+            node = row["node_id"] if first and row["node_id"] != previous_node else ""
             lines.append(
-                f"{row['node_id'] if first else '':<22} {row['task'] if first else '':<16} "
+                f"{node:<22} {_task_label(row) if first else '':<16} "
                 f"{name:<31} {val:>17} {row['n'] if first else '':>4} "
                 f"{err_pct:>6} {p50s:>7} {p95s:>7}  {errs if first else ''}")
+        if folded:
+            previous_node = row["node_id"]
     return "\n".join(lines)
 
 

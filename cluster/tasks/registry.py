@@ -14,6 +14,7 @@ built-in tasks (:class:`~cluster.tasks.lmeval.TaskCatalog`, from ``datasets_dir`
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -22,8 +23,15 @@ from typing import Any
 
 from cluster.core.errors import TaskError
 from cluster.core.schemas import Node
+from cluster.core.settings import TaskSourceSettings
 from cluster.tasks.diffusion import DiffusionTaskAdapter, diffusion_task_config
-from cluster.tasks.lmeval import RequestSettings, TaskCatalog, load_task_adapter, plan_tasks
+from cluster.tasks.lmeval import (
+    GroupPlan,
+    RequestSettings,
+    TaskCatalog,
+    load_task_adapter,
+    plan_tasks,
+)
 from cluster.tasks.signature import SignatureTaskAdapter, signature_task_config
 
 log = logging.getLogger(__name__)
@@ -33,8 +41,14 @@ _adapters: dict[tuple[Any, ...], Any] = {}
 
 
 def catalog_of(settings: Any) -> TaskCatalog:
-    """The task catalog of a deployment's settings (``datasets_dir``, ``tasks_sources``)."""
-    return TaskCatalog.of(settings.datasets_dir, settings.tasks_sources)
+    """The task catalog of a deployment's settings (``datasets_dir``, ``tasks_sources``);
+    the Sampler and Evaluator ask for it per doc group, so it is built once."""
+    return _catalog_of(Path(settings.datasets_dir), settings.tasks_sources)
+
+
+@functools.lru_cache(maxsize=64)
+def _catalog_of(datasets_dir: Path, sources: TaskSourceSettings) -> TaskCatalog:
+    return TaskCatalog.of(datasets_dir, sources)
 
 
 def _catalog(where: TaskCatalog | Path) -> TaskCatalog:
@@ -75,6 +89,23 @@ def leaf_task_names(names: Sequence[str], where: TaskCatalog | Path) -> list[str
                 _leaves[(catalog, name)] = found
         out += [t for t in found if t not in out]
     return out
+
+
+def configured_groups(names: Sequence[str], where: TaskCatalog | Path) -> list[GroupPlan]:
+    """The lm-eval groups among ``names`` (the configured tasks), resolved; testbench's own
+    tasks are skipped without consulting lm-eval, a name that does not resolve is skipped."""
+    catalog = _catalog(where)
+    groups: list[GroupPlan] = []
+    for name in names:
+        if (signature_task_config(name, catalog.datasets_dir) is not None
+                or diffusion_task_config(name, catalog.datasets_dir) is not None):
+            continue
+        try:
+            if catalog.kind(name) == "group":
+                groups += plan_tasks([name], catalog).groups
+        except TaskError as exc:
+            log.warning("tasks.group_unresolved name=%s reason=%s", name, exc)
+    return groups
 
 
 def task_kind(name: str, datasets_dir: Path) -> str:

@@ -8,6 +8,11 @@
   and norms stay float32, as those stacks keep them.
 - :func:`round_trip_bfloat16`: every tensor through bfloat16 (8 bits of mantissa), the
   precision most GPU deployments serve in.
+- :func:`drop_layers`: a *cheaper model*: every other decoder layer removed (half the
+  compute per token), what the zoo's laundering, probe-aware, temperature-aware and
+  sometimes-cheating nodes serve instead of the claimed model.
+- :func:`keep_every_other_layer`: a *cheaper model*: decoder blocks 0, 2, 4, ... kept, the
+  others dropped (half the compute of a forward pass, same tokenizer and head).
 """
 
 from __future__ import annotations
@@ -55,3 +60,37 @@ def round_trip_bfloat16(model: PreTrainedModel) -> None:
     """Round every parameter to bfloat16 and back (float32 storage, bf16 values)."""
     for param in model.parameters():
         param.copy_(param.detach().to(torch.bfloat16).to(param.dtype))
+
+
+@torch.no_grad()
+def keep_every_other_layer(model: PreTrainedModel) -> int:
+    """Drop the odd decoder blocks (in place); returns how many blocks are left."""
+    decoder = model.get_decoder()
+    kept = list(decoder.layers)[::2]
+    for index, layer in enumerate(kept):
+        for module in layer.modules():  # the KV cache is indexed by each attention's layer_idx
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    decoder.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[::2]
+    return len(kept)
+
+
+@torch.no_grad()
+def drop_layers(model: PreTrainedModel, keep_every: int = 2) -> int:
+    """Keep decoder layers 0, ``keep_every``, 2 * ``keep_every``, ... and drop the others
+    (renumbered for the KV cache); returns how many are left."""
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    decoder = model.get_decoder()
+    kept = [layer for i, layer in enumerate(decoder.layers) if i % keep_every == 0]
+    for index, layer in enumerate(kept):
+        layer.self_attn.layer_idx = index
+    decoder.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = len(kept)
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types:
+        model.config.layer_types = list(layer_types)[: len(kept)]
+    return len(kept)

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -120,11 +121,17 @@ def heldout_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int,
     return total / count
 
 
+# transformers' from_pretrained sets process-wide loading contexts (default device, tied
+# weights): two threads loading at once can leave one model half on the meta device.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(model_dir: str, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    with _LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     model.config.use_cache = False
     model.train()
     return model, tokenizer

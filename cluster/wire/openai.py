@@ -21,6 +21,8 @@ CHAT_PATH: Final = "/v1/chat/completions"
 MODELS_PATH: Final = "/v1/models"
 TOKENIZER_SIGNATURE_PATH: Final = "/signature/tokenizer"
 CONFIG_SIGNATURE_PATH: Final = "/signature/config"
+RETURN_TOKEN_IDS: Final = "return_token_ids"  # vLLM: answers carry their token ids
+TOKEN_IDS: Final = "token_ids"  # a choice's generated token ids (vLLM)
 
 PromptItem = str | list[int]
 """One prompt of a ``/v1/completions`` body: a text or a list of token ids."""
@@ -80,6 +82,25 @@ def completion_body(
     if echo:
         body["echo"] = True
     return body
+
+
+def seeded_completion_body(model: str, prompt: Sequence[int], max_tokens: int, *, seed: int,
+                           temperature: float) -> dict[str, Any]:
+    """A sampled ``/v1/completions`` body for a token-id prompt with a ``seed``, asking for
+    the answer's token ids (seeded sampling, ``cluster/honesty/seeded_sampling.py``)."""
+    return {"model": model, "prompt": [int(t) for t in prompt], "max_tokens": int(max_tokens),
+            "temperature": float(temperature), "seed": int(seed), RETURN_TOKEN_IDS: True}
+
+
+def choice_token_ids(answer: Any, index: int = 0) -> list[int]:
+    """The generated token ids of choice ``index`` of an answer (vLLM ``return_token_ids``)."""
+    try:
+        ids = answer["choices"][index][TOKEN_IDS]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise MalformedAnswer(f"no {TOKEN_IDS} in choice {index}: {_brief(answer)}") from exc
+    if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+        raise MalformedAnswer(f"choice {index} {TOKEN_IDS} is not a list of ints: {_brief(ids)}")
+    return ids
 
 
 def max_output_tokens(body: Mapping[str, Any]) -> int:

@@ -11,6 +11,8 @@ import httpx
 from cluster.core.errors import TestbenchError
 from serve_apps.evaluations import protocol as wire
 
+TERMINAL_STATES = ("complete", "failed", "cancelled")
+
 
 class ApiClientError(TestbenchError):
     """The API refused a request; the message is the API's own."""
@@ -54,6 +56,14 @@ class EvaluationsClient:
         resp = self._check(self._http.delete(f"/v1/evaluations/{run_id}"))
         return wire.EvaluationStatus.model_validate(resp.json())
 
+    def suspend(self, run_id: str) -> wire.EvaluationStatus:
+        resp = self._check(self._http.post(f"/v1/evaluations/{run_id}/suspend"))
+        return wire.EvaluationStatus.model_validate(resp.json())
+
+    def resume(self, run_id: str) -> wire.EvaluationStatus:
+        resp = self._check(self._http.post(f"/v1/evaluations/{run_id}/resume"))
+        return wire.EvaluationStatus.model_validate(resp.json())
+
     def results(self, run_id: str, samples: bool = False) -> dict[str, Any]:
         resp = self._check(self._http.get(
             f"/v1/evaluations/{run_id}/results", params={"samples": str(samples).lower()}
@@ -82,13 +92,13 @@ class EvaluationsClient:
                     after = key
                     on_log(line.message)
                 on_status(status)
-                if status.state in ("succeeded", "failed", "cancelled"):
+                if status.state in TERMINAL_STATES:
                     break
                 time.sleep(poll_s)
                 status = self.status(run_id)
             for _, line in self.logs(run_id, after):
                 on_log(line.message)
-            if status.state != "succeeded":
+            if status.state != "complete":
                 raise TestbenchError(f"evaluation {run_id} {status.state}"
                                      + (f": {status.error}" if status.error else ""))
             return self.results(run_id, samples=samples)

@@ -10,7 +10,9 @@
   ``streaming_job`` verdict and not listed one by one;
 - series: each node's headline score per task over time, from the ``samples`` collection:
   after each counted sample, the mean of the last ``window`` counted samples (failed ones
-  as 0), which is the score the node's buffer showed at that moment.
+  as 0), which is the score the node's buffer showed at that moment;
+- groups: the configured lm-eval groups, each node's group score derived from its subtask
+  buffers (``cluster/leaderboard/groups.py``), shown with the subtasks folded under it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 from cluster.core.buffers import UnmeasurablePair
 from cluster.core.errors import ErrorCode
 from cluster.core.verdicts import DETAIL_CHECKS, Outcome, VerdictRecord
+from cluster.leaderboard.groups import group_summaries
 from cluster.storage.mongo import MongoStores
+from cluster.tasks.lmeval import GroupPlan
 from serve_apps.evaluations import protocol as wire
 
 MAX_POINTS = 120
@@ -149,8 +153,10 @@ def build_leaderboard(
     window: int,
     now: float,
     unmeasurable: Iterable[UnmeasurablePair] = (),
+    groups: Sequence[GroupPlan] = (),
 ) -> wire.LeaderboardResponse:
     cells = cells_from_summaries(summaries)
+    every = list({g.name: g for root in groups for g in (root, *root.subgroups())}.values())
     stuck = unmeasurable_cells(unmeasurable)
     verdicts = latest_verdicts(verdict_records)
     headlines: dict[str, str] = {}
@@ -168,16 +174,21 @@ def build_leaderboard(
         cells=cells,
         series=score_series(sample_docs, headlines, window),
         unmeasurable=stuck,
+        groups=[wire.LeaderboardGroup(group=g.name, subtasks=g.child_names,
+                                      tasks=[leaf.name for leaf in g.leaves()]) for g in every],
+        group_cells=cells_from_summaries(group_summaries(summaries, groups)),
     )
 
 
 async def load_leaderboard(
-    mongo: MongoStores, *, window: int, history_s: float, max_samples: int, now: float
+    mongo: MongoStores, *, window: int, history_s: float, max_samples: int, now: float,
+    groups: Sequence[GroupPlan] = (),
 ) -> wire.LeaderboardResponse:
-    """Read the loop's stores and build the leaderboard."""
+    """Read the loop's stores and build the leaderboard (``groups``: the configured ones)."""
     summaries = await mongo.buffers.summaries()
     nodes = {n.node_id: n.model for n in await mongo.nodes.list()}
     verdicts = await mongo.verdicts.latest()
     sample_docs = await mongo.samples.history(now - history_s, max_samples)
     unmeasurable = await mongo.buffers.unmeasurable()
-    return build_leaderboard(summaries, nodes, verdicts, sample_docs, window, now, unmeasurable)
+    return build_leaderboard(summaries, nodes, verdicts, sample_docs, window, now, unmeasurable,
+                             groups)

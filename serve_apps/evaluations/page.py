@@ -6,7 +6,9 @@ text, never parsed as HTML):
 
 - a table of nodes × tasks: the headline metric's mean ± stderr with an error bar, n,
   error rate and p50/p95 latency, plus each node's latest verdicts; a pair the loop cannot
-  measure says so in its cell, with the reason;
+  measure says so in its cell, with the reason; a configured lm-eval group is a column of
+  its own (its score from its subtasks' buffers) whose subtask columns are folded under
+  it: a click on the group's header shows or hides them;
 - per task, an SVG line chart of each node's score over time.
 
 It refreshes every 30 s. ``body[data-state]`` turns ``ready`` (or ``error``) once drawn, which
@@ -37,6 +39,8 @@ _PAGE = """<!doctype html>
   td.cell .stderr { font-variant-numeric: tabular-nums; color: var(--muted); }
   td.cell .meta { color: var(--muted); font-size: 12px; }
   td.empty { color: var(--muted); text-align: center; }
+  th button.fold { font: inherit; border: 0; background: none; padding: 0; cursor: pointer; }
+  th.sub, td.sub { background: #fafbfc; }
   .unmeasurable { color: #8c1d1d; font-size: 12px; max-width: 28em; }
   .verdict { display: inline-block; border-radius: 3px; padding: 0 6px; margin: 0 4px 2px 0;
              font-size: 12px; background: #eceff3; }
@@ -94,6 +98,8 @@ function errorBar(mean, stderr) {
   return s;
 }
 
+const openGroups = new Set();  // groups whose subtask columns are shown
+
 function drawTable(data) {
   const thead = document.querySelector("#scores thead");
   const tbody = document.querySelector("#scores tbody");
@@ -101,10 +107,40 @@ function drawTable(data) {
   const head = el("tr");
   head.appendChild(el("th", {}, "node"));
   head.appendChild(el("th", {}, "model"));
-  for (const task of data.tasks) head.appendChild(el("th", {"data-task": task}, task));
+  // groups first, each followed by its subtasks (folded unless opened), then the rest
+  const groups = new Map((data.groups || []).map(g => [g.group, g]));
+  const nested = new Set((data.groups || []).flatMap(g => g.subtasks));
+  const columns = [];
+  const addColumn = (name, parents) => {
+    columns.push({name, parents, group: groups.has(name)});
+    if (groups.has(name)) for (const c of groups.get(name).subtasks)
+      addColumn(c, parents.concat([name]));
+  };
+  for (const g of groups.keys()) if (!nested.has(g)) addColumn(g, []);
+  for (const t of data.tasks) if (!nested.has(t) && !groups.has(t)) addColumn(t, []);
+  const shown = col => col.parents.every(p => openGroups.has(p));
+  for (const col of columns) {
+    const th = el("th", {"data-task": col.name, class: col.parents.length ? "sub" : ""});
+    if (col.group) {
+      const button = el("button", {class: "fold", "data-group": col.name,
+                                   "aria-expanded": String(openGroups.has(col.name))},
+                        (openGroups.has(col.name) ? "▾ " : "▸ ") + col.name);
+      button.addEventListener("click", () => {
+        if (openGroups.has(col.name)) openGroups.delete(col.name);
+        else openGroups.add(col.name);
+        drawTable(data);
+      });
+      th.appendChild(button);
+    } else {
+      th.textContent = (col.parents.length ? "└ " : "") + col.name;
+    }
+    if (!shown(col)) th.hidden = true;
+    head.appendChild(th);
+  }
   head.appendChild(el("th", {}, "verdicts"));
   thead.appendChild(head);
-  const cells = new Map(data.cells.map(c => [c.node_id + "\\u0000" + c.task, c]));
+  const cells = new Map(data.cells.concat(data.group_cells || [])
+                        .map(c => [c.node_id + "\\u0000" + c.task, c]));
   const stuck = new Map((data.unmeasurable || []).map(u => [u.node_id + "\\u0000" + u.task, u]));
   for (const node of data.nodes) {
     const row = el("tr", {"data-node": node.node_id});
@@ -113,7 +149,8 @@ function drawTable(data) {
       head.appendChild(el("span", {class: "node-status " + node.status}, node.status));
     row.appendChild(head);
     row.appendChild(el("td", {}, node.model || "–"));
-    for (const task of data.tasks) {
+    for (const col of columns) {
+      const task = col.name, before = row.children.length;
       const c = cells.get(node.node_id + "\\u0000" + task);
       const u = stuck.get(node.node_id + "\\u0000" + task);
       // a pair that cannot be measured as configured: why, and since when
@@ -126,25 +163,29 @@ function drawTable(data) {
         const td = el("td", {class: "stuck"});
         td.appendChild(why);
         row.appendChild(td);
-        continue;
+      } else if (!c) {
+        row.appendChild(el("td", {class: "empty"}, "–"));
+      } else {
+        const td = el("td", {class: "cell", "data-node": c.node_id, "data-task": task,
+                             "data-mean": c.mean === null ? "" : String(c.mean)});
+        td.title = Object.entries(c.metrics)
+          .map(([k, m]) => `${k}: ${fmt(m.mean, 4)} ± ${fmt(m.stderr, 4)}`).join("\\n");
+        const line = el("div");
+        line.appendChild(el("span", {class: "score"}, fmt(c.mean, 4)));
+        line.appendChild(document.createTextNode(" ± "));
+        line.appendChild(el("span", {class: "stderr"}, fmt(c.stderr, 4)));
+        line.appendChild(el("span", {class: "meta"}, "  " + (c.metric || "")));
+        td.appendChild(line);
+        td.appendChild(errorBar(c.mean, c.stderr));
+        td.appendChild(el("div", {class: "meta"},
+          `n ${c.n} · errors ${fmt(100 * c.error_rate, 1)}% · ` +
+          `p50 ${fmt(c.latency_p50_s, 3)} s · p95 ${fmt(c.latency_p95_s, 3)} s`));
+        if (why) td.appendChild(why);
+        row.appendChild(td);
       }
-      if (!c) { row.appendChild(el("td", {class: "empty"}, "–")); continue; }
-      const td = el("td", {class: "cell", "data-node": c.node_id, "data-task": task,
-                           "data-mean": c.mean === null ? "" : String(c.mean)});
-      td.title = Object.entries(c.metrics)
-        .map(([k, m]) => `${k}: ${fmt(m.mean, 4)} ± ${fmt(m.stderr, 4)}`).join("\\n");
-      const line = el("div");
-      line.appendChild(el("span", {class: "score"}, fmt(c.mean, 4)));
-      line.appendChild(document.createTextNode(" ± "));
-      line.appendChild(el("span", {class: "stderr"}, fmt(c.stderr, 4)));
-      line.appendChild(el("span", {class: "meta"}, "  " + (c.metric || "")));
-      td.appendChild(line);
-      td.appendChild(errorBar(c.mean, c.stderr));
-      td.appendChild(el("div", {class: "meta"},
-        `n ${c.n} · errors ${fmt(100 * c.error_rate, 1)}% · ` +
-        `p50 ${fmt(c.latency_p50_s, 3)} s · p95 ${fmt(c.latency_p95_s, 3)} s`));
-      if (why) td.appendChild(why);
-      row.appendChild(td);
+      const added = row.children[before];
+      if (col.parents.length) added.classList.add("sub");
+      if (!shown(col)) added.hidden = true;
     }
     const verdicts = el("td", {class: "verdicts"});
     if (!node.verdicts.length) verdicts.textContent = "–";

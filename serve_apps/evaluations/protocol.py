@@ -26,7 +26,14 @@ from pydantic import (
 
 from cluster.core.evaluations import CustomTaskSource, EvaluationSpec
 
-RunStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# TrustyAI LMEvalJob's states, and failed (cluster/core/evaluations.py::RunState).
+RunStateName = Literal[
+    "new", "scheduled", "running", "suspended", "complete", "failed", "cancelled"]
+# What ``GET /v1/evaluations?state=`` also accepts: the names runs had before (queued = new,
+# succeeded = complete).
+RunStateFilter = Literal[
+    "new", "scheduled", "running", "suspended", "complete", "failed", "cancelled",
+    "queued", "succeeded"]
 ApiName = Literal["completions", "chat-completions"]
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
@@ -173,13 +180,32 @@ class TaskProgressOut(_Wire):
     failed: int = Field(description="docs without a valid answer (scored 0 or left out)")
 
 
+class RunProgressOut(_Wire):
+    """The whole run's progress, as LMEvalJob's progress bar reports it."""
+
+    percent: float = Field(description="0-100: docs scored plus the answered share of the "
+                                       "docs in flight, over every task's docs")
+    count: str = Field(description="docs scored / docs to score ('?' until counted)")
+    done: int = Field(description="docs scored")
+    total: int | None = Field(description="docs to score; null until every task is counted")
+    elapsed_s: float | None = Field(description="seconds since it first started (to its "
+                                                "end once ended); null before")
+    eta_s: float | None = Field(description="seconds left at the current attempt's rate; "
+                                            "null unless running and measurable")
+    updated_at: float | None = Field(description="when the counts were written (unix "
+                                                 "seconds); every few seconds while running")
+
+
 class EvaluationStatus(_Wire):
     id: str
     object: Literal["evaluation"] = "evaluation"
     state: RunStateName
     request: EvaluationSpecOut
     progress: list[TaskProgressOut]
+    overall: RunProgressOut
     cancel_requested: bool
+    suspend_requested: bool = Field(
+        default=False, description="a suspend waits for the replica running it to stop")
     error: str | None
     attempts: int = Field(description="times a replica started or resumed it")
     created_at: float = Field(description="unix seconds")
@@ -293,6 +319,15 @@ class ScoreSeries(_Wire):
     points: list[tuple[float, float]]
 
 
+class LeaderboardGroup(_Wire):
+    """A configured lm-eval group: its score per node is derived from its leaf tasks'
+    buffers (``group_cells``); the page shows it with its subtasks folded under it."""
+
+    group: str
+    subtasks: list[str] = Field(description="its direct children (tasks and groups)")
+    tasks: list[str] = Field(description="its leaf tasks, whose buffers make its score")
+
+
 class LeaderboardResponse(_Wire):
     generated_at: float
     tasks: list[str]
@@ -300,3 +335,7 @@ class LeaderboardResponse(_Wire):
     cells: list[LeaderboardCell]
     series: list[ScoreSeries]
     unmeasurable: list[UnmeasurableCell] = Field(default_factory=list)
+    groups: list[LeaderboardGroup] = Field(default_factory=list)
+    group_cells: list[LeaderboardCell] = Field(
+        default_factory=list, description="one per (node, group): lm-eval's group aggregate "
+        "of the node's subtask buffers (n: their samples together; no latency)")

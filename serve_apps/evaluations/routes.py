@@ -104,8 +104,9 @@ def create_api(service: EvaluationService) -> FastAPI:
 
     Tenant = Annotated[str, Depends(tenant)]
 
-    @api.post("/v1/evaluations", status_code=202, responses={400: {"model": wire.ErrorResponse},
-                                                             **_ERRORS})
+    @api.post("/v1/evaluations", status_code=202, responses={
+        400: {"model": wire.ErrorResponse}, **_ERRORS,
+        413: {"model": wire.ErrorResponse, "description": "custom task files too large"}})
     async def submit(body: wire.EvaluationRequest, who: Tenant, request: Request
                      ) -> AsciiJSONResponse:
         status = await service.submit(who, body)
@@ -118,7 +119,7 @@ def create_api(service: EvaluationService) -> FastAPI:
         who: Tenant,
         offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
         limit: Annotated[int, Query(ge=1, le=cfg.max_page_size)] = cfg.page_size,
-        state: wire.RunStateName | None = None,
+        state: wire.RunStateFilter | None = None,
     ) -> wire.EvaluationList:
         return await service.list_runs(who, state, offset, limit)
 
@@ -131,6 +132,18 @@ def create_api(service: EvaluationService) -> FastAPI:
     async def cancel_evaluation(who: Tenant, run_id: Annotated[str, RUN_ID]
                                 ) -> wire.EvaluationStatus:
         return await service.cancel(who, run_id)
+
+    @api.post("/v1/evaluations/{run_id}/suspend", responses=_ERRORS)
+    async def suspend_evaluation(who: Tenant, run_id: Annotated[str, RUN_ID]
+                                 ) -> wire.EvaluationStatus:
+        """Stop the run and keep its work: suspended until resumed (LMEvalJob's suspend)."""
+        return await service.suspend(who, run_id)
+
+    @api.post("/v1/evaluations/{run_id}/resume", responses=_ERRORS)
+    async def resume_evaluation(who: Tenant, run_id: Annotated[str, RUN_ID]
+                                ) -> wire.EvaluationStatus:
+        """Run a suspended run on; docs scored and requests answered are not repeated."""
+        return await service.resume(who, run_id)
 
     @api.get("/v1/evaluations/{run_id}/results", responses=_ERRORS,
              response_description="lm-eval's results JSON")

@@ -49,6 +49,8 @@ from cluster.evaluations.worker import EvaluationWorker
 from cluster.nodes.policy import EndpointRefusedError
 from cluster.storage.connections import StoreConnections
 from cluster.storage.mongo import EvaluationStore
+from cluster.tasks.lmeval import GroupPlan
+from cluster.tasks.registry import catalog_of, configured_groups
 from serve_apps.evaluations import protocol as wire
 from serve_apps.evaluations.leaderboard import load_leaderboard
 
@@ -153,6 +155,7 @@ class EvaluationService:
         self._executor: ThreadPoolExecutor | None = None
         self._requester: Any = None
         self.worker: EvaluationWorker | None = None
+        self._groups: list[GroupPlan] | None = None
         self.guards = TenantGuards(settings)
         # Checked in constant time; a token maps to exactly one tenant (config validates).
         self._tokens = {token: tenant for tenant, token in settings.evaluations.tenants.items()}
@@ -391,10 +394,14 @@ class EvaluationService:
     # ------------------------------------------------------------------ leaderboard
     async def leaderboard(self) -> wire.LeaderboardResponse:
         cfg = self.settings.evaluations
+        if self._groups is None:  # resolving may index lm-eval's built-in tasks: once
+            self._groups = await asyncio.to_thread(
+                configured_groups, self.settings.tasks, catalog_of(self.settings))
         return await load_leaderboard(
             await self._stores.mongo(),
             window=self.settings.manager.target_samples,
             history_s=cfg.leaderboard_history_s,
             max_samples=cfg.leaderboard_max_samples,
             now=float(self._clock()),
+            groups=self._groups,
         )

@@ -13,6 +13,11 @@ a RayService ``serveConfigV2`` all pass them unchanged). ``to_llm_config`` turns
 - ``gpu`` (``vllm``): ``tensor_parallel_size`` bundles of one GPU and ``cpus_per_worker``
   CPUs each, optionally pinned to an ``accelerator_type`` (e.g. ``L4``, ``A10G``, ``H100``).
 
+``seeded_sampling`` adds the node's replayable sampler (``serve_apps/llm/seeded_sampling.py``)
+to vLLM's ``logits_processors``: requests with a temperature above 0 and a ``seed`` are then
+sampled with public noise a validator can replay (on GPUs it also selects vLLM's V1 model
+runner, the one whose processor interface it implements).
+
 Anything else vLLM accepts goes through ``engine_kwargs`` and ``env_vars``; they override
 the defaults above, except the keys this config owns (see ``OWNED_ENGINE_KWARGS``).
 """
@@ -42,6 +47,8 @@ OWNED_ENGINE_KWARGS: dict[str, str] = {
 CPU_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
 CPU_ENV_DEFAULTS: dict[str, str] = {"TORCH_COMPILE_DISABLE": "1"}
+SEEDED_SAMPLING_PROCESSOR = "serve_apps.llm.seeded_sampling:SeededSampling"
+V1_RUNNER_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}  # see serve_apps/llm/vllm_compat.py
 
 
 class LLMNodeConfig(BaseModel):
@@ -64,6 +71,10 @@ class LLMNodeConfig(BaseModel):
     accelerator_type: str | None = Field(default=None, description="GPU type to pin (gpu only)")
     placement_strategy: PlacementStrategy = "PACK"
     kv_cache_space_gib: int = Field(default=1, ge=1, description="CPU KV cache size (cpu only)")
+    seeded_sampling: bool = Field(
+        default=False,
+        description="sample requests with temperature > 0 and a seed with replayable noise",
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM")
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="environment of the engine and signature replicas"
@@ -99,6 +110,8 @@ class LLMNodeConfig(BaseModel):
         if self.device == "cpu":
             defaults = {**CPU_ENV_DEFAULTS, CPU_KV_CACHE_ENV: str(self.kv_cache_space_gib)}
             return {**defaults, **self.env_vars}
+        if self.seeded_sampling:
+            return {**V1_RUNNER_ENV, **self.env_vars}
         return dict(self.env_vars)
 
     def placement_group_config(self) -> dict[str, Any]:
@@ -115,7 +128,13 @@ class LLMNodeConfig(BaseModel):
             kwargs["max_model_len"] = self.max_model_len
         if self.device == "gpu":
             kwargs["tensor_parallel_size"] = self.tensor_parallel_size
-        return {**kwargs, **self.engine_kwargs}
+        merged = {**kwargs, **self.engine_kwargs}
+        if self.seeded_sampling:
+            processors = list(merged.get("logits_processors") or [])
+            if SEEDED_SAMPLING_PROCESSOR not in processors:
+                processors.append(SEEDED_SAMPLING_PROCESSOR)
+            merged["logits_processors"] = processors
+        return merged
 
     def to_llm_config(self, **extra: Any) -> LLMConfig:
         """The Ray Serve LLM config of this node; ``extra`` adds LLMConfig fields."""

@@ -19,14 +19,14 @@ from cluster.poc.protocol import (
 )
 from serve_apps.common.peer_auth import install_peer_auth
 from serve_apps.poc.protocol import TrainStartRequest, TrainStatusResponse
-from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
+from serve_apps.poc.serving import BadRequest, PocNodeService, StateConflict, Unavailable
 
 API_PREFIX = "/api/v1"
 # Peers' outer-sync messages carry their own signature (cluster/auth/sync_messages.py),
 # checked against the keys registered for the training run, not the control keys.
 SYNC_PATH = f"{API_PREFIX}/train/sync"
 
-_STATUS = {StateConflict: 409, NotSupported: 501, BadRequest: 400}
+_STATUS = {StateConflict: 409, Unavailable: 503, BadRequest: 400}
 
 
 def create_api(service: PocNodeService, auth: AuthSettings | None = None) -> FastAPI:

@@ -59,8 +59,8 @@ class StateConflict(TestbenchError):
     code = ErrorCode.BAD_PARAMS
 
 
-class NotSupported(TestbenchError):
-    """Not implemented on this node yet (HTTP 501)."""
+class Unavailable(TestbenchError):
+    """The node is not set up for the call (HTTP 503), e.g. training without a node key."""
 
     code = ErrorCode.BAD_PARAMS
 
@@ -497,8 +497,8 @@ class PocNodeService:
     def _check_run(self, run: TrainRunConfig) -> None:
         training = self._config.training
         if self._trainer is None or self._node_key is None:
-            raise NotSupported("this node has no training key (training.node_key_file or "
-                               "training.node_key_hex in its config): it cannot train")
+            raise Unavailable("this node cannot train: it has no training key "
+                              "(training.node_key_file or training.node_key_hex in its config)")
         if any(p.public_key == self._node_key.public_key for p in run.peers):
             raise BadRequest("peers lists this node's own key "
                              f"{self._node_key.public_key[:16]}...: list only the other nodes")

@@ -4,6 +4,11 @@ The answer's bytes are passed on untouched (the receipt's ``output_sha256`` cove
 what the client receives); a stream is hashed chunk by chunk as it passes and its receipt
 is sent after the last upstream byte. Only successful answers (HTTP 200) get a receipt:
 an error is not work the node can claim.
+
+A seeded sampled request (temperature > 0 and a ``seed``) goes upstream with
+``return_token_ids`` on; when the answer carries its token ids the receipt commits to them
+and to the seed (version 2, ``cluster/auth/receipts.py``), so the validator can replay the
+answer (``cluster/honesty/seeded_sampling.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from cluster.auth.keys import Ed25519Key
-from cluster.auth.receipts import ReceiptSigner, sha256_hex
+from cluster.auth.receipts import ReceiptSigner, TokenCommitment, sha256_hex
 from cluster.streaming import protocol as wire
 from serve_apps.streaming.config import StreamingJobConfig
 
@@ -53,6 +58,14 @@ class ForwardedStream:
     content_type: str
     chunks: AsyncIterator[bytes]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def _commitment(seed: int | None, answer: bytes, *, streamed: bool) -> TokenCommitment | None:
+    """What a seeded answer's receipt commits to (None: not seeded, or no token ids)."""
+    if seed is None:
+        return None
+    token_ids = wire.answer_token_ids(answer, streamed)
+    return None if token_ids is None else TokenCommitment(seed=seed, token_ids=token_ids)
 
 
 class StreamingServing:
@@ -129,9 +142,11 @@ class StreamingServing:
         rid = self._request_id(request_id)
         head = self._head(body)
         url = self._config.upstream + endpoint
+        seed = head.seed if head.seeded_sampling else None
+        upstream_body = body if seed is None else wire.asking_token_ids(body)
         try:
             resp = await self._session().post(
-                url, data=body, headers={"Content-Type": "application/json"})
+                url, data=upstream_body, headers={"Content-Type": "application/json"})
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("jobs.upstream_failed job=%s url=%s error=%s", self._config.job_id, url, exc)
             raise JobRequestError(502, f"the model app did not answer: {type(exc).__name__}",
@@ -139,7 +154,7 @@ class StreamingServing:
         content_type = resp.headers.get("Content-Type", "application/json")
         headers = {wire.HEADER_REQUEST_ID: rid}
         if head.stream and resp.status == 200 and content_type.startswith(wire.SSE_CONTENT_TYPE):
-            chunks = self._stream(resp, endpoint, rid, sha256_hex(body), started)
+            chunks = self._stream(resp, endpoint, rid, sha256_hex(body), started, seed)
             return ForwardedStream(content_type=content_type, chunks=chunks, headers=headers)
         try:
             answer = await resp.read()
@@ -151,19 +166,23 @@ class StreamingServing:
         if resp.status == 200:
             receipt = self._signer.sign(request_id=rid, endpoint=endpoint, input_bytes=body,
                                         output_bytes=answer, started_at=started,
-                                        finished_at=self._clock())
+                                        finished_at=self._clock(),
+                                        commitment=_commitment(seed, answer, streamed=False))
             headers[wire.HEADER_RECEIPT] = receipt.to_wire()
         return ForwardedAnswer(status=resp.status, content_type=content_type, body=answer,
                                headers=headers)
 
     async def _stream(
         self, resp: aiohttp.ClientResponse, endpoint: str, rid: str, input_sha256: str,
-        started: float,
+        started: float, seed: int | None,
     ) -> AsyncIterator[bytes]:
         digest = hashlib.sha256()
+        kept = bytearray()  # a seeded stream's bytes, for the token ids it carries
         try:
             async for chunk in resp.content.iter_any():
                 digest.update(chunk)
+                if seed is not None:
+                    kept.extend(chunk)
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The client sees the stream end without a receipt: nothing to claim.
@@ -174,7 +193,8 @@ class StreamingServing:
             resp.release()
         receipt = self._signer.sign_digests(
             request_id=rid, endpoint=endpoint, input_sha256=input_sha256,
-            output_sha256=digest.hexdigest(), started_at=started, finished_at=self._clock())
+            output_sha256=digest.hexdigest(), started_at=started, finished_at=self._clock(),
+            commitment=_commitment(seed, bytes(kept), streamed=True))
         yield wire.receipt_event(receipt)
 
     async def models(self) -> ForwardedAnswer:

@@ -70,7 +70,7 @@ EXPECTED = {
              "Secret/testbench-store-credentials", "Service/testbench-mongodb",
              "StatefulSet/testbench-mongodb", "Service/testbench-postgres",
              "StatefulSet/testbench-postgres", "PersistentVolumeClaim/testbench-models",
-             "RayCluster/testbench", "RayService/testbench-serve", "RayJob/testbench-loop"},
+             "PersistentVolumeClaim/testbench-offline-data", "RayCluster/testbench", "RayService/testbench-serve", "RayJob/testbench-loop"},
 }
 EXPECTED["cpu-dev"] = EXPECTED["base"] - {"PersistentVolumeClaim/testbench-models"}
 EXPECTED["gpu-prod"] = EXPECTED["base"] - {"Secret/testbench-stores",
@@ -127,6 +127,32 @@ def test_gpu_prod_serves_models_on_gpu_workers(rendered) -> None:
                                    "model_source": "/app/.cache/models/smollm2", "device": "gpu"}
     assert apps["diffusion"]["args"]["device"] == "cuda"
     assert groups(one(objects, "RayCluster")["spec"])["cpu-actors"]["replicas"] == 4
+
+
+OFFLINE_MOUNT = {"name": "offline-data", "mountPath": "/data/offline", "readOnly": True}
+
+
+@pytest.mark.parametrize("name", ["cpu-dev", "gpu-prod"])
+def test_both_clusters_read_tasks_from_the_offline_data_volume(rendered, name) -> None:
+    """The RayJob's driver (the loop cluster's head), the loop's workers and the evaluations
+    app's pods (the Serve cluster's head and CPU workers) mount the claim read-only at the
+    directory the settings name."""
+    objects = rendered[name]
+    claim = one(objects, "PersistentVolumeClaim", "testbench-offline-data")["spec"]
+    assert claim["accessModes"] == (["ReadWriteOnce"] if name == "cpu-dev"
+                                    else ["ReadWriteMany"])
+    loop = one(objects, "RayCluster")["spec"]
+    serve = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    pods = [loop["headGroupSpec"], groups(loop)["cpu-actors"],
+            serve["headGroupSpec"], groups(serve)["cpu-serve"]]
+    for group in pods:
+        spec = group["template"]["spec"]
+        assert OFFLINE_MOUNT in spec["containers"][0]["volumeMounts"]
+        assert {"name": "offline-data", "persistentVolumeClaim": {
+            "claimName": "testbench-offline-data", "readOnly": True}} in spec["volumes"]
+    settings = one(objects, "ConfigMap", "testbench-settings")["data"]
+    assert settings["TESTBENCH_TASKS_SOURCES__OFFLINE_DATA_DIR"] == "/data/offline"
+    assert one(objects, "RayJob")["spec"]["clusterSelector"] == {"ray.io/cluster": "testbench"}
 
 
 def test_the_loop_job_targets_the_loop_cluster_with_the_real_cli(rendered) -> None:
@@ -406,8 +432,11 @@ CORE_BREAKAGES = {
         r"port 27018 is not a port of Service testbench-mongodb"),
     "target port": (lambda o: one(o, "Service", "testbench-postgres")["spec"]["ports"][0].update(
         targetPort="pg"), r"targetPort 'pg' names no container port"),
-    "claim": (lambda o: o.remove(one(o, "PersistentVolumeClaim")),
+    "claim": (lambda o: o.remove(one(o, "PersistentVolumeClaim", "testbench-models")),
               r"PersistentVolumeClaim testbench-models is not defined here"),
+    "offline data claim": (
+        lambda o: o.remove(one(o, "PersistentVolumeClaim", "testbench-offline-data")),
+        r"PersistentVolumeClaim testbench-offline-data is not defined here"),
 }
 
 

@@ -41,3 +41,16 @@ def test_cpu_config_points_at_the_converted_model_relative_to_the_repo_root() ->
     assert node.model_source == "./.cache/models/smollm2"
     repo_root = CONFIGS.parents[1]
     assert (repo_root / node.model_source).resolve() == smollm2_path(repo_root / ".cache")
+
+
+def test_the_evaluations_config_is_the_evaluations_app_under_evaluations() -> None:
+    from serve_apps.evaluations import build_evaluations_app
+    from serve_apps.evaluations.config import EvaluationsAppConfig
+
+    (app,) = ServeDeploySchema.model_validate(
+        yaml.safe_load((CONFIGS / "evaluations.yaml").read_text())).applications
+    assert (app.name, app.route_prefix) == ("evaluations", "/evaluations")
+    module, _, attr = app.import_path.partition(":")
+    assert getattr(importlib.import_module(module), attr) is build_evaluations_app
+    config = EvaluationsAppConfig.model_validate(app.args)
+    assert config.settings == {} and config.settings_path is None  # settings from the env

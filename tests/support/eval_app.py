@@ -18,7 +18,7 @@ TENANTS = {
 }
 # The test nodes listen on loopback, which the endpoint policy refuses by default.
 LOOPBACK_TENANTS = ("alice", "bob", "fuzz")
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {"complete", "failed", "cancelled"}
 
 
 @dataclass

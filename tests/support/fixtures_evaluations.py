@@ -1,9 +1,11 @@
 """One evaluations Serve app (and an API-only twin for fuzzing) per test session.
 
-The app is what ``infra/kuberay`` deploys (``serve_apps.evaluations:build_evaluations_app``
-under ``/evaluations``), on the session's Ray (``ray_session``: 4 logical CPUs) and stores
-(``loaded_stores``), with a MongoDB database of its own, three tenants, and short leases
-and polls so a killed replica's runs resume within seconds. Serve is started on a free
+The app is what ``infra/kuberay`` and ``testbench demo --serve`` deploy
+(``serve_apps.evaluations:build_evaluations_app`` under ``/evaluations``, from
+``serve_apps/configs/evaluations.yaml`` through ``cluster/local/serve_nodes.py``), on the
+session's Ray (``ray_session``: 4 logical CPUs) and stores (``loaded_stores``), with a
+MongoDB database of its own, four tenants (carol without an endpoint allowlist), and short
+leases and polls so a killed replica's runs resume within seconds. Serve is started on a free
 port unless it already runs. Two test nodes answer: ``fast`` and ``slow`` (0.25 s a request).
 """
 
@@ -14,7 +16,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from eval_app import LOOPBACK_TENANTS, TENANTS, EvalApp
 from ray import serve
@@ -26,9 +27,8 @@ from cluster.core.settings import (
     Settings,
     StoreSettings,
 )
+from cluster.local.serve_nodes import deploy_evaluations_app
 from cluster.testing.testnode import NodeBehaviour, TestNode
-from serve_apps.evaluations import build_evaluations_app
-from serve_apps.evaluations.config import EvaluationsAppConfig, EvaluationsDeployment
 
 APP_NAME = "evaluations"
 FUZZ_APP_NAME = "evaluations-fuzz"
@@ -69,15 +69,11 @@ def eval_settings(loaded_stores: StoreSettings) -> Settings:
 
 
 def _deploy(name: str, settings: Settings, port: int) -> EvalApp:
-    config = EvaluationsAppConfig(
-        settings=settings.model_dump(mode="json"),
-        deployment=EvaluationsDeployment(num_cpus=0, health_check_period_s=2.0,
-                                     graceful_shutdown_timeout_s=5.0),
-    )
+    """Deployed as ``testbench demo --serve`` deploys it (the shipped evaluations.yaml, by
+    ``deploy_evaluations_app``), with quicker health checks and shutdowns."""
     started = time.monotonic()
-    serve.run(build_evaluations_app(config), name=name, route_prefix=f"/{name}", blocking=False)
-    url = f"http://127.0.0.1:{port}/{name}"
-    httpx.get(f"{url}/health", timeout=60).raise_for_status()
+    url = deploy_evaluations_app(settings, port, name=name, deployment={
+        "num_cpus": 0, "health_check_period_s": 2.0, "graceful_shutdown_timeout_s": 5.0})
     return EvalApp(name=name, url=url, settings=settings, start_s=time.monotonic() - started)
 
 

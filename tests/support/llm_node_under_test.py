@@ -37,5 +37,6 @@ def node_config(model_dir: Path) -> LLMNodeConfig:
         dtype="float32",
         max_model_len=2048,
         kv_cache_space_gib=1,
+        seeded_sampling=True,  # replayable sampling: tests/serve_apps/llm/test_llm_seeded.py
         env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )

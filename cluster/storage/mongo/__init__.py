@@ -1,6 +1,6 @@
 """Durable state in MongoDB, one module per collection: nodes, prompts, relays, samples,
 buffers, receipts, verdicts, organic jobs, streaming jobs, traffic counters, peer-auth nonces, evaluation runs (with their
-relays, samples, logs and results). Product code outside ``cluster.storage`` goes through
+relays, samples, logs and results), the trusted reference's per-doc results and their sets. Product code outside ``cluster.storage`` goes through
 these stores, never a collection.
 
 Only a conservative subset of MongoDB is used, so the same code runs on MongoDB and on
@@ -36,6 +36,8 @@ from cluster.storage.mongo.base import (
     ORGANIC_JOBS,
     PROMPTS,
     RECEIPTS,
+    REFERENCE_DOCS,
+    REFERENCE_SETS,
     RELAYS,
     SAMPLES,
     STREAMING_JOBS,
@@ -51,6 +53,8 @@ from cluster.storage.mongo.nonces import MongoNonceStore
 from cluster.storage.mongo.organic_jobs import OrganicJobStore
 from cluster.storage.mongo.prompts import PromptStore
 from cluster.storage.mongo.receipts import ReceiptStore
+from cluster.storage.mongo.reference_docs import ReferenceDocStore
+from cluster.storage.mongo.reference_sets import ReferenceSetStore
 from cluster.storage.mongo.relays import RelayStore
 from cluster.storage.mongo.samples import COUNTED_CODES, SampleStore
 from cluster.storage.mongo.stores import MongoStores
@@ -72,6 +76,8 @@ __all__ = [
     "ORGANIC_JOBS",
     "PROMPTS",
     "RECEIPTS",
+    "REFERENCE_DOCS",
+    "REFERENCE_SETS",
     "RELAYS",
     "SAMPLES",
     "STREAMING_JOBS",
@@ -88,6 +94,8 @@ __all__ = [
     "OrganicJobStore",
     "PromptStore",
     "ReceiptStore",
+    "ReferenceDocStore",
+    "ReferenceSetStore",
     "RelayStore",
     "RunConflictError",
     "SampleStore",

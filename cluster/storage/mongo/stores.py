@@ -17,6 +17,8 @@ from cluster.storage.mongo.base import (
     ORGANIC_JOBS,
     PROMPTS,
     RECEIPTS,
+    REFERENCE_DOCS,
+    REFERENCE_SETS,
     RELAYS,
     SAMPLES,
     STREAMING_JOBS,
@@ -30,6 +32,8 @@ from cluster.storage.mongo.nodes import NodeStore
 from cluster.storage.mongo.organic_jobs import OrganicJobStore
 from cluster.storage.mongo.prompts import PromptStore
 from cluster.storage.mongo.receipts import ReceiptStore
+from cluster.storage.mongo.reference_docs import ReferenceDocStore
+from cluster.storage.mongo.reference_sets import ReferenceSetStore
 from cluster.storage.mongo.relays import RelayStore
 from cluster.storage.mongo.samples import SampleStore
 from cluster.storage.mongo.streaming_jobs import StreamingJobStore
@@ -65,6 +69,9 @@ class MongoStores:
         self.organic_jobs = OrganicJobStore(db[ORGANIC_JOBS])
         self.traffic = TrafficStore(db[TRAFFIC])
         self.streaming_jobs = StreamingJobStore(db[STREAMING_JOBS])
+        # the trusted reference's per-doc results (paired scores, the traffic check)
+        self.reference_docs = ReferenceDocStore(db[REFERENCE_DOCS])
+        self.reference_sets = ReferenceSetStore(db[REFERENCE_SETS])
         # Its indexes are made by EvaluationStore.ensure_indexes (the evaluations app).
         self.evaluations = EvaluationStore(self, clock)
 
@@ -110,6 +117,7 @@ class MongoStores:
         )
         # The Manager's verification step reads a window of days (every step).
         await self.traffic.ensure_indexes()
+        await self.reference_docs.ensure_indexes()
 
     async def close(self) -> None:
         await self.client.close()

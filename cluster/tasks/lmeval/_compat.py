@@ -84,24 +84,43 @@ _compiled_templates: dict[str, Any] = {}
 _templates_lock = threading.Lock()
 
 
+def _sandboxed_env() -> Any:
+    """lm-eval's Jinja environment (``lm_eval.utils.env``: loader, undefined, newline,
+    filters, tests, globals) as a ``SandboxedEnvironment``: a template (a tenant's, or
+    data a template indexes with) cannot reach Python internals (``__class__``, function
+    globals, ``str.format`` on attributes); every other template renders the same."""
+    from jinja2.sandbox import SandboxedEnvironment
+    from lm_eval import utils
+
+    base = utils.env
+    env = SandboxedEnvironment(loader=base.loader, undefined=base.undefined,
+                               keep_trailing_newline=base.keep_trailing_newline)
+    env.filters.update(base.filters)
+    env.tests.update(base.tests)
+    env.globals.update(base.globals)
+    return env
+
+
 def compile_templates_once() -> None:
-    """Make lm-eval render each Jinja template from one compiled copy.
+    """Make lm-eval render each Jinja template from one compiled copy, sandboxed.
 
     ``lm_eval.utils.apply_template`` compiles its template string on every call
     (``env.from_string``): every ``doc_to_text``/``doc_to_target``/few-shot context of
     every doc recompiles the same few templates, which profiled at 40-75% of the Sampler's
     and Evaluator's CPU. The replacement compiles each string once with lm-eval's own
-    ``env`` and renders it exactly as the original does, so every prompt is unchanged
-    (the score-parity tests compare them with lm-eval's own runs). Idempotent."""
+    ``env`` settings in a sandbox (:func:`_sandboxed_env`; tenants' tasks are templates
+    too) and renders it as the original does, so every prompt is unchanged (the
+    score-parity tests compare them with lm-eval's own runs). Idempotent."""
     from lm_eval import utils
 
     if getattr(utils.apply_template, "_testbench_cached", False):
         return
+    env = _sandboxed_env()
 
     def apply_template(template: str, doc: dict[str, Any]) -> str:
         compiled = _compiled_templates.get(template)
         if compiled is None:
-            compiled = utils.env.from_string(template)
+            compiled = env.from_string(template)
             with _templates_lock:
                 if len(_compiled_templates) >= _TEMPLATE_CACHE_SIZE:
                     _compiled_templates.clear()

@@ -248,6 +248,12 @@ class TaskAdapter:
         )
         return inputs[0], ctxlens[0]
 
+    def loglikelihood_tokens(self, instance: Instance) -> tuple[list[int], int]:
+        """The token ids a loglikelihood request sends and its context length (lm-eval's
+        ``ctxlen``): the continuation is ``tokens[ctxlen:]``. What a trusted reference
+        scores to answer the same request (``cluster/honesty/reference_docs.py``)."""
+        return self._loglikelihood_input(instance)
+
     def _generation_message(self, instance: Instance) -> Any:
         """What ``TemplateAPI.generate_until`` hands to ``model_call`` for one request."""
         lm = self.lm

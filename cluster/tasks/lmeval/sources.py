@@ -174,7 +174,7 @@ def _rewritten(task: str, config: dict[str, Any], found: OfflineData) -> dict[st
     for key in SPLIT_KEYS:
         split = config.get(key)
         if split and split not in found.splits:
-            log.warning("tasks.offline_split_missing task=%s %s=%s folder=%s", task, key, split,
+            log.info("tasks.offline_split_missing task=%s %s=%s folder=%s", task, key, split,
                         found.folder)
             out[key] = None
     log.info("tasks.offline_data task=%s dataset=%s folder=%s splits=%s", task,

@@ -4,7 +4,8 @@
     python -m cluster.testing.zoo --node honest --node perturbed --node quantized \\
         --node proxy@honest --node lazy --node random
 
-``--node [NAME=]KIND[@TARGET]``: a proxy's target is another node's name or a URL. Nodes
+``--node [NAME=]KIND[@TARGET]``: a proxy's target is another node's name or a URL; a
+``sometimes`` node's is the share of requests it cheats on (``q05=sometimes@0.05``). Nodes
 listen on ``--port`` + their position (0 = free ports). Once every node serves, one line
 ``zoo_listening {"name": "http://host:port", ...}`` is printed on stdout; the process then
 serves until SIGINT/SIGTERM.
@@ -22,6 +23,7 @@ from typing import cast
 
 from cluster.local.zoo import READY_PREFIX
 from cluster.testing.http_server import until_stop_signal
+from cluster.testing.zoo.cheaters import DEFAULT_CHEAT_SHARE
 from cluster.testing.zoo.server import ZOO_KINDS, NodeSpec, Zoo, ZooKind
 
 
@@ -30,6 +32,12 @@ def parse_node(text: str, port: int) -> NodeSpec:
     kind, _, target = rest.partition("@")
     if kind not in ZOO_KINDS:
         raise argparse.ArgumentTypeError(f"unknown kind {kind!r} in {text!r}; one of {ZOO_KINDS}")
+    if kind == "sometimes":  # @SHARE: the share of requests it cheats on
+        try:
+            share = float(target) if target else DEFAULT_CHEAT_SHARE
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: sometimes@SHARE takes a number") from None
+        return NodeSpec(name or kind, "sometimes", port, None, share)
     if (kind == "proxy") != bool(target):
         raise argparse.ArgumentTypeError(f"{text!r}: a proxy, and only a proxy, takes @TARGET")
     return NodeSpec(name or kind, cast(ZooKind, kind), port, target or None)

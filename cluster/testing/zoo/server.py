@@ -26,14 +26,24 @@ from pydantic import ValidationError
 
 from cluster.testing import http_server as http
 from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
+from cluster.testing.zoo.cheaters import (
+    CHEATER_KINDS,
+    DEFAULT_CHEAT_SHARE,
+    LaunderingServing,
+    RouteChooser,
+    RoutedServing,
+)
 from cluster.testing.zoo.serving import AnswerCache, LazyServing, ModelServing
 from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
-ZooKind = Literal["honest", "perturbed", "quantized", "bf16", "proxy", "lazy", "random"]
-MODEL_KINDS: tuple[ZooKind, ...] = ("honest", "perturbed", "quantized", "bf16")
+ZooKind = Literal["honest", "perturbed", "quantized", "bf16", "proxy", "lazy", "random",
+                  "launderer", "probe_aware", "temperature_aware", "sometimes"]
+# kinds answering with a model, which report the original model's signatures
+MODEL_KINDS: tuple[ZooKind, ...] = ("honest", "perturbed", "quantized", "bf16", *CHEATER_KINDS)
 ZOO_KINDS: tuple[ZooKind, ...] = (*MODEL_KINDS, "proxy", "lazy", "random")
+CHEAPER = "cheaper"  # the cheaper model the cheater kinds serve (not a node kind of its own)
 
 @dataclass
 class NodeStats:
@@ -47,7 +57,7 @@ class NodeStats:
 class ServingApp:
     """Routes of one model-backed or lazy node."""
 
-    def __init__(self, name: str, serving: ModelServing | LazyServing,
+    def __init__(self, name: str, serving: ModelServing | LazyServing | RoutedServing,
                  signatures: Any | None) -> None:
         self.name = name
         self.serving = serving
@@ -66,7 +76,9 @@ class ServingApp:
         return app
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return http.json_response({"by_path": self.stats.by_path})
+        routes = self.serving.by_route if isinstance(self.serving, RoutedServing) else None
+        return http.json_response({"by_path": self.stats.by_path,
+                                   **({"by_route": routes} if routes is not None else {})})
 
     async def models(self, request: web.Request) -> web.Response:
         return http.json_response(self.serving.models())
@@ -90,13 +102,13 @@ class ServingApp:
                             headers={"x-sha256": found.sha256})
 
     async def completions(self, request: web.Request) -> web.Response:
-        return await self._answer(request, CompletionRequest, self.serving.complete)
+        return await self._answer(request, CompletionRequest, "complete")
 
     async def chat(self, request: web.Request) -> web.Response:
-        return await self._answer(request, ChatRequest, self.serving.chat)
+        return await self._answer(request, ChatRequest, "chat")
 
     async def _answer(self, request: web.Request, model: Any,
-                      handler: Callable[[Any], dict[str, Any]]) -> web.Response:
+                      method: Literal["complete", "chat"]) -> web.Response:
         self.stats.count(request.path)
         try:
             payload = http.json_object(await request.read())
@@ -105,21 +117,37 @@ class ServingApp:
             parsed = model.model_validate(payload)
         except (ValueError, ValidationError) as exc:
             return http.invalid_request(exc)
-        key = self.cache.key(request.path, payload)
-        cached = self.cache.get(key)
+        if isinstance(self.serving, RoutedServing):
+            # a cheater picks the serving per request; that serving's cache applies
+            chosen, serving = self.serving.route(request.path, payload)
+            answer = await self._computed(serving.cache, request.path, payload,
+                                          getattr(serving, method), parsed)
+            if isinstance(answer, web.Response):
+                return answer
+            return http.json_response(self.serving.finish(chosen, payload, answer))
+        answer = await self._computed(self.cache, request.path, payload,
+                                      getattr(self.serving, method), parsed)
+        return answer if isinstance(answer, web.Response) else http.json_response(answer)
+
+    async def _computed(self, cache: AnswerCache, path: str, payload: dict[str, Any],
+                        handler: Callable[[Any], dict[str, Any]], parsed: Any
+                        ) -> dict[str, Any] | web.Response:
+        """The answer from ``cache``, from the same request being computed, or computed."""
+        key = cache.key(path, payload)
+        cached = cache.get(key)
         if cached is not None:
-            return http.json_response(cached)
-        running = self.cache.running.get(key) if key is not None else None
+            return cached
+        running = cache.running.get(key) if key is not None else None
         if running is not None:
             # The same greedy request is being computed (e.g. for a proxy in front of this
             # node, or another node sharing the model): wait for that answer.
             shared = await asyncio.shield(running)
             if shared is not None:
-                return http.json_response(shared)
+                return shared
         future: asyncio.Future[dict[str, Any] | None] = \
             asyncio.get_running_loop().create_future()
         if key is not None:
-            self.cache.running[key] = future
+            cache.running[key] = future
         answer: dict[str, Any] | None = None
         try:
             # Model compute blocks: a worker thread keeps this node (and the process's other
@@ -128,11 +156,11 @@ class ServingApp:
         except ValueError as exc:
             return http.error_response(str(exc), "invalid_request_error", 400)
         finally:
-            if key is not None and self.cache.running.get(key) is future:
-                del self.cache.running[key]
+            if key is not None and cache.running.get(key) is future:
+                del cache.running[key]
             future.set_result(answer)
-        self.cache.put(key, answer)
-        return http.json_response(answer)
+        cache.put(key, answer)
+        return answer
 
 
 class ProxyApp:
@@ -191,11 +219,23 @@ def load_serving(kind: ZooKind, model_dir: Path, model_name: str, *, relative_no
         "perturbed": lambda m: weights.perturb_weights(m, relative_noise, seed),
         "quantized": weights.requantize_int8,
         "bf16": weights.round_trip_bfloat16,
+        CHEAPER: weights.drop_layers,
     }
     if kind not in transforms:
         raise ValueError(f"unknown zoo kind {kind!r}; one of {ZOO_KINDS}")
     lm = LocalCausalLM(model_dir, transform=transforms[kind], threads=threads)
     return ModelServing(lm, model_name)
+
+
+def cheater_serving(spec: NodeSpec, claimed: ModelServing, cheaper: ModelServing,
+                    model_name: str, seed: int) -> RoutedServing:
+    """A node of a kind of :mod:`cluster.testing.zoo.cheaters`, over the shared servings."""
+    chooser = RouteChooser(spec.kind, share=spec.share, seed=seed)  # type: ignore[arg-type]
+    routes: dict[Any, ModelServing] = {"claimed": claimed, "cheaper": cheaper}
+    if spec.kind == "launderer":
+        routes["laundered"] = LaunderingServing(claimed.lm, cheaper.lm, model_name)
+    return RoutedServing(spec.name, chooser, routes, model_name)
+
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -206,6 +246,7 @@ class NodeSpec:
     kind: ZooKind
     port: int = 0
     target: str | None = None
+    share: float = DEFAULT_CHEAT_SHARE  # kind ``sometimes``: the share of requests it cheats on
 
 class Zoo:
     """The nodes of one zoo process, served on one event loop."""
@@ -235,7 +276,15 @@ class Zoo:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"zoo node names must be unique: {names}")
-        loaded: dict[ZooKind, ModelServing | LazyServing] = {}
+        loaded: dict[str, ModelServing | LazyServing] = {}
+
+        async def serving_of(kind: str) -> ModelServing | LazyServing:
+            if kind not in loaded:
+                loaded[kind] = await asyncio.to_thread(
+                    load_serving, kind, self.model_dir, self.model_name,  # type: ignore[arg-type]
+                    relative_noise=self.relative_noise, seed=self.seed, threads=self.threads)
+            return loaded[kind]
+
         for spec in sorted(specs, key=lambda s: s.kind == "proxy"):
             if spec.kind == "proxy":
                 if spec.target is None:
@@ -243,12 +292,16 @@ class Zoo:
                 target = self.urls.get(spec.target, spec.target)
                 app: web.Application = ProxyApp(spec.name, target).build()
             else:
-                serving = loaded.get(spec.kind)
-                if serving is None:
-                    serving = loaded[spec.kind] = await asyncio.to_thread(
-                        load_serving, spec.kind, self.model_dir, self.model_name,
-                        relative_noise=self.relative_noise, seed=self.seed,
-                        threads=self.threads)
+                serving: ModelServing | LazyServing | RoutedServing
+                if spec.kind in CHEATER_KINDS:
+                    # every cheater of the process shares the claimed model's serving (and
+                    # its answer cache) with the honest node, and one cheaper model
+                    claimed = await serving_of("honest")
+                    cheaper = await serving_of(CHEAPER)
+                    assert isinstance(claimed, ModelServing) and isinstance(cheaper, ModelServing)
+                    serving = cheater_serving(spec, claimed, cheaper, self.model_name, self.seed)
+                else:
+                    serving = await serving_of(spec.kind)
                 signatures = (ModelSignatures(self.model_name, str(self.model_dir))
                               if spec.kind in MODEL_KINDS else None)
                 app = ServingApp(spec.name, serving, signatures).build()

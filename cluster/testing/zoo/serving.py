@@ -24,12 +24,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cluster.honesty.local_lm import LocalCausalLM, TokenChoice
+from cluster.honesty.local_lm import GeneratedTokens, LocalCausalLM, TokenChoice
 from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
 from cluster.testing.testnode.serving import ResponseIds
 from cluster.wire import openai as wire
 
-CACHE_SIZE = 512
+# answers kept per model (the cheater kinds reuse the honest model's: benches send a few
+# hundred docs to several nodes)
+CACHE_SIZE = 2048
 
 _CANNED = (
     "I'm sorry, I can't help with that right now.",
@@ -101,6 +103,13 @@ class ModelServing:
         self._ids = ResponseIds(clock)
         self.cache = AnswerCache(cache_size)
 
+    def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, *, top_k: int = 1,
+                 temperature: float = 0.0, seed: int | None = None) -> list[GeneratedTokens]:
+        """The generated tokens of every prompt with the logprobs reported for them (the
+        model's own; a laundering cheater overrides this, ``cluster/testing/zoo/cheaters.py``)."""
+        return self.lm.generate(prompts, max_tokens, top_k=top_k, temperature=temperature,
+                                seed=seed)
+
     def _top(self, choice: TokenChoice, k: int) -> dict[str, float]:
         top = {self.lm.token_text(t): lp for t, lp in choice.top[:k]}
         top.setdefault(self.lm.token_text(choice.token_id), choice.logprob)
@@ -117,8 +126,8 @@ class ModelServing:
             generated = [[s.next_token] if req.max_tokens == 1 else [] for s in scored]
             finishes = ["length"] * len(prompts)
         else:
-            gens = lm.generate(prompts, req.max_tokens, top_k=max(1, k or 1),
-                               temperature=req.temperature, seed=req.seed)
+            gens = self.generate(prompts, req.max_tokens, top_k=max(1, k or 1),
+                                 temperature=req.temperature, seed=req.seed)
             generated = [list(g.tokens) for g in gens]
             finishes = [g.finish_reason for g in gens]
             scored = lm.score(prompts, top_k=max(1, k or 1)) if req.echo and k is not None \
@@ -167,8 +176,8 @@ class ModelServing:
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else ""}
                     for m in req.messages]
         prompt = lm.chat_prompt(messages)
-        gen = lm.generate([prompt], req.output_limit(), temperature=req.temperature,
-                          seed=req.seed)[0]
+        gen = self.generate([prompt], req.output_limit(), temperature=req.temperature,
+                            seed=req.seed)[0]
         text, stopped = _cut_at_stop(lm.decode(gen.token_ids), wire.normalize_stop(req.stop))
         response = wire.chat_response(
             self._ids.new("chatcmpl"), self._ids.created(), self.model_name, text,

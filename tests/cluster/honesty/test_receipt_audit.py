@@ -283,6 +283,7 @@ def test_the_cli_registers_a_job_and_audits_it_on_demand(
     settings.honesty.references = {"smollm2": ReferenceSettings(
         url=reference_node.base_url, model_dir=smollm2_dir)}
     settings.receipts.rerun_fraction = 1.0
+    settings.receipts.audit_sampled_requests = 0  # the test node cannot sample seeded
 
     async def add_node() -> None:
         stores = await MongoStores.connect(mongo_url, settings.stores.mongo_database)

