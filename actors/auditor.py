@@ -1,5 +1,6 @@
-"""Auditor: the loop's honesty stage. Runs the verification rounds and receipt audits the
-Manager schedules (``actors/scheduled_checks.py``), each recorded as ``testbench verify``
+"""Auditor: the loop's honesty stage. Runs the verification rounds, receipt audits, the
+reference's per-doc results and the traffic check the Manager schedules
+(``actors/scheduled_checks.py``), each recorded as ``testbench verify``
 and ``testbench receipts audit`` record theirs, and counts every verdict it writes in
 ``ray_testbench_verdicts_total`` (check, outcome).
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +29,9 @@ from cluster.core.settings import Settings
 from cluster.core.streaming import StreamingJob
 from cluster.core.verdicts import VerdictRecord
 from cluster.honesty.job_audits import audit_job
+from cluster.honesty.measuring import Rescorer, check_traffic
 from cluster.honesty.reference import TrustedReference
+from cluster.honesty.reference_docs import refresh_reference_docs
 from cluster.honesty.verdicts import VerdictSink
 from cluster.honesty.verification import build_references, verify_nodes
 from cluster.nodes.transport import open_node_session
@@ -60,6 +64,10 @@ class Auditor:
         self._http: aiohttp.ClientSession | None = None
         self._references: dict[str, TrustedReference] | None = None
         self._lock: asyncio.Lock | None = None
+        # the traffic check's re-scores, kept across steps, and the secret that picks the
+        # relays to re-score (nodes cannot know which of their answers are checked)
+        self._rescorers: dict[str, Rescorer] = {}
+        self._salt = secrets.token_hex(16)
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
@@ -99,6 +107,22 @@ class Auditor:
                               | {r.node_id for r in done.evasion if r.flagged}),
             "traffic": {node: t.as_dict() for node, t in done.traffic.items()},
         }
+
+    async def reference_docs(self) -> dict[str, Any]:
+        """One step of the reference's per-doc results (``cluster/honesty/reference_docs.py``):
+        where each (model, task) set stands."""
+        mongo = await self._stores.mongo()
+        datasets = await self._stores.datasets()
+        return await refresh_reference_docs(self._settings, mongo, datasets,
+                                            await self.references(), clock=self._clock)
+
+    async def check_traffic(self, nodes: Sequence[Node]) -> dict[str, Any]:
+        """The traffic check over ``nodes`` (``cluster/honesty/measuring.py``), its verdicts
+        recorded and counted; per node its outcome and the validator's cost."""
+        mongo = await self._stores.mongo()
+        return await check_traffic(self._settings, mongo, list(nodes), await self.references(),
+                                   self._rescorers, salt=self._salt,
+                                   sink=MeteredVerdicts(mongo.verdicts), clock=self._clock)
 
     async def audit(self, jobs: Sequence[StreamingJob]) -> dict[str, Any]:
         """Audit each job (fresh requests through its app); a summary for the Manager."""

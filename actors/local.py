@@ -94,6 +94,12 @@ class LocalPipeline:
     async def audit(self, jobs: Sequence[StreamingJob]) -> dict[str, Any]:
         return await self._auditor().audit(jobs)
 
+    async def reference_docs(self) -> dict[str, Any]:
+        return await self._auditor().reference_docs()
+
+    async def check_traffic(self, nodes: Sequence[Node]) -> dict[str, Any]:
+        return await self._auditor().check_traffic(nodes)
+
     async def close(self) -> None:
         if self.auditor is not None:
             await self.auditor.close()

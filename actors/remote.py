@@ -204,6 +204,12 @@ class RayPipeline:
     async def audit(self, jobs: Sequence[StreamingJob]) -> dict[str, Any]:
         return await self._auditor().audit.remote(list(jobs))
 
+    async def reference_docs(self) -> dict[str, Any]:
+        return await self._auditor().reference_docs.remote()
+
+    async def check_traffic(self, nodes: Sequence[Node]) -> dict[str, Any]:
+        return await self._auditor().check_traffic.remote(list(nodes))
+
     def children(self) -> dict[str, Any]:
         out = {"samplers": self.samplers, "evaluators": self.evaluators,
                "requester": self.requester}

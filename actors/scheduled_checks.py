@@ -13,6 +13,13 @@ already holds or reads in one query, and the work goes to the Auditor child
 - **receipt audits**, looking every ``manager.node_refresh_s`` (at most every
   ``receipts.audit_every_s``): the enabled jobs not audited for ``receipts.audit_every_s``
   are audited (``cluster/honesty/job_audits.py``).
+- **reference results**, every ``honesty.reference_docs_every_s`` while references are
+  configured: the next ``honesty.reference_docs_chunk`` docs of the trusted reference's
+  per-doc results of each (model, task), until every set is complete and current
+  (``cluster/honesty/reference_docs.py``).
+- **traffic check**, every ``honesty.traffic_check_every_s`` while references are
+  configured: every LLM node's measuring traffic of the TTL window against the reference
+  (``cluster/honesty/measuring.py``), one ``traffic_substitution`` verdict per node.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class HonestyChildren(Protocol):
 
     def verify(self, nodes: Sequence[Node]) -> Awaitable[dict[str, Any]]: ...
     def audit(self, jobs: Sequence[StreamingJob]) -> Awaitable[dict[str, Any]]: ...
+    def reference_docs(self) -> Awaitable[dict[str, Any]]: ...
+    def check_traffic(self, nodes: Sequence[Node]) -> Awaitable[dict[str, Any]]: ...
 
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
@@ -56,11 +65,17 @@ class ScheduledChecks:
         self._next_audit = -math.inf
         self._verifying = False
         self._auditing = False
+        self._next_reference = -math.inf
+        self._next_traffic = -math.inf
+        self._referencing = False
+        self._checking_traffic = False
         self._ledger: dict[str, NodeTraffic] = {}
         self._last_round: dict[str, Any] | None = None
         self._last_audit: dict[str, Any] | None = None
+        self._reference_sets: dict[str, Any] = {}
+        self._last_traffic: dict[str, Any] | None = None
         self._counters = {"rounds": 0, "nodes_verified": 0, "audits": 0, "jobs_audited": 0,
-                          "step_errors": 0}
+                          "reference_steps": 0, "traffic_checks": 0, "step_errors": 0}
 
     @property
     def verifying(self) -> bool:
@@ -69,6 +84,14 @@ class ScheduledChecks:
     @property
     def auditing(self) -> bool:
         return self._receipts.audit_every_s > 0
+
+    @property
+    def referencing(self) -> bool:
+        return bool(self._honesty.references) and self._honesty.reference_docs_every_s > 0
+
+    @property
+    def checking_traffic(self) -> bool:
+        return bool(self._honesty.references) and self._honesty.traffic_check_every_s > 0
 
     def tick(self, now: float, nodes: Mapping[str, Node], children: HonestyChildren,
              stores: StoreConnections, spawn: Spawn) -> None:
@@ -82,6 +105,40 @@ class ScheduledChecks:
             self._auditing = True
             self._next_audit = now + self._audit_look_s
             spawn(self._audit(now, children, stores))
+        if self.referencing and not self._referencing and now >= self._next_reference:
+            self._referencing = True
+            self._next_reference = now + self._honesty.reference_docs_every_s
+            spawn(self._reference_docs(children))
+        if self.checking_traffic and not self._checking_traffic and now >= self._next_traffic:
+            self._checking_traffic = True
+            self._next_traffic = now + self._honesty.traffic_check_every_s
+            spawn(self._traffic([n for n in nodes.values() if n.kind == "llm"], children))
+
+    async def _reference_docs(self, children: HonestyChildren) -> None:
+        try:
+            report = await children.reference_docs()
+            self._counters["reference_steps"] += 1
+            self._reference_sets = report
+            # sets still filling: look again soon, not a whole period later
+            if any(isinstance(r, dict) and r.get("complete") is False for r in report.values()):
+                self._next_reference = min(self._next_reference, self._clock() + 1.0)
+        except Exception:
+            self._counters["step_errors"] += 1
+            log.warning("manager.reference_docs_step_failed", exc_info=True)
+        finally:
+            self._referencing = False
+
+    async def _traffic(self, nodes: list[Node], children: HonestyChildren) -> None:
+        try:
+            if nodes:
+                report = await children.check_traffic(nodes)
+                self._counters["traffic_checks"] += 1
+                self._last_traffic = {"at": self._clock(), "nodes": report}
+        except Exception:
+            self._counters["step_errors"] += 1
+            log.warning("manager.traffic_check_step_failed", exc_info=True)
+        finally:
+            self._checking_traffic = False
 
     async def _verify(self, now: float, nodes: list[Node], children: HonestyChildren,
                       stores: StoreConnections) -> None:
@@ -133,6 +190,7 @@ class ScheduledChecks:
             "verifying": self.verifying, "auditing": self.auditing,
             "max_traffic_share": budget, **self._counters,
             "over_budget": over, "last_round": self._last_round, "last_audit": self._last_audit,
+            "reference_sets": self._reference_sets, "last_traffic_check": self._last_traffic,
         }
         if detail:
             out["nodes"] = {node: {

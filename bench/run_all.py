@@ -30,6 +30,7 @@ BENCHES: dict[str, list[str]] = {
     "manager_plan.py --nodes 100000": ["--nodes", "100000", "--goal-s", "5", "--goal-gib", "10"],
     "requester.py": ["--rounds", "5"],
     "poc.py": [],
+    "poc_power.py": [],
     "e2e_vs_lmeval.py": [],
     "sim_nodes.py": [],
     "honesty_calibration.py": [],

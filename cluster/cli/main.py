@@ -24,13 +24,14 @@ from cluster.cli import (
     poc,
     receipts,
     scores,
+    train,
 )
 from cluster.cli.output import error
 from cluster.core.errors import TestbenchError
 from cluster.core.settings import load_settings
 from cluster.local.bootstrap import stores_running
 
-GROUPS = (local, datasets, nodes, loop, scores, honesty, receipts, organic, poc, evaluations)
+GROUPS = (local, datasets, nodes, loop, scores, honesty, receipts, organic, poc, evaluations, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

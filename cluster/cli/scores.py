@@ -1,5 +1,6 @@
-"""``testbench scores``: every (node, task) buffer, the pairs that cannot be measured (with
-their reasons), the honesty verdicts and traffic shares."""
+"""``testbench scores``: every (node, task) buffer, its paired score against the trusted
+reference, the pairs that cannot be measured (with their reasons), the honesty verdicts and
+traffic shares."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from cluster.core.buffers import UnmeasurablePair
 from cluster.core.settings import Settings
 from cluster.leaderboard.groups import fold_groups, group_summaries
 from cluster.leaderboard.honesty import HonestyView, read_honesty
+from cluster.leaderboard.paired import PairedRow, read_paired
 from cluster.reports.honesty import format_signature_findings, format_traffic, format_verdicts
+from cluster.reports.paired import PAIRED_TITLE, format_paired
 from cluster.reports.scores import UNMEASURABLE_TITLE, format_scores, format_unmeasurable
 from cluster.storage.connections import open_mongo
 from cluster.tasks.registry import catalog_of, configured_groups
@@ -27,14 +30,15 @@ def add_parser(sub: Any) -> None:
 
 
 async def _read(settings: Settings
-                ) -> tuple[list[dict[str, Any]], list[UnmeasurablePair], HonestyView]:
+                ) -> tuple[list[dict[str, Any]], list[UnmeasurablePair], HonestyView,
+                           list[PairedRow]]:
     async with open_mongo(settings) as mongo:
         return (await mongo.buffers.summaries(), await mongo.buffers.unmeasurable(),
-                await read_honesty(settings, mongo))
+                await read_honesty(settings, mongo), await read_paired(mongo))
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    rows, unmeasurable, honesty = asyncio.run(_read(settings))
+    rows, unmeasurable, honesty, paired = asyncio.run(_read(settings))
     # configured lm-eval groups: one row per node from their subtasks' buffers
     groups = configured_groups(settings.tasks, catalog_of(settings))
     if args.json:
@@ -43,11 +47,15 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                           "verdicts": [dataclasses.asdict(v) for v in honesty.verdicts],
                           "signature_identity": {k: dataclasses.asdict(v)
                                                  for k, v in honesty.signatures.items()},
-                          "verification_traffic": [t.as_dict() for t in honesty.traffic]},
+                          "verification_traffic": [t.as_dict() for t in honesty.traffic],
+                          "paired": [p.as_dict() for p in paired]},
                          indent=2, default=str))
         return 0
     print(format_scores(fold_groups(rows, groups)) if rows
           else "no scores yet: register nodes and `testbench run`")
+    if paired:
+        print(f"\n{PAIRED_TITLE}")
+        print(format_paired(paired, rows))
     if unmeasurable:
         print(f"\n{UNMEASURABLE_TITLE}")
         print(format_unmeasurable(unmeasurable, time.time()))

@@ -41,6 +41,7 @@ from cluster.core.errors import DatasetError, ErrorCode, TestbenchError
 from cluster.core.evaluations import EvalSample, EvaluationRun, EvaluationSpec, TaskProgress
 from cluster.core.schemas import Node, Prompt, Relay
 from cluster.core.settings import Settings
+from cluster.evaluations.paired import with_paired
 from cluster.evaluations.progress import ProgressMeter
 from cluster.evaluations.results import build_results
 from cluster.evaluations.scoring import build_doc_prompts, score_doc
@@ -193,9 +194,11 @@ class EvaluationRunner:
             raise RunFailedError(
                 f"every one of {len(samples)} docs failed; e.g. {example[:300]}"
             )
-        return await self.offload(
+        results = await self.offload(
             build_results, run, adapters, samples, n_docs, float(self._clock()), tasks.plan
         )
+        # beside lm-eval's scores, labelled: the paired estimates against the reference
+        return await with_paired(results, await self._stores.mongo(), run, samples)
 
     async def _flush(self, meter: ProgressMeter, reporter: RunReporter) -> None:
         """Write the meter (one write at a time, newest counts last)."""

@@ -4,14 +4,16 @@ task folders, and where each leaf's docs live in PostgreSQL.
 Names resolve in the run's custom task folders first, then the project's ``datasets/``,
 then lm-eval's built-in tasks (:class:`~cluster.tasks.lmeval.TaskCatalog`); groups and tags
 become their leaf tasks (:func:`~cluster.tasks.lmeval.plan_tasks`). A leaf's docs are loaded
-into PostgreSQL on first use (idempotent by content hash), under the task's name, or for a
-tenant's own task under ``<task>@<content hash>``, so that two tenants' tasks of one name
-never share a table.
+into PostgreSQL on first use (idempotent by content hash): a task of the project's
+``datasets/`` under its name (as the loop keeps it), any other under
+``<task>@<hash of its data source>`` (a tenant's own task: of its folder's content), so
+that two tasks of one name with other data never share a table.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,8 @@ from cluster.tasks.lmeval.sources import SPLIT_KEYS
 
 log = logging.getLogger(__name__)
 
-_DATA_KEYS = frozenset({"dataset_path", "dataset_name", "dataset_kwargs", "process_docs",
-                        *SPLIT_KEYS})
+# what decides the docs stored (process_docs is applied to them later, by the adapter)
+_DATA_KEYS = frozenset({"dataset_path", "dataset_name", "dataset_kwargs", *SPLIT_KEYS})
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,19 @@ class RunTasks:
         if folder is not None:
             return f"{leaf.name}@{folder.digest[:12]}"
         changed = {k: v for k, v in leaf.extra_overrides.items() if k in _DATA_KEYS}
-        if changed or leaf.inline is not None:
-            text = repr(sorted((changed or dict(leaf.inline or {})).items()))
-            return f"{leaf.name}@{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-        return leaf.name
+        if not changed and leaf.inline is None and self._shipped(leaf.name):
+            return leaf.name
+        config = self.catalog.config(leaf.name, leaf.extra_overrides or None, leaf.inline,
+                                     leaf.base_dir)
+        source = json.dumps({k: config.get(k) for k in sorted(_DATA_KEYS)}, sort_keys=True,
+                            default=str)
+        return f"{leaf.name}@{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+    def _shipped(self, name: str) -> bool:
+        """A task whose YAML lies in the project's ``datasets/`` (the loop's own)."""
+        entry = self.catalog.entry(name)
+        return (entry is not None and entry.yaml_path is not None
+                and Path(entry.yaml_path).resolve().is_relative_to(self.catalog.datasets_dir))
 
     def _custom_folder(self, leaf: LeafTask) -> CustomFolder | None:
         if not self.custom:

@@ -125,6 +125,9 @@ class TrafficStats:
         def mean(xs: Sequence[float]) -> float | None:
             return sum(xs) / len(xs) if xs else None
 
+        # generations judged: exact ones, and partings scored within the budget
+        judged = self.generations - self.skipped.get("parting_over_budget", 0)
+
         return {
             "docs": self.docs,
             "loglikelihood_requests": self.loglikelihood_requests,
@@ -135,7 +138,7 @@ class TrafficStats:
             "generations": self.generations,
             "exact_generations": self.exact_generations,
             "parted_generations": self.parted,
-            "parted_share": self.parted / self.generations if self.generations else None,
+            "parted_share": self.parted / judged if judged else None,
             "parted_regrets": [round(r, 4) for r in self.parted_regrets[:10]],
             "generation_mean_abs_logprob_diff": mean(self.generation_diffs),
             "metric_docs": self.metric_docs,
@@ -156,8 +159,10 @@ class TrafficStats:
 
 class Rescorer:
     """The reference's teacher-forced scores of (prompt, continuation) token ids, kept per
-    pair (a relay re-scored in one step is not re-scored in the next); ``spent`` counts
-    the tokens it computed."""
+    pair (a relay re-scored in one step is not re-scored in the next, and every node's
+    relay of one doc carries the same tokens); ``spent`` counts the tokens it computed. The
+    traffic check reports the tokens it *asked* for, what a validator without this memory
+    would compute."""
 
     def __init__(self, reference: TrustedReference, max_items: int = 4096) -> None:
         self.reference = reference
@@ -222,7 +227,6 @@ class TrafficJudge:
         st = TrafficStats(docs=len(docs))
         st.measuring_tokens = sum(_measuring_tokens(d) for d in docs)
         budget = int(self.s.rescore_share * st.measuring_tokens)
-        spent_before = self.rescorer.spent
         self._metric_diffs(st, docs, references)
         partings: list[tuple[ReferenceAnswer, str, list[int], list[int]]] = []
         for doc in docs:
@@ -257,9 +261,8 @@ class TrafficJudge:
                     continue
                 for (tokens, choice), expected in zip(echoes, ref_doc.requests, strict=True):
                     self._compare_loglikelihood(st, tokens, choice, expected)
-        await self._judge_partings(st, partings)
-        await self._rescore(st, docs, budget - (self.rescorer.spent - spent_before))
-        st.validator_tokens = self.rescorer.spent - spent_before
+        await self._judge_partings(st, partings, budget)
+        await self._rescore(st, docs, budget - st.validator_tokens)
         return st
 
     # -- per-doc metrics -----------------------------------------------------------------
@@ -346,14 +349,26 @@ class TrafficJudge:
         return answer, choice.text, ids, prompt_ids
 
     async def _judge_partings(self, st: TrafficStats,
-                              partings: list[tuple[ReferenceAnswer, str, list[int], list[int]]]
-                              ) -> None:
-        if not partings:
+                              partings: list[tuple[ReferenceAnswer, str, list[int], list[int]]],
+                              budget: int) -> None:
+        """The reference scores each parting answer's first parting token (one forward of
+        prompt + common prefix), within ``budget`` tokens; an answer over it is not judged."""
+        kept: list[tuple[ReferenceAnswer, str, list[int], list[int]]] = []
+        items: list[tuple[list[int], list[int]]] = []
+        for parting in partings:
+            answer, _, ids, prompt_ids = parting
+            item = (prompt_ids, ids[:common_prefix(answer.token_ids, ids) + 1])
+            cost = len(item[0]) + len(item[1])
+            if st.validator_tokens + cost > budget:
+                st.skip("parting_over_budget")
+                continue
+            st.validator_tokens += cost
+            kept.append(parting)
+            items.append(item)
+        if not items:
             return
-        items = [(prompt_ids, ids[:common_prefix(answer.token_ids, ids) + 1])
-                 for answer, _, ids, prompt_ids in partings]
         scores = await self.rescorer.score(items)
-        for (answer, text, ids, _), scored in zip(partings, scores, strict=True):
+        for (answer, text, ids, _), scored in zip(kept, scores, strict=True):
             item = judge_item(answer, text, ids, scored, self.s.synthetic_tie_margin)
             if not item.agrees:
                 st.parted += 1
@@ -387,6 +402,7 @@ class TrafficJudge:
         if not chosen:
             return
         flat = [(tokens[:1], tokens[1:]) for pairs in chosen for tokens, _ in pairs]
+        st.validator_tokens += sum(len(p) + len(c) for p, c in flat)
         scores = iter(await self.rescorer.score(flat))
         for pairs in chosen:
             diffs: list[float] = []
@@ -433,8 +449,8 @@ class TrafficJudge:
                             f"{limit}")
         share = evidence["parted_share"]
         if share is not None and st.parted and share > s.traffic_max_parted_share:
-            problems.append(f"{st.parted}/{st.generations} temperature-0 answers part from "
-                            "the reference's greedy answer (not at a near tie)")
+            problems.append(f"{st.parted} of {st.generations} temperature-0 answers part "
+                            "from the reference's greedy answer (not at a near tie)")
         gen = evidence["generation_mean_abs_logprob_diff"]
         if gen is not None and gen > limit:
             problems.append(f"reported logprobs of the reference's tokens: mean |diff| "

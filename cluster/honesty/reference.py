@@ -21,8 +21,10 @@ forward per answer and recomputes every pick, with margins; the Serve reference,
 no full logits to give, replays teacher-forced by segments: it samples with the same seed
 from prompt + the answer's first ``i`` tokens (the noise's position is absolute, so a
 continuation sees the same noise), finds where its own tokens part from the answer's,
-counts that position and continues after it with the answer's token. One request per
-mismatch (+1), at most ``MAX_REPLAY_REQUESTS`` per answer.
+counts that position and continues after it with the answer's token. A request samples at
+most ``REPLAY_SEGMENT_TOKENS`` tokens (what follows a mismatch is sampled again anyway, so
+longer segments would waste decoding on a cheater's answers), at most
+``MAX_REPLAY_REQUESTS`` per answer (a replay cut short judges the positions it reached).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ if TYPE_CHECKING:  # torch is imported only where a model runs in process
 
 log = logging.getLogger(__name__)
 
-MAX_REPLAY_REQUESTS = 64  # per answer, Serve reference: enough to convict, bounded for a liar
+REPLAY_SEGMENT_TOKENS = 32
+MAX_REPLAY_REQUESTS = 256  # per answer (Serve reference)
 
 
 class ReferenceUnavailable(TestbenchError):
@@ -357,8 +360,9 @@ class ServeReference:
         for _ in range(MAX_REPLAY_REQUESTS):
             if done >= len(ids):
                 break
-            body = wire.seeded_completion_body(self._served, prompt + ids[:done], len(ids) - done,
-                                               seed=answer.seed, temperature=answer.temperature)
+            body = wire.seeded_completion_body(
+                self._served, prompt + ids[:done], min(len(ids) - done, REPLAY_SEGMENT_TOKENS),
+                seed=answer.seed, temperature=answer.temperature)
             try:
                 picked = wire.choice_token_ids((await self._client.post_json(
                     wire.COMPLETIONS_PATH, body))[0])

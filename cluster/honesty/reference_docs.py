@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE_NODE_ID = "reference"
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
+# docs whose requests go to the reference in one call (its batch: left-padded sequences)
+BATCH_DOCS = 8
 
 
 def reference_node(model: str, tokenizer_dir: Path | str) -> Node:
@@ -157,68 +159,84 @@ class DocWork:
 
 
 async def compute_reference_docs(reference: TrustedReference, adapter: Any, set_id: str,
-                                 docs: Mapping[int, dict[str, Any]], work: DocWork
-                                 ) -> list[ReferenceDoc]:
-    """The reference's result on each of ``docs`` (doc id → row), one doc at a time (a
-    doc's requests in one batch, as the loop sends them to a node)."""
+                                 docs: Mapping[int, dict[str, Any]], work: DocWork,
+                                 *, batch_docs: int = BATCH_DOCS) -> list[ReferenceDoc]:
+    """The reference's result on each of ``docs`` (doc id → row), ``batch_docs`` docs'
+    requests per reference call."""
+    ids = sorted(docs)
     out: list[ReferenceDoc] = []
-    for doc_id in sorted(docs):
-        doc = docs[doc_id]
+    for start in range(0, len(ids), batch_docs):
+        chunk = {d: docs[d] for d in ids[start:start + batch_docs]}
         if getattr(adapter, "output_type", None) == "signature":
-            out.append(await _signature_doc(reference, adapter, set_id, doc_id, doc, work))
+            out += await _signature_docs(reference, adapter, set_id, chunk, work)
         else:
-            out.append(await _lmeval_doc(reference, adapter, set_id, doc_id, doc, work))
+            out += await _lmeval_docs(reference, adapter, set_id, chunk, work)
     return out
 
 
-async def _signature_doc(reference: TrustedReference, adapter: Any, set_id: str, doc_id: int,
-                         doc: dict[str, Any], work: DocWork) -> ReferenceDoc:
-    _, body = adapter.request_body(doc)
-    prompt = str(body["prompt"])
-    (answer,) = await reference.generate([prompt], wire.max_output_tokens(body))
-    work.tokens += len(answer.prompt_ids) + len(answer.token_ids)
-    generation = _generation(answer, answer.text, reference.encode_continuation)
-    # the signature task's metrics (SignatureTaskAdapter.score), for the reference's answer
-    metrics = {"answered": float(bool(answer.text.strip())),
-               "answer_tokens": float(len(answer.token_ids))}
-    return ReferenceDoc(set_id=set_id, doc_id=doc_id, metrics=metrics, generations=[generation])
+async def _signature_docs(reference: TrustedReference, adapter: Any, set_id: str,
+                          docs: Mapping[int, dict[str, Any]], work: DocWork
+                          ) -> list[ReferenceDoc]:
+    bodies = {d: adapter.request_body(doc)[1] for d, doc in docs.items()}
+    out: list[ReferenceDoc] = []
+    for max_tokens in sorted({wire.max_output_tokens(b) for b in bodies.values()}):
+        group = [d for d, b in bodies.items() if wire.max_output_tokens(b) == max_tokens]
+        answers = await reference.generate([str(bodies[d]["prompt"]) for d in group],
+                                           max_tokens)
+        for doc_id, answer in zip(group, answers, strict=True):
+            work.tokens += len(answer.prompt_ids) + len(answer.token_ids)
+            generation = _generation(answer, answer.text, reference.encode_continuation)
+            # the signature task's metrics (SignatureTaskAdapter.score) of the answer
+            metrics = {"answered": float(bool(answer.text.strip())),
+                       "answer_tokens": float(len(answer.token_ids))}
+            out.append(ReferenceDoc(set_id=set_id, doc_id=doc_id, metrics=metrics,
+                                    generations=[generation]))
+    return sorted(out, key=lambda r: r.doc_id)
 
 
-async def _lmeval_doc(reference: TrustedReference, adapter: Any, set_id: str, doc_id: int,
-                      doc: dict[str, Any], work: DocWork) -> ReferenceDoc:
-    instances = adapter.build_instances(doc_id, doc)
-    requests: list[ReferenceRequest] = []
-    generations: list[ReferenceGeneration] = []
-    likelihood = [i for i in instances if i.request_type in LOGLIKELIHOOD_TYPES]
+async def _lmeval_docs(reference: TrustedReference, adapter: Any, set_id: str,
+                       docs: Mapping[int, dict[str, Any]], work: DocWork) -> list[ReferenceDoc]:
+    built = {d: adapter.build_instances(d, doc) for d, doc in docs.items()}
+    requests: dict[int, list[ReferenceRequest]] = {d: [] for d in docs}
+    generations: dict[int, list[ReferenceGeneration]] = {d: [] for d in docs}
+    # every loglikelihood request of the chunk in one teacher-forced call
+    likelihood = [(d, inst) for d, insts in built.items() for inst in insts
+                  if inst.request_type in LOGLIKELIHOOD_TYPES]
     if likelihood:
-        inputs = [adapter.loglikelihood_tokens(inst) for inst in likelihood]
+        inputs = [adapter.loglikelihood_tokens(inst) for _, inst in likelihood]
         scored = await reference.logprobs([(tokens[:ctxlen], tokens[ctxlen:])
                                            for tokens, ctxlen in inputs])
-        for inst, (tokens, ctxlen), scores in zip(likelihood, inputs, scored, strict=True):
+        for (d, inst), (tokens, ctxlen), scores in zip(likelihood, inputs, scored, strict=True):
             work.tokens += len(tokens)
             ll = sum(s.logprob for s in scores)
             greedy = all(s.logprob == s.top_logprob for s in scores)
             inst.resps = [(ll, greedy)] * adapter.repeats
-            requests.append(ReferenceRequest(context_tokens=ctxlen,
-                                             continuation_tokens=len(tokens) - ctxlen,
-                                             loglikelihood=ll, greedy=greedy))
-    for inst in instances:
-        if inst.request_type in LOGLIKELIHOOD_TYPES:
-            continue
-        body, _ = adapter.request_body(inst, adapter.model)
-        (item,) = wire.prompt_items(body["prompt"])
-        max_tokens = wire.max_output_tokens(body)
-        if isinstance(item, str):
-            (answer,) = await reference.generate([item], max_tokens)
-        else:
-            (answer,) = await reference.generate_ids([item], max_tokens)
-        work.tokens += len(answer.prompt_ids) + len(answer.token_ids)
-        text = _cut_at_stop(answer.text, wire.normalize_stop(body.get("stop")))
-        inst.resps = [text] * adapter.repeats
-        generations.append(_generation(answer, text, reference.encode_continuation))
-    metrics = adapter.score_instances(instances)
-    return ReferenceDoc(set_id=set_id, doc_id=doc_id, metrics=metrics, requests=requests,
-                        generations=generations)
+            requests[d].append(ReferenceRequest(context_tokens=ctxlen,
+                                                continuation_tokens=len(tokens) - ctxlen,
+                                                loglikelihood=ll, greedy=greedy))
+    # generation requests, greedy, grouped by prompt kind and length limit
+    asked: dict[tuple[bool, int], list[tuple[int, Any, Any, list[str]]]] = {}
+    for d, insts in built.items():
+        for inst in insts:
+            if inst.request_type in LOGLIKELIHOOD_TYPES:
+                continue
+            body, _ = adapter.request_body(inst, adapter.model)
+            (item,) = wire.prompt_items(body["prompt"])
+            key = (isinstance(item, str), wire.max_output_tokens(body))
+            asked.setdefault(key, []).append(
+                (d, inst, item, wire.normalize_stop(body.get("stop"))))
+    for (is_text, max_tokens), group in asked.items():
+        items = [item for _, _, item, _ in group]
+        answers = await (reference.generate(items, max_tokens) if is_text
+                         else reference.generate_ids(items, max_tokens))
+        for (d, inst, _, stop), answer in zip(group, answers, strict=True):
+            work.tokens += len(answer.prompt_ids) + len(answer.token_ids)
+            text = _cut_at_stop(answer.text, stop)
+            inst.resps = [text] * adapter.repeats
+            generations[d].append(_generation(answer, text, reference.encode_continuation))
+    return [ReferenceDoc(set_id=set_id, doc_id=d, metrics=adapter.score_instances(built[d]),
+                         requests=requests[d], generations=generations[d])
+            for d in sorted(built)]
 
 
 @dataclass(frozen=True)
@@ -254,6 +272,7 @@ async def refresh_reference_docs(
     budget = settings.honesty.reference_docs_chunk if max_docs is None else max_docs
     catalog = catalog_of(settings)
     report: dict[str, Any] = {}
+    ready: list[tuple[ReferencePair, Any, TrustedReference]] = []
     for pair in pairs if pairs is not None else reference_pairs(settings):
         key = f"{pair.model}|{pair.task}"
         reference = references.get(pair.model)
@@ -262,8 +281,15 @@ async def refresh_reference_docs(
             report[key] = {"error": "no reference for the model"}
             continue
         try:
-            adapter = load_adapter(pair.task, catalog, reference_node(pair.model,
-                                                                      ref_settings.model_dir))
+            ready.append((pair, load_adapter(pair.task, catalog, reference_node(
+                pair.model, ref_settings.model_dir)), reference))
+        except (TestbenchError, ValueError) as exc:
+            report[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    # scoring tasks first: a generation task's docs cost a decode of up to max_gen_toks each
+    ready.sort(key=lambda r: getattr(r[1], "output_type", "") == "generate_until")
+    for pair, adapter, reference in ready:
+        key = f"{pair.model}|{pair.task}"
+        try:
             found = await _step(pair, adapter, reference, mongo, datasets, budget, clock)
         except (TestbenchError, ValueError) as exc:
             log.warning("reference_docs.pair_failed pair=%s reason=%s", key, exc)

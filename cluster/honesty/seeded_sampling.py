@@ -36,7 +36,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from cluster.core.verdicts import Outcome
 
@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # torch is imported where noise is computed: judging needs no
     import torch
 
     from cluster.core.settings import ReceiptSettings
-    from cluster.honesty.reference import TrustedReference
 
 NOISE_VERSION = "testbench-gumbel-v1"
 NOISE_DOMAIN = b"testbench-gumbel-v1\n"
@@ -241,8 +240,15 @@ def judge_replay(results: Sequence[ReplayResult], *, max_mismatch_share: float,
                            max_mismatch_share=max_mismatch_share, mean_margin=mean_margin)
 
 
+class SeededReplayer(Protocol):
+    """What can replay seeded answers: every trusted reference
+    (``cluster/honesty/reference.py``, ``TrustedReference.replay_seeded``)."""
+
+    async def replay_seeded(self, answers: Sequence[SeededAnswer]) -> list[ReplayResult]: ...
+
+
 async def replay_and_judge(
-    reference: TrustedReference, answers: Sequence[SeededAnswer],
+    reference: SeededReplayer, answers: Sequence[SeededAnswer],
     settings: ReceiptSettings | None = None,
 ) -> tuple[ReplayJudgement, list[ReplayResult]]:
     """Replay a node's seeded sampled answers on the trusted reference and judge them

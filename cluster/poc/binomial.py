@@ -66,3 +66,60 @@ def critical_count(n: int, honest_rate: float, p_threshold: float) -> int | None
         if binomial_tail_exact(k, n, honest_rate) < p_threshold:
             return k
     return None
+
+
+def binomial_pmf(k: int, n: int, p: float) -> float:
+    """P(X = k), X ~ Binomial(n, p); p may be 0 or 1."""
+    if not 0 <= k <= n:
+        return 0.0
+    if p <= 0.0:
+        return 1.0 if k == 0 else 0.0
+    if p >= 1.0:
+        return 1.0 if k == n else 0.0
+    return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                    + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def upper_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k), X ~ Binomial(n, p), for any p in [0, 1] (exact)."""
+    if k <= 0:
+        return 1.0
+    if k > n or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    return binomial_tail_exact(k, n, p)
+
+
+def sequential_conviction_probability(
+    n1: int, n2: int, escalate_at: int, mismatch_rate: float, honest_rate: float,
+    p_threshold: float,
+) -> float:
+    """Chance that a node mismatching at ``mismatch_rate`` is convicted by the two-stage test.
+
+    Stage 1: ``n1`` nonces, ``X1`` mismatches; fraud when P(Binomial(n1, honest) >= X1) is
+    below ``p_threshold``. Otherwise, when ``X1 >= escalate_at`` (and ``n2 > 0``), ``n2``
+    more are drawn; fraud when P(Binomial(n1 + n2, honest) >= X1 + X2) is below it. Exact:
+    a sum over ``X1`` of its probability times the chance of conviction given it.
+    """
+    k1 = critical_count(n1, honest_rate, p_threshold)
+    k_total = critical_count(n1 + n2, honest_rate, p_threshold) if n2 > 0 else None
+    total = 0.0
+    for x1 in range(n1 + 1):
+        pmf = binomial_pmf(x1, n1, mismatch_rate)
+        if pmf == 0.0:
+            continue
+        if k1 is not None and x1 >= k1:
+            total += pmf
+        elif k_total is not None and x1 >= escalate_at:
+            total += pmf * upper_tail(k_total - x1, n2, mismatch_rate)
+    return min(1.0, total)
+
+
+def sequential_expected_checks(n1: int, n2: int, escalate_at: int, mismatch_rate: float,
+                               honest_rate: float, p_threshold: float) -> float:
+    """Expected nonces recomputed by the two-stage test for a node at ``mismatch_rate``."""
+    k1 = critical_count(n1, honest_rate, p_threshold)
+    stop_at = n1 + 1 if k1 is None else k1
+    escalate = sum(binomial_pmf(x, n1, mismatch_rate) for x in range(escalate_at, stop_at))
+    return n1 + (n2 * escalate if n2 > 0 else 0.0)

@@ -4,6 +4,14 @@ A sampled nonce mismatches when the recomputed distance differs from the claimed
 more than ``distance_tolerance``, or when either is not below ``r_target``. Honest nodes
 mismatch only through hardware differences near the boundary (``honest_mismatch_rate``);
 the node is a fraud when P(X >= mismatches | honest) is below ``p_value_threshold``.
+
+Sequential: ``sample_size`` nonces first; a node not convicted by them but with
+``escalate_at`` mismatches or more (suspicious: an honest node shows one in ~10% of rounds)
+gets ``second_sample_size`` more, drawn from the nonces not yet checked, and the test is
+applied to all nonces checked. Both stages use the same threshold, so a conviction at
+either is as strong as a fixed sample's; the false-conviction and detection probabilities
+of the whole procedure are exact sums (``cluster/poc/binomial.py``,
+``sequential_conviction_probability``).
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ class Judgement(PocRecord):
     mismatches: list[Mismatch]
     p_value: float
     fraud: bool
+    stages: int = 1
+    n_first_stage: int = 0
+    first_stage_mismatches: int = 0
 
 
 class VerdictEvidence(PocRecord):
@@ -89,6 +100,9 @@ class Verdict(PocRecord):
     sample_seed: int
     validated_at: float
     evidence: VerdictEvidence
+    stages: int = Field(default=1, description="2 when the first sample drew a second")
+    n_first_stage: int = 0
+    first_stage_mismatches: int = 0
 
     @property
     def outcome(self) -> Outcome:
@@ -101,6 +115,9 @@ class Verdict(PocRecord):
         """The stored verdict (check ``poc``); every figure of the validation is evidence."""
         test = (f"{self.n_mismatch} of {self.n_sampled} sampled nonces mismatch, "
                 f"p = {self.p_value:.3g}")
+        if self.stages == 2:
+            test += (f" (second sample after {self.first_stage_mismatches} mismatches in the "
+                     f"first {self.n_first_stage})")
         reason = {
             Outcome.FAIL: f"fraud: {test} < {self.p_value_threshold:g}",
             Outcome.PASS: f"{test} >= {self.p_value_threshold:g}",
@@ -171,23 +188,57 @@ class PocValidator:
     def config(self) -> ValidationConfig:
         return self._config
 
-    def sample(self, claim: ClaimedProof, rng: random.Random) -> list[int]:
-        """Indices into the claim (first occurrence of each nonce), sampled without replacement."""
+    @staticmethod
+    def _unique(claim: ClaimedProof) -> list[int]:
         first: dict[int, int] = {}
         for i, nonce in enumerate(claim.nonces):
             first.setdefault(nonce, i)
-        unique = sorted(first.values())
+        return sorted(first.values())
+
+    def sample(self, claim: ClaimedProof, rng: random.Random) -> list[int]:
+        """Indices into the claim (first occurrence of each nonce), sampled without replacement."""
+        unique = self._unique(claim)
         return sorted(rng.sample(unique, min(self._config.sample_size, len(unique))))
+
+    def second_sample(self, claim: ClaimedProof, first: list[int], rng: random.Random
+                      ) -> list[int]:
+        """``second_sample_size`` more indices, none of them in ``first``."""
+        taken = set(first)
+        rest = [i for i in self._unique(claim) if i not in taken]
+        return sorted(rng.sample(rest, min(self._config.second_sample_size, len(rest))))
+
+    def _check(self, claim: ClaimedProof, idx: list[int]) -> tuple[list[int], list[Mismatch]]:
+        nonces = [claim.nonces[i] for i in idx]
+        claimed = [claim.distances[i] for i in idx]
+        recomputed = self._computer.with_key(claim.public_key).compute_distances(nonces).tolist()
+        return nonces, find_mismatches(nonces, claimed, recomputed, self._computer.r_target,
+                                       self._config.distance_tolerance)
+
+    def judge_sequential(self, claim: ClaimedProof, rng: random.Random
+                         ) -> tuple[list[int], Judgement]:
+        """The nonces checked and the two-stage decision (module docstring)."""
+        cfg = self._config
+        first = self.sample(claim, rng)
+        nonces, mismatches = self._check(claim, first)
+        n1, m1 = len(nonces), len(mismatches)
+        p_value = binomial_tail(m1, n1, cfg.honest_mismatch_rate)
+        stages = 1
+        if (p_value >= cfg.p_value_threshold and cfg.second_sample_size > 0
+                and m1 >= cfg.escalate_at):
+            second = self.second_sample(claim, first, rng)
+            if second:
+                more, more_mismatches = self._check(claim, second)
+                nonces, mismatches, stages = nonces + more, mismatches + more_mismatches, 2
+                p_value = binomial_tail(len(mismatches), len(nonces), cfg.honest_mismatch_rate)
+        return nonces, Judgement(n_checked=len(nonces), mismatches=mismatches, p_value=p_value,
+                                 fraud=p_value < cfg.p_value_threshold, stages=stages,
+                                 n_first_stage=n1, first_stage_mismatches=m1)
 
     def validate(self, claim: ClaimedProof, sample_seed: int) -> Verdict:
         started = self._timer()
         rng = random.Random(sample_seed)
-        idx = self.sample(claim, rng)
-        nonces = [claim.nonces[i] for i in idx]
-        claimed = [claim.distances[i] for i in idx]
-        recomputed = self._computer.with_key(claim.public_key).compute_distances(nonces).tolist()
+        nonces, result = self.judge_sequential(claim, rng)
         params = self._computer.params
-        result = judge(nonces, claimed, recomputed, params.r_target, self._config)
         n_unique = len(set(claim.nonces))
         digest = hashlib.sha256(",".join(map(str, nonces)).encode()).hexdigest()
         verdict_id = hashlib.sha256(
@@ -211,6 +262,9 @@ class PocValidator:
             fraud=result.fraud,
             sample_seed=sample_seed,
             validated_at=self._clock(),
+            stages=result.stages,
+            n_first_stage=result.n_first_stage,
+            first_stage_mismatches=result.first_stage_mismatches,
             evidence=VerdictEvidence(
                 mismatches=result.mismatches[: self._config.max_evidence],
                 sampled_nonces_sha256=digest,

@@ -349,7 +349,8 @@ async def load_hub_dataset(
     return _result(task_name, {split: len(rows)}, sha, loaded)
 
 
-def _fetch_hub_rows(hub_path: str, name: str | None, split: str, where: str) -> list[Row]:
+def _fetch_hub_rows(hub_path: str, name: str | None, split: str, where: str,
+                    data_files: Mapping[str, list[str]] | None = None) -> list[Row]:
     reason = hub_unreachable()
     if reason is not None:
         raise DatasetError(f"cannot load {where}: the Hugging Face hub is offline: {reason}")
@@ -359,7 +360,8 @@ def _fetch_hub_rows(hub_path: str, name: str | None, split: str, where: str) -> 
     except ImportError:
         raise DatasetError(f"cannot load {where}: the `datasets` package is not installed") from None
     try:
-        data = hf_datasets.load_dataset(hub_path, name, split=split)
+        extra = {"data_files": dict(data_files)} if data_files else {}
+        data = hf_datasets.load_dataset(hub_path, name, split=split, **extra)
     except Exception as err:  # network, auth, unknown dataset/config/split...
         raise DatasetError(
             f"cannot load {where} from the Hugging Face hub (offline or unknown dataset?): "
@@ -394,6 +396,16 @@ async def load_lmeval_data(
     cfg = await asyncio.to_thread(
         catalog.config, name, leaf.extra_overrides or None, leaf.inline, leaf.base_dir)
     files = data_files(cfg)
+    if files is not None and any(isinstance(f, str) for fs in files.values() for f in fs):
+        # URLs (lm-eval reads them itself; with_data_source let them through: online)
+        remote = {}
+        for split, urls in sorted(files.items()):
+            remote[split] = await asyncio.to_thread(
+                _fetch_hub_rows, str(cfg["dataset_path"]), None, split,
+                f"task {name!r}: {urls[0]}", {split: [str(u) for u in urls]})
+        sha = _rows_sha256(remote)
+        loaded = await store.register_dataset(key, remote, sha)
+        return _result(key, {s: len(r) for s, r in remote.items()}, sha, loaded)
     if files is not None:
         for paths in files.values():
             for path in paths:

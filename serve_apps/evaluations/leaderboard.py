@@ -1,7 +1,8 @@
 """The leaderboard's data: nodes × tasks from the measuring loop's MongoDB.
 
 - cells: each (node, task) buffer summary (``buffers`` collection, as ``testbench scores``
-  reads it): every metric's mean ± stderr, n, error rate, p50/p95 latency;
+  reads it): every metric's mean ± stderr, n, error rate, p50/p95 latency, and its paired
+  estimate against the trusted reference where that exists (``cluster/leaderboard/paired.py``);
 - unmeasurable: the pairs the loop cannot measure as configured, with the reason
   (``BufferStore.unmeasurable``), shown in their table cells;
 - verdicts: each node's latest verdict per check (the one stored verdict shape, from
@@ -24,6 +25,7 @@ from cluster.core.buffers import UnmeasurablePair
 from cluster.core.errors import ErrorCode
 from cluster.core.verdicts import DETAIL_CHECKS, Outcome, VerdictRecord
 from cluster.leaderboard.groups import group_summaries
+from cluster.leaderboard.paired import PairedRow, read_paired
 from cluster.storage.mongo import MongoStores
 from cluster.tasks.lmeval import GroupPlan
 from serve_apps.evaluations import protocol as wire
@@ -68,6 +70,23 @@ def cells_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> list[wire.Le
             updated_at=float(row.get("updated_at", 0.0)),
         ))
     return sorted(cells, key=lambda c: (c.node_id, c.task))
+
+
+def with_paired(cells: list[wire.LeaderboardCell], paired: Iterable[PairedRow]
+                ) -> list[wire.LeaderboardCell]:
+    """Cells with their paired estimates (labelled apart from the raw scores)."""
+    by_pair = {(p.node_id, p.task): p for p in paired}
+    out = []
+    for cell in cells:
+        row = by_pair.get((cell.node_id, cell.task))
+        if row is not None:
+            cell = cell.model_copy(update={"paired": {
+                m: wire.PairedMetric(mean=s.mean, stderr=s.stderr, n=s.n,
+                                     reference_mean=s.reference_mean,
+                                     differing_docs=s.differing_docs)
+                for m, s in row.metrics.items()}})
+        out.append(cell)
+    return out
 
 
 _PASSED = {Outcome.PASS: True, Outcome.FAIL: False}
@@ -154,8 +173,9 @@ def build_leaderboard(
     now: float,
     unmeasurable: Iterable[UnmeasurablePair] = (),
     groups: Sequence[GroupPlan] = (),
+    paired: Iterable[PairedRow] = (),
 ) -> wire.LeaderboardResponse:
-    cells = cells_from_summaries(summaries)
+    cells = with_paired(cells_from_summaries(summaries), paired)
     every = list({g.name: g for root in groups for g in (root, *root.subgroups())}.values())
     stuck = unmeasurable_cells(unmeasurable)
     verdicts = latest_verdicts(verdict_records)
@@ -190,5 +210,6 @@ async def load_leaderboard(
     verdicts = await mongo.verdicts.latest()
     sample_docs = await mongo.samples.history(now - history_s, max_samples)
     unmeasurable = await mongo.buffers.unmeasurable()
+    paired = await read_paired(mongo)
     return build_leaderboard(summaries, nodes, verdicts, sample_docs, window, now, unmeasurable,
-                             groups)
+                             groups, paired)

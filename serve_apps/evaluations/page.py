@@ -37,6 +37,7 @@ _PAGE = """<!doctype html>
   th { background: #f1f4f7; text-align: left; font-weight: 600; }
   td.cell .score { font-variant-numeric: tabular-nums; font-weight: 600; }
   td.cell .stderr { font-variant-numeric: tabular-nums; color: var(--muted); }
+  td.cell .paired { font-variant-numeric: tabular-nums; font-size: 0.85em; }
   td.cell .meta { color: var(--muted); font-size: 12px; }
   td.empty { color: var(--muted); text-align: center; }
   th button.fold { font: inherit; border: 0; background: none; padding: 0; cursor: pointer; }
@@ -177,6 +178,13 @@ function drawTable(data) {
         line.appendChild(el("span", {class: "meta"}, "  " + (c.metric || "")));
         td.appendChild(line);
         td.appendChild(errorBar(c.mean, c.stderr));
+        // the paired estimate against the trusted reference, labelled apart from the raw one
+        const p = c.metric && c.paired && c.paired[c.metric];
+        if (p) td.appendChild(el("div", {class: "paired", "data-paired": String(p.mean),
+                                         title: `reference full-task score ${fmt(p.reference_mean, 4)}` +
+                                                ` + mean per-doc difference over ${p.n} docs ` +
+                                                `(${p.differing_docs} differ)`},
+          `paired ${fmt(p.mean, 4)} ± ${fmt(p.stderr, 4)}`));
         td.appendChild(el("div", {class: "meta"},
           `n ${c.n} · errors ${fmt(100 * c.error_rate, 1)}% · ` +
           `p50 ${fmt(c.latency_p50_s, 3)} s · p95 ${fmt(c.latency_p95_s, 3)} s`));

@@ -261,6 +261,17 @@ class MetricScore(_Wire):
     stderr: float | None
 
 
+class PairedMetric(_Wire):
+    """A paired estimate (``cluster/core/paired.py``): the trusted reference's full-task
+    score + the node's mean per-doc difference from it, with that difference's stderr."""
+
+    mean: float
+    stderr: float | None
+    n: int = Field(description="docs paired")
+    reference_mean: float = Field(description="the reference's full-task score")
+    differing_docs: int
+
+
 class LeaderboardCell(_Wire):
     """One node on one task: its buffer's summary (the measuring loop's last N samples)."""
 
@@ -270,6 +281,9 @@ class LeaderboardCell(_Wire):
     mean: float | None
     stderr: float | None
     metrics: dict[str, MetricScore]
+    paired: dict[str, PairedMetric] = Field(
+        default_factory=dict, description="metric -> paired estimate, where the trusted "
+        "reference's per-doc results of the task are complete")
     n: int
     error_rate: float
     latency_p50_s: float | None

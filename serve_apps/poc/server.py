@@ -89,10 +89,15 @@ class PocNodeIngress:
         await self._service.shutdown()
 
 
-def build_poc_node_app(
-    config: dict[str, Any] | PocNodeConfig | None = None, deployer: LlmDeployer | None = None
-) -> Application:
-    """The PoC node Serve app; ``deployer`` overrides ``config.deployer`` (tests)."""
+def build_poc_node_app(config: dict[str, Any] | PocNodeConfig | None = None) -> Application:
+    """The MLNode Serve app (``serve run`` and a RayService call it with ``args``: one
+    parameter, as Serve requires of a builder)."""
+    return poc_node_app(config)
+
+
+def poc_node_app(config: dict[str, Any] | PocNodeConfig | None = None,
+                 deployer: LlmDeployer | None = None) -> Application:
+    """:func:`build_poc_node_app` with ``deployer`` overriding ``config.deployer`` (tests)."""
     cfg = PocNodeConfig.model_validate(config or {})
     deployment = serve.deployment(**cfg.deployment.serve_options())(
         serve.ingress()(PocNodeIngress)

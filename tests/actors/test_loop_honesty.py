@@ -102,7 +102,10 @@ def honesty_settings(base: Settings, model_dir: Path) -> Settings:
             "references": {"smollm2": ReferenceSettings(model_dir=model_dir)},
             "verify_every_s": 1.0, "min_round_gap_s": 2.0, "evasion_rounds": 2,
             "evasion_min_relays": 5, "identity_prompts": 2, "synthetic_prompts": 2,
-            "canary_prompts": 2, "max_tokens": 8, "request_timeout_s": 30.0}),
+            "canary_prompts": 2, "max_tokens": 8, "request_timeout_s": 30.0,
+            # rounds and audits only (the reference's per-doc results and the traffic
+            # check have their own loop test, tests/actors/test_loop_paired.py)
+            "reference_docs_every_s": 0.0, "traffic_check_every_s": 0.0}),
         # the job's upstream is a test node, which cannot sample seeded: no sampled audits
         "receipts": base.receipts.model_copy(update={
             "rerun_fraction": 1.0, "audit_requests": 2, "audit_sampled_requests": 0}),

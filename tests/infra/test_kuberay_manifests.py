@@ -70,11 +70,14 @@ EXPECTED = {
              "Secret/testbench-store-credentials", "Service/testbench-mongodb",
              "StatefulSet/testbench-mongodb", "Service/testbench-postgres",
              "StatefulSet/testbench-postgres", "PersistentVolumeClaim/testbench-models",
-             "PersistentVolumeClaim/testbench-offline-data", "RayCluster/testbench", "RayService/testbench-serve", "RayJob/testbench-loop"},
+             "PersistentVolumeClaim/testbench-offline-data", "RayCluster/testbench", "RayService/testbench-serve", "RayJob/testbench-loop",
+             "Secret/testbench-node-key", "PersistentVolumeClaim/testbench-train",
+             "ConfigMap/testbench-train-run", "RayJob/testbench-train"},
 }
 EXPECTED["cpu-dev"] = EXPECTED["base"] - {"PersistentVolumeClaim/testbench-models"}
 EXPECTED["gpu-prod"] = EXPECTED["base"] - {"Secret/testbench-stores",
-                                           "Secret/testbench-store-credentials"}
+                                           "Secret/testbench-store-credentials",
+                                           "Secret/testbench-node-key"}
 
 
 @pytest.mark.parametrize("name", ["base", "cpu-dev", "gpu-prod"])
@@ -98,7 +101,52 @@ def test_every_manifest_passes_every_check(rendered, name) -> None:
 def test_only_gpu_prod_expects_secrets_created_out_of_band(rendered) -> None:
     assert check_objects(rendered["cpu-dev"]).missing_secrets == set()
     assert check_objects(rendered["gpu-prod"]).missing_secrets == {
-        "testbench-stores", "testbench-store-credentials"}
+        "testbench-stores", "testbench-store-credentials", "testbench-node-key"}
+
+
+@pytest.mark.parametrize("name", ["cpu-dev", "gpu-prod"])
+def test_the_mlnode_and_streaming_job_apps_are_deployed_with_the_node_key(rendered, name) -> None:
+    from serve_apps.poc.config import PocNodeConfig
+    from serve_apps.streaming.config import StreamingJobConfig
+
+    service = one(rendered[name], "RayService")["spec"]
+    apps = {a["name"]: a for a in serve_apps(service["serveConfigV2"])}
+    mlnode = PocNodeConfig.model_validate(apps["mlnode"]["args"])
+    streaming = StreamingJobConfig.model_validate(apps["streaming"]["args"])
+    assert (apps["mlnode"]["route_prefix"], apps["streaming"]["route_prefix"]) == ("/mlnode", "/jobs")
+    key_file = "/etc/testbench/node-key/node.key"
+    assert str(mlnode.training.node_key_file) == str(streaming.signing_key_file) == key_file
+    assert str(mlnode.training.output_root) == "/data/train"
+    scaling = mlnode.training.scaling
+    if name == "gpu-prod":
+        assert (scaling.backend, scaling.device, mlnode.device) == ("nccl", "cuda", "cuda")
+        assert mlnode.auth.active and streaming.auth.active
+    else:
+        assert (scaling.backend, scaling.device, mlnode.device) == ("gloo", "cpu", "cpu")
+    # every Serve pod (replicas of 0-CPU ingresses may land on the head) has the key and
+    # the training volume
+    cluster = service["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        mounts = {m["mountPath"] for c in template["spec"]["containers"]
+                  for m in c.get("volumeMounts", [])}
+        assert {"/etc/testbench/node-key", "/data/train"} <= mounts
+
+
+@pytest.mark.parametrize("name", ["cpu-dev", "gpu-prod"])
+def test_the_training_rayjob_is_suspended_and_runs_the_real_cli(rendered, name) -> None:
+    job = one(rendered[name], "RayJob", "testbench-train")["spec"]
+    assert job["suspend"] is True and job["shutdownAfterJobFinishes"] is True
+    assert job["entrypoint"].startswith("python -m cluster train run --config /config/run.yaml")
+    assert entrypoint_errors(job["entrypoint"], "job") == ([], [])
+    from cluster.train.config import TrainRunConfig
+
+    config_map = one(rendered[name], "ConfigMap", "testbench-train-run")
+    run = TrainRunConfig.model_validate(yaml.safe_load(config_map["data"]["run.yaml"]))
+    assert run.peers == [] and run.output_dir.startswith("/data/train/")
+    gpu = "nvidia.com/gpu" in yaml.safe_dump(job["rayClusterSpec"])
+    assert gpu == (name == "gpu-prod") and ("--backend nccl" in job["entrypoint"]) == gpu
 
 
 def test_cpu_dev_asks_for_no_gpu_and_runs_the_cpu_image(rendered) -> None:
@@ -152,11 +200,11 @@ def test_both_clusters_read_tasks_from_the_offline_data_volume(rendered, name) -
             "claimName": "testbench-offline-data", "readOnly": True}} in spec["volumes"]
     settings = one(objects, "ConfigMap", "testbench-settings")["data"]
     assert settings["TESTBENCH_TASKS_SOURCES__OFFLINE_DATA_DIR"] == "/data/offline"
-    assert one(objects, "RayJob")["spec"]["clusterSelector"] == {"ray.io/cluster": "testbench"}
+    assert one(objects, "RayJob", "testbench-loop")["spec"]["clusterSelector"] == {"ray.io/cluster": "testbench"}
 
 
 def test_the_loop_job_targets_the_loop_cluster_with_the_real_cli(rendered) -> None:
-    job = one(rendered["cpu-dev"], "RayJob")["spec"]
+    job = one(rendered["cpu-dev"], "RayJob", "testbench-loop")["spec"]
     assert job["clusterSelector"] == {"ray.io/cluster": "testbench"}
     assert "python -m cluster run --until-full" in job["entrypoint"]
     assert entrypoint_errors(job["entrypoint"], "job") == ([], [])
@@ -260,13 +308,13 @@ def test_crd_validation_rejects_a_broken_raycluster(rendered, breakage) -> None:
 
 def test_crd_validation_rejects_bad_metadata_status_and_api_version(rendered) -> None:
     objects = copy.deepcopy(rendered["cpu-dev"])
-    job = one(objects, "RayJob")
+    job = one(objects, "RayJob", "testbench-loop")
     job["metadata"]["labels"]["team"] = "not a label value!"
     job["status"] = {"jobStatus": "RUNNING"}
     assert_rejected(objects, r"metadata\.labels\.team: 'not a label value!' does not match")
     assert_rejected(objects, r"testbench-loop: \(root\): .*'status' was unexpected")
     objects = copy.deepcopy(rendered["cpu-dev"])
-    one(objects, "RayJob")["spec"]["submissionMode"] = "K8sMode"  # the CRD has no enum here
+    one(objects, "RayJob", "testbench-loop")["spec"]["submissionMode"] = "K8sMode"  # the CRD has no enum here
     assert_rejected(objects, r"submissionMode 'K8sMode' is not one of")
     one(objects, "RayService")["apiVersion"] = "ray.io/v1alpha1"
     assert_rejected(objects, r"RayService/testbench/testbench-serve: apiVersion must be ray.io/v1")
@@ -297,11 +345,11 @@ def test_kuberay_rules_reject_a_broken_raycluster(rendered, breakage) -> None:
 
 def test_kuberay_rules_reject_a_job_without_its_cluster_and_long_names(rendered) -> None:
     objects = copy.deepcopy(rendered["cpu-dev"])
-    one(objects, "RayJob")["spec"]["clusterSelector"] = {"ray.io/cluster": "elsewhere"}
+    one(objects, "RayJob", "testbench-loop")["spec"]["clusterSelector"] = {"ray.io/cluster": "elsewhere"}
     one(objects, "RayService")["metadata"]["name"] = "s" * 48
     assert_rejected(objects, r"clusterSelector names RayCluster 'elsewhere', which is not defined")
     assert_rejected(objects, r"name longer than 47 characters")
-    one(objects, "RayJob")["spec"].pop("clusterSelector")
+    one(objects, "RayJob", "testbench-loop")["spec"].pop("clusterSelector")
     assert_rejected(objects, r"one of rayClusterSpec or clusterSelector must be set")
 
 
@@ -373,7 +421,7 @@ def test_import_paths_accept_lazy_module_exports(tmp_path) -> None:
 
 def test_runtime_env_and_entrypoint_errors_are_reported(rendered) -> None:
     objects = copy.deepcopy(rendered["cpu-dev"])
-    job = one(objects, "RayJob")["spec"]
+    job = one(objects, "RayJob", "testbench-loop")["spec"]
     job["runtimeEnvYAML"] = "env_vars:\n  TESTBENCH_POOLS__SAMPLERS: 4\n"
     job["entrypoint"] = "bash -c 'python -m cluster datasets load; python -m cluster run --until-fill'"
     assert_rejected(objects, r"runtimeEnvYAML: runtime_env\['env_vars'\] must be of type")
@@ -386,7 +434,7 @@ def test_runtime_env_and_entrypoint_errors_are_reported(rendered) -> None:
 
 def test_a_job_entrypoint_must_be_one_command_for_the_submitter_shell(rendered) -> None:
     objects = copy.deepcopy(rendered["cpu-dev"])
-    one(objects, "RayJob")["spec"]["entrypoint"] = (
+    one(objects, "RayJob", "testbench-loop")["spec"]["entrypoint"] = (
         "python -m cluster datasets load && python -m cluster run --until-full")
     assert_rejected(objects, r"entrypoint has several shell commands; .*wrap them in bash -c")
     assert entrypoint_errors("python -m cluster datasets load && python -m cluster run",
@@ -422,7 +470,7 @@ CORE_BREAKAGES = {
         "volumeMounts"][0].update(name="pgdata"), r"volumeMount pgdata has no volume"),
     "secret key": (lambda o: one(o, "Secret", "testbench-stores")["stringData"].pop(
         "TESTBENCH_MONGO_URL"), r"Secret testbench-stores has no key TESTBENCH_MONGO_URL"),
-    "config map": (lambda o: o.remove(one(o, "ConfigMap")),
+    "config map": (lambda o: o.remove(one(o, "ConfigMap", "testbench-settings")),
                    r"ConfigMap testbench-settings is not defined"),
     "store password": (lambda o: one(o, "Secret", "testbench-store-credentials")[
         "stringData"].update(POSTGRES_PASSWORD="other"),

@@ -7,12 +7,13 @@ them; see ``cluster/storage/documents.py``)."""
 from __future__ import annotations
 
 import builtins
+import json
 from collections.abc import Sequence
 
 from pymongo.asynchronous.collection import AsyncCollection
 
 from cluster.core.paired import ReferenceDoc
-from cluster.storage.documents import from_document, to_document
+from cluster.storage.documents import from_document, opaque_key
 from cluster.storage.mongo.base import Document, insert_new
 
 _OPAQUE = ("requests", "generations")
@@ -28,8 +29,13 @@ class ReferenceDocStore:
 
     async def record(self, docs: Sequence[ReferenceDoc]) -> int:
         """Insert results not stored yet; returns how many were new."""
-        rows = [to_document(d, opaque=_OPAQUE) | {"_id": reference_doc_id(d.set_id, d.doc_id)}
-                for d in docs]
+        rows = []
+        for doc in docs:
+            dumped = doc.model_dump(mode="json")
+            row = {k: v for k, v in dumped.items() if k not in _OPAQUE}
+            row.update({opaque_key(f): json.dumps(dumped[f], separators=(",", ":"))
+                        for f in _OPAQUE})
+            rows.append(row | {"_id": reference_doc_id(doc.set_id, doc.doc_id)})
         return len(await insert_new(self.collection, rows))
 
     async def doc_ids(self, set_id: str) -> builtins.set[int]:

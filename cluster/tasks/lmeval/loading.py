@@ -155,7 +155,10 @@ def _manager(paths: tuple[Path, ...], builtin: bool) -> TaskManager:
     for path in paths:
         if not path.is_dir():
             raise TaskError(f"task folder {path} does not exist")
-    manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=builtin)
+    if builtin:
+        manager = lmeval_compat.builtin_task_manager([str(p) for p in paths])
+    else:
+        manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
     if builtin:
         log.info("lmeval_builtin_index tasks=%d groups=%d", len(manager.all_subtasks),
                  len(manager.all_groups))

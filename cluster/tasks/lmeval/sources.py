@@ -139,8 +139,16 @@ def with_data_source(task: str, config: dict[str, Any], sources: TaskSourceSetti
     """``config`` reading its data from where this deployment may read them (see module)."""
     check_code_execution(task, config, sources)
     path = config.get("dataset_path")
-    if not isinstance(path, str) or is_local_builder(config) or Path(path).is_absolute():
-        return config  # local files, a local folder, or a Python task's own loading
+    if is_local_builder(config):
+        remote = [str(f) for files in (data_files(config) or {}).values() for f in files
+                  if "://" in str(f)]
+        if remote and not sources.allow_online:
+            raise DatasetError(
+                f"task {task!r} reads {remote[0]} over the network; this deployment does not "
+                "(tasks_sources.allow_online: false)")
+        return config
+    if not isinstance(path, str) or Path(path).is_absolute():
+        return config  # a local folder, or a Python task's own loading
     kwargs = config.get("dataset_kwargs") if isinstance(config.get("dataset_kwargs"), dict) else {}
     name = config.get("dataset_name")
     looked: list[Path] = []
@@ -182,16 +190,21 @@ def _rewritten(task: str, config: dict[str, Any], found: OfflineData) -> dict[st
     return out
 
 
-def data_files(config: Mapping[str, Any]) -> dict[str, list[Path]] | None:
+def _file(value: Any) -> Any:
+    """A local data file as a Path; a URL stays a string (``Path`` would mangle ``//``)."""
+    return str(value) if "://" in str(value) else Path(value)
+
+
+def data_files(config: Mapping[str, Any]) -> dict[str, list[Any]] | None:
     """split → local files of a config that reads local files (None: hub or Python)."""
     if not is_local_builder(config):
         return None
     kwargs = config.get("dataset_kwargs")
     files = kwargs.get("data_files") if isinstance(kwargs, Mapping) else None
     if isinstance(files, Mapping):
-        return {str(split): [Path(f) for f in (v if isinstance(v, list | tuple) else [v])]
+        return {str(split): [_file(f) for f in (v if isinstance(v, list | tuple) else [v])]
                 for split, v in files.items()}
     if isinstance(files, str | Sequence) and files:
         listed = [files] if isinstance(files, str) else list(files)
-        return {"train": [Path(f) for f in listed]}  # the datasets library's default split
+        return {"train": [_file(f) for f in listed]}  # the datasets library's default split
     return None

@@ -32,8 +32,14 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from cluster.honesty.local_lm import GeneratedTokens, LocalCausalLM, TokenChoice
-from cluster.testing.zoo.serving import AnswerCache, ModelServing
+from cluster.honesty.local_lm import GeneratedTokens, LocalCausalLM
+from cluster.testing.zoo.serving import (
+    AnswerCache,
+    ModelServing,
+    is_seeded,
+    scored_tokens,
+    seeded_tokens,
+)
 from cluster.wire import openai as wire
 
 CheaterKind = Literal["launderer", "probe_aware", "temperature_aware", "sometimes"]
@@ -59,18 +65,13 @@ class LaunderingServing(ModelServing):
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, *, top_k: int = 1,
                  temperature: float = 0.0, seed: int | None = None) -> list[GeneratedTokens]:
-        cheap = self.cheaper.generate(prompts, max_tokens, top_k=1, temperature=temperature,
-                                      seed=seed)
-        scored = self.lm.score([list(g.prompt_ids) + g.token_ids for g in cheap],
-                               first=[len(g.prompt_ids) for g in cheap], top_k=top_k)
-        out: list[GeneratedTokens] = []
-        for gen, seq in zip(cheap, scored, strict=True):
-            positions = seq.positions[len(gen.prompt_ids):]
-            tokens = tuple(
-                TokenChoice(t.token_id, p.logprob, p.top) if p is not None else t
-                for t, p in zip(gen.tokens, positions, strict=True))
-            out.append(GeneratedTokens(gen.prompt_ids, tokens, gen.finish_reason))
-        return out
+        if is_seeded(temperature, seed):
+            drawn = seeded_tokens(self.cheaper, prompts, max_tokens, temperature, seed)
+        else:
+            drawn = [(g.token_ids, g.finish_reason)
+                     for g in self.cheaper.generate(prompts, max_tokens)]
+        # the cheaper model's tokens, with the claimed model's logprobs (teacher-forced)
+        return scored_tokens(self.lm, prompts, drawn, top_k)
 
 
 def is_probe_generation(payload: Mapping[str, Any]) -> bool:

@@ -19,8 +19,18 @@ the measured statistics of the verdicts' evidence, not only on the outcomes:
   routes, so their signature checks are unknown (never fail, never pass).
 - ``proxy``: the identity check fails, naming an ``honest`` node as the one it duplicates,
   with text and trace shares at ``identity_match_share`` or above.
+- ``probe_aware``, ``temperature_aware``: as ``honest`` (they answer probes with the claimed
+  model: the probes alone cannot catch them).
+- ``launderer``: the substitution check fails on the node's *tokens* (mean regret at least
+  ``CHEATER_DIFF_FACTOR`` times ``max_mean_regret``) while its reported logprobs pass the
+  logprob comparison (mean |Δ logprob| within the honest bound: laundered), and the
+  synthetic check fails.
+- ``sometimes``: no unknown check (whether a round catches it depends on its draws).
 
 No node other than ``lazy`` and ``random`` may have an unknown check.
+
+:func:`judge_traffic` does the same for the traffic check (``traffic_substitution``, one
+verdict per node per round of measuring traffic).
 """
 
 from __future__ import annotations
@@ -48,7 +58,10 @@ HONEST_REGRET_SHARE = 1 / 3
 # is 1.5x; the other cheaters are an order of magnitude or more above it.
 CHEATER_DIFF_FACTOR: dict[str, float] = {
     "perturbed": 2.0, "quantized": 1.5, "lazy": 2.0, "random": 2.0}
-ROLES: tuple[str, ...] = ("honest", "bf16", "perturbed", "quantized", "proxy", "lazy", "random")
+# cheaters that answer probes with the claimed model (cluster/testing/zoo/cheaters.py)
+PROBE_HONEST_ROLES = ("probe_aware", "temperature_aware")
+ROLES: tuple[str, ...] = ("honest", "bf16", "perturbed", "quantized", "proxy", "lazy", "random",
+                          "launderer", "sometimes", *PROBE_HONEST_ROLES)
 SIGNATURE_CHECKS = (CHECK_TOKENIZER, CHECK_CONFIG)
 NO_MODEL_ROLES = ("lazy", "random")
 
@@ -150,10 +163,17 @@ class _Judge:
         if set(unknown) - set(allowed_unknown):
             self.fail(f"unknown checks {unknown}")
         threshold = s.max_mean_abs_logprob_diff
-        if self.role in ("honest", "bf16"):
+        if self.role in ("honest", "bf16", *PROBE_HONEST_ROLES):
             for check in CHECKS:
                 self.outcome_is(check, Outcome.PASS)
-        if self.role == "honest":
+        if self.role == "launderer":
+            self.outcome_is(CHECK_SUBSTITUTION, Outcome.FAIL)
+            self.outcome_is(CHECK_SYNTHETIC, Outcome.FAIL)
+            self.at_least(CHECK_SUBSTITUTION, "mean_regret", s.max_mean_regret * 2,
+                          "cheater bound (2x threshold)")
+            self.at_most(CHECK_SUBSTITUTION, "mean_abs_logprob_diff",
+                         threshold * HONEST_DIFF_SHARE, "laundered: honest bound")
+        if self.role in ("honest", *PROBE_HONEST_ROLES):
             self.at_most(CHECK_SUBSTITUTION, "mean_abs_logprob_diff",
                          threshold * HONEST_DIFF_SHARE, "honest bound (threshold/3)")
             self.at_most(CHECK_SUBSTITUTION, "max_abs_logprob_diff", threshold, "threshold")
@@ -252,3 +272,116 @@ def format_ranges(reports: Sequence[RoundReport], roles: Mapping[str, str]) -> s
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
                      for cells in [header, *lines]) + f"\n({len(reports)} rounds)"
+
+
+# -- the traffic check (cluster/honesty/measuring.py) --------------------------------------
+
+# role -> what its traffic verdict must show; roles not listed are not judged on traffic
+TRAFFIC_HONEST_ROLES = ("honest", "temperature_aware")  # all measuring traffic is at T=0
+TRAFFIC_CHEATER_ROLES = ("quantized", "launderer", "probe_aware", "sometimes")
+
+
+@dataclass(frozen=True)
+class TrafficVerdict:
+    """One node's traffic verdict in one seeded round of measuring traffic."""
+
+    seed: int
+    node_id: str
+    outcome: Outcome
+    reason: str
+    evidence: dict[str, Any]
+
+    def stat(self, key: str) -> float | None:
+        value = self.evidence.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+
+def judge_traffic(verdicts: Sequence[TrafficVerdict], roles: Mapping[str, str],
+                  settings: HonestySettings) -> list[Violation]:
+    """Expectations on the traffic check's statistics, by role:
+
+    - ``honest``, ``temperature_aware`` (measuring traffic is temperature 0): pass; mean
+      |Δ loglikelihood| per token and re-scored mean |Δ logprob| at most a third of
+      ``max_mean_abs_logprob_diff``; no outlier request, no parted generation;
+    - ``quantized``: fail, mean |Δ loglikelihood| at least 1.5x the threshold;
+    - ``launderer``: fail on generations (at least half part from the reference's greedy
+      answers) while its loglikelihoods are within the honest bound (laundered);
+    - ``probe_aware``: fail, mean |Δ loglikelihood| at least 2x the threshold;
+    - ``sometimes``: fail with at least one outlier request;
+
+    and for every node the validator's re-scoring within ``rescore_share``.
+    """
+    thr = settings.max_mean_abs_logprob_diff
+    honest_bound = thr * HONEST_DIFF_SHARE
+    found: list[Violation] = []
+    for v in verdicts:
+        role = roles.get(v.node_id)
+        if role is None:
+            continue
+
+        def fail(what: str, v: TrafficVerdict = v, role: str = role) -> None:
+            found.append(Violation(v.seed, v.node_id, role, f"traffic: {what}"))
+
+        def at_most(key: str, bound: float, label: str, v: TrafficVerdict = v) -> None:
+            value = v.stat(key)
+            if value is not None and value > bound:
+                fail(f"{key} {_fmt(value)} > {label} {bound:.3g}")
+
+        def at_least(key: str, bound: float, label: str, v: TrafficVerdict = v) -> None:
+            value = v.stat(key)
+            if value is None or value < bound:
+                fail(f"{key} {_fmt(value)} < {label} {bound:.3g}")
+
+        want = (Outcome.PASS if role in TRAFFIC_HONEST_ROLES
+                else Outcome.FAIL if role in TRAFFIC_CHEATER_ROLES else None)
+        if want is not None and v.outcome is not want:
+            fail(f"outcome {v.outcome.value}, expected {want.value} ({v.reason[:200]})")
+        share = v.stat("validator_share")
+        if share is not None and share > settings.rescore_share + 1e-9:
+            fail(f"validator_share {share:.3g} > rescore_share {settings.rescore_share}")
+        if role in TRAFFIC_HONEST_ROLES:
+            at_most("mean_abs_ll_diff", honest_bound, "honest bound (threshold/3)")
+            at_most("rescored_mean_abs_diff", honest_bound, "honest bound (threshold/3)")
+            at_most("generation_mean_abs_logprob_diff", honest_bound,
+                    "honest bound (threshold/3)")
+            at_most("outlier_requests", 0, "none allowed")
+            at_most("rescored_outliers", 0, "none allowed")
+            at_most("parted_generations", 0, "none allowed")
+        elif role == "quantized":
+            at_least("mean_abs_ll_diff", thr * CHEATER_DIFF_FACTOR["quantized"],
+                     "cheater bound (1.5x threshold)")
+        elif role == "launderer":
+            at_least("parted_share", 0.5, "half of its generations")
+            at_most("mean_abs_ll_diff", honest_bound, "laundered: honest bound")
+        elif role == "probe_aware":
+            at_least("mean_abs_ll_diff", thr * 2, "cheater bound (2x threshold)")
+        elif role == "sometimes":
+            outliers = (v.stat("outlier_requests") or 0) + (v.stat("rescored_outliers") or 0)
+            if outliers < 1:
+                fail("no outlier request")
+    return found
+
+
+TRAFFIC_STATS = ("mean_abs_ll_diff", "max_abs_ll_diff", "outlier_requests", "parted_share",
+                 "generation_mean_abs_logprob_diff", "rescored_relays",
+                 "rescored_mean_abs_diff", "rescored_outliers", "validator_share")
+
+
+def format_traffic_ranges(verdicts: Sequence[TrafficVerdict], roles: Mapping[str, str]) -> str:
+    """Per node: each traffic statistic's range over the rounds and the rounds it failed."""
+    header = ["node (role)", *TRAFFIC_STATS, "failed"]
+    lines = []
+    for node_id, role in roles.items():
+        mine = [v for v in verdicts if v.node_id == node_id]
+        if not mine:
+            continue
+        cells = [f"{node_id} ({role})"]
+        for key in TRAFFIC_STATS:
+            values = [x for v in mine if (x := v.stat(key)) is not None]
+            cells.append("-" if not values else _fmt(values[0]) if min(values) == max(values)
+                         else f"{_fmt(min(values))}..{_fmt(max(values))}")
+        cells.append(f"{sum(v.outcome is Outcome.FAIL for v in mine)}/{len(mine)}")
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=True)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+                     for cells in [header, *lines])

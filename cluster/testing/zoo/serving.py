@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cluster.honesty.local_lm import GeneratedTokens, LocalCausalLM, TokenChoice
+from cluster.honesty.local_lm import FinishReason, GeneratedTokens, LocalCausalLM, TokenChoice
 from cluster.testing.testnode.protocol import ChatRequest, CompletionRequest
 from cluster.testing.testnode.serving import ResponseIds
 from cluster.wire import openai as wire
@@ -93,6 +93,43 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def is_seeded(temperature: float, seed: int | None) -> bool:
+    from cluster.honesty.seeded_sampling import MIN_TEMPERATURE
+
+    return seed is not None and temperature >= MIN_TEMPERATURE
+
+
+def seeded_tokens(lm: LocalCausalLM, prompts: Sequence[Sequence[int]], max_tokens: int,
+                  temperature: float, seed: int | None) -> list[tuple[list[int], FinishReason]]:
+    """Seeded sampling (``cluster/honesty/seeded_sampling.py``, what the LLM node does with
+    ``seeded_sampling``): every prompt of a request with the request's seed; the
+    end-of-sequence token ends an answer and is not kept."""
+    drawn = lm.generate_seeded(prompts, max_tokens, seeds=[int(seed or 0)] * len(prompts),
+                               temperature=temperature)
+    out: list[tuple[list[int], FinishReason]] = []
+    for ids in drawn:
+        if lm.eos_id in ids:
+            out.append((ids[:ids.index(lm.eos_id)], "stop"))
+        else:
+            out.append((list(ids), "length"))
+    return out
+
+
+def scored_tokens(lm: LocalCausalLM, prompts: Sequence[Sequence[int]],
+                  drawn: Sequence[tuple[list[int], FinishReason]], top_k: int
+                  ) -> list[GeneratedTokens]:
+    """``drawn`` answers with the logprobs ``lm`` gives their tokens, teacher-forced."""
+    scored = lm.score([list(p) + ids for p, (ids, _) in zip(prompts, drawn, strict=True)],
+                      first=[len(p) for p in prompts], top_k=top_k)
+    out = []
+    for prompt, (ids, finish), seq in zip(prompts, drawn, scored, strict=True):
+        positions = seq.positions[len(prompt):]
+        tokens = tuple(p if p is not None else TokenChoice(t, 0.0, ())
+                       for t, p in zip(ids, positions, strict=True))
+        out.append(GeneratedTokens(tuple(prompt), tokens, finish))
+    return out
+
+
 class ModelServing:
     """OpenAI completions and chat over a :class:`LocalCausalLM` (blocking calls)."""
 
@@ -106,7 +143,13 @@ class ModelServing:
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int, *, top_k: int = 1,
                  temperature: float = 0.0, seed: int | None = None) -> list[GeneratedTokens]:
         """The generated tokens of every prompt with the logprobs reported for them (the
-        model's own; a laundering cheater overrides this, ``cluster/testing/zoo/cheaters.py``)."""
+        model's own; a laundering cheater overrides this, ``cluster/testing/zoo/cheaters.py``).
+        A sampled request with a seed is sampled as the LLM node samples it
+        (:func:`seeded_tokens`)."""
+        if is_seeded(temperature, seed):
+            return scored_tokens(self.lm, prompts,
+                                 seeded_tokens(self.lm, prompts, max_tokens, temperature, seed),
+                                 top_k)
         return self.lm.generate(prompts, max_tokens, top_k=top_k, temperature=temperature,
                                 seed=seed)
 
@@ -166,7 +209,10 @@ class ModelServing:
                     at += len(name)
                 logprobs = wire.completion_logprobs(names, lps, tops, offsets)
             out = prompt_text + text if req.echo else text
-            choices.append(wire.completion_choice(index, out, finishes[index], logprobs))
+            choice = wire.completion_choice(index, out, finishes[index], logprobs)
+            if getattr(req, wire.RETURN_TOKEN_IDS, False):  # vLLM's extra field
+                choice[wire.TOKEN_IDS] = [t.token_id for t in tokens]
+            choices.append(choice)
         return wire.completion_response(
             self._ids.new("cmpl"), self._ids.created(), self.model_name, choices,
             wire.usage(sum(len(p) for p in prompts), completion_tokens))

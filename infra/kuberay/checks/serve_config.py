@@ -19,12 +19,14 @@ from infra.kuberay.checks.objects import Obj, has_gpus, obj_id
 from infra.kuberay.checks.paths import REPO_ROOT
 from infra.kuberay.checks.report import ErrorsAndNotes
 
-GPU_DEVICES = {"gpu", "cuda"}  # LLMNodeConfig.device, DiffusionNodeConfig.device
+GPU_DEVICES = {"gpu", "cuda"}  # LLMNodeConfig/DiffusionNodeConfig/PocNodeConfig.device
 # The builder each app's import_path must name (serve_apps/<app>/server.py).
 SERVE_IMPORT_PATHS = {
     "llm": "serve_apps.llm:build_llm_node_app",
     "diffusion": "serve_apps.diffusion:build_diffusion_app",
     "evaluations": "serve_apps.evaluations:build_evaluations_app",
+    "mlnode": "serve_apps.poc.server:build_poc_node_app",
+    "streaming": "serve_apps.streaming.server:build_streaming_app",
 }
 # The pydantic model each builder validates its ``args`` with.
 SERVE_ARG_MODELS = {
@@ -32,6 +34,9 @@ SERVE_ARG_MODELS = {
     "serve_apps.diffusion:build_diffusion_app": "cluster.images.config:DiffusionNodeConfig",
     "serve_apps.evaluations:build_evaluations_app":
         "serve_apps.evaluations.config:EvaluationsAppConfig",
+    "serve_apps.poc.server:build_poc_node_app": "serve_apps.poc.config:PocNodeConfig",
+    "serve_apps.streaming.server:build_streaming_app":
+        "serve_apps.streaming.config:StreamingJobConfig",
 }
 
 

