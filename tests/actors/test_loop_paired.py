@@ -92,6 +92,9 @@ async def test_the_loop_pairs_scores_with_the_reference_and_checks_its_traffic(
     finally:
         await manager.stop()
     seconds = time.monotonic() - started
+    # the Manager closed the connections it was given: read back through fresh ones
+    stores = StoreConnections(settings)
+    mongo = await stores.mongo()
     # the reference's whole task, computed in steps of 8 docs, with its cost
     (reference_set,) = await mongo.reference_sets.for_task("smollm2", TASK)
     assert reference_set.complete and reference_set.n_docs == N_DOCS

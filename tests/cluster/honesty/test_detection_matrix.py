@@ -1,5 +1,5 @@
 """The detection matrix: two independent honest nodes and every cheater of the zoo through
-signatures, identity, synthetic jobs and the substitution check, over 15 seeded rounds,
+signatures, identity, synthetic jobs and the substitution check, over 10 seeded rounds,
 and through the traffic check over 20 seeded rounds of measuring traffic, judged on the
 statistics the verdicts measured, not only on their outcomes.
 
@@ -83,7 +83,7 @@ MODEL = "smollm2"
 SOMETIMES_SHARE = 0.25
 # Each round costs about 17 CPU-seconds (zoo ~10, reference ~3.5, vLLM ~3.5); the 20-round
 # calibration is bench/honesty_calibration.py's.
-ROUNDS = 15
+ROUNDS = 10
 ZOO_NODES = ("honest", "perturbed", "quantized", "proxy@honest", "lazy", "random",
              "launderer", "probe_aware", "temperature_aware", f"sometimes@{SOMETIMES_SHARE}")
 # node id -> role, in registration order: honest nodes first (the proxy registers after its

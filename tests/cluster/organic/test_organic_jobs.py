@@ -157,7 +157,7 @@ def test_scores_reads_the_honesty_state_in_one_pass(settings: Settings,
     assert cmd_scores(settings, build_parser().parse_args(["scores", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"scores", "verdicts", "signature_identity", "verification_traffic",
-                        "unmeasurable"}
+                        "unmeasurable", "groups", "paired"}
     assert [(v["node_id"], v["outcome"]) for v in out["verdicts"]] == [("org-flagged", "fail")]
     assert cmd_scores(settings, build_parser().parse_args(["scores"])) == 0
     text = capsys.readouterr().out

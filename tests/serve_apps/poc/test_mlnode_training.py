@@ -379,8 +379,9 @@ def test_the_trained_model_is_served_by_the_node_and_answers_a_completion(
     serve.run(build_poc_node_app(config), name=name, route_prefix=f"/{name}")
     base = f"http://127.0.0.1:{serve_http_port}"
     try:
+        # a fraction of a CPU: the session's other Serve apps hold the test cluster's 4
         llm = {"model_id": "diloco-tiny", "device": "cpu", "dtype": "float32",
-               "max_model_len": 512, "kv_cache_space_gib": 1,
+               "cpus_per_worker": 0.25, "max_model_len": 512, "kv_cache_space_gib": 1,
                "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
         started = time.monotonic()
         r = call("POST", f"{base}/{name}/api/v1/inference/up", {"model": model_dir, "config": llm})
