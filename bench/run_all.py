@@ -34,6 +34,9 @@ BENCHES: dict[str, list[str]] = {
     "e2e_vs_lmeval.py": [],
     "sim_nodes.py": [],
     "honesty_calibration.py": [],
+    "sometimes_rate.py": [],
+    "paired_scores.py": ["--limit", "200"],
+    "train.py": [],
 }
 
 

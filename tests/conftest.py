@@ -84,7 +84,10 @@ def ray_session() -> Iterator[None]:
     # A busy 2-core machine can take longer than Ray's default to bring the raylet up.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, namespace="testbench", include_dashboard=False,
+        # Logical CPUs above the 2 real ones: Serve LLM's ingress and engine bundle take 1
+        # each, and at one point two vLLM engines run (the session's node and the MLNode's
+        # trained model, tests/serve_apps/poc/test_mlnode_training.py).
+        ray.init(num_cpus=6, namespace="testbench", include_dashboard=False,
                  log_to_driver=False)
     yield
 

@@ -354,9 +354,13 @@ class PeerExchange:
                     log.warning("train.sync.refused peer=%s step=%d reason=%s",
                                 peer.public_key[:16], step, refused)
                     return
-                peer.last_error = f"not training yet: {refused.detail}"
+                if self._clock() < deadline:
+                    peer.last_error = f"not training yet: {refused.detail}"
             except NodeError as exc:  # no answer (NodeUnavailable): it may be restarting
-                peer.last_error = f"{type(exc).__name__}: {exc}"
+                # past the deadline the step has judged this peer (``exchange`` wrote why,
+                # quoting this error): a late answer must not overwrite that verdict
+                if self._clock() < deadline:
+                    peer.last_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(min(self._retry_s, max(0.0, deadline - self._clock())))
 
     def failed_payload(self, sender: str, step: int, error: str) -> None:

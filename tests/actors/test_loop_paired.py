@@ -117,12 +117,13 @@ async def test_the_loop_pairs_scores_with_the_reference_and_checks_its_traffic(
     assert cell.paired["acc,none"].mean == pytest.approx(acc.mean)
     await stores.close()
 
-    assert cmd_scores(settings, argparse.Namespace(json=False)) == 0
+    # the CLI runs its own event loop: off this one
+    assert await asyncio.to_thread(cmd_scores, settings, argparse.Namespace(json=False)) == 0
     text = capsys.readouterr().out
     assert "paired scores" in text and "vllm" in text
     line = next(x for x in text.splitlines() if "acc,none" in x and "over" in x)
     assert f"{acc.mean:.4f} ± 0.0000" in line, line
-    assert cmd_scores(settings, argparse.Namespace(json=True)) == 0
+    assert await asyncio.to_thread(cmd_scores, settings, argparse.Namespace(json=True)) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["paired"][0]["metrics"]["acc,none"]["stderr"] == 0.0
     print(f"\nloop_paired seconds={seconds:.1f} reference_seconds={reference_set.seconds:.1f} "

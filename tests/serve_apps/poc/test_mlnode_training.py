@@ -374,12 +374,15 @@ def test_the_trained_model_is_served_by_the_node_and_answers_a_completion(
     _, runs, _ = resumed
     model_dir = runs["a"]["model_dir"]
     name = "mlnode-serving-test"
-    config = {"auth": AUTH.model_dump(mode="json"),
+    # PoC workers at a tenth of a CPU (the default, 2 x 1 CPU, would leave the engine no room
+    # beside the session's other Serve apps on the test cluster's 4 logical CPUs)
+    config = {"auth": AUTH.model_dump(mode="json"), "workers": 1, "cpus_per_worker": 0.1,
+              "threads_per_worker": 1,
               "deployer_args": {"app_name": f"{name}-llm", "route_prefix": f"/{name}-llm"}}
     serve.run(build_poc_node_app(config), name=name, route_prefix=f"/{name}")
     base = f"http://127.0.0.1:{serve_http_port}"
     try:
-        # a fraction of a CPU: the session's other Serve apps hold the test cluster's 4
+        # a fraction of a CPU for the engine bundle: other Serve apps share the test cluster
         llm = {"model_id": "diloco-tiny", "device": "cpu", "dtype": "float32",
                "cpus_per_worker": 0.25, "max_model_len": 512, "kv_cache_space_gib": 1,
                "env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
@@ -390,7 +393,16 @@ def test_the_trained_model_is_served_by_the_node_and_answers_a_completion(
         def inference() -> dict[str, Any]:
             return call("GET", f"{base}/{name}/api/v1/state").json()["inference"]
 
-        wait_for(lambda: inference()["status"] in ("running", "failed"), timeout=300, every=1)
+        try:
+            wait_for(lambda: inference()["status"] in ("running", "failed"), timeout=300,
+                     every=1)
+        except AssertionError:
+            apps = serve.status().applications
+            shown = {n: (a.status, a.message[:300], {d: (x.status, x.message[:300])
+                                                     for d, x in a.deployments.items()})
+                     for n, a in apps.items()}
+            raise AssertionError(f"inference never came up: {inference()}; serve: {shown}; "
+                                 f"free: {ray.available_resources()}") from None
         assert inference()["status"] == "running", inference()
         prompt = "Natalia sold clips to"
         answer = requests.post(f"{base}/{name}-llm/v1/completions", timeout=120, json={
