@@ -181,7 +181,7 @@ def print_and_report(result: dict[str, Any], limit: int) -> None:
                f"paired ({limit} docs, {r['differing_docs']} differ from the reference)",
                f"{paired} docs", f"raw mean: {r['raw_docs']} docs", ratio, goal, met)
         a_mean, a_p95 = r["agreement_at_needed"]
-        report(BENCH, f"openbookqa acc, {label}: |paired estimate - node's full-task score| "
+        report(BENCH, f"openbookqa acc, {label}: abs(paired estimate - node's full-task score) "
                f"at {paired or BUFFER_DOCS} docs (mean / 95th percentile of draws)",
                f"{a_mean:.4f} / {a_p95:.4f}",
                f"node {r['node_full']:.4f}, reference {r['reference_full']:.4f}",
