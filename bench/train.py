@@ -193,7 +193,9 @@ def dp_worker(config: dict[str, Any]) -> None:
             reduced += p.grad.numel() * p.grad.element_size()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    ray.train.report({"allreduced_bytes": reduced, "steps": config["steps"]})
+    # Ray Train v2 keeps reported metrics only with a checkpoint: rank 0 writes its count
+    if rank == 0:
+        Path(config["out"]).write_text(str(reduced), encoding="utf-8")
 
 
 def dp_bytes_per_node(model: Path, data_file: str, args: argparse.Namespace,
@@ -206,11 +208,12 @@ def dp_bytes_per_node(model: Path, data_file: str, args: argparse.Namespace,
     trainer = TorchTrainer(
         dp_worker, train_loop_config={"model": str(model), "data": data_file,
                                       "seq_len": args.seq_len, "batch": args.batch,
-                                      "steps": args.h},
+                                      "steps": args.h, "out": str(work / "dp_bytes.txt")},
         scaling_config=ScalingConfig(num_workers=nodes, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name="bench-dp", storage_path=str(work / "dp")))
-    reduced = int(trainer.fit().metrics["allreduced_bytes"])
+    trainer.fit()
+    reduced = int((work / "dp_bytes.txt").read_text(encoding="utf-8"))
     return reduced, reduced * 2 * (nodes - 1) // nodes
 
 
