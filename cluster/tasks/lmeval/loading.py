@@ -171,10 +171,6 @@ def task_manager(where: TaskCatalog | Path | str) -> TaskManager:
     return as_catalog(where).local_manager()
 
 
-def task_yaml_path(name: str, where: TaskCatalog | Path | str) -> Path:
-    return as_catalog(where).yaml_path(name)
-
-
 def _absolute_data_files(data_files: Any, base: Path) -> Any:
     def resolve(value: Any) -> Any:
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
