@@ -8,6 +8,11 @@ It is a child of its own because the trusted reference may be a model loaded in 
 (``TransformersReference``): seconds to load and CPU-heavy to run, which must not stall the
 Manager's ticks. References are built on first use, so a loop with nothing to verify never
 loads one.
+
+Two sessions: the nodes' one obeys the endpoint policy with the Requester's allowlist
+(``requester.endpoint_allowlist``, ``cluster/nodes/policy.py``) for every connection the
+rounds and audits make; the references' one does not (a reference is the operator's own
+server, often on loopback).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from cluster.honesty.reference import TrustedReference
 from cluster.honesty.reference_docs import refresh_reference_docs
 from cluster.honesty.verdicts import VerdictSink
 from cluster.honesty.verification import build_references, verify_nodes
+from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.transport import open_node_session
 from cluster.storage.connections import StoreConnections
 
@@ -61,7 +67,9 @@ class Auditor:
         self._own_stores = stores is None
         self._stores = stores or StoreConnections(settings)
         self._clock = clock
-        self._http: aiohttp.ClientSession | None = None
+        self._guard = EndpointGuard.of(settings.requester.endpoint_allowlist)
+        self._http: aiohttp.ClientSession | None = None  # the nodes', guarded
+        self._reference_http: aiohttp.ClientSession | None = None  # the references'
         self._references: dict[str, TrustedReference] | None = None
         self._lock: asyncio.Lock | None = None
         # the traffic check's re-scores, kept across steps, and the secret that picks the
@@ -69,12 +77,22 @@ class Auditor:
         self._rescorers: dict[str, Rescorer] = {}
         self._salt = secrets.token_hex(16)
 
+    def _open(self, guard: EndpointGuard | None) -> aiohttp.ClientSession:
+        signer = RequestSigner.from_settings(self._settings.auth)
+        return open_node_session(
+            middlewares=(signer.aiohttp_middleware,) if signer is not None else (), guard=guard)
+
     def _session(self) -> aiohttp.ClientSession:
+        """The nodes' session: every connection obeys the endpoint policy."""
         if self._http is None or self._http.closed:
-            signer = RequestSigner.from_settings(self._settings.auth)
-            self._http = open_node_session(
-                middlewares=(signer.aiohttp_middleware,) if signer is not None else ())
+            self._http = self._open(self._guard)
         return self._http
+
+    def _reference_session(self) -> aiohttp.ClientSession:
+        """The references' session (trusted servers: no endpoint policy)."""
+        if self._reference_http is None or self._reference_http.closed:
+            self._reference_http = self._open(None)
+        return self._reference_http
 
     async def references(self) -> Mapping[str, TrustedReference]:
         """The configured references, built once (a model in process loads in a thread)."""
@@ -84,7 +102,7 @@ class Auditor:
             if self._references is None:
                 started = time.perf_counter()
                 self._references = await asyncio.to_thread(
-                    build_references, self._settings.honesty, self._session())
+                    build_references, self._settings.honesty, self._reference_session())
                 log.info("auditor.references_ready models=%s seconds=%.1f",
                          ",".join(self._references) or "-", time.perf_counter() - started)
         return self._references
@@ -95,7 +113,7 @@ class Auditor:
         mongo = await self._stores.mongo()
         done = await verify_nodes(self._settings.honesty, mongo, list(nodes),
                                   await self.references(), http=self._session(),
-                                  sink=MeteredVerdicts(mongo.verdicts), clock=self._clock)
+                                  guard=self._guard, sink=MeteredVerdicts(mongo.verdicts), clock=self._clock)
         outcomes = Counter((v.check, v.outcome.value) for v in done.verdicts)
         outcomes.update((v.check.value, v.outcome.value) for v in done.evasion)
         return {
@@ -133,7 +151,7 @@ class Auditor:
         for job in jobs:
             try:
                 report = await audit_job(self._settings, mongo, job, references, self._session(),
-                                         sink=sink, clock=self._clock)
+                                         guard=self._guard, sink=sink, clock=self._clock)
             except Exception as exc:  # one job's failure must not stop the others' audits
                 log.warning("auditor.audit_failed job=%s", job.job_id, exc_info=True)
                 out[job.job_id] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -146,7 +164,8 @@ class Auditor:
         return out
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
+        for http in (self._http, self._reference_http):
+            if http is not None:
+                await http.close()
         if self._own_stores:
             await self._stores.close()

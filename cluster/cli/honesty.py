@@ -12,6 +12,7 @@ from cluster.cli.output import error
 from cluster.core.settings import Settings
 from cluster.honesty.verdicts import Verdict
 from cluster.honesty.verification import verify_registered_nodes
+from cluster.nodes.policy import EndpointGuard
 from cluster.reports.honesty import format_verdicts
 from cluster.storage.connections import open_mongo
 
@@ -25,7 +26,9 @@ def add_parser(sub: Any) -> None:
 
 async def _verify(settings: Settings, seed: int | None) -> list[Verdict]:
     async with open_mongo(settings) as mongo:
-        return await verify_registered_nodes(settings.honesty, mongo, seed=seed)
+        # the nodes obey the endpoint policy with the Requester's allowlist
+        guard = EndpointGuard.of(settings.requester.endpoint_allowlist)
+        return await verify_registered_nodes(settings.honesty, mongo, seed=seed, guard=guard)
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:

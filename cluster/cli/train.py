@@ -116,10 +116,12 @@ def _keygen(out: Path) -> int:
 
 async def _remote(settings: Settings, args: argparse.Namespace) -> int:
     from cluster.auth.peers import RequestSigner
+    from cluster.nodes.policy import EndpointGuard
     from cluster.reports.train import format_train_status
     from cluster.train.client import NodeRefused, TrainingClient
 
-    client = TrainingClient(args.node, RequestSigner.from_settings(settings.auth))
+    client = TrainingClient(args.node, RequestSigner.from_settings(settings.auth),
+                            guard=EndpointGuard.of(settings.requester.endpoint_allowlist))
     try:
         if args.train_cmd == "start":
             print(json.dumps(await client.start(load_run(args))))

@@ -5,10 +5,13 @@ Domain code only (no Ray): the Serve apps, actors and CLI wire these in. The ver
 entry points (imported on first use, so ``cluster.auth.receipts`` & co. stay light)::
 
     from cluster.honesty import build_references, run_verification
+    from cluster.nodes.policy import EndpointGuard
     from cluster.reports.honesty import format_verdicts
 
-    references = build_references(settings.honesty, http)          # claimed model -> reference
-    verdicts = await run_verification(settings.honesty, nodes, references, store=stores.verdicts)
+    references = build_references(settings.honesty, reference_http)  # claimed model -> reference
+    guard = EndpointGuard.of(settings.requester.endpoint_allowlist)  # the nodes' endpoint policy
+    verdicts = await run_verification(settings.honesty, nodes, references, guard=guard,
+                                      store=stores.verdicts)
     print(format_verdicts(verdicts))
 
 The loop runs rounds by itself (``cluster/honesty/schedule.py`` decides who is due within the

@@ -19,6 +19,12 @@ own exchanges can have them audited with the same :class:`JobAuditor`.
 The prompts are drawn from a fresh seed with the verification round's generators
 (:mod:`cluster.honesty.probes`), so a node cannot tell audit traffic from its users' by
 content it has seen before.
+
+A job's app is an untrusted node's endpoint: registration and every audit obey the endpoint
+policy with the Requester's allowlist (``requester.endpoint_allowlist``,
+``cluster/nodes/policy.py``). A job the policy refuses is not registered; one refused at
+audit time (a name re-pointed since) is sent nothing and gets an ``unknown`` verdict saying
+why. The trusted references are reached on a session of their own, outside the policy.
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ from typing import Any
 
 import aiohttp
 
-from cluster.auth.receipts import JobAssignment, ReceiptVerifier
+from cluster.auth.receipts import JobAssignment, ReceiptVerifier, to_ms
 from cluster.core.errors import NodeError, RegistrationError
 from cluster.core.settings import Settings
 from cluster.core.streaming import StreamingJob
+from cluster.core.verdicts import Outcome, VerdictRecord
 from cluster.honesty.probes import build_probes
 from cluster.honesty.receipt_audit import (
+    CHECK_JOB,
     AnswerNotSpelled,
     AuditReport,
     JobAuditor,
@@ -49,6 +57,7 @@ from cluster.honesty.reference import TrustedReference
 from cluster.honesty.seeded_sampling import ReplayResult, SeededAnswer, choice_seed
 from cluster.honesty.verdicts import VerdictSink
 from cluster.honesty.verification import build_references
+from cluster.nodes.policy import EndpointGuard, EndpointRefusedError
 from cluster.nodes.transport import NodeEndpoint, NodeTransport, open_node_session
 from cluster.storage.mongo import MongoStores
 from cluster.streaming import protocol as jobs_wire
@@ -146,15 +155,24 @@ async def audit_job(
     references: Mapping[str, TrustedReference],
     http: aiohttp.ClientSession,
     *,
+    guard: EndpointGuard | None = None,
     sink: VerdictSink | None = None,
     seed: int | None = None,
     clock: Callable[[], float] = time.time,
 ) -> AuditReport:
     """Query ``job``'s app with fresh requests and audit what came back; verdicts through
-    ``sink`` (default the verdict store), the job marked audited."""
+    ``sink`` (default the verdict store), the job marked audited. ``http`` is the nodes'
+    session, opened with ``guard`` (default: the endpoint policy with
+    ``requester.endpoint_allowlist``); a job the policy refuses is sent nothing."""
+    guard = EndpointGuard.of(settings.requester.endpoint_allowlist) if guard is None else guard
+    sink = stores.verdicts if sink is None else sink
+    try:
+        await guard.check_url(job.base_url)
+    except EndpointRefusedError as exc:
+        return await _refused_audit(stores, job, exc, sink, clock())
     seed = secrets.randbits(31) if seed is None else seed
     client = StreamingJobClient(job.base_url, job.job_id, http, clock,
-                                timeout_s=settings.honesty.request_timeout_s)
+                                timeout_s=settings.honesty.request_timeout_s, guard=guard)
     exchanges: list[JobExchange] = []
     unanswered = 0
     r = settings.receipts
@@ -170,7 +188,7 @@ async def audit_job(
             log.warning("honesty.job_unanswered job=%s error=%s", job.job_id, exc)
     verifier = ReceiptVerifier(stores.receipts, settings.receipts.max_clock_skew_s, clock)
     auditor = JobAuditor(verifier, ReferenceAnswers(references.get(job.model), job.model),
-                         stores.verdicts if sink is None else sink, settings.receipts,
+                         sink, settings.receipts,
                          random.Random(seed), clock)
     report = await auditor.audit(
         JobAssignment(job_id=job.job_id, node_id=job.node_id, node_key=job.node_key), exchanges)
@@ -178,6 +196,24 @@ async def audit_job(
     if unanswered:
         log.info("honesty.job_audit_partial job=%s unanswered=%d", job.job_id, unanswered)
     return report
+
+
+async def _refused_audit(stores: MongoStores, job: StreamingJob, refusal: EndpointRefusedError,
+                         sink: VerdictSink, now: float) -> AuditReport:
+    """The audit of a job whose app the endpoint policy refuses: one ``unknown`` verdict."""
+    log.warning("honesty.job_refused job=%s reason=%s", job.job_id, refusal)
+    evidence: dict[str, Any] = {"job_id": job.job_id, "exchanges": 0, "endpoint": "refused"}
+    if refusal.refusal is not None:
+        evidence["address_class"] = refusal.refusal.cls.value
+    summary = VerdictRecord(
+        verdict_id=f"{CHECK_JOB}|{job.node_id}|{job.job_id}|{to_ms(now)}", node_id=job.node_id,
+        check=CHECK_JOB, outcome=Outcome.UNKNOWN, reason=f"unknown: {refusal}",
+        evidence=evidence, ts=now)
+    await sink.record([summary])
+    await stores.streaming_jobs.mark_audited(job.job_id, now)
+    return AuditReport(node_id=job.node_id, job_id=job.job_id, exchanges=0, not_ok=0,
+                       receipts_valid=0, receipts_refused=0, eligible=0, rerun=0, mismatches=0,
+                       reference_errors=0, outcome=Outcome.UNKNOWN, verdicts=[summary])
 
 
 async def register_streaming_job(
@@ -193,13 +229,22 @@ async def register_streaming_job(
 ) -> StreamingJob:
     """Register a job for the loop's audits. ``model`` defaults to the node's; ``node_key``
     to what the job's app says it signs with (``GET /job``, which must name ``job_id``):
-    from then on receipts must carry that key."""
+    from then on receipts must carry that key. A ``url`` the endpoint policy refuses
+    (``requester.endpoint_allowlist``) is a :class:`RegistrationError`."""
     node = await stores.nodes.get(node_id)
     if node is None:
         raise RegistrationError(f"no node {node_id!r} is registered")
+    guard = EndpointGuard.of(settings.requester.endpoint_allowlist)
+    try:
+        await guard.check_url(url)
+    except EndpointRefusedError as exc:
+        raise RegistrationError(
+            f"streaming job {job_id}: {exc}; to audit it anyway, add its network or host to "
+            "requester.endpoint_allowlist") from exc
     if node_key is None:
-        async with open_node_session() as http:
-            endpoint = NodeEndpoint(url, NodeTransport(http), settings.honesty.request_timeout_s)
+        async with open_node_session(guard=guard) as http:
+            endpoint = NodeEndpoint(url, NodeTransport(http, guard=guard),
+                                    settings.honesty.request_timeout_s)
             try:
                 info = jobs_wire.JobInfo.model_validate(await endpoint.get_json("/job"))
             except (NodeError, ValueError) as exc:
@@ -231,8 +276,11 @@ async def audit_registered_jobs(
             raise RegistrationError(f"no streaming job {unknown[0]!r} is registered")
         jobs = [j for j in jobs if j.job_id in job_ids]
     out: list[tuple[StreamingJob, AuditReport]] = []
-    async with open_node_session() as http:
-        refs = build_references(settings.honesty, http) if references is None else references
+    guard = EndpointGuard.of(settings.requester.endpoint_allowlist)
+    # the jobs' session obeys the endpoint policy; the references' (trusted) one does not
+    async with open_node_session(guard=guard) as http, open_node_session() as reference_http:
+        refs = build_references(settings.honesty, reference_http) if references is None \
+            else references
         for job in jobs:
-            out.append((job, await audit_job(settings, stores, job, refs, http)))
+            out.append((job, await audit_job(settings, stores, job, refs, http, guard=guard)))
     return out

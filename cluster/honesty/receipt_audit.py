@@ -57,6 +57,7 @@ from cluster.core.settings import ReceiptSettings
 from cluster.core.verdicts import Check, Outcome, VerdictRecord
 from cluster.honesty.seeded_sampling import ReplayJudgement, ReplayResult, judge_replay
 from cluster.honesty.verdicts import VerdictSink
+from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.transport import DEFAULT_SIZE_CAP_BYTES, NodeTransport, NodeUnavailable
 
 # the streaming app's wire module spells the headers and the receipt event (no Ray inside)
@@ -101,7 +102,8 @@ class StreamingJobClient:
     """A client of one job's app that keeps every exchange for the auditor.
 
     ``timeout_s`` bounds one exchange, a stream read to its end included (None: the
-    session's own timeout); ``size_cap`` bounds its body.
+    session's own timeout); ``size_cap`` bounds its body. ``guard``: the endpoint policy
+    ``http`` was opened with (``cluster/nodes/policy.py``; address literals are checked here).
     """
 
     def __init__(
@@ -114,10 +116,11 @@ class StreamingJobClient:
         *,
         timeout_s: float | None = None,
         size_cap: int = DEFAULT_SIZE_CAP_BYTES,
+        guard: EndpointGuard | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self.job_id = job_id
-        self._transport = NodeTransport(http, size_cap=size_cap)
+        self._transport = NodeTransport(http, size_cap=size_cap, guard=guard)
         self._timeout = _timeout(http, timeout_s)
         self._clock = clock
         self._new_request_id = new_request_id

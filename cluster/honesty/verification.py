@@ -64,6 +64,7 @@ from cluster.honesty.verdicts import (
     Verdict,
     VerdictSink,
 )
+from cluster.nodes.policy import EndpointGuard, EndpointRefusedError
 from cluster.nodes.transport import (
     NodeEndpoint,
     NodeTransport,
@@ -172,7 +173,12 @@ def _short(exc: BaseException) -> str:
 
 
 class Verifier:
-    """Runs verification rounds for the nodes claiming one reference's model."""
+    """Runs verification rounds for the nodes claiming one reference's model.
+
+    ``http`` is the nodes' session; ``guard``: the endpoint policy it was opened with
+    (:func:`~cluster.nodes.transport.open_node_session`), whose address literals are checked
+    before each request. :func:`run_verification` always gives one.
+    """
 
     def __init__(
         self,
@@ -180,12 +186,13 @@ class Verifier:
         reference: TrustedReference,
         http: aiohttp.ClientSession,
         *,
+        guard: EndpointGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.reference = reference
         self._http = http
-        self._transport = NodeTransport(http)
+        self._transport = NodeTransport(http, guard=guard)
         self._clock = clock
 
     def thresholds(self) -> SubstitutionThresholds:
@@ -521,7 +528,10 @@ async def record_verdicts(store: VerdictSink, report: RoundReport) -> int:
 
 def build_references(settings: HonestySettings, http: aiohttp.ClientSession, *,
                      seed: int = 0, threads: int | None = None) -> dict[str, TrustedReference]:
-    """The configured references: a Serve app by URL, else the model in process."""
+    """The configured references: a Serve app by URL, else the model in process.
+
+    ``http`` is the references' own session, never the nodes' one: a reference is the
+    operator's own server (often on loopback), which the nodes' endpoint policy refuses."""
     from cluster.honesty.reference import ServeReference, TransformersReference
 
     out: dict[str, TrustedReference] = {}
@@ -543,12 +553,31 @@ def _no_reference(target: NodeTarget) -> list[Verdict]:
             for check in CHECKS]
 
 
+def _refused(target: NodeTarget, refusal: EndpointRefusedError) -> list[Verdict]:
+    """The verdicts of a node the endpoint policy refuses: nothing was sent to it."""
+    reason = f"unknown: {refusal}"
+    evidence = {"model": target.model, PROBES_KEY: "not_sent", "endpoint": "refused"}
+    if refusal.refusal is not None:
+        evidence["address_class"] = refusal.refusal.cls.value
+    return [Verdict(target.node_id, check, Outcome.UNKNOWN, reason, dict(evidence))
+            for check in CHECKS]
+
+
+async def _refusal(guard: EndpointGuard, url: str) -> EndpointRefusedError | None:
+    try:
+        await guard.check_url(url)
+    except EndpointRefusedError as exc:
+        return exc
+    return None
+
+
 async def run_verification(
     settings: HonestySettings,
     nodes: Sequence[Node | NodeTarget],
     references: Mapping[str, TrustedReference],
     *,
     http: aiohttp.ClientSession | None = None,
+    guard: EndpointGuard | None = None,
     seed: int | None = None,
     store: VerdictSink | None = None,
 ) -> list[Verdict]:
@@ -556,26 +585,43 @@ async def run_verification(
 
     ``nodes`` in registration order (it sets seniority for the identity rule), operators
     from ``settings.operators``. With ``store`` the verdicts are written to MongoDB.
+
+    ``guard``: the endpoint policy every connection to a node obeys
+    (``EndpointGuard.of(settings.requester.endpoint_allowlist)``, as the Requester's;
+    default: public addresses only); ``http``, when given, a session opened with it
+    (:func:`~cluster.nodes.transport.open_node_session`). A node the policy refuses gets
+    ``unknown`` verdicts saying why, recorded, and is sent nothing; the others' round goes on.
     """
     targets = [n if isinstance(n, NodeTarget) else NodeTarget.from_node(
         n, operator=settings.operators.get(n.node_id), seniority=float(i))
         for i, n in enumerate(nodes) if isinstance(n, NodeTarget) or n.kind == "llm"]
     round_seed = settings.seed if seed is None else seed
     round_seed = new_seed() if round_seed is None else round_seed
+    guard = EndpointGuard.of() if guard is None else guard
     own_http = http is None
-    session = open_node_session() if http is None else http
+    session = open_node_session(guard=guard) if http is None else http
     verdicts: list[Verdict] = []
     try:
         by_model: dict[str, list[NodeTarget]] = {}
-        for target in targets:
-            by_model.setdefault(target.model, []).append(target)
+        refusals = await asyncio.gather(*(_refusal(guard, t.base_url) for t in targets))
+        for target, refusal in zip(targets, refusals, strict=True):
+            if refusal is None:
+                by_model.setdefault(target.model, []).append(target)
+                continue
+            log.warning("honesty.node_refused node=%s reason=%s", target.node_id, refusal)
+            refused = _refused(target, refusal)
+            verdicts.extend(refused)
+            if store is not None:
+                round_id, now = f"{target.model}:{round_seed}", time.time()
+                await store.record([v.to_record(round_id, now) for v in refused])
         for model, members in by_model.items():
             reference = references.get(model)
             if reference is None:
                 for target in members:
                     verdicts.extend(_no_reference(target))
                 continue
-            report = await Verifier(settings, reference, session).run_round(members, round_seed)
+            report = await Verifier(settings, reference, session, guard=guard).run_round(
+                members, round_seed)
             verdicts.extend(report.verdicts)
             if store is not None:
                 await record_verdicts(store, report)
@@ -605,15 +651,17 @@ async def verify_nodes(
     *,
     seed: int | None = None,
     http: aiohttp.ClientSession | None = None,
+    guard: EndpointGuard | None = None,
     sink: VerdictSink | None = None,
     clock: Callable[[], float] = time.time,
 ) -> VerifiedRound:
     """One round over ``nodes``, recorded: its verdicts (through ``sink``, default the
     verdict store), one round and its traffic per node in the traffic counters (what the
-    loop's budget weighs), and the evasion verdicts it leads to."""
+    loop's budget weighs), and the evasion verdicts it leads to. ``http`` and ``guard``:
+    the nodes' session and endpoint policy (:func:`run_verification`)."""
     sink = stores.verdicts if sink is None else sink
-    verdicts = await run_verification(settings, nodes, references, http=http, seed=seed,
-                                      store=sink)
+    verdicts = await run_verification(settings, nodes, references, http=http, guard=guard,
+                                      seed=seed, store=sink)
     finished = clock()
     traffic = await record_round_traffic(stores, verdicts, finished)
     evasion = await judge_round_evasion(settings, stores, verdicts, finished)
@@ -629,20 +677,28 @@ async def verify_registered_nodes(
     *,
     seed: int | None = None,
     http: aiohttp.ClientSession | None = None,
+    guard: EndpointGuard | None = None,
 ) -> list[Verdict]:
     """One round over every enabled LLM node of the registry, recorded as the loop records
     its rounds (:func:`verify_nodes`; what ``testbench verify`` runs); ``references``
-    default to the configured ones. Registry order (by id) stands in for registration
-    order until nodes carry their registration time."""
+    default to the configured ones, on a session of their own (the nodes' ``http`` and
+    ``guard``: :func:`run_verification`). Registry order (by id) stands in for
+    registration order until nodes carry their registration time."""
     nodes = [n for n in await stores.nodes.list(enabled_only=True) if n.kind == "llm"]
-    session = open_node_session() if http is None else http
+    guard = EndpointGuard.of() if guard is None else guard
+    session = open_node_session(guard=guard) if http is None else http
+    reference_http = open_node_session() if references is None else None
     try:
-        refs = build_references(settings, session) if references is None else references
-        done = await verify_nodes(settings, stores, nodes, refs, seed=seed, http=session)
+        refs = references if reference_http is None else build_references(settings,
+                                                                           reference_http)
+        done = await verify_nodes(settings, stores, nodes, refs, seed=seed, http=session,
+                                  guard=guard)
         return done.verdicts + [Verdict.from_record(r) for r in done.evasion]
     finally:
         if http is None:
             await session.close()
+        if reference_http is not None:
+            await reference_http.close()
 
 
 async def latest_verdicts(stores: MongoStores, node_ids: Sequence[str]) -> list[Verdict]:

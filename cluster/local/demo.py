@@ -61,14 +61,19 @@ async def _verify(settings: Settings, nodes: list[Node], model_dir: Any) -> str:
 
     from cluster.core.settings import ReferenceSettings
     from cluster.honesty.verification import build_references, run_verification
+    from cluster.nodes.policy import EndpointGuard
     from cluster.reports.honesty import format_verdicts
     from cluster.storage.connections import open_mongo
 
     honesty = settings.honesty.model_copy(update={
         "references": {nodes[0].model: ReferenceSettings(model_dir=model_dir)}})
-    async with open_mongo(settings) as mongo, aiohttp.ClientSession() as http:
-        refs = build_references(honesty, http)
-        verdicts = await run_verification(honesty, nodes, refs, http=http, store=mongo.verdicts)
+    # the nodes under the endpoint policy (the demo allowlists loopback); the reference is
+    # in process, its session unused
+    guard = EndpointGuard.of(settings.requester.endpoint_allowlist)
+    async with open_mongo(settings) as mongo, aiohttp.ClientSession() as reference_http:
+        refs = build_references(honesty, reference_http)
+        verdicts = await run_verification(honesty, nodes, refs, guard=guard,
+                                          store=mongo.verdicts)
     return format_verdicts(verdicts)
 
 

@@ -10,7 +10,8 @@ as ordinary nodes claiming the honest node's model.
     with demo_zoo(model_dir, honest_url=vllm_node_url) as zoo:
         for node in zoo_nodes(zoo.urls, model="smollm2"):
             await stores.nodes.add(node)          # after the honest node: it holds the identity
-        verdicts = await run_verification(settings.honesty, nodes, references)
+        verdicts = await run_verification(settings.honesty, nodes, references,
+                                          guard=EndpointGuard.of(settings.requester.endpoint_allowlist))
 """
 
 from __future__ import annotations

@@ -34,10 +34,20 @@ checks an endpoint up front (a submitted evaluation, a node registration) with t
 rule. Redirects are never followed (the transport's own rule), so an allowed endpoint
 cannot send testbench on to a refused one.
 
-Who applies which allowlist: node registration (:func:`check_node_url`: ``testbench nodes
-add``, ``make run``'s demo) and the loop's Requester use ``requester.endpoint_allowlist``;
-the evaluation service uses each tenant's ``evaluations.endpoint_allowlists`` (plus
-``'*'``) at submission and for the run's connections (``cluster/evaluations/endpoints.py``).
+Who applies which allowlist: ``requester.endpoint_allowlist`` is the rule of every
+connection to a node: node registration (:func:`check_node_url`: ``testbench nodes add``,
+``make run``'s demo), the loop's Requester, the honesty verification rounds
+(``cluster/honesty/verification.py``: the Auditor's rounds, ``testbench verify``), the
+streaming-job audits and their registration (``cluster/honesty/job_audits.py``: the
+Auditor's, ``testbench receipts``), the PoC rounds (``cluster/poc/round.py``, ``testbench
+poc round``) and ``testbench train`` (``cluster/train/client.py``). A refused node is sent
+nothing: its verdicts or result say why, and the others go on. The trusted references
+(``cluster/honesty/reference.py``) are the operator's own servers: they get a session of
+their own, outside the policy. The evaluation service uses each tenant's
+``evaluations.endpoint_allowlists`` (plus ``'*'``) at submission and for the run's
+connections (``cluster/evaluations/endpoints.py``). An MLNode sends its training peers'
+outer-sync messages (``cluster/train/exchange.py``) under its own
+``training.peer_allowlist`` (``serve_apps/poc/config.py``).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ status, headers and body bytes of any answer. Compressed bodies are never asked 
 decompressed (``Accept-Encoding: identity``): a small compressed body could inflate past
 the cap. Every caller sends the same headers, so a check looks like measuring traffic.
 
-With an :class:`~cluster.nodes.policy.EndpointGuard` (the Requester always has one) the
-endpoint policy is applied to every connection: the session's connector resolves names only
+With an :class:`~cluster.nodes.policy.EndpointGuard` (every caller that reaches nodes has
+one; who applies which allowlist: ``cluster/nodes/policy.py``) the endpoint policy is
+applied to every connection: the session's connector resolves names only
 through the guard, which checks every address and hands the connector exactly the checked
 ones (a rebinding name never reaches its private answer), and address literals are checked
 before each request. A refused endpoint is a :class:`NodeUnavailable` that is never

@@ -3,8 +3,11 @@
 For each node: ``/pow/init/generate`` with the round's seed and the node's key, wait
 until it generates, let it work ``seconds``, ``/pow/stop``, page through
 ``/pow/batches``, then validate a random sample. Every call is one exchange of the node
-transport (``cluster/nodes/transport.py``), signed when the driver has a signer. A node that
-fails on the way gets a :class:`NodeRoundResult` with its error, never a silent gap.
+transport (``cluster/nodes/transport.py``), signed when the driver has a signer, and obeys
+the endpoint policy (``cluster/nodes/policy.py``; :func:`run_poc_round`: the Requester's
+``requester.endpoint_allowlist``). A node that fails on the way, or whose URL the policy
+refuses (it is sent nothing), gets a :class:`NodeRoundResult` with its error, never a silent
+gap.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.core.errors import NodeError
 from cluster.core.settings import Settings
+from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.transport import NodeEndpoint, NodeTransport
 from cluster.poc.config import PocRoundParams, ValidationConfig
 from cluster.poc.validator import ClaimedProof, PocValidator, Verdict
@@ -61,6 +65,7 @@ class PocRoundDriver:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         signer: RequestSigner | None = None,
+        guard: EndpointGuard | None = None,
     ) -> None:
         self._params = params
         self._validator = validator
@@ -71,6 +76,8 @@ class PocRoundDriver:
         self._clock = clock
         # nodes with peer auth on take only signed control requests
         self._signer = signer
+        # the endpoint policy of every connection (default: public addresses only)
+        self._guard = EndpointGuard.of() if guard is None else guard
 
     def init_body(self, target: PocNodeTarget, callback_url: str | None = None) -> dict[str, Any]:
         from cluster.poc.protocol import PowInitRequest
@@ -85,7 +92,7 @@ class PocRoundDriver:
         """All nodes generate at the same time; each is judged on its own claim."""
         seeds = [self._rng.getrandbits(63) for _ in targets]
         middlewares = (self._signer.aiohttp_middleware,) if self._signer is not None else ()
-        transport = NodeTransport.open(middlewares=middlewares)
+        transport = NodeTransport.open(middlewares=middlewares, guard=self._guard)
         try:
             results = await asyncio.gather(*(
                 self._one(transport, t, seconds, s) for t, s in zip(targets, seeds, strict=True)))
@@ -155,10 +162,13 @@ async def run_poc_round(
     *,
     sample_seed: int | None = None,
     record: bool = True,
+    guard: EndpointGuard | None = None,
 ) -> list[NodeRoundResult]:
     """One round against ``targets`` (signed with ``settings.auth``'s key when set, the key
     nodes with peer auth expect); verdicts recorded in MongoDB when ``record`` and a store
-    is configured. ``sample_seed`` fixes which nonces are validated (default: fresh)."""
+    is configured. ``sample_seed`` fixes which nonces are validated (default: fresh).
+    Connections obey ``guard`` (default: the endpoint policy with
+    ``requester.endpoint_allowlist``); a refused node's result says why."""
     from cluster.auth.peers import RequestSigner
     from cluster.poc.compute import PocComputer
     from cluster.poc.verdicts import record_verdicts
@@ -166,8 +176,10 @@ async def run_poc_round(
 
     validator = PocValidator(PocComputer(params, "validator"), validation)
     seed = random.SystemRandom().getrandbits(63) if sample_seed is None else sample_seed
+    if guard is None:
+        guard = EndpointGuard.of(settings.requester.endpoint_allowlist)
     driver = PocRoundDriver(params, validator, random.Random(seed),
-                            signer=RequestSigner.from_settings(settings.auth))
+                            signer=RequestSigner.from_settings(settings.auth), guard=guard)
     results = await driver.run(targets, seconds)
     verdicts = [r.verdict for r in results if r.verdict is not None]
     if verdicts and record and settings.stores.mongo_url:

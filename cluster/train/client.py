@@ -1,7 +1,9 @@
 """Driving an MLNode's training routes over HTTP (``testbench train``; a Network Node).
 
 Requests go through the node transport (``cluster/nodes/transport.py``), signed with the
-caller's control key when it has one (``cluster/auth/peers.py::RequestSigner``). An answer
+caller's control key when it has one (``cluster/auth/peers.py::RequestSigner``), under the
+endpoint policy (``cluster/nodes/policy.py``; ``testbench train``: the Requester's
+``requester.endpoint_allowlist``). An answer
 the node refuses (409 another service runs, 503 no training key, 422 a bad body) comes back
 as :class:`NodeRefused` with the node's own explanation.
 """
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from cluster.core.errors import NodeError
+from cluster.nodes.policy import EndpointGuard
 from cluster.nodes.transport import NodeTransport
 from cluster.train.config import TrainRunConfig
 from cluster.train.progress import RunProgress
@@ -34,13 +37,16 @@ class NodeRefused(NodeError):
 
 
 class TrainingClient:
-    """One MLNode's training routes (``{url}/api/v1/train/...``)."""
+    """One MLNode's training routes (``{url}/api/v1/train/...``); ``guard``: the endpoint
+    policy of its connections (default: public addresses only)."""
 
     def __init__(self, url: str, signer: RequestSigner | None = None,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, guard: EndpointGuard | None = None) -> None:
         self.url = url.rstrip("/")
         middlewares = (signer.aiohttp_middleware,) if signer is not None else ()
-        self._transport = NodeTransport.open(max_connections=4, middlewares=middlewares)
+        self._transport = NodeTransport.open(
+            max_connections=4, middlewares=middlewares,
+            guard=EndpointGuard.of() if guard is None else guard)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:

@@ -15,6 +15,11 @@ passes; the gather waits until every expected peer's message is in or the deadli
 A peer that missed a step is reported ``unresponsive`` and not waited for in later steps
 until a message of it arrives again. With fewer than ``min_nodes`` nodes (this one
 included) at the deadline the step fails with :class:`SyncFailed`.
+
+Peers' URLs come from the run's start request: :class:`HttpSyncSender` sends only where the
+endpoint policy allows (``cluster/nodes/policy.py``; the MLNode's ``training.peer_allowlist``).
+A peer whose URL it refuses is never sent anything: it is ``refused`` at once, its
+``last_error`` saying why, and the step goes on with the others.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from cluster.auth.sync_messages import (
     sign_sync_message,
 )
 from cluster.core.errors import NodeError, TestbenchError
+from cluster.nodes.policy import EndpointGuard, EndpointRefusedError
 from cluster.nodes.transport import NodeTransport
 from cluster.train.config import TrainRunConfig
 
@@ -93,16 +99,20 @@ class SyncSender(Protocol):
 
 
 class HttpSyncSender:
-    """Sync messages over HTTP through the node transport (no redirects, capped answers)."""
+    """Sync messages over HTTP through the node transport (no redirects, capped answers),
+    every connection under ``guard``'s endpoint policy (default: public addresses only)."""
 
-    def __init__(self, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, connect_timeout_s: float = 10.0,
+                 guard: EndpointGuard | None = None) -> None:
         self._connect_timeout_s = connect_timeout_s
+        self._guard = EndpointGuard.of() if guard is None else guard
         self._transport: NodeTransport | None = None
 
     async def send(self, url: str, headers: Mapping[str, str], body: bytes,
                    timeout_s: float) -> tuple[int, bytes]:
         if self._transport is None:
-            self._transport = NodeTransport.open(size_cap=64 * 1024, max_connections=16)
+            self._transport = NodeTransport.open(size_cap=64 * 1024, max_connections=16,
+                                                 guard=self._guard)
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_timeout_s)
         answer = await self._transport.exchange_bytes(
             "POST", url, body, timeout,
@@ -357,6 +367,12 @@ class PeerExchange:
                 if self._clock() < deadline:
                     peer.last_error = f"not training yet: {refused.detail}"
             except NodeError as exc:  # no answer (NodeUnavailable): it may be restarting
+                if isinstance(exc.__cause__, EndpointRefusedError):  # nothing was sent
+                    peer.state = "refused"
+                    peer.last_error = f"not sent our message for step {step}: {exc}"
+                    log.warning("train.sync.endpoint_refused peer=%s step=%d reason=%s",
+                                peer.public_key[:16], step, exc)
+                    return
                 # past the deadline the step has judged this peer (``exchange`` wrote why,
                 # quoting this error): a late answer must not overwrite that verdict
                 if self._clock() < deadline:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from cluster.auth.keys import Ed25519Key
 from cluster.core.deployment import DeploymentOptions
-from cluster.core.settings import AuthSettings
+from cluster.core.settings import AuthSettings, EndpointAllowlist
 from cluster.poc.config import ValidationConfig
 from cluster.train.config import ScalingSpec
 
@@ -44,6 +44,11 @@ class TrainingNodeConfig(BaseModel):
                                    description="largest outer-sync message accepted")
     stop_timeout_s: float = Field(default=120.0, gt=0,
                                   description="POST /train/stop waits this long for the workers")
+    peer_allowlist: EndpointAllowlist = Field(
+        default_factory=EndpointAllowlist,
+        description="peers' endpoints the endpoint policy refuses by default (loopback, "
+        "private, ...) that outer-sync messages may be sent to anyway, e.g. the MLNodes' "
+        "private network (cluster/nodes/policy.py)")
 
     @model_validator(mode="after")
     def _one_key(self) -> TrainingNodeConfig:

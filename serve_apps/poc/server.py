@@ -69,7 +69,8 @@ def ray_pool_factory(config: PocNodeConfig) -> WorkerPoolFactory:
 
 def ray_training_launcher(config: PocNodeConfig) -> TrainingLauncher:
     t = config.training
-    return RayTrainingLauncher(t.scaling, t.postgres_url, t.max_message_bytes)
+    return RayTrainingLauncher(t.scaling, t.postgres_url, t.max_message_bytes,
+                               peer_allowlist=t.peer_allowlist)
 
 
 class PocNodeIngress:

@@ -25,6 +25,8 @@ from typing import Any
 import ray
 
 from cluster.auth.keys import Ed25519Key
+from cluster.core.settings import EndpointAllowlist
+from cluster.nodes.policy import EndpointGuard
 from cluster.train.config import ScalingSpec, TrainRunConfig, WorkerSpec, node_order
 from cluster.train.coordinator import RunCoordinator
 from cluster.train.data import DataSnapshot, snapshot_dataset
@@ -34,11 +36,13 @@ from cluster.train.progress import RunProgress, TrainState
 log = logging.getLogger(__name__)
 
 
-def coordinator_actor(run: TrainRunConfig, key: Ed25519Key, max_message_bytes: int) -> Any:
-    """The run's coordinator as an async actor (no CPU; dies with the ingress that owns it)."""
+def coordinator_actor(run: TrainRunConfig, key: Ed25519Key, max_message_bytes: int,
+                      peer_allowlist: EndpointAllowlist | None = None) -> Any:
+    """The run's coordinator as an async actor (no CPU; dies with the ingress that owns it).
+    Its messages go only to peers the endpoint policy allows (``peer_allowlist``)."""
     actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(RunCoordinator)
-    return actor.remote(run, key, run.exchange_dir, HttpSyncSender(),
-                        max_message_bytes)
+    sender = HttpSyncSender(guard=EndpointGuard.of(peer_allowlist))
+    return actor.remote(run, key, run.exchange_dir, sender, max_message_bytes)
 
 
 class RayWorkerEnv:
@@ -173,9 +177,10 @@ class RayTrainingRun:
     """One training run of this node: its coordinator actor and its ``TorchTrainer``."""
 
     def __init__(self, run: TrainRunConfig, scaling: ScalingSpec, key: Ed25519Key,
-                 max_message_bytes: int, postgres_url: str | None) -> None:
+                 max_message_bytes: int, postgres_url: str | None,
+                 peer_allowlist: EndpointAllowlist | None = None) -> None:
         self.run = run
-        self._coordinator = coordinator_actor(run, key, max_message_bytes)
+        self._coordinator = coordinator_actor(run, key, max_message_bytes, peer_allowlist)
         self._task = asyncio.ensure_future(self._main(scaling, key, postgres_url))
 
     async def _main(self, scaling: ScalingSpec, key: Ed25519Key,
@@ -237,11 +242,13 @@ class RayTrainingLauncher:
     """Starts this node's training runs on Ray Train (``TrainingLauncher`` of serving.py)."""
 
     def __init__(self, scaling: ScalingSpec, postgres_url: str | None,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, *, peer_allowlist: EndpointAllowlist | None = None,
+                 ) -> None:
         self._scaling = scaling
         self._postgres_url = postgres_url or os.environ.get("TESTBENCH_POSTGRES_URL")
         self._max_message_bytes = max_message_bytes
+        self._peer_allowlist = peer_allowlist  # None: peers at public addresses only
 
     def start(self, run: TrainRunConfig, key: Ed25519Key) -> RayTrainingRun:
         return RayTrainingRun(run, self._scaling, key, self._max_message_bytes,
-                              self._postgres_url)
+                              self._postgres_url, self._peer_allowlist)

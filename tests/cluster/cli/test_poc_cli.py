@@ -10,7 +10,7 @@ import pytest
 from cluster.cli.poc import add_parser as add_poc_parser
 from cluster.cli.poc import default_public_key
 from cluster.cli.poc import run as cmd_poc
-from cluster.core.settings import Settings
+from cluster.core.settings import EndpointAllowlist, RequesterSettings, Settings
 
 pytestmark = pytest.mark.usefixtures("torch_settings_restored")
 
@@ -39,7 +39,8 @@ def test_round_reports_an_unreachable_node_as_an_error(capsys: pytest.CaptureFix
         port = s.getsockname()[1]
     args = parse(["poc", "round", "--node", f"dead=http://127.0.0.1:{port}", "--r-target", "1.3",
                   "--seconds", "0", "--no-store", *SMALL])
-    assert cmd_poc(Settings(), args) == 1
+    local = Settings(requester=RequesterSettings(endpoint_allowlist=EndpointAllowlist.loopback()))
+    assert cmd_poc(local, args) == 1
     out = capsys.readouterr().out
     assert "dead" in out and "ERROR" in out
 

@@ -275,11 +275,20 @@ def test_the_cli_registers_a_job_and_audits_it_on_demand(
     from cluster.cli.main import build_parser
     from cluster.cli.receipts import run as cmd_receipts
     from cluster.core.schemas import Node
-    from cluster.core.settings import ReferenceSettings, Settings, StoreSettings
+    from cluster.core.settings import (
+        EndpointAllowlist,
+        ReferenceSettings,
+        RequesterSettings,
+        Settings,
+        StoreSettings,
+    )
 
     assert reference_node.base_url is not None
     settings = Settings(stores=StoreSettings(mongo_url=mongo_url,
-                                             mongo_database=f"r_{uuid.uuid4().hex[:10]}"))
+                                             mongo_database=f"r_{uuid.uuid4().hex[:10]}"),
+                        # the job's app is on loopback, which the endpoint policy refuses
+                        requester=RequesterSettings(
+                            endpoint_allowlist=EndpointAllowlist.loopback()))
     settings.honesty.references = {"smollm2": ReferenceSettings(
         url=reference_node.base_url, model_dir=smollm2_dir)}
     settings.receipts.rerun_fraction = 1.0

@@ -129,3 +129,75 @@ async def test_a_resumed_node_resends_the_payload_its_peers_may_already_hold(
     nodes[URLS[0]] = again[URLS[0]]
     result = await nodes[URLS[0]].exchange(0, b"a0-recomputed")
     assert result.payloads[KEYS[0].public_key] == b"a0"  # what node 1 averaged
+
+
+async def test_messages_go_only_to_peers_the_endpoint_policy_allows(tmp_path: Path) -> None:
+    """Peers at the cloud metadata address and at a name resolving to a private service
+    (127.0.0.1, not allowlisted) are sent nothing and shown refused with the reason; the
+    allowlisted peer (127.0.0.2, standing in for a public address) gets our message, and
+    the step goes on with it."""
+    from aiohttp import web
+
+    from cluster.core.settings import EndpointAllowlist
+    from cluster.nodes.policy import EndpointGuard
+    from cluster.train.exchange import HttpSyncSender
+
+    accepted = [0]  # connections the private service accepted
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        writer.close()
+
+    private = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    private_port = private.sockets[0].getsockname()[1]
+    received: list[bytes] = []
+
+    async def sync(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.json_response({"status": "accepted"})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/train/sync", sync)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.2", 0)
+    await site.start()
+    public_port = runner.addresses[0][1]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"] if host == "private.test" else ["127.0.0.2"]
+
+    keys = [Ed25519Key(bytes([40 + i]) * 32) for i in range(4)]
+    peers = [{"public_key": keys[1].public_key, "url": "http://169.254.169.254:1"},
+             {"public_key": keys[2].public_key, "url": f"http://private.test:{private_port}"},
+             {"public_key": keys[3].public_key, "url": f"http://127.0.0.2:{public_port}"}]
+    run = TrainRunConfig.model_validate({
+        "run_id": "run-x", "model": "m", "dataset": {"files": ["d.jsonl"]}, "peers": peers,
+        "output_dir": str(tmp_path / "n0"), "sync_timeout_s": 1.0, "min_nodes": 2})
+    guard = EndpointGuard.of(EndpointAllowlist(networks=["127.0.0.2/32"]), lookup=lookup)
+    node = PeerExchange(run, keys[0], run.exchange_dir, HttpSyncSender(guard=guard), 1 << 20,
+                        retry_s=0.05)
+    try:
+        # the allowlisted peer's own message for step 0 (it delivers like any peer)
+        headers = sign_sync_message(keys[3], "run-x", 0, b"d0")
+        await node.receive({k.lower(): v for k, v in headers.items()}, b"d0")
+        result = await node.exchange(0, b"a0")
+    finally:
+        await node.close()
+        await runner.cleanup()
+        private.close()
+        await private.wait_closed()
+
+    assert result.payloads == {keys[0].public_key: b"a0", keys[3].public_key: b"d0"}
+    assert sorted(result.missing) == sorted([keys[1].public_key, keys[2].public_key])
+    status = {p.public_key: p for p in node.peers()}
+    for key, said in ((keys[1], "169.254.169.254, a cloud metadata address"),
+                      (keys[2], "private.test resolves to 127.0.0.1, a loopback address")):
+        peer = status[key.public_key]
+        assert peer.state == "refused" and peer.messages_sent == 0
+        assert "not sent our message for step 0: endpoint refused: " + said in (
+            peer.last_error or ""), peer.last_error
+    assert accepted == [0]  # not even a connection to the private service
+    assert received == [b"a0"]
+    assert status[keys[3].public_key].state == "ok"
+    assert status[keys[3].public_key].messages_sent == 1

@@ -33,7 +33,8 @@ from train_reference import reference_run
 from cluster.auth.keys import Ed25519Key
 from cluster.auth.peers import RequestSigner
 from cluster.auth.sync_messages import SyncProblem, SyncRefused, sign_sync_message
-from cluster.core.settings import AuthSettings
+from cluster.core.settings import AuthSettings, EndpointAllowlist
+from cluster.nodes.policy import EndpointGuard
 from cluster.train.diloco import encode_payload
 from cluster.train.exchange import HttpSyncSender, send_sync_message
 from cluster.train.loop import WorkerOutcome
@@ -77,6 +78,8 @@ def node_config(name: str) -> dict[str, Any]:
         "workers": 1, "cpus_per_worker": 0.1, "threads_per_worker": 1,
         "auth": AUTH.model_dump(mode="json"),
         "training": {"node_key_hex": NODE_KEYS[name].seed_hex,
+                     # the peers are on loopback, which the endpoint policy refuses by default
+                     "peer_allowlist": {"networks": ["127.0.0.0/8"]},
                      "scaling": {"workers": 1, "cpus_per_worker": 0.1, "threads_per_worker": 1,
                                  "max_failures": 2}},
     }
@@ -257,7 +260,7 @@ def side_runs(nodes: dict[str, str], tiny_lm_dir: Path,
 def send(url: str, headers: dict[str, str], data: bytes) -> SyncRefused | int:
     """A sync message through the sender's own code: its status, or the refusal it sees."""
     async def go() -> int:
-        sender = HttpSyncSender()
+        sender = HttpSyncSender(guard=EndpointGuard.of(EndpointAllowlist.loopback()))
         try:
             return await send_sync_message(sender, url, headers, data)
         finally:

@@ -26,7 +26,7 @@ from cluster.auth.keys import Ed25519Key
 from cluster.auth.peers import RequestSigner
 from cluster.cli.poc import add_parser as add_poc_parser
 from cluster.cli.poc import run as cmd_poc
-from cluster.core.settings import AuthSettings, Settings
+from cluster.core.settings import AuthSettings, EndpointAllowlist, RequesterSettings, Settings
 from cluster.poc.compute import PocComputer, configure_torch
 from cluster.poc.config import PocModelParams, ValidationConfig
 from cluster.poc.protocol import PowInitRequest
@@ -256,7 +256,9 @@ def test_cli_round_judges_the_node_honest(
     key_file = tmp_path / "validator.key"
     key_file.write_text(VALIDATOR_KEY.seed_hex)
     # the CLI signs its control requests with the key the settings name
-    settings = Settings(auth=AuthSettings(signing_key_id="validator", signing_key_file=key_file))
+    # ... and reaches the node on loopback, which the endpoint policy refuses by default
+    settings = Settings(auth=AuthSettings(signing_key_id="validator", signing_key_file=key_file),
+                        requester=RequesterSettings(endpoint_allowlist=EndpointAllowlist.loopback()))
     code = cmd_poc(settings, args)
     out = capsys.readouterr().out
     assert code == 0, out
