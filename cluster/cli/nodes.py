@@ -41,6 +41,9 @@ def add_parser(sub: Any) -> None:
                     help="prepended to every prompt (lm-eval's --system_instruction)")
     na.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
                     default=True, help="with a chat template, few-shot examples as turns")
+    na.add_argument("--seeded-sampling", action="store_true",
+                    help="the node samples with testbench's replayable seeded sampler (the LLM "
+                    "app's seeded_sampling): verification rounds replay its sampled answers")
     nl = nsub.add_parser("list", help="list nodes")
     nl.add_argument("--json", action="store_true")
     nr = nsub.add_parser("remove", help="remove a node")
@@ -73,6 +76,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 apply_chat_template=args.apply_chat_template,
                 system_instruction=args.system_instruction,
                 fewshot_as_multiturn=args.fewshot_as_multiturn,
+                seeded_sampling=args.seeded_sampling,
             )
             node = registered_node(node)
         except ValidationError as exc:

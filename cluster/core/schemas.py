@@ -43,6 +43,10 @@ class Node(Record):
                                            description="prepended to every prompt")
     fewshot_as_multiturn: bool = Field(
         default=True, description="with a chat template: few-shot examples as separate turns")
+    seeded_sampling: bool = Field(
+        default=False, description="the node samples seeded requests with testbench's "
+        "replayable sampler (serve_apps/llm/seeded_sampling.py): verification rounds then "
+        "replay its sampled answers on the reference")
 
     @model_validator(mode="after")
     def _chat_template(self) -> Node:

@@ -413,6 +413,22 @@ class HonestySettings(StrictModel):
     max_mean_regret: float = Field(default=0.02, gt=0)
     min_reference_agreement: float = Field(default=0.9, ge=0, le=1)
     min_node_agreement: float = Field(default=0.9, ge=0, le=1)
+    sampled_prompts: int = Field(
+        default=3, ge=0, le=16,
+        description="seeded sampled prompts per round, in one extra request, for nodes "
+        "registered with seeded_sampling (0 = never); their token ids are replayed on the "
+        "reference",
+    )
+    sampled_temperature: float = Field(default=0.7, gt=0, le=2)
+    sampled_max_tokens: int = Field(default=32, ge=1, le=256)
+    sampled_max_mismatch_share: float = Field(
+        default=0.05, ge=0, le=1,
+        description="the seeded-sampling check fails when more of the replayed tokens than "
+        "this are not the reference's pick (honest float32 CPU: 0 of ~2,000; half the layers: "
+        "~90%; int8 ~3% is left to the substitution check)",
+    )
+    sampled_min_tokens: int = Field(
+        default=16, ge=1, description="fewer replayed tokens in a round: unknown, not a pass")
     batch_probes: bool = Field(
         default=True,
         description="all probes in one request (cheap) or one request each, shaped like "

@@ -32,6 +32,9 @@ class Check(StrEnum):
     IDENTITY = "identity"
     SYNTHETIC = "synthetic"
     SUBSTITUTION = "substitution"
+    # nodes registered with seeded_sampling: the round's sampled answers replayed on the
+    # reference (cluster/honesty/seeded_sampling.py); catches what differs only above T=0
+    SEEDED_SAMPLING = "seeded_sampling"
     # the loop's judgement over a node's recent rounds (cluster/honesty/evasion.py): fails
     # when the node keeps leaving probes unanswered while it answers measuring traffic
     EVASION = "evasion"

@@ -7,7 +7,9 @@ Three sets, each a pure function of ``(settings, seed)`` so a round can be repla
 - **synthetic**: small task-like prompts (arithmetic, lists, facts, instructions) whose
   answers the reference computes and the node must reproduce;
 - **canary**: natural-text openings on which the node's token distribution is compared with
-  the reference's.
+  the reference's;
+- **sampled**: more natural-text openings, for the seeded sampled request of nodes that
+  sample replayably (sent apart: their temperature differs).
 
 All three look like ordinary traffic and are sent together, shuffled, in one request per
 node (:func:`ProbeSet.request_order`), so a node cannot answer one kind honestly and
@@ -91,9 +93,10 @@ class ProbeSet:
     identity: tuple[str, ...]
     synthetic: tuple[str, ...]
     canary: tuple[str, ...]
+    sampled: tuple[str, ...] = ()
 
     def prompts(self) -> list[tuple[ProbeKind, int, str]]:
-        """Every prompt with its kind and index within the kind."""
+        """Every temperature-0 prompt with its kind and index within the kind."""
         sets: tuple[tuple[ProbeKind, tuple[str, ...]], ...] = (
             ("identity", self.identity), ("synthetic", self.synthetic), ("canary", self.canary))
         return [(kind, i, p) for kind, prompts in sets for i, p in enumerate(prompts)]
@@ -106,7 +109,7 @@ class ProbeSet:
 
 
 def build_probes(seed: int, *, identity: int, identity_words: int, synthetic: int,
-                 canary: int) -> ProbeSet:
+                 canary: int, sampled: int = 0) -> ProbeSet:
     """The round's prompts; distinct across the three sets."""
     rng = random.Random(f"probes|{seed}")
     taken: set[str] = set()
@@ -119,4 +122,5 @@ def build_probes(seed: int, *, identity: int, identity_words: int, synthetic: in
         identity=_distinct(words, rng, identity, taken),
         synthetic=_distinct(_synthetic, rng, synthetic, taken),
         canary=_distinct(_canary, rng, canary, taken),
+        sampled=_distinct(_canary, rng, sampled, taken),
     )

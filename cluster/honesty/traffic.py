@@ -29,7 +29,7 @@ from typing import Any
 from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Prompt, Relay
 from cluster.core.settings import HonestySettings
-from cluster.honesty.verdicts import CHECKS, TRAFFIC_KEY, Traffic, Verdict
+from cluster.honesty.verdicts import ROUND_CHECKS, TRAFFIC_KEY, Traffic, Verdict
 from cluster.storage.mongo import MongoStores, TrafficRow
 
 
@@ -166,7 +166,7 @@ async def verification_traffic(stores: MongoStores, node_id: str, since_ts: floa
     """Requests and tokens the honesty checks sent ``node_id`` after ``since_ts``."""
     total = Traffic()
     for record in await stores.verdicts.for_node(node_id):
-        if record.check in CHECKS and record.ts > since_ts:
+        if record.check in ROUND_CHECKS and record.ts > since_ts:
             total = total + Traffic.from_dict(record.evidence.get(TRAFFIC_KEY))
     return total
 

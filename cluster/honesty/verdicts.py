@@ -20,9 +20,13 @@ CHECK_CONFIG = Check.CONFIG_SIGNATURE
 CHECK_IDENTITY = Check.IDENTITY
 CHECK_SYNTHETIC = Check.SYNTHETIC
 CHECK_SUBSTITUTION = Check.SUBSTITUTION
-# the checks of a verification round, in the order tables show them
+CHECK_SEEDED = Check.SEEDED_SAMPLING
+# the checks a verification round makes on every node, in the order tables show them
 CHECKS: tuple[str, ...] = (CHECK_TOKENIZER, CHECK_CONFIG, CHECK_IDENTITY, CHECK_SYNTHETIC,
                            CHECK_SUBSTITUTION)
+# ... and every check a round can make: the seeded-sampling replay only on the nodes
+# registered with ``seeded_sampling`` (a replay of any other sampler would fail them)
+ROUND_CHECKS: tuple[str, ...] = (*CHECKS, CHECK_SEEDED)
 TRAFFIC_KEY = "traffic"
 # every verdict of a round says what became of the node's probes (cluster/honesty/evasion.py)
 PROBES_KEY = "probes"

@@ -13,6 +13,13 @@ A round, for the nodes claiming model M and M's reference R:
    several nodes, e.g. honest ones, are scored once);
 4. judge each check per node; identity is judged across all nodes of the round.
 
+Nodes registered with ``seeded_sampling`` get one more request in step 2: the round's
+``sampled`` prompts at temperature ``sampled_temperature`` with the round's seed, asking for
+the answers' token ids; in step 3 the reference replays them teacher-forced
+(:mod:`cluster.honesty.seeded_sampling`) and the ``seeded_sampling`` check counts the tokens
+that are not the reference's pick. It catches a node that is honest at temperature 0 and
+cheap above it, which every temperature-0 check passes.
+
 Verdicts carry their evidence and the traffic they cost; :func:`record_verdicts` writes
 them to MongoDB. Failures of the node are verdicts (``unknown`` when it did not answer,
 ``fail`` when it answered nonsense); failures of the reference raise
@@ -43,6 +50,7 @@ from cluster.honesty.reference import (
     TrustedReference,
     align_token_ids,
 )
+from cluster.honesty.seeded_sampling import ReplayResult, SeededAnswer, judge_replay
 from cluster.honesty.substitution import (
     EchoScores,
     SubstitutionThresholds,
@@ -54,11 +62,13 @@ from cluster.honesty.traffic import record_round_traffic
 from cluster.honesty.verdicts import (
     CHECK_CONFIG,
     CHECK_IDENTITY,
+    CHECK_SEEDED,
     CHECK_SUBSTITUTION,
     CHECK_SYNTHETIC,
     CHECK_TOKENIZER,
     CHECKS,
     PROBES_KEY,
+    ROUND_CHECKS,
     Outcome,
     Traffic,
     Verdict,
@@ -91,11 +101,13 @@ class NodeTarget:
     api: ApiKind = "completions"
     operator: str | None = None
     seniority: float = 0.0
+    seeded_sampling: bool = False
 
     @classmethod
     def from_node(cls, node: Node, *, operator: str | None = None, seniority: float = 0.0
                   ) -> NodeTarget:
-        return cls(node.node_id, node.base_url, node.model, node.api, operator, seniority)
+        return cls(node.node_id, node.base_url, node.model, node.api, operator, seniority,
+                   node.seeded_sampling)
 
     @property
     def operator_name(self) -> str:
@@ -115,6 +127,9 @@ class _Exchange:
     echo: list[EchoScores | None] | None = None
     echo_error: Exception | None = None
     shares: list[float] = field(default_factory=list)
+    sampled: list[SeededAnswer] | None = None  # None: not asked (or could not be)
+    sampled_error: Exception | None = None
+    replayed: list[ReplayResult] = field(default_factory=list)
     traffic: dict[str, Traffic] = field(default_factory=dict)
 
     def charge(self, check: str, traffic: Traffic) -> None:
@@ -208,7 +223,13 @@ class Verifier:
     def probes(self, seed: int) -> ProbeSet:
         s = self.settings
         return build_probes(seed, identity=s.identity_prompts, identity_words=s.identity_words,
-                            synthetic=s.synthetic_prompts, canary=s.canary_prompts)
+                            synthetic=s.synthetic_prompts, canary=s.canary_prompts,
+                            sampled=s.sampled_prompts)
+
+    def asks_sampled(self, target: NodeTarget) -> bool:
+        """Whether the round sends ``target`` the seeded sampled request."""
+        return (target.seeded_sampling and target.api == "completions"
+                and self.settings.sampled_prompts > 0)
 
     # -- talking to nodes -------------------------------------------------------------------
 
@@ -277,6 +298,31 @@ class Verifier:
                                                  ex.answer_ids, strict=True):
             ex.charge(_CHECK_OF_KIND[kind], Traffic(share, len(ref.prompt_ids), len(ids)))
 
+    async def _sample(self, ex: _Exchange, prompts: Sequence[str], seed: int) -> None:
+        """The seeded sampled request: every prompt with the round's seed, one request."""
+        if not self.asks_sampled(ex.target) or not prompts:
+            return
+        s = self.settings
+        ids = [self.reference.encode_prompt(p) for p in prompts]
+        body = wire.seeded_completion_body(ex.target.model, ids, s.sampled_max_tokens,
+                                           seed=seed, temperature=s.sampled_temperature)
+        try:
+            answer, _ = await self._client(ex.target).post_json(wire.COMPLETIONS_PATH, body)
+            wire.parse_completion(answer, len(ids))  # the shape every answer must have
+            tokens = [wire.choice_token_ids(answer, i) for i in range(len(ids))]
+        except (NodeUnavailable, wire.MalformedAnswer) as exc:
+            ex.sampled_error = exc
+            ex.charge(CHECK_SEEDED, Traffic(1, sum(map(len, ids)), 0))
+            return
+        ex.sampled = [SeededAnswer(tuple(p), tuple(t[:s.sampled_max_tokens]), seed,
+                                   s.sampled_temperature) for p, t in zip(ids, tokens,
+                                                                          strict=True)]
+        ex.charge(CHECK_SEEDED, Traffic(1, sum(map(len, ids)), sum(map(len, tokens))))
+
+    async def _replay(self, ex: _Exchange) -> None:
+        if ex.sampled:
+            ex.replayed = await self.reference.replay_seeded(ex.sampled)
+
     async def _echo(self, ex: _Exchange, canaries: list[tuple[list[int], list[int]]],
                     seed: int) -> None:
         if ex.target.api != "completions" or ex.generation_error is not None or not canaries:
@@ -329,7 +375,8 @@ class Verifier:
 
         async def node_first_half(ex: _Exchange) -> None:
             await asyncio.gather(self._signatures(ex),
-                                 self._generate(ex, order, seed))
+                                 self._generate(ex, order, seed),
+                                 self._sample(ex, probes.sampled, seed))
 
         reference_answers, expected, *_ = await asyncio.gather(
             self.reference.generate([p for _, _, p in order], self.settings.max_tokens),
@@ -356,6 +403,7 @@ class Verifier:
         synthetic_scores, *_ = await asyncio.gather(
             scorer.score(list(synthetic_items.values())),
             *[self._echo(ex, ref_canaries, seed) for ex in exchanges],
+            *[self._replay(ex) for ex in exchanges],
         )
         by_synthetic = dict(zip(synthetic_items, synthetic_scores, strict=True))
         # Direction (a) costs the reference a forward pass per differing answer: it is only
@@ -395,6 +443,8 @@ class Verifier:
             verdicts.append(self._substitution_verdict(
                 ex, reference_answers, canary_pos, reference_scores,
                 node_scores[ex.target.node_id]))
+            if self.asks_sampled(ex.target):
+                verdicts.append(self._seeded_verdict(ex))
         probes = {ex.target.node_id: _probe_state(ex) for ex in exchanges}
         verdicts = [Verdict(v.node_id, v.check, v.outcome, v.reason,
                             {**v.evidence, "model": model, "seed": seed,
@@ -501,6 +551,23 @@ class Verifier:
         if ex.echo_error is not None:
             evidence["echo_error"] = _short(ex.echo_error)
         return Verdict(ex.target.node_id, CHECK_SUBSTITUTION, outcome, reason, evidence, traffic)
+
+
+    def _seeded_verdict(self, ex: _Exchange) -> Verdict:
+        s = self.settings
+        node, traffic = ex.target.node_id, ex.traffic.get(CHECK_SEEDED, Traffic())
+        settings = {"temperature": s.sampled_temperature, "prompts": s.sampled_prompts}
+        if ex.sampled_error is not None:
+            err = ex.sampled_error
+            outcome = Outcome.FAIL if isinstance(err, wire.MalformedAnswer) else Outcome.UNKNOWN
+            word = "fail" if outcome is Outcome.FAIL else "unknown"
+            return Verdict(node, CHECK_SEEDED, outcome,
+                           f"{word}: seeded sampled request: {_short(err)}", settings, traffic)
+        judgement = judge_replay(ex.replayed, max_mismatch_share=s.sampled_max_mismatch_share,
+                                 min_positions=s.sampled_min_tokens)
+        first = [r.first_mismatch for r in ex.replayed]
+        return Verdict(node, CHECK_SEEDED, judgement.outcome, judgement.reason,
+                       {**judgement.evidence(), **settings, "first_mismatch": first}, traffic)
 
 
 def _probe_state(ex: _Exchange) -> ProbeState:
@@ -708,7 +775,7 @@ async def latest_verdicts(stores: MongoStores, node_ids: Sequence[str]) -> list[
     ``streaming_job`` verdict and left out."""
     newest = {(r.node_id, r.check.value): r for r in await stores.verdicts.latest(node_ids)
               if r.check not in DETAIL_CHECKS}
-    order = {check: i for i, check in enumerate(CHECKS)}
+    order = {check: i for i, check in enumerate(ROUND_CHECKS)}
     out: list[Verdict] = []
     for node_id in dict.fromkeys(node_ids):
         mine = sorted((check for n, check in newest if n == node_id),

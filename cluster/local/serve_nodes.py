@@ -88,7 +88,8 @@ def deploy_llm_node(settings: Settings, port: int, model_dir: Path, *, name: str
     url = f"http://127.0.0.1:{port}/{name}"
     _wait_http(f"{url}/v1/models")
     node = Node(node_id=node_id, url=url, model=args["model_id"], api="completions",
-                kind="llm", tokenizer=str(model_dir))
+                kind="llm", tokenizer=str(model_dir),
+                seeded_sampling=bool(args.get("seeded_sampling", False)))
     return LocalApp(name, f"/{name}", node, time.monotonic() - started)
 
 

@@ -84,11 +84,13 @@ def completion_body(
     return body
 
 
-def seeded_completion_body(model: str, prompt: Sequence[int], max_tokens: int, *, seed: int,
-                           temperature: float) -> dict[str, Any]:
-    """A sampled ``/v1/completions`` body for a token-id prompt with a ``seed``, asking for
-    the answer's token ids (seeded sampling, ``cluster/honesty/seeded_sampling.py``)."""
-    return {"model": model, "prompt": [int(t) for t in prompt], "max_tokens": int(max_tokens),
+def seeded_completion_body(model: str, prompt: Sequence[int] | Sequence[Sequence[int]],
+                           max_tokens: int, *, seed: int, temperature: float) -> dict[str, Any]:
+    """A sampled ``/v1/completions`` body for a token-id prompt (or a list of them, each
+    sampled with the same ``seed``), asking for the answers' token ids (seeded sampling,
+    ``cluster/honesty/seeded_sampling.py``)."""
+    ids: list[Any] = [int(t) if isinstance(t, int) else [int(i) for i in t] for t in prompt]
+    return {"model": model, "prompt": ids, "max_tokens": int(max_tokens),
             "temperature": float(temperature), "seed": int(seed), RETURN_TOKEN_IDS: True}
 
 

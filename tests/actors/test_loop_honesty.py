@@ -72,8 +72,10 @@ def honesty_nodes(smollm2_dir: Path) -> Iterator[dict[str, Any]]:
                              signing_key_hex=JOB_KEY.seed_hex)
     app = AppServer(create_api(StreamingServing(job, JOB_KEY), job.auth))
     nodes = {
+        # registered as sampling seeded, which the test node cannot: its rounds include the
+        # seeded sampled request, and its answers (no token ids) fail the replay check
         "fresh": Node(node_id="hn-fresh", url=urls["fresh"], model="smollm2",
-                      tokenizer=str(smollm2_dir)),
+                      tokenizer=str(smollm2_dir), seeded_sampling=True),
         "evader": Node(node_id="hn-evader", url=urls["evader"], model="smollm2",
                        tokenizer=str(smollm2_dir)),
         "chat": Node(node_id="hn-chat", url=urls["chat"], model="smollm2",
@@ -196,6 +198,10 @@ def test_the_loop_verifies_audits_and_flags_without_any_command(
     # rounds: the fresh node was verified (the fake model fails the reference's checks)
     assert latest[("hn-fresh", "substitution")].outcome is Outcome.FAIL
     assert latest[("hn-fresh", "evasion")].outcome is Outcome.PASS
+    sampled = latest[("hn-fresh", "seeded_sampling")]
+    assert sampled.outcome is Outcome.FAIL and "token_ids" in sampled.reason, sampled.reason
+    assert sampled.evidence["traffic"]["requests"] == 1
+    assert ("hn-evader", "seeded_sampling") not in latest  # not registered as seeded
     # the receipt audit: receipts valid, the re-runs on the reference differ
     audit = latest[("hn-fresh", "streaming_job")]
     assert audit.evidence["receipts_valid"] == 2 and audit.evidence["receipts_refused"] == 0

@@ -19,8 +19,13 @@ the measured statistics of the verdicts' evidence, not only on the outcomes:
   routes, so their signature checks are unknown (never fail, never pass).
 - ``proxy``: the identity check fails, naming an ``honest`` node as the one it duplicates,
   with text and trace shares at ``identity_match_share`` or above.
-- ``probe_aware``, ``temperature_aware``: as ``honest`` (they answer probes with the claimed
-  model: the probes alone cannot catch them).
+- ``probe_aware``, ``temperature_aware``: as ``honest`` on the temperature-0 checks (they
+  answer probes with the claimed model: those alone cannot catch them).
+- ``temperature_aware`` (registered with ``seeded_sampling``): the seeded-sampling check
+  fails, with at least ``CHEATER_MISMATCH_SHARE`` of its replayed tokens not the
+  reference's pick (its cheaper model samples above temperature 0).
+- any node of an honest role that was asked a seeded sampled request: the check passes with
+  at most ``HONEST_DIFF_SHARE`` of ``sampled_max_mismatch_share`` of its tokens differing.
 - ``launderer``: the substitution check fails on the node's *tokens* (mean regret at least
   ``CHEATER_DIFF_FACTOR`` times ``max_mean_regret``) while its reported logprobs pass the
   logprob comparison (mean |Δ logprob| within the honest bound: laundered), and the
@@ -43,10 +48,12 @@ from cluster.core.settings import HonestySettings
 from cluster.honesty.verdicts import (
     CHECK_CONFIG,
     CHECK_IDENTITY,
+    CHECK_SEEDED,
     CHECK_SUBSTITUTION,
     CHECK_SYNTHETIC,
     CHECK_TOKENIZER,
     CHECKS,
+    ROUND_CHECKS,
     Outcome,
     Verdict,
 )
@@ -58,6 +65,9 @@ HONEST_REGRET_SHARE = 1 / 3
 # is 1.5x; the other cheaters are an order of magnitude or more above it.
 CHEATER_DIFF_FACTOR: dict[str, float] = {
     "perturbed": 2.0, "quantized": 1.5, "lazy": 2.0, "random": 2.0}
+# the cheaper model (half the layers) picks another token than the claimed model's at most
+# sampled positions (~90%); half of them is a floor with room to spare
+CHEATER_MISMATCH_SHARE = 0.5
 # cheaters that answer probes with the claimed model (cluster/testing/zoo/cheaters.py)
 PROBE_HONEST_ROLES = ("probe_aware", "temperature_aware")
 ROLES: tuple[str, ...] = ("honest", "bf16", "perturbed", "quantized", "proxy", "lazy", "random",
@@ -77,6 +87,7 @@ STATS: tuple[tuple[str, str], ...] = (
     (CHECK_IDENTITY, "reference_text_share"),
     (CHECK_IDENTITY, "text_share"),
     (CHECK_IDENTITY, "trace_share"),
+    (CHECK_SEEDED, "mismatch_share"),
 )
 
 
@@ -198,6 +209,15 @@ class _Judge:
             self.outcome_is(CHECK_SYNTHETIC, Outcome.FAIL)
             for check in SIGNATURE_CHECKS:
                 self.outcome_is(check, Outcome.UNKNOWN)
+        if self.role == "temperature_aware":
+            self.outcome_is(CHECK_SEEDED, Outcome.FAIL)
+            self.at_least(CHECK_SEEDED, "mismatch_share", CHEATER_MISMATCH_SHARE,
+                          "cheaper-model bound")
+        elif CHECK_SEEDED in node.verdicts and self.role in ("honest", "bf16", "probe_aware"):
+            self.outcome_is(CHECK_SEEDED, Outcome.PASS)
+            self.at_most(CHECK_SEEDED, "mismatch_share",
+                         s.sampled_max_mismatch_share * HONEST_DIFF_SHARE,
+                         "honest bound (threshold/3)")
         if self.role == "proxy":
             self.outcome_is(CHECK_IDENTITY, Outcome.FAIL)
             duplicate = node.evidence(CHECK_IDENTITY).get("duplicate_of")
@@ -244,7 +264,7 @@ def stat_ranges(reports: Sequence[RoundReport], node_ids: Sequence[str]
 
 def flag_counts(reports: Sequence[RoundReport], node_id: str) -> dict[str, int]:
     """Rounds in which each check flagged ``node_id``."""
-    counts = dict.fromkeys(CHECKS, 0)
+    counts = dict.fromkeys(ROUND_CHECKS, 0)
     for report in reports:
         for verdict in report.verdicts:
             if verdict.node_id == node_id and verdict.flagged:

@@ -1,7 +1,9 @@
 """The detection matrix: two independent honest nodes and every cheater of the zoo through
 signatures, identity, synthetic jobs and the substitution check, over 10 seeded rounds,
-and through the traffic check over 20 seeded rounds of measuring traffic, judged on the
-statistics the verdicts measured, not only on their outcomes.
+the nodes registered with seeded sampling (the two honest ones and the temperature-aware
+cheater) through 20 rounds with the seeded-sampling replay, and every node through the
+traffic check over 20 seeded rounds of measuring traffic, judged on the statistics the
+verdicts measured, not only on their outcomes.
 
 Instances, none sharing a model load or an answer cache with another:
 
@@ -21,8 +23,9 @@ Instances, none sharing a model load or an answer cache with another:
 
 **Measuring traffic** (``traffic`` fixture): every node answers a pool of openbookqa and
 signature docs once, as the loop sends them (``cluster/testing/traffic.py``); each of 20
-seeded rounds draws 24 openbookqa docs and the 16 signature docs (40 requests, so one
-verification round of 4 requests is 10% of them) and the traffic check
+seeded rounds draws 34 openbookqa docs and the 16 signature docs (50 requests, so one
+verification round of 5 requests, the seeded sampled one included, is 10% of them) and the
+traffic check
 (``cluster/honesty/measuring.py``) judges them against the reference's per-doc results and
 re-scores a share of the relays within ``rescore_share``. The ``sometimes`` node answers
 each round afresh (its draws are per request).
@@ -52,8 +55,8 @@ from cluster.core.verdicts import Outcome
 from cluster.honesty.measuring import Rescorer, TaskReference, TrafficJudge, judged_verdict
 from cluster.honesty.probes import build_probes
 from cluster.honesty.reference import ServeReference, TransformersReference
-from cluster.honesty.seeded_sampling import ReplayJudgement, SeededAnswer, replay_and_judge
 from cluster.honesty.traffic import verification_traffic
+from cluster.honesty.verdicts import Verdict
 from cluster.honesty.verification import NodeTarget, RoundReport, Verifier, record_verdicts
 from cluster.reports.honesty import format_verdicts
 from cluster.storage.mongo import MongoStores
@@ -75,7 +78,6 @@ from cluster.testing.zoo.matrix import (
     judge_round,
     judge_traffic,
 )
-from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,10 @@ SOMETIMES_SHARE = 0.25
 # Each round costs about 17 CPU-seconds (zoo ~10, reference ~3.5, vLLM ~3.5); the 20-round
 # calibration is bench/honesty_calibration.py's.
 ROUNDS = 10
+# Rounds ROUNDS+1..SEEDED_ROUNDS verify only the nodes registered with seeded sampling (the
+# checks of the others are the same in every round; these need 20 to show 19 of 20).
+SEEDED_ROUNDS = 20
+SEEDED = ("honest", "vllm", "temperature_aware")
 ZOO_NODES = ("honest", "perturbed", "quantized", "proxy@honest", "lazy", "random",
              "launderer", "probe_aware", "temperature_aware", f"sometimes@{SOMETIMES_SHARE}")
 # node id -> role, in registration order: honest nodes first (the proxy registers after its
@@ -101,8 +107,13 @@ INT8_AS_HONEST: dict[str, str] = {**{k: v for k, v in ROLES.items() if k != "hon
 @dataclass(frozen=True)
 class Matrix:
     urls: dict[str, str]
-    reports: list[RoundReport]
+    reports: list[RoundReport]  # every node, seeds 1..ROUNDS
+    seeded_reports: list[RoundReport]  # the SEEDED nodes, seeds ROUNDS+1..SEEDED_ROUNDS
     seconds: float
+
+    @property
+    def all_reports(self) -> list[RoundReport]:
+        return self.reports + self.seeded_reports
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +136,8 @@ def reference(smollm2_dir: Path) -> TransformersReference:
 
 
 def targets(urls: dict[str, str], roles: dict[str, str]) -> list[NodeTarget]:
-    return [NodeTarget(name, urls[name], MODEL, seniority=i) for i, name in enumerate(roles)]
+    return [NodeTarget(name, urls[name], MODEL, seniority=i, seeded_sampling=name in SEEDED)
+            for i, name in enumerate(roles)]
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +149,15 @@ async def matrix(zoo: dict[str, str], llm_node: LLMNode, reference: Transformers
     started = time.monotonic()
     reports = [await verifier.run_round(targets(urls, ROLES), seed)
                for seed in range(1, ROUNDS + 1)]
-    found = Matrix(urls, reports, time.monotonic() - started)
-    log.warning("detection_matrix rounds=%d seconds=%.1f\n%s\nverdicts of round 1:\n%s",
-                ROUNDS, found.seconds, format_ranges(reports, ROLES),
+    full = time.monotonic() - started
+    seeded_roles = {n: ROLES[n] for n in SEEDED}
+    seeded = [await verifier.run_round(targets(urls, seeded_roles), seed)
+              for seed in range(ROUNDS + 1, SEEDED_ROUNDS + 1)]
+    found = Matrix(urls, reports, seeded, time.monotonic() - started)
+    log.warning("detection_matrix rounds=%d seconds=%.1f (seeded-only rounds %.1f)\n%s\n"
+                "seeded nodes over %d rounds:\n%s\nverdicts of round 1:\n%s",
+                ROUNDS, found.seconds, found.seconds - full, format_ranges(reports, ROLES),
+                SEEDED_ROUNDS, format_ranges(found.all_reports, seeded_roles),
                 format_verdicts(reports[0].verdicts))
     return found
 
@@ -148,6 +166,8 @@ def test_two_independent_honest_nodes_pass_and_every_cheater_is_caught_in_every_
     matrix: Matrix,
 ) -> None:
     violations = judge_matrix(matrix.reports, ROLES, HonestySettings())
+    seeded_roles = {n: ROLES[n] for n in SEEDED}
+    violations += judge_matrix(matrix.seeded_reports, seeded_roles, HonestySettings())
     assert not violations, "\n".join(map(str, violations)) + "\n" + format_ranges(
         matrix.reports, ROLES)
     # The honest nodes' differences are measured, not zero by construction: the reference
@@ -194,12 +214,17 @@ async def test_verdicts_are_stored_with_their_evidence_and_traffic(
     recorded = 0
     for report in matrix.reports:
         recorded += await record_verdicts(mongo.verdicts, report)
-    assert recorded == ROUNDS * len(ROLES) * 5
+    # five checks per node, and the seeded-sampling replay for the nodes registered with it
+    assert recorded == ROUNDS * (len(ROLES) * 5 + len(SEEDED))
     stored = await mongo.verdicts.for_node("proxy", "identity")
     assert len(stored) == ROUNDS and all(r.outcome == "fail" for r in stored)
     assert stored[0].evidence["duplicate_of"] == "honest"
     spent = await verification_traffic(mongo, "honest", since_ts=0.0)
-    assert spent.requests == pytest.approx(ROUNDS * 4)  # 2 signature GETs, 1 batch, 1 echo
+    # 2 signature GETs, 1 batch, 1 echo, 1 seeded sampled request
+    assert spent.requests == pytest.approx(ROUNDS * 5)
+    sampled = await mongo.verdicts.for_node("honest", "seeded_sampling")
+    assert len(sampled) == ROUNDS and all(r.outcome == "pass" for r in sampled)
+    assert sampled[0].evidence["positions"] >= HonestySettings().sampled_min_tokens
     assert spent.completion_tokens > 0
 
 
@@ -235,13 +260,13 @@ async def test_reference_implementations_agree(
 
 TRAFFIC_ROUNDS = 20
 DATASETS = PROJECT_ROOT / "datasets"
-POOL = {"openbookqa": 32, "signature": 16}  # docs every node answers once
-ROUND_DOCS = {"openbookqa": 24, "signature": 16}  # 40 requests per round
+POOL = {"openbookqa": 40, "signature": 16}  # docs every node answers once
+ROUND_DOCS = {"openbookqa": 34, "signature": 16}  # 50 requests per round
 TRAFFIC_ROLES: dict[str, str] = {
     "honest": "honest", "vllm": "honest", "quantized": "quantized", "launderer": "launderer",
     "probe_aware": "probe_aware", "temperature_aware": "temperature_aware",
     "sometimes": "sometimes"}
-NEW_CHEATERS = ("launderer", "probe_aware", "sometimes")
+NEW_CHEATERS = ("launderer", "probe_aware", "temperature_aware", "sometimes")
 FRESH_EACH_ROUND = ("sometimes",)  # its draws are per request: each round asks it afresh
 
 
@@ -300,7 +325,7 @@ async def traffic(matrix: Matrix, smollm2_dir: Path, reference: TransformersRefe
             judge = TrafficJudge(settings, rescorer, salt=draw.salt)
             record = await judged_verdict(
                 judge, name, round_docs, references, verdict_id=f"traffic|{name}|{seed}",
-                ts=time.time(), probes=_probe_outcomes(matrix.reports, seed, name))
+                ts=time.time(), probes=_probe_outcomes(matrix.all_reports, seed, name))
             verdicts.append(TrafficVerdict(seed, name, record.outcome, record.reason,
                                            record.evidence))
     found = TrafficMatrix(verdicts, requests, references, time.monotonic() - started)
@@ -331,7 +356,7 @@ def test_measuring_traffic_flags_every_new_cheater_in_19_of_20_rounds_and_no_hon
     violations = judge_traffic(traffic.verdicts, TRAFFIC_ROLES, settings)
     assert not violations, "\n".join(map(str, violations)) + "\n" + format_traffic_ranges(
         traffic.verdicts, TRAFFIC_ROLES)
-    counts = {n: _flagged_rounds(traffic, matrix.reports, n) for n in TRAFFIC_ROLES}
+    counts = {n: _flagged_rounds(traffic, matrix.all_reports, n) for n in TRAFFIC_ROLES}
     log.warning("traffic_detection (by traffic, by probes, either) of %d rounds: %s",
                 TRAFFIC_ROUNDS, counts)
     for name in NEW_CHEATERS:
@@ -366,7 +391,7 @@ def test_the_checks_stay_within_the_node_and_validator_budgets(
     requests; the reference's re-scoring is within ``rescore_share`` of the node's tokens."""
     settings = HonestySettings()
     shares = []
-    for report in matrix.reports:
+    for report in matrix.all_reports:
         for name in TRAFFIC_ROLES:
             measuring = traffic.requests[(report.seed, name)]
             assert measuring == sum(ROUND_DOCS.values())  # a doc, a request
@@ -382,42 +407,33 @@ def test_the_checks_stay_within_the_node_and_validator_budgets(
                 sum(rescored) / len(rescored))
 
 
-SAMPLED_TEMPERATURE = 0.7
-SAMPLED_PROMPTS = 4
-
-
-async def _sampled_replay(http: aiohttp.ClientSession, url: str,
-                          reference: TransformersReference, seed: int) -> ReplayJudgement:
-    """A few seeded sampled requests (temperature > 0) replayed on the reference."""
-    probes = build_probes(seed, identity=0, identity_words=10, synthetic=0,
-                          canary=SAMPLED_PROMPTS)
-    answers = []
-    for i, (_, _, text) in enumerate(probes.request_order()):
-        prompt = reference.encode_prompt(text)
-        body = wire.seeded_completion_body(MODEL, prompt, 16, seed=seed * 100 + i,
-                                           temperature=SAMPLED_TEMPERATURE)
-        async with http.post(url + wire.COMPLETIONS_PATH, json=body) as resp:
-            assert resp.status == 200, await resp.text()
-            ids = wire.choice_token_ids(await resp.json())
-        answers.append(SeededAnswer(tuple(prompt), tuple(ids), seed * 100 + i,
-                                    SAMPLED_TEMPERATURE))
-    judgement, _ = await replay_and_judge(reference, answers)
-    return judgement
-
-
-async def test_the_temperature_aware_node_is_caught_only_by_the_seeded_sampling_replay(
-    traffic: TrafficMatrix, matrix: Matrix, reference: TransformersReference,
-    http: aiohttp.ClientSession,
+def test_the_temperature_aware_node_is_caught_by_the_seeded_sampling_replay_alone(
+    traffic: TrafficMatrix, matrix: Matrix,
 ) -> None:
-    """Temperature 0 everywhere (probes and measuring traffic) sees an honest node; seeded
-    sampled requests replayed on the reference (``cluster/honesty/seeded_sampling.py``)
-    see the cheaper model. The zoo's honest node, sampling the same way, passes."""
-    assert _flagged_rounds(traffic, matrix.reports, "temperature_aware") == (0, 0, 0)
-    for seed in (1, 2):
-        honest = await _sampled_replay(http, matrix.urls["honest"], reference, seed)
-        cheat = await _sampled_replay(http, matrix.urls["temperature_aware"], reference, seed)
-        log.warning("seeded replay seed=%d honest=%s temperature_aware=%s", seed,
-                    honest.evidence(), cheat.evidence())
-        assert honest.outcome is Outcome.PASS, honest.reason
-        assert cheat.outcome is Outcome.FAIL, cheat.reason
-        assert cheat.mismatch_share > 10 * max(honest.mismatch_share, 0.01)
+    """Temperature 0 everywhere (the round's other checks and the measuring traffic) sees
+    an honest node; the round's seeded sampled request, replayed on the reference
+    (``cluster/honesty/seeded_sampling.py``), sees the cheaper model in 19 of 20 rounds at
+    least, while the two honest nodes sampling the same way pass in every round."""
+    def seeded(node_id: str) -> list[Verdict]:
+        return [v for r in matrix.all_reports for v in r.verdicts
+                if v.node_id == node_id and v.check == "seeded_sampling"]
+
+    cheat = seeded("temperature_aware")
+    assert len(cheat) == SEEDED_ROUNDS
+    other = [v for r in matrix.all_reports for v in r.verdicts
+             if v.node_id == "temperature_aware" and v.check != "seeded_sampling"]
+    assert other and all(v.outcome is Outcome.PASS for v in other)
+    by_traffic, by_probes, _ = _flagged_rounds(traffic, matrix.all_reports, "temperature_aware")
+    assert by_traffic == 0 and by_probes >= TRAFFIC_ROUNDS - 1, (by_traffic, by_probes)
+    assert sum(v.outcome is Outcome.FAIL for v in cheat) >= SEEDED_ROUNDS - 1
+    shares = [float(v.evidence["mismatch_share"]) for v in cheat]
+    for name in ("honest", "vllm"):
+        honest = seeded(name)
+        assert len(honest) == SEEDED_ROUNDS
+        assert all(v.outcome is Outcome.PASS for v in honest), [v.reason for v in honest]
+        worst = max(float(v.evidence["mismatch_share"]) for v in honest)
+        assert min(shares) > 10 * max(worst, 0.01), (name, worst, min(shares))
+        log.warning("seeded replay %s: %d tokens, worst mismatch share %.3f", name,
+                    sum(int(v.evidence["positions"]) for v in honest), worst)
+    log.warning("seeded replay temperature_aware: mismatch shares %.2f..%.2f, e.g. %s",
+                min(shares), max(shares), cheat[0].reason)

@@ -165,6 +165,10 @@ def test_probes_are_a_pure_function_of_the_seed_and_distinct() -> None:
     assert len(prompts) == len(set(prompts)) == 11
     assert all(len(p.split()) == 10 for p in a.identity)
     assert sorted(a.request_order()) == sorted(a.prompts())
+    # the sampled prompts (a request of their own) are new openings, not the round's others
+    b = build_probes(3, identity=3, identity_words=10, synthetic=3, canary=5, sampled=3)
+    assert b.prompts() == a.prompts() and len(set(b.sampled)) == 3
+    assert not set(b.sampled) & set(prompts)
 
 
 def test_completion_answers_are_parsed_strictly() -> None:
