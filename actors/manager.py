@@ -80,6 +80,9 @@ class Manager:
         self._nodes: dict[str, Node] = {}
         self._nodes_read_at = -1e18
         self._states: dict[tuple[str, str], PairState] = {}
+        # (kind, the node's own task list) -> its leaf tasks: every tick plans every node,
+        # and resolving groups against the catalog per node and tick cost more than the plan
+        self._leaf_tasks: dict[tuple[str, tuple[str, ...] | None], list[str]] = {}
         self._budgets: dict[str, NodeBudget] = {}
         self._inflight_keys: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -188,6 +191,13 @@ class Manager:
         return state
 
     def _node_tasks(self, node: Node) -> list[str]:
+        key = (node.kind, tuple(node.tasks) if node.tasks is not None else None)
+        tasks = self._leaf_tasks.get(key)
+        if tasks is None:
+            tasks = self._leaf_tasks[key] = self._resolve_tasks(node)
+        return tasks
+
+    def _resolve_tasks(self, node: Node) -> list[str]:
         # an lm-eval group or tag stands for its leaf tasks, each with a buffer of its own
         # (cluster/tasks/registry.py::leaf_task_names); its score is derived from theirs
         catalog = catalog_of(self._settings)

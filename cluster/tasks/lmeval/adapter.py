@@ -24,6 +24,7 @@ Differences from lm-eval, on purpose:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -166,17 +167,18 @@ class TaskAdapter:
         features = self._features
         if process is None and features is None:
             return doc
-        import datasets
-
+        row_dataset = _row_dataset_class()
         rows = None
         if features is not None and set(doc) <= set(features):
             try:  # columns in the dataset's order (nested ones follow the features' types)
-                rows = datasets.Dataset.from_list([{k: doc.get(k) for k in features}],
-                                                  features=features)
+                row = {k: doc.get(k) for k in features}
+                if process is None:
+                    return _as_row(row, features)
+                rows = row_dataset.from_list([row], features=features)
             except (TypeError, ValueError, KeyError) as exc:  # not a row of this dataset
                 log.debug("doc_as_row.skipped task=%s reason=%r", self.name, exc)
         if rows is None:
-            rows = datasets.Dataset.from_list([doc])
+            rows = row_dataset.from_list([doc])
         if process is not None:
             rows = process(rows)
         return dict(rows[0])
@@ -528,6 +530,37 @@ class TaskAdapter:
     @property
     def n_docs(self) -> int:
         return len(self.task.eval_docs)
+
+
+def _as_row(row: dict[str, Any], features: Any) -> dict[str, Any]:
+    """``dict(Dataset.from_list([row], features=features)[0])`` without the Dataset: the row
+    encoded by the features, cast to their Arrow schema and decoded as a Dataset's Python
+    formatter decodes it (same columns, order and types; a tenth of the cost, which matters
+    twice per doc in the loop: the Sampler's and the Evaluator's)."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([features.encode_example(row)], schema=features.arrow_schema)
+    return features.decode_example(table.to_pylist()[0])
+
+
+@functools.cache
+def _row_dataset_class() -> Any:
+    """``datasets.Dataset`` for one doc, without its content fingerprint.
+
+    A new Dataset hashes its whole table with dill for a fingerprint that names cache files;
+    for a one-row, in-memory dataset (no cache files) that hash was most of the cost of
+    turning a doc into a row: about half of the loop's scoring CPU on gsm8k
+    (``bench/sim_nodes.py``). A fixed fingerprint is safe here: in-memory datasets never
+    read or write a cache, and ``process_docs``' ``map`` derives its own from it."""
+    import datasets
+
+    class DocRow(datasets.Dataset):
+        def __init__(self, arrow_table: Any, info: Any = None, split: Any = None,
+                     indices_table: Any = None, fingerprint: str | None = None) -> None:
+            super().__init__(arrow_table, info, split, indices_table,
+                             fingerprint or "testbench-doc-row")
+
+    return DocRow
 
 
 def _doc_digest(doc: Mapping[str, Any]) -> str:

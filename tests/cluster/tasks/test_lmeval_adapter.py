@@ -558,3 +558,24 @@ def test_the_direct_fast_tokenizer_is_the_one_autotokenizer_builds(smollm2_dir: 
     assert direct.eos_token == real.eos_token and direct.pad_token == real.pad_token
     assert "AutoTokenizer" not in transformers.__dict__ or (
         transformers.AutoTokenizer is not _compat._DirectFastTokenizer)
+
+
+@pytest.mark.parametrize("task", ["openbookqa", "gsm8k"])
+def test_a_doc_becomes_the_row_a_dataset_would_give_without_building_one(task: str) -> None:
+    """The adapter's light path (``_as_row``: encode, cast to the Arrow schema, decode) gives
+    exactly ``Dataset.from_list([doc], features)[0]``: columns, their order and nested types,
+    from docs whose keys come back from PostgreSQL's JSONB in another order."""
+    import datasets
+
+    from cluster.tasks.lmeval.adapter import _as_row
+
+    rows = datasets.load_dataset("json", data_files=str(DATASETS / task / "test.jsonl"),
+                                 split="train")
+    features = rows.features
+    for raw in rows.select(range(40)):
+        doc = json.loads(json.dumps(dict(sorted(raw.items(), reverse=True))))
+        row = {k: doc.get(k) for k in features}
+        want = dict(datasets.Dataset.from_list([row], features=features)[0])
+        got = _as_row(row, features)
+        assert got == want and list(got) == list(want)
+        assert json.dumps(got) == json.dumps(want)  # lm-eval's doc_hash is over this JSON
