@@ -6,6 +6,7 @@ where a cluster would be overkill.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -20,29 +21,55 @@ from actors.sampler import Sampler
 from cluster.core.schemas import Node, Prompt, Relay, Sample, SampleDraw, SampleRequest
 from cluster.core.settings import Settings
 from cluster.core.streaming import StreamingJob
-from cluster.honesty.traffic import record_measuring
+from cluster.honesty.traffic import PendingCounts, measuring_counts, record_measuring
 from cluster.storage.connections import StoreConnections
 
 log = logging.getLogger(__name__)
 
 
 class MongoRelaySink:
-    """Records relays (first write wins) and, given their prompts, adds the newly recorded
-    ones to their nodes' measuring-traffic counters (``cluster/honesty/traffic.py``), what
-    the Manager weighs verification against."""
+    """Records relays (first write wins) and adds the newly recorded ones, given their
+    prompts, to their nodes' measuring-traffic counters (``cluster/honesty/traffic.py``),
+    what the Manager weighs verification against.
 
-    def __init__(self, stores: StoreConnections) -> None:
+    The counters are written every ``flush_s`` (``honesty.traffic_flush_s``), all nodes in
+    one bulk write, by a timer started with the first pending count; ``flush_s`` 0 writes
+    them with every batch. At a thousand nodes a per-batch write was one upsert per relay,
+    as costly to the store as the relays. They are accounting, rebuilt exactly from prompts
+    and relays by ``traffic_report``: counts pending when the process dies are not
+    re-added (the verification budget then errs on the strict side)."""
+
+    def __init__(self, stores: StoreConnections, flush_s: float = 0.0) -> None:
         self._stores = stores
+        self._flush_s = flush_s
+        self._pending = PendingCounts()
+        self._flusher: asyncio.Task[None] | None = None
 
     async def record_relays(self, relays: list[Relay],
                             prompts: Mapping[str, Prompt] | None = None) -> None:
         mongo = await self._stores.mongo()
         inserted = await mongo.relays.record_relays(relays)
-        if prompts and inserted:
-            try:
-                await record_measuring(mongo, inserted, prompts, time.time())
-            except Exception:  # accounting only: the relays themselves are recorded
-                log.warning("relays.traffic_not_counted n=%d", len(inserted), exc_info=True)
+        if not (prompts and inserted):
+            return
+        self._pending.add(measuring_counts(inserted, prompts))
+        if self._flush_s <= 0:
+            await self.flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_s)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the pending counts now."""
+        counts = self._pending.take()
+        if not counts:
+            return
+        try:
+            await record_measuring(await self._stores.mongo(), counts, time.time())
+        except Exception:  # accounting only: the relays themselves are recorded
+            log.warning("relays.traffic_not_counted nodes=%d", len(counts), exc_info=True)
 
 
 class LocalPipeline:
@@ -53,7 +80,7 @@ class LocalPipeline:
                            for _ in range(settings.pools.evaluators)]
         # Relays are recorded here with their prompts (traffic counters), as on Ray.
         self.requester = loop_requester(settings.requester)
-        self.sink = MongoRelaySink(self.stores)
+        self.sink = MongoRelaySink(self.stores, settings.honesty.traffic_flush_s)
         self._settings = settings
         self.auditor: Auditor | None = None  # created on first use, as on Ray
         self._next_sampler = itertools.cycle(self.samplers)

@@ -43,7 +43,7 @@ class RequesterHost:
     def __init__(self, settings: Settings) -> None:
         # Relays are recorded here, batch by batch, not by the Requester call by call.
         self._requester = loop_requester(settings.requester)
-        self._sink = MongoRelaySink(StoreConnections(settings))
+        self._sink = MongoRelaySink(StoreConnections(settings), settings.honesty.traffic_flush_s)
         self._wait_s = settings.manager.score_batch_wait_s
         self._batch_relays = settings.manager.dispatch_batch_docs
 

@@ -441,6 +441,13 @@ class HonestySettings(StrictModel):
         "requests and in tokens; after a node's first round, the loop starts a round only "
         "while it keeps both within this share",
     )
+    traffic_flush_s: float = Field(
+        default=2.0, ge=0,
+        description="the measuring-traffic counters (what verification is budgeted against) "
+        "are written at most this often, all nodes in one bulk write, so they lag the "
+        "recorded relays by about this much; 0 = with every relay batch (one upsert per "
+        "node per batch: at a thousand nodes, as costly as the relays themselves)",
+    )
     verify_every_s: float = Field(
         default=60.0, ge=0,
         description="the Manager's verification step looks for due nodes this often; 0 = "

@@ -14,7 +14,8 @@ once a node has been measured at all.
 
 The loop does not scan prompts and relays for that: the same figures are kept as counters
 (``cluster/storage/mongo/traffic.py``, per node and day), added in bulk as relays are
-recorded (:func:`record_measuring`, from the loop's relay sink) and as rounds are recorded
+recorded (:func:`record_measuring`, from the loop's relay sink every
+``honesty.traffic_flush_s``) and as rounds are recorded
 (:func:`record_round_traffic`), and read for every node in one query (:func:`read_ledger`).
 :func:`traffic_report` is the exact scan, kept for ``testbench scores`` and to check the
 counters against.
@@ -111,10 +112,31 @@ def measuring_counts(relays: Iterable[Relay], prompts: Mapping[str, Prompt]
     return out
 
 
-async def record_measuring(stores: MongoStores, relays: Sequence[Relay],
-                           prompts: Mapping[str, Prompt], ts: float) -> int:
-    """Add newly recorded relays to their nodes' measuring counters (one bulk write)."""
-    counts = measuring_counts(relays, prompts)
+class PendingCounts:
+    """Measuring counts gathered between writes (:class:`actors.local.MongoRelaySink`
+    writes them every ``honesty.traffic_flush_s``): per node, summed."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def add(self, counts: Mapping[str, Mapping[str, float]]) -> None:
+        for node, row in counts.items():
+            mine = self._counts.setdefault(node, {})
+            for key, value in row.items():
+                mine[key] = mine.get(key, 0.0) + value
+
+    def take(self) -> dict[str, dict[str, float]]:
+        counts, self._counts = self._counts, {}
+        return counts
+
+
+async def record_measuring(stores: MongoStores, counts: Mapping[str, Mapping[str, float]],
+                           ts: float) -> int:
+    """Add measuring counts (:func:`measuring_counts`, summed by :class:`PendingCounts`) to
+    their nodes' counters of the day of ``ts`` (one bulk write)."""
     return await stores.traffic.add_measuring(counts, ts) if counts else 0
 
 

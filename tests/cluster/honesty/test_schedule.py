@@ -120,8 +120,8 @@ async def test_counters_add_up_per_node_over_the_window(mongo: MongoStores) -> N
     now = time.time()
     prompts = {p.prompt_id: p for p in (_prompt("a", i) for i in range(4))}
     relays = [_relay(p, ErrorCode.OK, 10) for p in prompts.values()]
-    await record_measuring(mongo, relays[:3], prompts, now)
-    await record_measuring(mongo, relays[3:], prompts, now)
+    await record_measuring(mongo, measuring_counts(relays[:3], prompts), now)
+    await record_measuring(mongo, measuring_counts(relays[3:], prompts), now)
     round_verdicts = [Verdict("a", "identity", Outcome.PASS, "ok", {}, Traffic(0.5, 40, 8)),
                       Verdict("a", "synthetic", Outcome.PASS, "ok", {}, Traffic(0.5, 40, 8)),
                       Verdict("b", "identity", Outcome.UNKNOWN, "no reference")]
