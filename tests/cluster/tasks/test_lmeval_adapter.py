@@ -566,7 +566,6 @@ def test_a_doc_becomes_the_row_a_dataset_would_give_without_building_one(task: s
     exactly ``Dataset.from_list([doc], features)[0]``: columns, their order and nested types,
     from docs whose keys come back from PostgreSQL's JSONB in another order."""
     import datasets
-
     from cluster.tasks.lmeval.adapter import _as_row
 
     rows = datasets.load_dataset("json", data_files=str(DATASETS / task / "test.jsonl"),
