@@ -420,7 +420,7 @@ class HonestySettings(StrictModel):
         "reference",
     )
     sampled_temperature: float = Field(default=0.7, gt=0, le=2)
-    sampled_max_tokens: int = Field(default=32, ge=1, le=256)
+    sampled_max_tokens: int = Field(default=16, ge=1, le=256)
     sampled_max_mismatch_share: float = Field(
         default=0.05, ge=0, le=1,
         description="the seeded-sampling check fails when more of the replayed tokens than "

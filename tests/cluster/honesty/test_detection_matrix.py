@@ -1,5 +1,5 @@
 """The detection matrix: two independent honest nodes and every cheater of the zoo through
-signatures, identity, synthetic jobs and the substitution check, over 10 seeded rounds,
+signatures, identity, synthetic jobs and the substitution check, over 6 seeded rounds,
 the nodes registered with seeded sampling (the two honest ones and the temperature-aware
 cheater) through 20 rounds with the seeded-sampling replay, and every node through the
 traffic check over 20 seeded rounds of measuring traffic, judged on the statistics the
@@ -85,9 +85,10 @@ MODEL = "smollm2"
 SOMETIMES_SHARE = 0.25
 # Each round costs about 17 CPU-seconds (zoo ~10, reference ~3.5, vLLM ~3.5); the 20-round
 # calibration is bench/honesty_calibration.py's.
-ROUNDS = 10
+ROUNDS = 6
 # Rounds ROUNDS+1..SEEDED_ROUNDS verify only the nodes registered with seeded sampling (the
 # checks of the others are the same in every round; these need 20 to show 19 of 20).
+# A full round costs ~23 s on this box, a seeded-only one ~10 s: the suite's 25 minutes.
 SEEDED_ROUNDS = 20
 SEEDED = ("honest", "vllm", "temperature_aware")
 ZOO_NODES = ("honest", "perturbed", "quantized", "proxy@honest", "lazy", "random",
