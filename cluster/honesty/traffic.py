@@ -195,7 +195,9 @@ async def verification_traffic(stores: MongoStores, node_id: str, since_ts: floa
 
 async def traffic_report(stores: MongoStores, node_ids: Sequence[str], since_ts: float
                          ) -> list[TrafficReport]:
-    """Per node: verification vs measuring traffic since ``since_ts`` (``testbench scores``)."""
+    """Per node: verification vs measuring traffic since ``since_ts``, scanned exactly from
+    prompts, relays and verdicts: what the counters (:func:`read_ledger`, which the loop and
+    ``testbench scores`` read) are checked against in tests."""
     return [TrafficReport(node, await verification_traffic(stores, node, since_ts),
                           await measuring_traffic(stores, node, since_ts))
             for node in node_ids]

@@ -125,6 +125,14 @@ class HttpSyncSender:
             self._transport = None
 
 
+def _give_up(peer: PeerStatus, why: str) -> None:
+    """A peer that will not take this step's message (it refused it, or the endpoint policy
+    refused its address): marked ``refused`` at once, never retried."""
+    peer.state = "refused"
+    peer.last_error = why
+    log.warning("train.sync.refused peer=%s reason=%s", peer.public_key[:16], why)
+
+
 def wire_bytes(headers: Mapping[str, str], body: bytes) -> int:
     """Bytes of a message on the wire: its body and the sync headers (HTTP's own request
     line and default headers, ~150 bytes, and TCP/IP framing not counted)."""
@@ -359,19 +367,13 @@ class PeerExchange:
                 if refused.problem == SyncProblem.REPLAYED:
                     return  # it already holds our message for this step
                 if refused.problem != SyncProblem.NOT_TRAINING:
-                    peer.state = "refused"
-                    peer.last_error = f"refused our message for step {step}: {refused}"
-                    log.warning("train.sync.refused peer=%s step=%d reason=%s",
-                                peer.public_key[:16], step, refused)
+                    _give_up(peer, f"refused our message for step {step}: {refused}")
                     return
                 if self._clock() < deadline:
                     peer.last_error = f"not training yet: {refused.detail}"
             except NodeError as exc:  # no answer (NodeUnavailable): it may be restarting
                 if isinstance(exc.__cause__, EndpointRefusedError):  # nothing was sent
-                    peer.state = "refused"
-                    peer.last_error = f"not sent our message for step {step}: {exc}"
-                    log.warning("train.sync.endpoint_refused peer=%s step=%d reason=%s",
-                                peer.public_key[:16], step, exc)
+                    _give_up(peer, f"not sent our message for step {step}: {exc}")
                     return
                 # past the deadline the step has judged this peer (``exchange`` wrote why,
                 # quoting this error): a late answer must not overwrite that verdict

@@ -15,7 +15,6 @@ from cluster.tasks.lmeval.adapter import (
     FailedRelayError,
     RequestSettings,
     TaskAdapter,
-    clear_caches,
     load_task_adapter,
 )
 from cluster.tasks.lmeval.fewshot import FewshotReplay
@@ -43,7 +42,6 @@ __all__ = [
     "TaskCatalog",
     "TaskPlan",
     "aggregate_group",
-    "clear_caches",
     "load_lmeval_task",
     "load_task_adapter",
     "plan_tasks",

@@ -720,11 +720,3 @@ def load_task_adapter(
     )
     with _cache_lock:
         return _adapters.setdefault(key, adapter)
-
-
-def clear_caches() -> None:
-    """Forget cached adapters, API clients and replays (tests)."""
-    with _cache_lock:
-        _adapters.clear()
-        _lms.clear()
-        _replays.clear()
