@@ -11,10 +11,9 @@ import ray
 from actors.remote import get_or_create_manager
 from cluster.core.settings import Settings
 
-# How often the driver asks the Manager for its status: ``--until-full`` exits at most this
-# long after the last buffer fills (a status call costs the Manager well under a
-# millisecond per thousand pairs).
-POLL_S = 0.2
+# The longest the driver waits for news from the Manager (``Manager.status`` returns as
+# soon as progress changes): the status line and the time-out are checked this often.
+WAIT_S = 1.0
 
 
 def _stderr(line: str) -> None:
@@ -33,8 +32,10 @@ def run_loop(settings: Settings, until_full: bool, once: bool, timeout_s: float 
     ray.get(manager.ensure_started.remote())
     start = time.monotonic()
     last, printed = "", -1.0
+    wait_s = 0.0  # the first status at once
     while True:
-        status = ray.get(manager.status.remote(detail=False))
+        status = ray.get(manager.status.remote(detail=False, wait_s=wait_s))
+        wait_s = WAIT_S
         stuck = status["unmeasurable_pairs"]
         valid, target, in_flight = status["valid"], status["target"], status["in_flight"]
         line = (f"[{time.monotonic() - start:6.1f}s] samples {valid}/{target} "
@@ -59,4 +60,3 @@ def run_loop(settings: Settings, until_full: bool, once: bool, timeout_s: float 
                 progress(f"error: {pair['node_id']} x {pair['task']} cannot be measured: "
                          f"{pair['reason']}")
             return False
-        time.sleep(POLL_S)

@@ -10,6 +10,7 @@ sample left pending (a crash anywhere) is re-driven from what MongoDB holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -94,6 +95,9 @@ class Manager:
                           "unmeasurable": 0}
         self._swept_at = -1e18
         self._wake: asyncio.Event | None = None
+        # Set whenever progress can have changed (docs answered, scored or released, a
+        # tick, a pair found unmeasurable): what ``status(wait_s=...)`` waits on.
+        self._progress = asyncio.Event()
         self._warm_s: float | None = None
         # Orphans are older than redrive_after_s by definition: looking a few times per
         # that period is enough, and spares MongoDB a query every tick.
@@ -233,6 +237,7 @@ class Manager:
                 self._state(item.node_id, item.task).reserved += item.count
             self._spawn(self._dispatch(batch))
         self._ticks += 1
+        self._progress.set()
         metrics.set_manager_queue(len(self._inflight_keys), planned=sum(i.count for i in plan))
         assert self._pipeline is not None
         self._checks.tick(now, self._nodes, self._pipeline, self._stores, self._spawn)
@@ -333,6 +338,7 @@ class Manager:
         try again only after a backoff (a fixed configuration fails the same way)."""
         state.unmeasurable = draw.error
         state.config_failures += 1
+        self._progress.set()
         wait = backoff_s(state.config_failures, 1, self._cfg.backoff_base_s,
                          self._cfg.backoff_max_s)
         state.backoff_until = self._clock() + wait
@@ -362,6 +368,8 @@ class Manager:
         for key in keys:
             node_id, task, doc_id, _ = key.split("|")
             self._state(node_id, task).at_node.discard(int(doc_id))
+        if keys:
+            self._progress.set()
         if keys and self._wake is not None:
             self._wake.set()
 
@@ -372,6 +380,7 @@ class Manager:
             state.in_flight.discard(int(doc_id))
             state.at_node.discard(int(doc_id))
         self._inflight_keys.difference_update(keys)
+        self._progress.set()
 
     async def _redrive(self, keys: list[str], attempts: int = 5) -> list[Sample] | None:
         """Finish samples from what MongoDB holds: relay what has no relay, then score."""
@@ -425,6 +434,8 @@ class Manager:
             self._release(keys)
 
     def _absorb(self, samples: list[Sample]) -> None:
+        if samples:
+            self._progress.set()
         if samples and self._wake is not None:
             self._wake.set()
         by_pair: dict[tuple[str, str], list[Sample]] = {}
@@ -471,13 +482,21 @@ class Manager:
                 return f"waits for {dep}, which cannot be measured: {dep_state.unmeasurable}"
         return None
 
-    async def status(self, detail: bool = True) -> dict[str, Any]:
+    async def status(self, detail: bool = True, wait_s: float = 0.0) -> dict[str, Any]:
         """Progress: totals over every (node, task) (``valid`` counted up to each target,
         ``target``, ``in_flight``), and per pair when ``detail``. ``full`` when every buffer
         reached its target; ``settled`` when every pair is full or cannot be measured
         (``unmeasurable_pairs``, listed with their reasons either way: pairs that failed
-        to be drawn as configured, and pairs waiting on such a prerequisite)."""
+        to be drawn as configured, and pairs waiting on such a prerequisite).
+
+        ``wait_s`` > 0: first wait, at most that long, for progress since the previous
+        waiting call (a long poll: a driver following the loop learns of each change as
+        it happens, without asking several times a second)."""
         await self.ensure_started()
+        if wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), wait_s)
+            self._progress.clear()
         now = self._clock()
         pairs: list[dict[str, Any]] = []
         unmeasurable: list[dict[str, Any]] = []

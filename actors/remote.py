@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -136,14 +136,29 @@ class RayPipeline:
         placement = _child_placement(settings)
         self.samplers = [SamplerActor.options(**placement).remote(settings)
                          for _ in range(pools.samplers)]
-        self.evaluators = [EvaluatorActor.options(**placement).remote(settings)
-                           for _ in range(pools.evaluators)]
         self.requester = RequesterActor.options(**placement).remote(settings)
-        # Created on first use: a loop with no honesty step to run never starts it.
+        # Evaluators are created once the Samplers are warm (or on first use): the first
+        # batch waits for a Sampler and the Requester, and on a small machine the
+        # Evaluators' process start would take the cores those need; the first answers
+        # need an Evaluator only seconds later. The Auditor is created on first use: a
+        # loop with no honesty step to run never starts it.
+        self._evaluators: list[Any] | None = None
         self.auditor: Any | None = None
         self._settings, self._placement = settings, placement
         self._next_sampler = itertools.cycle(self.samplers)
-        self._next_evaluator = itertools.cycle(self.evaluators)
+        self._next_evaluator: Iterator[Any] = iter(())
+
+    @property
+    def evaluators(self) -> list[Any]:
+        if self._evaluators is None:
+            self._evaluators = [EvaluatorActor.options(**self._placement).remote(self._settings)
+                                for _ in range(self._settings.pools.evaluators)]
+            self._next_evaluator = itertools.cycle(self._evaluators)
+        return self._evaluators
+
+    def _evaluator(self) -> Any:
+        self.evaluators  # noqa: B018 - creates them on first use
+        return next(self._next_evaluator)
 
     async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]:
         sampler = next(self._next_sampler)
@@ -170,7 +185,7 @@ class RayPipeline:
                 continue
             keys_next = True
             scoring.add(asyncio.ensure_future(
-                next(self._next_evaluator).score.remote(ref, nodes_ref, docs_ref)))
+                self._evaluator().score.remote(ref, nodes_ref, docs_ref)))
             for future in [f for f in scoring if f.done()]:
                 scoring.discard(future)
                 yield SCORED, future.result()
@@ -183,13 +198,13 @@ class RayPipeline:
         return await self.requester.relay.remote(prompts, dict(nodes))
 
     async def score(self, relays: list[Relay], nodes: Mapping[str, Node]) -> list[Sample]:
-        return await next(self._next_evaluator).score.remote(relays, dict(nodes))
+        return await self._evaluator().score.remote(relays, dict(nodes))
 
     async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None:
         # Samplers first: the first batch waits for them, and on a small machine the
-        # Evaluators' warm-up would compete for the same cores; a doc's scoring waits
-        # only for its relays, and the node stays busy meanwhile (planning counts the
-        # docs at the node, not the ones being scored).
+        # Evaluators' start and warm-up would compete for the same cores; a doc's scoring
+        # waits only for its relays, and the node stays busy meanwhile (planning counts
+        # the docs at the node, not the ones being scored).
         await asyncio.gather(*(s.warm_up.remote(list(pairs)) for s in self.samplers))
         await asyncio.gather(*(e.warm_up.remote(list(pairs)) for e in self.evaluators))
 
@@ -217,7 +232,7 @@ class RayPipeline:
 
     async def close(self) -> None:
         extra = [self.auditor] if self.auditor is not None else []
-        for actor in [*self.samplers, *self.evaluators, self.requester, *extra]:
+        for actor in [*self.samplers, *(self._evaluators or []), self.requester, *extra]:
             ray.kill(actor, no_restart=True)
 
 

@@ -66,4 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    disconnect_ray()
     sys.exit(code)
+
+
+def disconnect_ray() -> None:
+    """Leave Ray now if a command joined it: an explicit ``ray.shutdown()`` takes about
+    0.3 s, leaving it to the interpreter's exit handlers 0.6-0.9 s (measured on 2 cores),
+    which every ``testbench run`` paid after its results were already on disk."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -148,3 +148,30 @@ async def test_a_pair_waiting_on_an_unmeasurable_prerequisite_is_reported_and_se
         "waits for signature, which cannot be measured: no signature route (test)")
     assert status["settled"] and not status["full"]
     await manager.stop()
+
+
+async def test_status_with_wait_returns_on_progress_and_waits_while_nothing_changes(
+    fresh_settings: Settings, correct_node: Node
+) -> None:
+    """The long poll ``testbench run`` follows the loop with: an answer as soon as
+    something changes, none several times a second while nothing does."""
+    base = small(fresh_settings)
+    settings = base.model_copy(update={  # after the buffer fills, nothing for 60 s
+        "manager": base.manager.model_copy(update={"tick_s": 60.0})})
+    stores = StoreConnections(settings)
+    await (await stores.mongo()).nodes.add(correct_node)
+    manager = Manager(settings, LocalPipeline, stores=stores)
+    status = await manager.status(detail=False)  # starts the loop
+    calls, deadline = 0, time.monotonic() + 60
+    while not status["full"]:
+        assert time.monotonic() < deadline, status
+        started = time.monotonic()
+        status = await manager.status(detail=False, wait_s=20)
+        calls += 1
+        assert time.monotonic() - started < 10, "a waiting status missed the loop's progress"
+    assert calls >= 2 and status["valid"] == 4
+    await manager.status(detail=False, wait_s=0.05)  # the last changes, if any
+    started = time.monotonic()
+    quiet = await manager.status(detail=False, wait_s=0.5)
+    assert time.monotonic() - started >= 0.45 and quiet["valid"] == 4
+    await manager.stop()
