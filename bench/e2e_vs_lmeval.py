@@ -32,6 +32,14 @@ the union of those in-flight intervals / the run's wall time (also shown between
 request and the last answer). The proxy's own time per request (before sending and after
 the answer) is printed: it lies outside the busy intervals and is the same for every side.
 
+CPU by process: every process's CPU time (``psutil``) is read before and after each side and
+summed by what the process is (the node's vLLM engine and Serve replicas, Ray Serve's proxy
+and controller, Ray's own daemons, the Ray workers that host the loop's actors, the stores,
+the side's own process tree, this bench and its proxy); with the node's busy seconds and
+the requests in flight at the node on average while it was busy, it shows where a side's
+time goes on a machine the node shares with it. Each side's node traffic (send and answer
+times) is also written beside its log (``<side>.exchanges.json``).
+
 Answers: the loop's per-doc metrics (MongoDB ``samples`` of the node and task: one per doc,
 every one OK) must equal lm-eval's logged per-doc metrics for every doc. A wall-time row is
 met only when its ratio is within the goal and every doc is identical.
@@ -225,6 +233,14 @@ class Run:
     end: float
     log: Path
     exchanges: list[Exchange] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process group
+
+    @property
+    def mean_in_flight(self) -> float:
+        """Requests in flight at the node on average while it had any."""
+        busy = busy_seconds(((x.sent, x.answered) for x in self.exchanges), self.start,
+                            self.end)
+        return sum(x.answered - x.sent for x in self.exchanges) / busy if busy else 0.0
 
     @property
     def ok(self) -> bool:
@@ -267,12 +283,65 @@ class Run:
         return dict(collections.Counter(x.status for x in self.exchanges))
 
 
+def _process_group(proc: Any) -> str:
+    """Which part of the run a process belongs to, from its title (Ray names its workers
+    ``ray::<Actor>``)."""
+    try:
+        title = " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # noqa: BLE001 - gone or not ours: counted as other
+        return "other"
+    for actor in ("ManagerService", "Sampler", "Evaluator", "RequesterHost", "Auditor"):
+        if f"ray::{actor}" in title:
+            return f"loop {actor}"
+    for key, group in (("VLLM::", "node (vLLM)"), ("multiprocessing.spawn", "node (vLLM)"),
+                       ("EngineCore", "node (vLLM)"), ("ServeReplica", "node (vLLM)"),
+                       ("LLMServer", "node (vLLM)"), ("ProxyActor", "Ray Serve"),
+                       ("ServeController", "Ray Serve"), ("gcs_server", "Ray system"),
+                       ("raylet", "Ray system"), ("dashboard", "Ray system"),
+                       ("log_monitor", "Ray system"), ("postgres", "stores"),
+                       ("nx-27017", "stores"), ("nx_27017", "stores"), ("ray::", "idle Ray workers"),
+                       ("default_worker", "idle Ray workers"), ("e2e_vs_lmeval", "bench + proxy")):
+        if key in title:
+            return group
+    return "other"
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, with its group."""
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter():
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = (_process_group(proc), t.user + t.system)
+        except Exception:  # noqa: BLE001 - it ended meanwhile
+            continue
+    return out
+
+
+def cpu_by_group(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                 side_s: float) -> dict[str, float]:
+    """CPU seconds per group between two snapshots; ``side_s``: the side's own process tree
+    (from its rusage: it has exited by the second snapshot)."""
+    groups: dict[str, float] = collections.defaultdict(float)
+    for pid, (group, cpu) in after.items():
+        prev = before.get(pid)
+        groups[group] += cpu - (prev[1] if prev is not None and prev[0] == group else 0.0)
+    groups["side process"] += side_s
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def timed_process(label: str, cmd: Sequence[str], env: dict[str, str], proxy: NodeProxy,
                   timeout_s: float) -> Run:
     """Run ``cmd`` from process start to exit; the node's traffic meanwhile."""
+    import resource
+
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / f"{label.replace(' ', '_').replace('=', '')}.log"
     proxy.take()
+    cpu_before = cpu_snapshot()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w", encoding="utf-8") as fh:
         start = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -283,8 +352,14 @@ def timed_process(label: str, cmd: Sequence[str], env: dict[str, str], proxy: No
             proc.wait()
             code = -9
         end = time.perf_counter()
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    side_cpu = (done.ru_utime - children.ru_utime) + (done.ru_stime - children.ru_stime)
     run = Run(label, code, start, end, log)
+    run.cpu = cpu_by_group(cpu_before, cpu_snapshot(), side_cpu)
     run.exchanges = [x for x in proxy.take() if start <= x.sent <= end]
+    # for a closer look at how each side's requests reach the node (seconds from the start)
+    log.with_suffix(".exchanges.json").write_text(json.dumps(
+        [[x.sent - start, x.answered - start, x.status] for x in run.exchanges]), encoding="utf-8")
     if not run.ok:
         tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
         print(f"{label} FAILED (exit {code}); last lines of {log}:", *tail, sep="\n  ",
@@ -523,6 +598,12 @@ def _report(args: argparse.Namespace, n: int, bodies: int, prompts: int, batch: 
           f"{repeated} measured more than once; node statuses: "
           + ", ".join(f"{r.label} {r.statuses}" for r in [lm, loop, *([lm_k] if lm_k else [])])
           + ")")
+    print("CPU seconds during each side, by process (2 cores: wall x 2 available); node busy "
+          "seconds and requests in flight at the node on average while busy:")
+    for run in [lm, loop, *([lm_k] if lm_k else [])]:
+        busy_s = run.busy * run.wall_s
+        print(f"  {run.label:<22} busy {busy_s:6.1f} s, {run.mean_in_flight:4.1f} in flight; "
+              + ", ".join(f"{g} {c:.1f}" for g, c in run.cpu.items() if c >= 0.05))
     for doc_id, error in list(ours.failed.items())[:3]:
         print(f"  failed doc {doc_id}: {error[:300]}")
     if theirs is not None:
