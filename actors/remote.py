@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -146,19 +146,18 @@ class RayPipeline:
         self.auditor: Any | None = None
         self._settings, self._placement = settings, placement
         self._next_sampler = itertools.cycle(self.samplers)
-        self._next_evaluator: Iterator[Any] = iter(())
+        self._evaluator_turn = itertools.count()
 
     @property
     def evaluators(self) -> list[Any]:
         if self._evaluators is None:
             self._evaluators = [EvaluatorActor.options(**self._placement).remote(self._settings)
                                 for _ in range(self._settings.pools.evaluators)]
-            self._next_evaluator = itertools.cycle(self._evaluators)
         return self._evaluators
 
     def _evaluator(self) -> Any:
-        self.evaluators  # noqa: B018 - creates them on first use
-        return next(self._next_evaluator)
+        evaluators = self.evaluators
+        return evaluators[next(self._evaluator_turn) % len(evaluators)]
 
     async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]:
         sampler = next(self._next_sampler)
