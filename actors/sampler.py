@@ -4,7 +4,8 @@ Docs are drawn with a RNG seeded by the request (node, task, epoch, exclusions),
 replayed request draws the same docs. A batch of requests costs one PostgreSQL read per
 task and one MongoDB write: prompts are written before they are returned, and from then on
 nothing about them can be lost. The docs travel on with the prompts (to the Evaluator), so
-they are read once.
+they are read once, and so does what building their requests computed (lm-eval Instances,
+token ids: :class:`DrawnDocs`), so they are rendered and tokenized once.
 
 A pair that cannot be measured as configured (its adapter cannot be built: a tokenizer
 that does not load, a chat node on a loglikelihood task; its dataset is not loaded) gets a
@@ -17,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.core.errors import DatasetError, TaskError
@@ -29,6 +31,16 @@ log = logging.getLogger(__name__)
 
 # (task, doc_id) -> the doc: what the Evaluator needs to score the doc's relays
 Docs = dict[tuple[str, int], dict[str, Any]]
+
+
+@dataclass
+class DrawnDocs:
+    """A batch's docs as they travel on to the Evaluator, with what building their
+    requests computed per (node, task, doc) (the adapter's ``DocRequests``: Instances and
+    token ids), so that scoring a doc does not render and tokenize it a second time."""
+
+    docs: Docs
+    requests: dict[tuple[str, str, int], Any] = field(default_factory=dict)
 
 
 def draw_doc_ids(
@@ -81,7 +93,7 @@ class Sampler:
 
     async def sample_batch(
         self, reqs: Sequence[SampleRequest]
-    ) -> tuple[list[SampleDraw], list[Prompt], Docs]:
+    ) -> tuple[list[SampleDraw], list[Prompt], DrawnDocs]:
         """Draw docs for every request, build their prompts and store them."""
         draws: list[SampleDraw] = []
         chosen: list[tuple[SampleRequest, Any, list[int]]] = []
@@ -104,7 +116,7 @@ class Sampler:
                 chosen.append((req, adapter, draw.doc_ids))
                 wanted.setdefault((req.task, adapter.eval_split), set()).update(draw.doc_ids)
         if not chosen:
-            return draws, [], {}
+            return draws, [], DrawnDocs({})
         datasets = await self._stores.datasets()
         docs: Docs = {}
         for (task, split), ids in wanted.items():
@@ -112,20 +124,26 @@ class Sampler:
                 docs[(task, doc_id)] = doc
         now = self._clock()
         prompts: list[Prompt] = []
+        drawn = DrawnDocs(docs)
         for draw, (req, adapter, doc_ids) in zip(
                 (d for d in draws if d.doc_ids), chosen, strict=True):
             built: list[Prompt] = []
+            handed: dict[tuple[str, str, int], Any] = {}
+            export = getattr(adapter, "doc_requests", None)
             try:
                 for doc_id in doc_ids:
+                    doc = docs[(req.task, doc_id)]
                     key = sample_key(req.node.node_id, req.task, doc_id, req.epoch)
-                    built += adapter.build_prompts(
-                        req.node, doc_id, docs[(req.task, doc_id)], key, now)
+                    built += adapter.build_prompts(req.node, doc_id, doc, key, now)
+                    if export is not None:
+                        handed[(req.node.node_id, req.task, doc_id)] = export(doc_id, doc)
             except TaskError as exc:  # e.g. a doc the task's templates cannot render
                 draw.error, draw.doc_ids = str(exc), []
                 continue
             prompts += built
+            drawn.requests.update((k, v) for k, v in handed.items() if v is not None)
         mongo = await self._stores.mongo()
         await mongo.prompts.insert_many(prompts)
         log.debug("sampler.sampled pairs=%d docs=%d prompts=%d",
                   len(chosen), sum(len(d) for _, _, d in chosen), len(prompts))
-        return draws, prompts, docs
+        return draws, prompts, drawn

@@ -52,6 +52,17 @@ class UnmeasurablePair(BaseModel):
     attempts: int
 
 
+def newest_rows(
+    rows: Sequence[dict[str, Any]], since_ts: float, limit: int
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` sample rows created after ``since_ts``, newest first, one per
+    ``_id`` (the sample key); ties on ``created_at`` are broken by ``_id``, as the samples
+    collection's query orders them."""
+    unique = {row["_id"]: row for row in rows if row["created_at"] > since_ts}
+    ordered = sorted(unique.values(), key=lambda r: (r["created_at"], r["_id"]), reverse=True)
+    return ordered[:limit]
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in [0, 100]); None for no data."""
     if not values:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,7 +59,10 @@ def buffer_id(node_id: str, task: str) -> str:
     return f"{node_id}|{task}"
 
 
-def _encode_entry(entry: BufferEntry | Mapping[str, Any]) -> str:
+def encode_entry(entry: BufferEntry | Mapping[str, Any] | str) -> str:
+    """An entry as stored: canonical JSON (a string passes through: already encoded)."""
+    if isinstance(entry, str):
+        return entry
     model = entry if isinstance(entry, BufferEntry) else BufferEntry.model_validate(entry)
     return json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
@@ -91,7 +95,7 @@ class BufferStore:
             raise ValueError(f"buffer size must be >= 1, got {size}")
         if not entries:
             return
-        encoded = [_encode_entry(e) for e in entries]
+        encoded = [encode_entry(e) for e in entries]
         await self.collection.update_one(
             {"_id": buffer_id(node_id, task)},
             {
@@ -110,26 +114,55 @@ class BufferStore:
         await self.set_summaries([(summary, entries)])
 
     async def set_summaries(
-        self, buffers: Sequence[tuple[Mapping[str, Any], Sequence[BufferEntry | Mapping[str, Any]]]]
-    ) -> None:
+        self,
+        buffers: Sequence[tuple[Mapping[str, Any], Sequence[BufferEntry | Mapping[str, Any] | str]]],
+        expected: Mapping[tuple[str, str], str] | None = None,
+    ) -> dict[tuple[str, str], str] | None:
         """:meth:`set_summary` for many buffers in one bulk write. Samples were scored for
-        these pairs, so they measure: the replace drops any ``unmeasurable`` mark."""
+        these pairs, so they measure: the replace drops any ``unmeasurable`` mark.
+
+        Every write gives the buffer a new ``revision``. A pair in ``expected`` is replaced
+        only if its buffer still has that revision (a writer that merged new samples into
+        what it wrote last). Returns the new revisions, or None when any such pair had
+        changed meanwhile (the others are written; the caller recomputes from samples)."""
         if not buffers:
-            return
+            return {}
+        expected = expected or {}
         now = float(self._clock())
         ops = []
+        revisions: dict[tuple[str, str], str] = {}
         for summary, entries in buffers:
             node_id, task = summary["node_id"], summary["task"]
+            revision = revisions[(node_id, task)] = uuid.uuid4().hex
             doc: Document = {
                 "_id": buffer_id(node_id, task),
                 "node_id": node_id,
                 "task": task,
-                "entries": [_encode_entry(e) for e in entries],
+                "entries": [encode_entry(e) for e in entries],
                 "summary": json.dumps(dict(summary), sort_keys=True),
                 "updated_at": now,
+                "revision": revision,
             }
-            ops.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
-        await self.collection.bulk_write(ops, ordered=False)
+            if (node_id, task) in expected:
+                ops.append(ReplaceOne({"_id": doc["_id"], "revision": expected[(node_id, task)]},
+                                      doc))
+            else:
+                ops.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
+        result = await self.collection.bulk_write(ops, ordered=False)
+        if result.matched_count + result.upserted_count < len(ops):
+            return None
+        return revisions
+
+    async def revisions(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], str | None]:
+        """Each pair's buffer revision (None: no buffer, or one no summary wrote), one query."""
+        if not pairs:
+            return {}
+        ids = [buffer_id(node_id, task) for node_id, task in pairs]
+        docs = await self.collection.find({"_id": {"$in": ids}}, {"revision": 1}).to_list()
+        found = {d["_id"]: d.get("revision") for d in docs}
+        return {pair: found.get(key) for pair, key in zip(pairs, ids, strict=True)}
 
     async def summaries(self) -> builtins.list[dict[str, Any]]:
         """Every buffer's summary (``testbench scores``), ordered by node and task."""

@@ -33,6 +33,7 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +56,20 @@ log = logging.getLogger(__name__)
 
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
 BODY_CACHE_DOCS = 4096
+# (context, continuation) -> token ids and context length: a few requests per doc
+TOKEN_CACHE_REQUESTS = 8 * BODY_CACHE_DOCS
+
+
+@dataclass(frozen=True, slots=True)
+class DocRequests:
+    """What building one doc's requests computed: its lm-eval Instances (as first built)
+    and the token ids of their loglikelihood requests. The Sampler builds them; the
+    Evaluator, scoring the same doc for the same adapter in another process, takes them
+    (:meth:`TaskAdapter.adopt_doc_requests`) instead of rendering and tokenizing it again."""
+
+    key: tuple[int, str]  # (doc_id, the doc's digest)
+    instances: list[Instance]
+    inputs: dict[tuple[str, str], tuple[list[int], int]]
 SUPPORTED_TYPES = ("loglikelihood", "multiple_choice", "generate_until")
 
 
@@ -155,6 +170,7 @@ class TaskAdapter:
         self._bodies: OrderedDict[tuple[int, str], list[tuple[dict[str, Any], int]]] = (
             OrderedDict())
         self._instances: OrderedDict[tuple[int, str], list[Instance]] = OrderedDict()
+        self._inputs: OrderedDict[tuple[str, str], tuple[list[int], int]] = OrderedDict()
         self._bodies_lock = threading.Lock()
         self._features = _eval_features(task, self.eval_split)
 
@@ -231,9 +247,56 @@ class TaskAdapter:
             )
         return inst if isinstance(inst, list) else [inst]
 
+    def doc_requests(self, doc_id: int, doc: dict[str, Any]) -> DocRequests | None:
+        """The doc's requests as this adapter built them (None if it has not): for the
+        same adapter in another process, :meth:`adopt_doc_requests`."""
+        key = (doc_id, _doc_digest(doc))
+        with self._bodies_lock:
+            built = self._instances.get(key)
+            if built is None:
+                return None
+            inputs = {}
+            for inst in built:
+                if inst.request_type not in LOGLIKELIHOOD_TYPES:
+                    continue
+                found = self._inputs.get((inst.args[0], inst.args[1]))
+                if found is not None:
+                    inputs[(inst.args[0], inst.args[1])] = found
+        return DocRequests(key=key, instances=built, inputs=inputs)
+
+    def adopt_doc_requests(self, handed: DocRequests) -> None:
+        """Take a doc's requests built by this adapter's twin elsewhere (same task, node
+        settings and doc: the same Instances and token ids, which are pure functions of
+        them), so that scoring the doc here builds nothing."""
+        with self._bodies_lock:
+            self._instances.setdefault(handed.key, handed.instances)
+            self._instances.move_to_end(handed.key)
+            while len(self._instances) > BODY_CACHE_DOCS:
+                self._instances.popitem(last=False)
+            for key, found in handed.inputs.items():
+                self._inputs.setdefault(key, found)
+            while len(self._inputs) > TOKEN_CACHE_REQUESTS:
+                self._inputs.popitem(last=False)
+
     def _loglikelihood_input(self, instance: Instance) -> tuple[list[int], int]:
         """Token ids sent and context length, as ``TemplateLM.loglikelihood`` →
-        ``TemplateAPI.batch_loglikelihood_requests`` compute them."""
+        ``TemplateAPI.batch_loglikelihood_requests`` compute them; computed once per
+        (context, continuation) (an LRU of ``TOKEN_CACHE_REQUESTS``). The token list is
+        shared: callers read it, never change it."""
+        key = (instance.args[0], instance.args[1])
+        with self._bodies_lock:
+            found = self._inputs.get(key)
+            if found is not None:
+                self._inputs.move_to_end(key)
+                return found
+        found = self._encode_loglikelihood(instance)
+        with self._bodies_lock:
+            self._inputs[key] = found
+            while len(self._inputs) > TOKEN_CACHE_REQUESTS:
+                self._inputs.popitem(last=False)
+        return found
+
+    def _encode_loglikelihood(self, instance: Instance) -> tuple[list[int], int]:
         lm = self.lm
         context, continuation = instance.args[0], instance.args[1]
         if context == "":

@@ -537,6 +537,47 @@ def test_batched_doc_requests_score_exactly_like_one_request_per_choice(
         batched.score(0, rows[0], [relay])
 
 
+def test_a_doc_built_by_the_sampler_is_scored_elsewhere_without_building_it_again(
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Sampler hands what building a doc computed (Instances, token ids) to the
+    Evaluator, another process with its own adapter: scoring there renders and tokenizes
+    nothing, and scores exactly as building the doc afresh does."""
+    import pickle
+    from collections import OrderedDict
+
+    sampler_side = load_task_adapter("openbookqa", DATASETS, str(smollm2_dir), "completions",
+                                     MODEL)
+    rows = _rows("openbookqa")
+
+    def fresh_twin() -> TaskAdapter:  # the same adapter in a process that built nothing yet
+        twin = copy.copy(sampler_side)
+        twin._instances, twin._inputs, twin._bodies = OrderedDict(), OrderedDict(), OrderedDict()
+        return twin
+
+    for doc_id in (3, 4, 250):
+        key = sample_key(NODE.node_id, "openbookqa", doc_id, 0)
+        (prompt,) = sampler_side.build_prompts(NODE, doc_id, rows[doc_id], key, now=1.0)
+        handed = sampler_side.doc_requests(doc_id, rows[doc_id])
+        assert handed is not None and len(handed.instances) == 4 and len(handed.inputs) == 4
+        relays = relays_for([prompt], batched_logprobs_response)
+        expected = fresh_twin().score(doc_id, rows[doc_id], relays)  # builds the doc itself
+        evaluator_side = fresh_twin()
+        evaluator_side.adopt_doc_requests(pickle.loads(pickle.dumps(handed)))  # as Ray hands it
+
+        def refuse(*_: Any) -> Any:
+            raise AssertionError("the doc was built again")
+
+        monkeypatch.setattr(evaluator_side, "_new_instances", refuse)
+        monkeypatch.setattr(evaluator_side, "_encode_loglikelihood", refuse)
+        assert evaluator_side.score(doc_id, rows[doc_id], relays) == expected
+        # twice: scoring fills fresh copies, never the handed templates
+        assert evaluator_side.score(doc_id, rows[doc_id], relays) == expected
+    # a doc this adapter never built has nothing to hand on; a changed doc is another doc
+    assert sampler_side.doc_requests(499, rows[499]) is None
+    assert sampler_side.doc_requests(3, {**rows[3], "id": "changed"}) is None
+
+
 def test_the_direct_fast_tokenizer_is_the_one_autotokenizer_builds(smollm2_dir: Path) -> None:
     """lm-eval's clients load a generic fast tokenizer without transformers' model registry
     (``_compat.direct_fast_tokenizers``): the same class and the same token ids as
