@@ -10,6 +10,7 @@ shows it; when it restarts it rebuilds from MongoDB and re-creates its children.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.auditor import Auditor
+from actors.cpu_policy import apply_cpu_policy
 from actors.evaluator import Evaluator
 from actors.local import MongoRelaySink
 from actors.manager import RELAYED, SCORED, Manager
@@ -32,15 +33,45 @@ MANAGER_NAME = "manager"
 
 _CHILD = {"max_restarts": -1, "max_task_retries": -1, "num_cpus": 0}
 
-SamplerActor = ray.remote(**_CHILD)(Sampler)
-EvaluatorActor = ray.remote(**_CHILD)(Evaluator)
-AuditorActor = ray.remote(**_CHILD)(Auditor)
+
+class LoopProcess:
+    """First in the bases of every loop actor: its process takes ``ray.loop_cpu_policy``
+    before anything else runs in it (``actors/cpu_policy.py``)."""
+
+    def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        apply_cpu_policy(settings.ray.loop_cpu_policy)
+        super().__init__(settings, *args, **kwargs)
+
+
+class SamplerProcess(LoopProcess, Sampler):
+    pass
+
+
+class EvaluatorProcess(LoopProcess, Evaluator):
+    pass
+
+
+SamplerActor = ray.remote(**_CHILD)(SamplerProcess)
+EvaluatorActor = ray.remote(**_CHILD)(EvaluatorProcess)
+
+
+@functools.cache
+def auditor_actor() -> Any:
+    """The Auditor's actor class, made on first use: the honesty stack it imports takes
+    ~0.5-0.9 s, which every loop process (and every ``testbench`` command) paid at start-up
+    when it was imported with this module, on the way to the first request. Defined here,
+    not at module level, so it travels to its worker by value (its bases by reference)."""
+    from actors.auditor import Auditor
+
+    process = type("AuditorProcess", (LoopProcess, Auditor), {"__module__": __name__})
+    return ray.remote(**_CHILD)(process)
 
 
 class RequesterHost:
     """The Requester with its MongoDB sink, as one async actor."""
 
     def __init__(self, settings: Settings) -> None:
+        apply_cpu_policy(settings.ray.loop_cpu_policy)
         # Relays are recorded here, batch by batch, not by the Requester call by call.
         self._requester = loop_requester(settings.requester)
         self._sink = MongoRelaySink(StoreConnections(settings), settings.honesty.traffic_flush_s)
@@ -209,7 +240,7 @@ class RayPipeline:
 
     def _auditor(self) -> Any:
         if self.auditor is None:
-            self.auditor = AuditorActor.options(**self._placement).remote(self._settings)
+            self.auditor = auditor_actor().options(**self._placement).remote(self._settings)
         return self.auditor
 
     async def verify(self, nodes: Sequence[Node]) -> dict[str, Any]:
@@ -239,6 +270,7 @@ class ManagerService(Manager):
     """The Manager with Ray children; adds access to them for operators and tests."""
 
     def __init__(self, settings: Settings) -> None:
+        apply_cpu_policy(settings.ray.loop_cpu_policy)
         super().__init__(settings, pipeline_factory=RayPipeline)
 
     async def children(self) -> dict[str, Any]:

@@ -41,6 +41,15 @@ class RaySettings(StrictModel):
     # The Manager's children on the Manager's node (node affinity): node-local object
     # refs between sampler, requester and evaluator. Off = Ray's default placement.
     colocate_children: bool = True
+    # The loop's actors (Manager and its children) under this Linux scheduling policy
+    # (actors/cpu_policy.py). "idle" (SCHED_IDLE): their bookkeeping runs on cores nothing
+    # else wants, so a model served on the same machine (a Ray Serve app, a node under
+    # test) is never preempted by the validator measuring it, which would slow it and skew
+    # its measured latency (bench/e2e_vs_lmeval.py: the SmolLM2 node answered the same
+    # docs ~6% slower beside the loop at "normal"). On a machine kept busy by other work
+    # the loop then gets little CPU: set "batch" (its fair share, but no preempting on
+    # wake-up) or "normal" (Ray's default) there.
+    loop_cpu_policy: Literal["idle", "batch", "normal"] = "idle"
 
 
 class SlaSettings(StrictModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,4 +164,29 @@ def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> N
     assert failed and all(s["error"] for s in failed), "node failures carry their reason"
     _check_no_loss_no_duplicates(data)
     _check_signatures_first(loop_env, data)
+    _check_loop_yields_the_cpu()
     print(f"loop filled {len(buffers)} buffers of {TARGET} in {elapsed:.1f}s")
+
+
+def _check_loop_yields_the_cpu() -> None:
+    """The loop's processes, every thread of them, run under ``ray.loop_cpu_policy``
+    (default "idle"): a model served on the same machine is never preempted by them."""
+    import psutil
+
+    titles = ("ray::ManagerService", "ray::SamplerProcess", "ray::EvaluatorProcess",
+              "ray::RequesterHost")
+    seen: set[str] = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        kind = next((t for t in titles if title.startswith(t)), None)
+        if kind is None:
+            continue
+        seen.add(kind)
+        threads = [t.id for t in proc.threads()]
+        assert len(threads) > 5, "Ray's own threads are there too"
+        for tid in threads:
+            try:
+                assert os.sched_getscheduler(tid) == os.SCHED_IDLE, (title, tid)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                continue
+    assert seen == set(titles), seen
