@@ -11,9 +11,8 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actors.auditor import Auditor
 from actors.evaluator import Evaluator
 from actors.manager import RELAYED, SCORED
 from actors.requester import loop_requester
@@ -23,6 +22,9 @@ from cluster.core.settings import Settings
 from cluster.core.streaming import StreamingJob
 from cluster.honesty.traffic import PendingCounts, measuring_counts, record_measuring
 from cluster.storage.connections import StoreConnections
+
+if TYPE_CHECKING:
+    from actors.auditor import Auditor
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ class LocalPipeline:
 
     def _auditor(self) -> Auditor:
         if self.auditor is None:
+            from actors.auditor import Auditor  # the honesty stack: only once it is needed
+
             self.auditor = Auditor(self._settings, self.stores)
         return self.auditor
 

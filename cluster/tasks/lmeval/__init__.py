@@ -11,21 +11,26 @@ Public surface (internals live in the submodules and may move):
   score as lm-eval computes it
 """
 
-from cluster.tasks.lmeval.adapter import (
+from cluster.tasks.lmeval import _compat
+
+# before anything here imports transformers (see the function)
+_compat.cache_packages_distributions()
+
+from cluster.tasks.lmeval.adapter import (  # noqa: E402
     FailedRelayError,
     RequestSettings,
     TaskAdapter,
     load_task_adapter,
 )
-from cluster.tasks.lmeval.fewshot import FewshotReplay
-from cluster.tasks.lmeval.groups import (
+from cluster.tasks.lmeval.fewshot import FewshotReplay  # noqa: E402
+from cluster.tasks.lmeval.groups import (  # noqa: E402
     GroupPlan,
     LeafTask,
     TaskPlan,
     aggregate_group,
     plan_tasks,
 )
-from cluster.tasks.lmeval.loading import (
+from cluster.tasks.lmeval.loading import (  # noqa: E402
     TaskCatalog,
     load_lmeval_task,
     task_config,
