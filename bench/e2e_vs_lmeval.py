@@ -15,7 +15,10 @@ a short lm-eval run, then times, one after the other on the same node and docs:
   the stores, at the loop's defaults apart from the workload (``tasks: [<task>]``,
   ``manager.task_targets: {<task>: <docs>}``: the buffer is the whole doc set, each doc
   measured once within the default 5-day sample TTL) and ``requester.per_node_concurrency``
-  (= lm-eval's ``num_concurrent``). ``--set section.field=value`` changes more (printed);
+  (= lm-eval's ``num_concurrent``). Its processes run under the loop's default CPU policy
+  (``ray.loop_cpu_policy``: ``SCHED_IDLE``, yielding to the node on this shared machine;
+  ``--set ray.loop_cpu_policy=normal`` measures Ray's default scheduling).
+  ``--set section.field=value`` changes more (printed);
 - ``lm-eval batch_size=k``: lm-eval again with ``batch_size`` = the prompts the loop
   sends per body (a multiple-choice doc's choices go as one batched body by default, so 4
   for openbookqa): the like-for-like anchor.

@@ -215,6 +215,9 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--target", type=int, default=3, help="buffer size per (node, task)")
     ap.add_argument("--idle-s", type=float, default=15.0, help="steady-state window once full")
+    ap.add_argument("--loop-cpu-policy", default=None,
+                    choices=["idle", "batch", "normal"],
+                    help="the loop processes' CPU policy (ray.loop_cpu_policy; default: the loop's)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     args = ap.parse_args()
 
@@ -241,6 +244,8 @@ def main() -> None:
         base = Settings(stores=stores)
         settings = base.model_copy(update={
             "tasks": [TASK],
+            "ray": base.ray.model_copy(update={
+                "loop_cpu_policy": args.loop_cpu_policy or base.ray.loop_cpu_policy}),
             "manager": base.manager.model_copy(update={
                 "target_samples": args.target, "max_in_flight": args.target,
                 "tick_s": 1.0, "node_refresh_s": 1.0}),
