@@ -46,9 +46,9 @@ class RaySettings(StrictModel):
     # else wants, so a model served on the same machine (a Ray Serve app, a node under
     # test) is never preempted by the validator measuring it, which would slow it and skew
     # its measured latency (bench/e2e_vs_lmeval.py: the SmolLM2 node answered the same
-    # docs ~6% slower beside the loop at "normal"). On a machine kept busy by other work
-    # the loop then gets little CPU: set "batch" (its fair share, but no preempting on
-    # wake-up) or "normal" (Ray's default) there.
+    # docs 7-11% slower beside the loop at "normal" than at "idle"). On a machine kept busy
+    # by other work the loop then gets little CPU: set "batch" (its fair share, but no
+    # preempting on wake-up) or "normal" (Ray's default) there.
     loop_cpu_policy: Literal["idle", "batch", "normal"] = "idle"
 
 
