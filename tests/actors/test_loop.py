@@ -170,7 +170,8 @@ def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> N
 
 def _check_loop_yields_the_cpu() -> None:
     """The loop's processes, every thread of them, run under ``ray.loop_cpu_policy``
-    (default "idle"): a model served on the same machine is never preempted by them."""
+    (default "idle"; the Sampler once it drew its first batch): a model served on the
+    same machine is never preempted by them."""
     import psutil
 
     titles = ("ray::ManagerService", "ray::SamplerProcess", "ray::EvaluatorProcess",
