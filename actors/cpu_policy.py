@@ -36,3 +36,18 @@ def apply_cpu_policy(policy: str) -> int:
         except (ProcessLookupError, PermissionError):  # ended meanwhile / not allowed
             continue
     return moved
+
+
+def enter_cpu_policy(policy: str) -> bool:
+    """Move the calling thread to ``policy``: a ``preexec_fn`` for a child server the
+    loop starts (the embedded stores), whose own threads and forks inherit it."""
+    if policy == "normal":
+        return False
+    number = getattr(os, _POLICIES[policy], None)
+    if number is None:
+        return False
+    try:
+        os.sched_setscheduler(0, number, os.sched_param(0))
+    except PermissionError:
+        return False
+    return True

@@ -86,7 +86,7 @@ class RequesterHost:
     """The Requester with its MongoDB sink, as one async actor."""
 
     def __init__(self, settings: Settings) -> None:
-        apply_cpu_policy(settings.ray.loop_cpu_policy)
+        apply_cpu_policy(settings.ray.requester_cpu_policy)
         # Relays are recorded here, batch by batch, not by the Requester call by call.
         self._requester = loop_requester(settings.requester)
         self._sink = MongoRelaySink(StoreConnections(settings), settings.honesty.traffic_flush_s)

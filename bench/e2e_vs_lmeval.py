@@ -15,9 +15,11 @@ a short lm-eval run, then times, one after the other on the same node and docs:
   the stores, at the loop's defaults apart from the workload (``tasks: [<task>]``,
   ``manager.task_targets: {<task>: <docs>}``: the buffer is the whole doc set, each doc
   measured once within the default 5-day sample TTL) and ``requester.per_node_concurrency``
-  (= lm-eval's ``num_concurrent``). Its processes run under the loop's default CPU policy
-  (``ray.loop_cpu_policy``: ``SCHED_IDLE``, yielding to the node on this shared machine;
-  ``--set ray.loop_cpu_policy=normal`` measures Ray's default scheduling).
+  (= lm-eval's ``num_concurrent``). Its processes and the embedded stores run under the
+  loop's default CPU policy (``ray.loop_cpu_policy``: ``SCHED_IDLE``, yielding to the node
+  on this shared machine; ``--set ray.loop_cpu_policy=normal`` measures Ray's default
+  scheduling), the Requester under ``ray.requester_cpu_policy`` (default: the OS default,
+  like lm-eval's client).
   ``--set section.field=value`` changes more (printed);
 - ``lm-eval batch_size=k``: lm-eval again with ``batch_size`` = the prompts the loop
   sends per body (a multiple-choice doc's choices go as one batched body by default, so 4
@@ -434,6 +436,15 @@ def write_loop_config(path: Path, stores: StoreSettings, ray_address: str, task:
     return load_settings(path, environ={})
 
 
+def loop_cpu_policy(overrides: Sequence[str]) -> str:
+    """``ray.loop_cpu_policy`` of the loop's settings with ``overrides``."""
+    config: dict[str, Any] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_path(config, key, yaml.safe_load(value))
+    return Settings.model_validate(config).ray.loop_cpu_policy
+
+
 def load_docs(config: Path, task: str, rows: Sequence[dict[str, Any]], all_rows: int, work: Path,
               env: dict[str, str]) -> None:
     """``testbench datasets load``: the shipped task, or a file of its first ``len(rows)`` docs."""
@@ -477,7 +488,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="e2e-vs-lmeval-"))
     proxy: NodeProxy | None = None
     try:
-        with EmbeddedStores(StoreSettings(data_dir=work / "stores")) as stores:
+        # the stores testbench run starts for the loop: under the loop's CPU policy
+        with EmbeddedStores(StoreSettings(data_dir=work / "stores"),
+                            cpu_policy=loop_cpu_policy(args.set)) as stores:
             # address="local": a fresh instance, never a cluster someone else started here
             ray.init(address="local", num_cpus=base.ray.num_cpus, include_dashboard=False,
                      log_to_driver=False)
@@ -573,7 +586,9 @@ def _report(args: argparse.Namespace, n: int, bodies: int, prompts: int, batch: 
           f"task_targets={settings.manager.task_targets} tick_s={settings.manager.tick_s} "
           f"max_in_flight={settings.manager.max_in_flight} "
           f"per_node_concurrency={settings.requester.per_node_concurrency} "
-          f"coalesce_prompts={settings.requester.coalesce_prompts}"
+          f"coalesce_prompts={settings.requester.coalesce_prompts} "
+          f"cpu policy: loop and stores {settings.ray.loop_cpu_policy}, "
+          f"requester {settings.ray.requester_cpu_policy}"
           + (f"; --set {' '.join(args.set)}" if args.set else ""))
     print("timer: process start -> exit with results on disk; busy: union of the node's "
           "in-flight requests / wall")

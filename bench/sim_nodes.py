@@ -238,14 +238,16 @@ def main() -> None:
     server.start()
     ready.get(timeout=120)
     data_dir = Path(tempfile.mkdtemp(prefix="sim-nodes-"))
-    embedded = EmbeddedStores(StoreSettings(data_dir=data_dir))
+    # the stores testbench run starts for the loop: under the loop's CPU policy
+    loop_cpu_policy = args.loop_cpu_policy or Settings().ray.loop_cpu_policy
+    embedded = EmbeddedStores(StoreSettings(data_dir=data_dir), cpu_policy=loop_cpu_policy)
     nodes = fleet(f"http://127.0.0.1:{port}", args.nodes, tokenizer)
     with embedded as stores:
         base = Settings(stores=stores)
         settings = base.model_copy(update={
             "tasks": [TASK],
             "ray": base.ray.model_copy(update={
-                "loop_cpu_policy": args.loop_cpu_policy or base.ray.loop_cpu_policy}),
+                "loop_cpu_policy": loop_cpu_policy}),
             "manager": base.manager.model_copy(update={
                 "target_samples": args.target, "max_in_flight": args.target,
                 "tick_s": 1.0, "node_refresh_s": 1.0}),

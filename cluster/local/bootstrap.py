@@ -69,7 +69,7 @@ def stores_running(settings: Settings, publish: bool = False) -> Iterator[Settin
         yield settings.model_copy(update={"stores": stores.model_copy(update={
             "postgres_url": stores.postgres_url or pg, "mongo_url": stores.mongo_url or mongo})})
         return
-    embedded = EmbeddedStores(stores)
+    embedded = EmbeddedStores(stores, cpu_policy=settings.ray.loop_cpu_policy)
     resolved = embedded.start()
     state = _state_file(settings)
     try:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from actors.cpu_policy import enter_cpu_policy
 from cluster.core.errors import ErrorCode, TestbenchError
 from cluster.core.settings import StoreSettings
 from cluster.local.processes import stop_process
@@ -136,6 +137,20 @@ def _parent_death_preexec(sig: int) -> Callable[[], None] | None:
     return preexec
 
 
+def _child_preexec(sig: int, cpu_policy: str) -> Callable[[], None] | None:
+    """The child's ``preexec_fn``: the parent-death signal and the CPU policy."""
+    on_parent_death = _parent_death_preexec(sig)
+    if cpu_policy == "normal":
+        return on_parent_death
+
+    def preexec() -> None:
+        if on_parent_death is not None:
+            on_parent_death()
+        enter_cpu_policy(cpu_policy)
+
+    return preexec
+
+
 class _DataDirLock:
     """An exclusive ``flock`` on a file: held while a server runs on that data dir."""
 
@@ -181,6 +196,9 @@ class _ChildServer:
 
     def __init__(self, root: Path, port: int | None, start_timeout_s: float) -> None:
         self.root = root.expanduser().resolve()
+        # Linux scheduling policy of the server (actors/cpu_policy.py); its processes
+        # inherit it. The loop's stores follow the loop's ``ray.loop_cpu_policy``.
+        self.cpu_policy = "normal"
         self.port = port
         self.start_timeout_s = start_timeout_s
         self._requested_port = port
@@ -293,7 +311,7 @@ class _ChildServer:
                 stdin=subprocess.DEVNULL,
                 stdout=self._log_fh,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_parent_death_preexec(self._stop_signal()),
+                preexec_fn=_child_preexec(self._stop_signal(), self.cpu_policy),
                 user=self._run_as_user(),
             )
         except OSError as err:
@@ -550,7 +568,7 @@ class EmbeddedStores:
     ``postgres_url``/``mongo_url`` already set nothing is started for that store.
     """
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, cpu_policy: str = "normal") -> None:
         self.settings = settings
         self.postgres: EmbeddedPostgres | None = None
         self.mongo: EmbeddedMongo | None = None
@@ -558,6 +576,9 @@ class EmbeddedStores:
             self.postgres = EmbeddedPostgres(settings.data_dir)
         if settings.mongo_url is None:
             self.mongo = EmbeddedMongo(settings.data_dir)
+        for server in (self.postgres, self.mongo):
+            if server is not None:
+                server.cpu_policy = cpu_policy
 
     @property
     def started(self) -> list[str]:

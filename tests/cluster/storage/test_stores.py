@@ -4,6 +4,7 @@ started separately (pgserver's own API, the nx-27017 console script) and passed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -550,3 +551,59 @@ def test_orphans_of_a_dead_owner_are_replaced(tmp_path: Path) -> None:
         for pid in pids:  # never leave a stray server behind, even when the test fails
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_loops_embedded_stores_take_its_cpu_policy(tmp_path: Path) -> None:
+    """Stores that ``testbench run`` starts serve the loop: every process of each server
+    (PostgreSQL's forked backends too) runs under ``ray.loop_cpu_policy`` ("idle" by
+    default), so a model served on the same machine is not preempted by them, and they
+    still answer."""
+
+    from cluster.core.settings import Settings
+    from cluster.local.bootstrap import stores_running
+
+    settings = Settings(stores=StoreSettings(data_dir=tmp_path))
+    assert settings.ray.loop_cpu_policy == "idle"
+
+    async def query(s: StoreSettings) -> None:
+        assert s.postgres_url and s.mongo_url
+        conn = await asyncpg.connect(s.postgres_url)
+        try:
+            assert await conn.fetchval("SELECT 41 + 1") == 42
+        finally:
+            await conn.close()
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(s.mongo_url)
+        try:
+            await client["t"]["c"].insert_one({"x": 1})
+            assert await client["t"]["c"].count_documents({}) == 1
+        finally:
+            await client.close()
+
+    with stores_running(settings) as running:
+        asyncio.run(query(running.stores))
+        servers = _servers_under(tmp_path)
+        assert len(servers) >= 2, [p.cmdline() for p in servers]
+        for proc in servers:
+            for thread in proc.threads():
+                try:
+                    assert os.sched_getscheduler(thread.id) == os.SCHED_IDLE, proc.cmdline()
+                except ProcessLookupError:  # ended meanwhile
+                    continue
+    # a store started for anything else keeps the OS default
+    with EmbeddedStores(StoreSettings(data_dir=tmp_path / "other")):
+        servers = _servers_under(tmp_path / "other")
+        assert len(servers) >= 2
+        assert {os.sched_getscheduler(p.pid) for p in servers} == {os.SCHED_OTHER}
+
+
+def _servers_under(data_dir: Path) -> list[Any]:
+    """The processes of the servers whose command line names ``data_dir``, and theirs."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(data_dir) in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for p in [proc, *proc.children(recursive=True)]:
+                    found[p.pid] = p
+    return list(found.values())
