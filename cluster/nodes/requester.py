@@ -57,7 +57,7 @@ from cluster.core.schemas import Node, Prompt, Relay
 from cluster.core.settings import RequesterSettings
 from cluster.core.sla import SlaTimeout
 from cluster.nodes.policy import EndpointGuard
-from cluster.nodes.transport import NodeTransport, NodeUnavailable, dumps_json
+from cluster.nodes.transport import NodeBytes, NodeTransport, NodeUnavailable, dumps_json
 from cluster.wire import openai as wire
 
 log = logging.getLogger(__name__)
@@ -436,12 +436,14 @@ class Requester:
                     self._attempts += 1
                     self._in_flight += 1
                     try:
-                        out = await self._attempt(transport, url, data, timeout)
+                        got = await self._attempt(transport, url, data, timeout)
                     finally:
                         self._in_flight -= 1
                 finally:
                     held = False
                     self._release_slots(node_slot)
+                # parsed with the node's slot free: the next body goes out first
+                out = got if isinstance(got, _Attempt) else self._parsed(transport, got)
                 if not out.retryable or attempts >= max_attempts:
                     return out, attempts, started_at
                 self._retries += 1
@@ -587,9 +589,10 @@ class Requester:
         url: URL,
         data: bytes,
         timeout: aiohttp.ClientTimeout,
-    ) -> _Attempt:
+    ) -> _Attempt | NodeBytes:
+        """One attempt: its failure, or the answer's bytes (parsed by :meth:`_parsed`)."""
         try:
-            answer = await transport.exchange("POST", url, data, timeout, timeout_source="SLA")
+            return await transport.receive("POST", url, data, timeout, timeout_source="SLA")
         except NodeUnavailable as exc:
             return _Attempt(
                 ErrorCode.NODE,
@@ -601,6 +604,15 @@ class Requester:
                 latency_s=exc.latency_s,
             )
         except wire.MalformedAnswer as exc:
+            return _Attempt(
+                ErrorCode.NODE, exc.status, str(exc), ttft_s=exc.ttft_s, latency_s=exc.latency_s
+            )
+
+    @staticmethod
+    def _parsed(transport: NodeTransport, received: NodeBytes) -> _Attempt:
+        try:
+            answer = transport.parse_answer(received)
+        except wire.MalformedAnswer as exc:  # never retried: the node answered
             return _Attempt(
                 ErrorCode.NODE, exc.status, str(exc), ttft_s=exc.ttft_s, latency_s=exc.latency_s
             )

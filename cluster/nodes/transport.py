@@ -240,8 +240,24 @@ class NodeTransport:
         """One request and its JSON object answer; raises :class:`NodeUnavailable` or
         :class:`MalformedAnswer` (see the module docstring). ``timeout_source`` says in a
         time-out's message where the limit came from (the Requester's ``SLA``)."""
-        answer = await self._send(method, url, data, timeout, timeout_source, None,
-                                  any_status=False)
+        return self.parse_answer(await self.receive(method, url, data, timeout, timeout_source))
+
+    async def receive(
+        self,
+        method: str,
+        url: URL | str,
+        data: bytes | None,
+        timeout: aiohttp.ClientTimeout,
+        timeout_source: str = "",
+    ) -> NodeBytes:
+        """:meth:`exchange` up to its 2xx answer's bytes, not yet parsed: a caller that holds
+        a slot of the node's concurrency frees it before the parsing (:meth:`parse_answer`),
+        which is its own CPU, not the node's time."""
+        return await self._send(method, url, data, timeout, timeout_source, None,
+                                any_status=False)
+
+    def parse_answer(self, answer: NodeBytes) -> NodeAnswer:
+        """A received 2xx answer as its JSON object; raises :class:`MalformedAnswer`."""
         status, body, ttft, latency = answer.status, answer.body, answer.ttft_s, answer.latency_s
         try:
             parsed = loads_json(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import logging
@@ -37,6 +38,10 @@ def _relay_document(relay: Relay) -> Document:
     return doc
 
 
+def _relay_documents(relays: Sequence[Relay]) -> builtins.list[Document]:
+    return [_relay_document(r) for r in relays]
+
+
 RESPONSE_KEY = opaque_key("response")
 
 
@@ -69,7 +74,10 @@ class RelayStore:
 
         A second relay for the same prompt is ignored: the first one stays as it was.
         """
-        docs = [_relay_document(r) for r in relays]
+        # Encoded in a worker thread: the responses' JSON (a few ms each for echoed prompt
+        # logprobs) would otherwise hold the event loop of the process that relays them,
+        # which sends a node its next request only once it gets the loop back.
+        docs = await asyncio.to_thread(_relay_documents, relays)
         inserted = await insert_new(self.collection, docs)
         if len(inserted) != len(docs):
             log.info("stores.relays.duplicates_ignored n=%d", len(docs) - len(inserted))

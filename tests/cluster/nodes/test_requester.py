@@ -269,6 +269,31 @@ async def test_per_node_concurrency_is_respected(node: TestNode) -> None:
     assert node.stats.max_in_flight == 3
 
 
+async def test_an_answer_is_parsed_with_the_nodes_slot_already_free(
+    node: TestNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's next request need not wait for this answer's JSON parse (a few ms for
+    echoed prompt logprobs): at per-node concurrency 1 the slot is free while parsing."""
+    from cluster.nodes.transport import NodeTransport
+
+    requester = Requester(settings(per_node_concurrency=1, global_concurrency=1))
+    free_at_parse: list[bool] = []
+    parse = NodeTransport.parse_answer
+
+    def parse_and_look(self: NodeTransport, received: Any) -> Any:
+        free_at_parse.append(not requester._node_slot("n1").locked())
+        return parse(self, received)
+
+    monkeypatch.setattr(NodeTransport, "parse_answer", parse_and_look)
+    try:
+        relays = await relay_with(requester, node, NodeBehaviour(latency_s=0.01), n=4)
+    finally:
+        await requester.close()
+    assert [r.error_code for r in relays] == [ErrorCode.OK] * 4
+    assert all(r.response for r in relays)
+    assert free_at_parse == [True] * 4
+
+
 async def test_global_concurrency_is_respected_across_nodes(node: TestNode) -> None:
     # Three node ids on one server: the server sees the global concurrency.
     requester = Requester(settings(per_node_concurrency=10, global_concurrency=4))
