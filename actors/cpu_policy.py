@@ -18,13 +18,17 @@ log = logging.getLogger(__name__)
 _POLICIES = {"idle": "SCHED_IDLE", "batch": "SCHED_BATCH"}
 
 
+def _policy_number(policy: str) -> int | None:
+    """The OS constant of ``policy``; None for "normal" or where the OS has no such policy."""
+    return None if policy == "normal" else getattr(os, _POLICIES[policy], None)
+
+
 def apply_cpu_policy(policy: str) -> int:
     """Move every thread of this process to ``policy`` ("idle", "batch"; "normal" leaves
     them). Returns the threads moved; where the OS has no such policy, 0 and a warning."""
     if policy == "normal":
         return 0
-    name = _POLICIES[policy]
-    number = getattr(os, name, None)
+    number = _policy_number(policy)
     if number is None or not os.path.isdir("/proc/self/task"):
         log.warning("cpu_policy.unsupported policy=%s: left at the OS default", policy)
         return 0
@@ -41,9 +45,7 @@ def apply_cpu_policy(policy: str) -> int:
 def enter_cpu_policy(policy: str) -> bool:
     """Move the calling thread to ``policy``: a ``preexec_fn`` for a child server the
     loop starts (the embedded stores), whose own threads and forks inherit it."""
-    if policy == "normal":
-        return False
-    number = getattr(os, _POLICIES[policy], None)
+    number = _policy_number(policy)
     if number is None:
         return False
     try:

@@ -433,9 +433,7 @@ def write_loop_config(path: Path, stores: StoreSettings, ray_address: str, task:
                       # the Serve node and the proxy listen on loopback: allowlisted
                       "endpoint_allowlist": EndpointAllowlist.loopback().model_dump()},
     }
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_path(config, key, yaml.safe_load(value))
+    _apply_overrides(config, overrides)
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return load_settings(path, environ={})
 
@@ -443,10 +441,15 @@ def write_loop_config(path: Path, stores: StoreSettings, ray_address: str, task:
 def loop_cpu_policy(overrides: Sequence[str]) -> str:
     """``ray.loop_cpu_policy`` of the loop's settings with ``overrides``."""
     config: dict[str, Any] = {}
+    _apply_overrides(config, overrides)
+    return Settings.model_validate(config).ray.loop_cpu_policy
+
+
+def _apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> None:
+    """``section.field=value`` items (values as YAML) into ``config``."""
     for item in overrides:
         key, _, value = item.partition("=")
         set_path(config, key, yaml.safe_load(value))
-    return Settings.model_validate(config).ray.loop_cpu_policy
 
 
 def load_docs(config: Path, task: str, rows: Sequence[dict[str, Any]], all_rows: int, work: Path,

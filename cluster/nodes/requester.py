@@ -85,6 +85,12 @@ class _Attempt:
     latency_s: float | None = None
 
 
+def _malformed(exc: wire.MalformedAnswer) -> _Attempt:
+    return _Attempt(
+        ErrorCode.NODE, exc.status, str(exc), ttft_s=exc.ttft_s, latency_s=exc.latency_s
+    )
+
+
 @dataclass(slots=True)
 class _Call:
     """One ``relay()`` call's prompts still without a relay (coalescing only)."""
@@ -604,18 +610,14 @@ class Requester:
                 latency_s=exc.latency_s,
             )
         except wire.MalformedAnswer as exc:
-            return _Attempt(
-                ErrorCode.NODE, exc.status, str(exc), ttft_s=exc.ttft_s, latency_s=exc.latency_s
-            )
+            return _malformed(exc)
 
     @staticmethod
     def _parsed(transport: NodeTransport, received: NodeBytes) -> _Attempt:
         try:
             answer = transport.parse_answer(received)
         except wire.MalformedAnswer as exc:  # never retried: the node answered
-            return _Attempt(
-                ErrorCode.NODE, exc.status, str(exc), ttft_s=exc.ttft_s, latency_s=exc.latency_s
-            )
+            return _malformed(exc)
         return _Attempt(
             ErrorCode.OK,
             answer.status,
