@@ -14,6 +14,7 @@ that does not load, a chat node on a loglikelihood task; its dataset is not load
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -63,6 +64,11 @@ class Sampler:
         self._stores = stores or StoreConnections(settings)
         self._clock = clock
         self._doc_ids: dict[tuple[str, str], list[int]] = {}
+        # One batch at a time, in the order they came: building prompts is CPU work
+        # between two awaits (the docs' read, the prompts' write). Batches let in together
+        # would each build while the others wait on their store round trips, and every
+        # batch would go on to the Requester only once the last had been built.
+        self._turn: asyncio.Lock | None = None
 
     def adapter(self, node: Node, task: str) -> Any:
         return load_adapter(task, catalog_of(self._settings), node)
@@ -95,6 +101,14 @@ class Sampler:
         self, reqs: Sequence[SampleRequest]
     ) -> tuple[list[SampleDraw], list[Prompt], DrawnDocs]:
         """Draw docs for every request, build their prompts and store them."""
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        async with self._turn:
+            return await self._sample_batch(reqs)
+
+    async def _sample_batch(
+        self, reqs: Sequence[SampleRequest]
+    ) -> tuple[list[SampleDraw], list[Prompt], DrawnDocs]:
         draws: list[SampleDraw] = []
         chosen: list[tuple[SampleRequest, Any, list[int]]] = []
         wanted: dict[tuple[str, str], set[int]] = {}
