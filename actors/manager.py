@@ -110,6 +110,7 @@ class Manager:
             node_budget_per_hour=self._cfg.node_budget_per_hour,
             dependencies=self._cfg.task_dependencies,
             task_targets=self._cfg.task_targets,
+            refill_docs=self._cfg.refill_docs,
         )
 
     # ---- lifecycle -------------------------------------------------------------------

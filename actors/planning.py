@@ -5,7 +5,10 @@ the TTL): ``max_in_flight`` bounds the docs sent to the node and not yet answere
 slow node is not buried), while docs answered and waiting to be scored do not hold the
 node back; every doc in flight, scored or not, will fill the buffer, so none is drawn twice;
 further limited by task dependencies, the node's hourly budget and failure backoff; a pair
-whose docs are being drawn waits for that draw.
+whose docs are being drawn waits for that draw. A pair whose node still has docs is topped
+up only once ``refill_docs`` can go (or all it still needs; at most half of
+``max_in_flight``): each dispatch costs the loop a
+Sampler call, a Requester stream and Evaluator calls, whether it carries one doc or eight.
 This is the Manager's hot path (100,000 pairs a round at scale), so it is plain
 Python over small slotted objects: no pydantic, no per-pair allocations beyond the
 result.
@@ -75,6 +78,9 @@ class PlanLimits:
     dependencies: Mapping[str, Sequence[str]] = field(default_factory=dict)
     # task -> its own buffer size where it differs from target_samples
     task_targets: Mapping[str, int] = field(default_factory=dict)
+    # a pair with docs at its node is topped up only once this many can go at once (or all
+    # it still needs), at most half of max_in_flight; 1: as soon as any can
+    refill_docs: int = 1
 
     def target(self, task: str) -> int:
         return self.task_targets.get(task, self.target_samples)
@@ -105,6 +111,8 @@ def plan_samples(
     ttl = limits.sample_ttl_s
     per_hour = limits.node_budget_per_hour
     deps = limits.dependencies
+    # never more than half the window: the other half keeps the node busy meanwhile
+    refill = min(limits.refill_docs, max(1, max_in_flight // 2))
     plan: list[PlanItem] = []
     append = plan.append
     empty = PairState()
@@ -143,9 +151,12 @@ def plan_samples(
             target = task_targets.get(task, default_target) if task_targets else default_target
             in_flight = len(state.in_flight) + state.reserved
             at_node = len(state.at_node) + state.reserved
-            need = min(max_in_flight - at_node, target - in_flight - state.valid_count(now, ttl))
+            missing = target - in_flight - state.valid_count(now, ttl)
+            need = min(max_in_flight - at_node, missing)
             if need <= 0:
                 continue
+            if at_node and need < refill and need < missing:
+                continue  # the node has work: wait until a larger batch can go
             if need > remaining:
                 need = remaining
             remaining -= need

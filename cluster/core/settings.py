@@ -161,6 +161,15 @@ class ManagerSettings(StrictModel):
         description="docs of many (node, task) pairs drawn, relayed and scored as one batch: "
         "each stage then makes one store round trip and one actor call per batch, not per pair",
     )
+    refill_docs: int = Field(
+        default=8, ge=1,
+        description="a (node, task) whose node still has docs in flight is topped up only once "
+        "this many can go at once (or all it still needs): a slow node gets its docs in "
+        "batches of this size, not one by one, each batch costing the loop one draw, one "
+        "relay stream and a few scoring calls. Capped at half of max_in_flight; keep "
+        "max_in_flight - refill_docs at or above the node's concurrency, so its queue in the "
+        "Requester never runs dry",
+    )
     score_batch_wait_s: float = Field(
         default=0.2, ge=0,
         description="a batch's finished docs are scored as they come, gathered at most this long",

@@ -175,3 +175,24 @@ async def test_status_with_wait_returns_on_progress_and_waits_while_nothing_chan
     quiet = await manager.status(detail=False, wait_s=0.5)
     assert time.monotonic() - started >= 0.45 and quiet["valid"] == 4
     await manager.stop()
+
+
+async def test_the_manager_tops_a_busy_node_up_in_batches_of_refill_docs(
+    fresh_settings: Settings, correct_node: Node
+) -> None:
+    settings = small(fresh_settings, target=40)
+    settings = settings.model_copy(update={"manager": settings.manager.model_copy(
+        update={"max_in_flight": 8, "refill_docs": 4})})
+    stores = StoreConnections(settings)
+    await (await stores.mongo()).nodes.add(correct_node)
+    manager = Manager(settings, LocalPipeline, stores=stores)
+    await manager.ensure_started(loop=False)
+    try:
+        state = manager._state("n1", "openbookqa")
+        state.in_flight = state.at_node = set(range(5))  # 3 free of 8: waits
+        assert manager.plan(time.time()) == []
+        state.in_flight = state.at_node = set(range(4))  # 4 free: they go together
+        assert [(i.node_id, i.task, i.count) for i in manager.plan(time.time())] == [
+            ("n1", "openbookqa", 4)]
+    finally:
+        await stores.close()

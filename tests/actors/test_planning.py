@@ -106,3 +106,27 @@ def test_backoff_grows_exponentially_and_is_capped() -> None:
     assert backoff_s(3, after=3, base_s=30, max_s=1800) == 30
     assert backoff_s(4, after=3, base_s=30, max_s=1800) == 60
     assert backoff_s(20, after=3, base_s=30, max_s=1800) == 1800
+
+
+def test_a_busy_node_is_topped_up_in_batches_of_refill_docs() -> None:
+    """A node that still has docs gets more only once ``refill_docs`` can go at once: each
+    dispatch costs the loop a draw, a relay stream and scoring calls, whether it carries one
+    doc or eight (``bench/_sim_dev``-style runs: 28 against 19 CPU-ms per doc). An idle
+    node, or a pair that needs fewer than that to fill, is planned at once."""
+    lim = limits(max_in_flight=24, refill_docs=8)
+    states = {("a", "t"): state(in_flight=20),  # 4 free: waits
+              ("b", "t"): state(in_flight=16),  # 8 free: goes
+              ("c", "t"): state(valid=47, in_flight=1),  # needs 2 to fill: goes
+              ("d", "t"): state(in_flight=20, answered=20),  # all answered, none at node
+              ("e", "t"): state()}
+    plan = plan_samples([(n, ["t"]) for n in "abcde"], states, {}, lim, NOW)
+    assert plan == [PlanItem("b", "t", 8), PlanItem("c", "t", 2), PlanItem("d", "t", 24),
+                    PlanItem("e", "t", 24)]
+    # at most half the window: with 6 in flight the node waits for 3 free, not 8
+    small = limits(max_in_flight=6, refill_docs=8)
+    assert plan_samples([("a", ["t"])], {("a", "t"): state(in_flight=4)}, {}, small, NOW) == []
+    assert plan_samples([("a", ["t"])], {("a", "t"): state(in_flight=3)}, {}, small, NOW) == [
+        PlanItem("a", "t", 3)]
+    # refill_docs=1: as soon as one can go
+    assert plan_samples([("a", ["t"])], {("a", "t"): state(in_flight=23)}, {},
+                        limits(max_in_flight=24), NOW) == [PlanItem("a", "t", 1)]
