@@ -7,8 +7,8 @@ node back; every doc in flight, scored or not, will fill the buffer, so none is 
 further limited by task dependencies, the node's hourly budget and failure backoff; a pair
 whose docs are being drawn waits for that draw. A pair whose node still has docs is topped
 up only once ``refill_docs`` can go (or all it still needs; at most half of
-``max_in_flight``): each dispatch costs the loop a
-Sampler call, a Requester stream and Evaluator calls, whether it carries one doc or eight.
+``max_in_flight``): each dispatch costs the loop a Sampler call, a Requester stream and
+Evaluator calls, whether it carries one doc or eight.
 This is the Manager's hot path (100,000 pairs a round at scale), so it is plain
 Python over small slotted objects: no pydantic, no per-pair allocations beyond the
 result.

@@ -68,7 +68,7 @@ class Sampler:
         # between two awaits (the docs' read, the prompts' write). Batches let in together
         # would each build while the others wait on their store round trips, and every
         # batch would go on to the Requester only once the last had been built.
-        self._turn: asyncio.Lock | None = None
+        self._turn = asyncio.Lock()
 
     def adapter(self, node: Node, task: str) -> Any:
         return load_adapter(task, catalog_of(self._settings), node)
@@ -101,8 +101,6 @@ class Sampler:
         self, reqs: Sequence[SampleRequest]
     ) -> tuple[list[SampleDraw], list[Prompt], DrawnDocs]:
         """Draw docs for every request, build their prompts and store them."""
-        if self._turn is None:
-            self._turn = asyncio.Lock()
         async with self._turn:
             return await self._sample_batch(reqs)
 

@@ -111,7 +111,7 @@ def test_backoff_grows_exponentially_and_is_capped() -> None:
 def test_a_busy_node_is_topped_up_in_batches_of_refill_docs() -> None:
     """A node that still has docs gets more only once ``refill_docs`` can go at once: each
     dispatch costs the loop a draw, a relay stream and scoring calls, whether it carries one
-    doc or eight (``bench/_sim_dev``-style runs: 28 against 19 CPU-ms per doc). An idle
+    doc or eight (the README's development runs: 28 against 19-21 CPU-ms per doc). An idle
     node, or a pair that needs fewer than that to fill, is planned at once."""
     lim = limits(max_in_flight=24, refill_docs=8)
     states = {("a", "t"): state(in_flight=20),  # 4 free: waits
