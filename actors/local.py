@@ -77,9 +77,11 @@ class MongoRelaySink:
 class LocalPipeline:
     def __init__(self, settings: Settings) -> None:
         self.stores = StoreConnections(settings)
-        self.samplers = [Sampler(settings, self.stores) for _ in range(settings.pools.samplers)]
+        # All in this process: one of each unless more are asked for (0 means "in here").
+        self.samplers = [Sampler(settings, self.stores)
+                         for _ in range(max(1, settings.pools.samplers))]
         self.evaluators = [Evaluator(settings, self.stores)
-                           for _ in range(settings.pools.evaluators)]
+                           for _ in range(max(1, settings.pools.evaluators))]
         # Relays are recorded here with their prompts (traffic counters), as on Ray.
         self.requester = loop_requester(settings.requester)
         self.sink = MongoRelaySink(self.stores, settings.honesty.traffic_flush_s)

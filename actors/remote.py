@@ -175,13 +175,26 @@ def _child_placement(settings: Settings) -> dict[str, Any]:
 
 
 class RayPipeline:
-    """The Manager's children as Ray actors; work moves as object refs."""
+    """The Manager's children as Ray actors; work moves as object refs.
 
-    def __init__(self, settings: Settings) -> None:
+    With ``pools.samplers`` or ``pools.evaluators`` at 0 (the default) that stage runs
+    here, in the Manager's own process, on the ``stores`` it passes: a process fewer, each
+    costing ~0.01 core when idle, and no hand-off between processes for it. The Requester
+    always has its own process: its clock measures the nodes, and it keeps the
+    ``ray.requester_cpu_policy`` while the loop's other work yields the CPU."""
+
+    def __init__(self, settings: Settings, stores: StoreConnections | None = None) -> None:
         pools = settings.pools
         placement = _child_placement(settings)
+        here_too = stores is None and not (pools.samplers and pools.evaluators)
+        self._owned_stores = StoreConnections(settings) if here_too else None
+        here = stores or self._owned_stores
         self.samplers = [SamplerActor.options(**placement).remote(settings)
                          for _ in range(pools.samplers)]
+        # Here, the Sampler moves this process to ``ray.loop_cpu_policy`` after its first
+        # batch, as it does its own (ManagerService leaves the process at "normal" so far).
+        self._own_sampler = None if pools.samplers else SamplerProcess(settings, here)
+        self._own_evaluator = None if pools.evaluators else Evaluator(settings, here)
         self.requester = RequesterActor.options(**placement).remote(settings)
         # Evaluators are created once the Samplers are warm (or on first use): the first
         # batch waits for a Sampler and the Requester, and on a small machine the
@@ -206,6 +219,11 @@ class RayPipeline:
         return evaluators[next(self._evaluator_turn) % len(evaluators)]
 
     async def sample(self, reqs: Sequence[SampleRequest]) -> tuple[list[SampleDraw], Any]:
+        """The draws, and the hand-off to ``relay_and_score``: the prompts and the docs
+        read for them, as values when drawn here, as object refs when drawn by an actor."""
+        if self._own_sampler is not None:
+            draws, prompts, docs = await self._own_sampler.sample_batch(list(reqs))
+            return draws, (prompts, docs)
         sampler = next(self._next_sampler)
         draws_ref, prompts_ref, docs_ref = sampler.sample_batch.options(num_returns=3).remote(
             list(reqs))
@@ -217,10 +235,15 @@ class RayPipeline:
         """Answered and scored docs as the Requester's stream goes: each batch's keys as
         soon as it is recorded, and its relays to the next Evaluator while the stream
         goes on."""
-        prompts_ref, docs_ref = handoff
+        prompts, docs = handoff
         nodes_ref = ray.put(dict(nodes))
         stream = self.requester.relay_stream.options(num_returns="streaming").remote(
-            prompts_ref, nodes_ref)
+            prompts, nodes_ref)
+        # The docs once per dispatch, where the scoring is: read here, or put for actors.
+        if self._own_evaluator is not None and isinstance(docs, ray.ObjectRef):
+            docs = await docs
+        elif self._own_evaluator is None and not isinstance(docs, ray.ObjectRef):
+            docs = ray.put(docs)
         scoring: set[asyncio.Future[list[Sample]]] = set()
         keys_next = True
         async for ref in stream:
@@ -229,8 +252,11 @@ class RayPipeline:
                 yield RELAYED, await ref
                 continue
             keys_next = True
-            scoring.add(asyncio.ensure_future(
-                self._evaluator().score.remote(ref, nodes_ref, docs_ref)))
+            if self._own_evaluator is not None:
+                scoring.add(asyncio.ensure_future(self._score_here(ref, nodes, docs)))
+            else:
+                scoring.add(asyncio.ensure_future(
+                    self._evaluator().score.remote(ref, nodes_ref, docs)))
             for future in [f for f in scoring if f.done()]:
                 scoring.discard(future)
                 yield SCORED, future.result()
@@ -239,18 +265,30 @@ class RayPipeline:
             for future in done:
                 yield SCORED, future.result()
 
+    async def _score_here(self, relays_ref: Any, nodes: Mapping[str, Node],
+                          docs: Any) -> list[Sample]:
+        assert self._own_evaluator is not None
+        return await self._own_evaluator.score(await relays_ref, nodes, docs)
+
     async def relay(self, prompts: list[Prompt], nodes: Mapping[str, Node]) -> list[Relay]:
         return await self.requester.relay.remote(prompts, dict(nodes))
 
     async def score(self, relays: list[Relay], nodes: Mapping[str, Node]) -> list[Sample]:
+        if self._own_evaluator is not None:
+            return await self._own_evaluator.score(relays, dict(nodes))
         return await self._evaluator().score.remote(relays, dict(nodes))
 
     async def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> None:
         # Samplers first: the first batch waits for them, and on a small machine the
         # Evaluators' start and warm-up would compete for the same cores; a doc's scoring
         # waits only for its relays, and the node stays busy meanwhile (planning counts
-        # the docs at the node, not the ones being scored).
+        # the docs at the node, not the ones being scored). Here, warming is the same
+        # per-process adapter cache for both (lm-eval's task, the tokenizer).
+        if self._own_sampler is not None:
+            self._own_sampler.warm_up(list(pairs))
         await asyncio.gather(*(s.warm_up.remote(list(pairs)) for s in self.samplers))
+        if self._own_evaluator is not None:
+            self._own_evaluator.warm_up(list(pairs))
         await asyncio.gather(*(e.warm_up.remote(list(pairs)) for e in self.evaluators))
 
     def _auditor(self) -> Any:
@@ -279,14 +317,21 @@ class RayPipeline:
         extra = [self.auditor] if self.auditor is not None else []
         for actor in [*self.samplers, *(self._evaluators or []), self.requester, *extra]:
             ray.kill(actor, no_restart=True)
+        if self._owned_stores is not None:
+            await self._owned_stores.close()
 
 
 class ManagerService(Manager):
     """The Manager with Ray children; adds access to them for operators and tests."""
 
     def __init__(self, settings: Settings) -> None:
-        apply_cpu_policy(settings.ray.loop_cpu_policy)
-        super().__init__(settings, pipeline_factory=RayPipeline)
+        # With the Sampler in this process, it moves the process once it drew its first
+        # batch (SamplerProcess): its warm-up and first draw are what the first request
+        # waits for.
+        if settings.pools.samplers:
+            apply_cpu_policy(settings.ray.loop_cpu_policy)
+        super().__init__(settings,
+                         pipeline_factory=lambda s: RayPipeline(s, self._stores))
 
     async def children(self) -> dict[str, Any]:
         await self.ensure_started()

@@ -115,10 +115,13 @@ def actor_pids(manager: Any) -> dict[str, list[int]]:
     def pid(actor: Any) -> int:
         return int(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid())))
 
+    # Samplers and Evaluators of their own only with pools above 0; by default the
+    # Manager's process draws and scores, and its figure holds theirs.
     children = ray.get(manager.children.remote())
-    return {"manager": [pid(manager)], "samplers": [pid(a) for a in children["samplers"]],
+    pids = {"manager": [pid(manager)], "samplers": [pid(a) for a in children["samplers"]],
             "evaluators": [pid(a) for a in children["evaluators"]],
             "requester": [pid(children["requester"])]}
+    return {kind: found for kind, found in pids.items() if found}
 
 
 def relays_so_far(manager: Any) -> int:

@@ -189,14 +189,23 @@ class ManagerSettings(StrictModel):
 
 
 class PoolSettings(StrictModel):
-    """How many Sampler and Evaluator actors the Manager runs (one process each). One of
-    each keeps a 2-core machine's 1,000-node fill at its best (``bench/sim_nodes.py``): a
-    second process mostly adds Ray's own overhead and splits the per-doc caches (a doc's
-    request bodies and Instances are built once per process). Raise them where cores
-    are many and nodes share few docs."""
+    """How many Sampler and Evaluator actors the Manager runs, one process each; 0 (the
+    default) draws or scores in the Manager's own process.
 
-    samplers: int = Field(default=1, ge=1)
-    evaluators: int = Field(default=1, ge=1)
+    Every Ray worker process costs about 0.01 core even when idle (its core worker wakes
+    every 10 ms to check for signals) and every hand-off between processes costs
+    serialization and RPC threads. In the Manager's process, a node answering a few docs
+    a second costs the loop 23% less CPU per doc and 0.02 fewer idle cores
+    (``bench/sim_nodes.py`` with openbookqa and a 3 s node), and a model served on the
+    same machine runs faster for it (``bench/e2e_vs_lmeval.py``). Their own processes
+    keep drawing, scoring and planning on separate cores: a 1,000-node fill on a 2-core
+    machine ran at 142 against 120 relays/s. Set 1 or more where cores are many; more
+    than one mostly adds Ray's own overhead and splits the per-doc caches (a doc's
+    request bodies and Instances are built once per process) unless nodes share few
+    docs."""
+
+    samplers: int = Field(default=0, ge=0)
+    evaluators: int = Field(default=0, ge=0)
 
 
 PEER_KEY_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"

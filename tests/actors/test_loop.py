@@ -170,17 +170,19 @@ def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> N
 
 def _check_loop_yields_the_cpu() -> None:
     """The loop's processes, every thread of them, run under ``ray.loop_cpu_policy``
-    (default "idle"; the Sampler once it drew its first batch): a model served on the
-    same machine is never preempted by them. The Requester, whose clock measures the
-    nodes, keeps ``ray.requester_cpu_policy`` (default "normal")."""
+    (default "idle"; the Manager's once its Sampler drew the first batch): a model served
+    on the same machine is never preempted by them. The Requester, whose clock measures
+    the nodes, keeps ``ray.requester_cpu_policy`` (default "normal"). By default
+    (``pools`` 0) the Manager's process draws and scores: there is no Sampler or
+    Evaluator process."""
     import psutil
 
-    expected = {"ray::ManagerService": os.SCHED_IDLE, "ray::SamplerProcess": os.SCHED_IDLE,
-                "ray::EvaluatorProcess": os.SCHED_IDLE, "ray::RequesterHost": os.SCHED_OTHER}
+    expected = {"ray::ManagerService": os.SCHED_IDLE, "ray::RequesterHost": os.SCHED_OTHER}
     titles = tuple(expected)
     seen: set[str] = set()
     for proc in psutil.process_iter(["cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
+        assert not title.startswith(("ray::SamplerProcess", "ray::EvaluatorProcess")), title
         kind = next((t for t in titles if title.startswith(t)), None)
         if kind is None:
             continue

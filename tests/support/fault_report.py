@@ -24,7 +24,8 @@ FAULTS: dict[str, str] = {
     "mongodb stopped": "the loop's MongoDB server stopped ~12 s (past the client's 10 s "
                        "server selection), restarted on its port",
     "worker node lost": "`ray.cluster_utils.Cluster` of two nodes: the one hosting the Manager "
-                        "(and the children Ray placed there) removed mid-run, no grace",
+                        "(drawing and scoring in its process) and the Requester removed "
+                        "mid-run, no grace",
     "node hangs": "test node never answers",
     "node drips slowly": "200 headers, then one body byte every 0.25 s",
     "node sends 100 MB": "200 with a 100 MB streamed body (cap 8 MiB)",
@@ -103,6 +104,8 @@ The table below is rewritten by the suite whenever all of it runs
 
 {table.markdown()}
 
-The actor kills are also exercised all at once by
-`tests/actors/test_loop.py::test_killing_actors_mid_run_loses_and_duplicates_nothing`.
+The Sampler and Evaluator kills run with one actor of each (`pools.samplers` and
+`pools.evaluators` 1, `tests/support/fault_loop.py::fault_settings`); the lost worker node
+runs the default layout, where the Manager's own process draws and scores, so the docs
+being drawn and scored there are lost with it.
 """)
