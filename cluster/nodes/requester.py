@@ -448,7 +448,14 @@ class Requester:
                 finally:
                     held = False
                     self._release_slots(node_slot)
-                # parsed with the node's slot free: the next body goes out first
+                if node_slot.locked():
+                    # A request waited for this slot and has it now: let it go out before
+                    # this answer's parse (a few ms of CPU for echoed prompt logprobs) holds
+                    # the event loop. aiohttp writes a body from a task of its own, one
+                    # loop turn after the request starts: two turns. A body sent late waits
+                    # a whole engine step at a node that batches.
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
                 out = got if isinstance(got, _Attempt) else self._parsed(transport, got)
                 if not out.retryable or attempts >= max_attempts:
                     return out, attempts, started_at

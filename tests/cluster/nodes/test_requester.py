@@ -294,6 +294,43 @@ async def test_an_answer_is_parsed_with_the_nodes_slot_already_free(
     assert free_at_parse == [True] * 4
 
 
+async def test_the_next_body_is_on_the_wire_before_an_answer_is_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer's parse (CPU, holding the event loop) comes after the node's next request
+    has been sent: the node, in a thread of its own here, sees that request while the
+    parse is still going on. Sent after the parse, a body reaches a batching node late
+    and waits for its next engine step. One call per prompt, as the loop relays one call
+    per doc: the next prompt waits for the node's slot."""
+    from cluster.nodes.transport import NodeTransport
+
+    server = TestNode(NodeBehaviour(latency_s=0.01))
+    url = server.start_in_thread()
+    requester = Requester(settings(per_node_concurrency=1, global_concurrency=4))
+    parse = NodeTransport.parse_answer
+    seen_while_parsing: list[bool] = []
+
+    def slow_parse(self: NodeTransport, received: Any) -> Any:
+        answered = len(seen_while_parsing) + 1
+        deadline = time.monotonic() + 1.0
+        while server.stats.requests <= answered and time.monotonic() < deadline:
+            time.sleep(0.002)  # the node's thread runs; this event loop does not
+        seen_while_parsing.append(server.stats.requests > answered)
+        return parse(self, received)
+
+    monkeypatch.setattr(NodeTransport, "parse_answer", slow_parse)
+    try:
+        nodes = {"n1": make_node("n1", url)}
+        calls = [requester.relay([make_prompt(i)], nodes) for i in range(4)]
+        relays = [r for rs in await asyncio.gather(*calls) for r in rs]
+    finally:
+        await requester.close()
+        await server.stop()
+    assert [r.error_code for r in relays] == [ErrorCode.OK] * 4
+    # every answer but the last had the next request already at the node
+    assert seen_while_parsing == [True, True, True, False]
+
+
 async def test_global_concurrency_is_respected_across_nodes(node: TestNode) -> None:
     # Three node ids on one server: the server sees the global concurrency.
     requester = Requester(settings(per_node_concurrency=10, global_concurrency=4))
