@@ -195,11 +195,11 @@ class PoolSettings(StrictModel):
     Every Ray worker process costs about 0.01 core even when idle (its core worker wakes
     every 10 ms to check for signals) and every hand-off between processes costs
     serialization and RPC threads. In the Manager's process, a node answering a few docs
-    a second costs the loop 23% less CPU per doc and 0.02 fewer idle cores
-    (``bench/sim_nodes.py`` with openbookqa and a 3 s node), and a model served on the
-    same machine runs faster for it (``bench/e2e_vs_lmeval.py``). Their own processes
-    keep drawing, scoring and planning on separate cores: a 1,000-node fill on a 2-core
-    machine ran at 142 against 120 relays/s. Set 1 or more where cores are many; more
+    a second costs the loop 23% less CPU per doc and 0.02 fewer idle cores (a development
+    run of ``bench/sim_nodes.py``'s loop on openbookqa, the test node answering in ~3 s),
+    and the loop's actors took 24 against 36 CPU-s in ``bench/e2e_vs_lmeval.py``. Their
+    own processes keep drawing, scoring and planning on separate cores: a 1,000-node fill
+    on a 2-core machine ran at 142 against 120 relays/s. Set 1 or more where cores are many; more
     than one mostly adds Ray's own overhead and splits the per-doc caches (a doc's
     request bodies and Instances are built once per process) unless nodes share few
     docs."""
