@@ -68,7 +68,8 @@ def test_losing_the_worker_node_of_the_loop_loses_nothing(
     # Children follow the Manager (ray.colocate_children), so the whole loop is lost.
     assert all(set(n) == {worker} for n in result["before"].values() if n), result["before"]
     assert not result["before"]["samplers"] and not result["before"]["evaluators"]
-    assert all(n == [head] or set(n) == {head} for n in result["after"].values()), result["after"]
+    assert all(set(n) == {head} for n in result["after"].values() if n), result["after"]
+    assert result["after"]["manager"] == [head] and result["after"]["requester"] == [head]
     assert result["full"]
     summary = result["summary"]
     assert summary["samples"] >= 2 * TARGET
