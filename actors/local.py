@@ -114,6 +114,10 @@ class LocalPipeline:
         for child in [*self.samplers, *self.evaluators]:
             child.warm_up(pairs)
 
+    async def build_stats(self) -> dict[str, float]:
+        # one process: its Samplers share the process-wide counts
+        return self.samplers[0].build_stats()
+
     def _auditor(self) -> Auditor:
         if self.auditor is None:
             from actors.auditor import Auditor  # the honesty stack: only once it is needed

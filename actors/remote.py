@@ -291,6 +291,23 @@ class RayPipeline:
             self._own_evaluator.warm_up(list(pairs))
         await asyncio.gather(*(e.warm_up.remote(list(pairs)) for e in self.evaluators))
 
+    async def build_stats(self) -> dict[str, float]:
+        """Docs the Samplers built requests for and the CPU seconds that took, summed over
+        their processes (a Sampler restarting is left out rather than waited for: this is
+        part of every status call)."""
+        if self._own_sampler is not None:
+            return self._own_sampler.build_stats()
+        total = {"docs": 0, "cpu_s": 0.0}
+        if not self.samplers:
+            return total
+        done, _ = await asyncio.wait(
+            [asyncio.ensure_future(s.build_stats.remote()) for s in self.samplers], timeout=2.0)
+        for future in done:
+            if future.exception() is None:
+                for key, value in future.result().items():
+                    total[key] = total.get(key, 0) + value
+        return total
+
     def _auditor(self) -> Any:
         if self.auditor is None:
             self.auditor = auditor_actor().options(**self._placement).remote(self._settings)

@@ -26,7 +26,7 @@ from cluster.core.errors import DatasetError, TaskError
 from cluster.core.schemas import Node, Prompt, SampleDraw, SampleRequest, sample_key
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
-from cluster.tasks.registry import catalog_of, load_adapter, warm_adapters
+from cluster.tasks.registry import catalog_of, load_adapter, request_build_stats, warm_adapters
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ class Sampler:
 
     def warm_up(self, pairs: Sequence[tuple[Node, str]]) -> int:
         return warm_adapters(pairs, catalog_of(self._settings))
+
+    def build_stats(self) -> dict[str, float]:
+        """Docs whose requests this Sampler's process built, and the CPU seconds that took
+        (``cluster.tasks.lmeval.request_build_stats``): docs a body cache already held cost
+        nothing."""
+        return request_build_stats()
 
     async def _all_doc_ids(self, task: str, split: str) -> list[int]:
         key = (task, split)

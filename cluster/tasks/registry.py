@@ -32,6 +32,9 @@ from cluster.tasks.lmeval import (
     load_task_adapter,
     plan_tasks,
 )
+from cluster.tasks.lmeval import (
+    request_build_stats as request_build_stats,  # re-exported for the Sampler
+)
 from cluster.tasks.signature import SignatureTaskAdapter, signature_task_config
 
 log = logging.getLogger(__name__)

@@ -80,7 +80,8 @@ async def _collect(settings: Settings) -> dict[str, Any]:
     mongo = await conns.mongo()
     db = mongo.db
     out = {
-        "prompts": await db["prompts"].find({}, {"_id": 1, "sample_key": 1}).to_list(None),
+        "prompts": await db["prompts"].find(
+            {}, {"_id": 1, "sample_key": 1, "task": 1, "doc_id": 1}).to_list(None),
         "relays": await db["relays"].find({}, {"_id": 1, "error_code": 1}).to_list(None),
         "samples": await db["samples"].find({}).to_list(None),
         "buffers": await mongo.buffers.summaries(),
@@ -164,8 +165,20 @@ def test_until_full_fills_every_buffer_and_scores_nodes(loop_env: Settings) -> N
     assert failed and all(s["error"] for s in failed), "node failures carry their reason"
     _check_no_loss_no_duplicates(data)
     _check_signatures_first(loop_env, data)
+    _check_request_builds_are_reported(data)
     _check_loop_yields_the_cpu()
     print(f"loop filled {len(buffers)} buffers of {TARGET} in {elapsed:.1f}s")
+
+
+def _check_request_builds_are_reported(data: dict[str, Any]) -> None:
+    """The Manager's status counts the docs whose lm-eval requests its process built (the
+    Sampler draws there by default), with their CPU time: at least every benchmark doc
+    the loop sent prompts for (read before the status), however many nodes got them."""
+    manager = ray.get_actor(MANAGER_NAME, namespace="testbench")
+    built = ray.get(manager.status.remote(detail=False), timeout=60)["requests_built"]
+    sent = {(p["task"], p["doc_id"]) for p in data["prompts"] if p["task"] != "signature"}
+    assert sent and len(sent) <= built["docs"], (len(sent), built)
+    assert built["cpu_s"] > 0
 
 
 def _check_loop_yields_the_cpu() -> None:

@@ -15,6 +15,7 @@ from cluster.core.errors import ErrorCode
 from cluster.core.schemas import Node
 from cluster.core.settings import Settings
 from cluster.storage.connections import StoreConnections
+from cluster.tasks.lmeval import request_build_stats
 from cluster.testing.testnode import NodeBehaviour, TestNode
 
 
@@ -61,6 +62,8 @@ async def test_manager_fills_buffers_respecting_max_in_flight(
     summaries = await mongo.buffers.summaries()
     assert summaries[0]["n"] >= 4 and summaries[0]["error_rate"] == 0.0
     assert set(summaries[0]["metrics"]) == {"acc,none", "acc_norm,none"}
+    # what building requests cost this process, as the Sampler counts it
+    assert (await manager.status(detail=False))["requests_built"] == request_build_stats()
     await manager.stop()
 
 

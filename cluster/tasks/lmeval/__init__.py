@@ -7,6 +7,7 @@ Public surface (internals live in the submodules and may move):
   folders first, then lm-eval's built-in tasks) and where their data may come from;
   :func:`task_config` / :func:`load_lmeval_task`: a task's config and Task through lm-eval's
   TaskManager, data paths resolved (:mod:`cluster.tasks.lmeval.sources`)
+- :func:`request_build_stats`: docs whose requests this process built, and their CPU time
 - :func:`plan_tasks` / :func:`aggregate_group`: groups and tags as leaf tasks, and a group's
   score as lm-eval computes it
 """
@@ -21,6 +22,7 @@ from cluster.tasks.lmeval.adapter import (  # noqa: E402
     RequestSettings,
     TaskAdapter,
     load_task_adapter,
+    request_build_stats,
 )
 from cluster.tasks.lmeval.fewshot import FewshotReplay  # noqa: E402
 from cluster.tasks.lmeval.groups import (  # noqa: E402
@@ -50,6 +52,7 @@ __all__ = [
     "load_lmeval_task",
     "load_task_adapter",
     "plan_tasks",
+    "request_build_stats",
     "task_config",
     "task_manager",
 ]

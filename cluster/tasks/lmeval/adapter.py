@@ -31,6 +31,7 @@ import logging
 import math
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +59,23 @@ LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice")
 BODY_CACHE_DOCS = 4096
 # (context, continuation) -> token ids and context length: a few requests per doc
 TOKEN_CACHE_REQUESTS = 8 * BODY_CACHE_DOCS
+
+_built_lock = threading.Lock()
+_built = {"docs": 0, "cpu_s": 0.0}
+
+
+def request_build_stats() -> dict[str, float]:
+    """Docs whose request bodies this process built (not taken from a body cache) and the
+    CPU seconds that took (lm-eval's few-shot context, templates, tokenizing), over every
+    adapter, since the process started: what a loop pays for docs it has not seen yet."""
+    with _built_lock:
+        return dict(_built)
+
+
+def _count_build(cpu_s: float) -> None:
+    with _built_lock:
+        _built["docs"] += 1
+        _built["cpu_s"] += cpu_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,8 +405,10 @@ class TaskAdapter:
         """The HTTP requests that make up one sample of this doc for ``node``; a run's
         ``gen_kwargs`` are merged into generation requests (:func:`merge_gen_kwargs`)."""
         if gen_kwargs:
+            started = time.thread_time()
             instances = merge_gen_kwargs(self.build_instances(doc_id, doc), gen_kwargs)
             bodies = self._bodies_of(instances, node.model)
+            _count_build(time.thread_time() - started)
         else:
             bodies = self._doc_bodies(doc_id, doc, node.model)
         n_requests = len(bodies) * self.repeats
@@ -434,7 +454,9 @@ class TaskAdapter:
             if found is not None:
                 self._bodies.move_to_end(key)
                 return found
+        started = time.thread_time()  # this thread's CPU: the build runs on it, unawaited
         bodies = self._bodies_of(self.build_instances(doc_id, doc), model)
+        _count_build(time.thread_time() - started)
         with self._bodies_lock:
             self._bodies[key] = bodies
             while len(self._bodies) > BODY_CACHE_DOCS:

@@ -27,6 +27,7 @@ from cluster.tasks.lmeval import (
     FailedRelayError,
     TaskAdapter,
     load_task_adapter,
+    request_build_stats,
     task_config,
     task_manager,
 )
@@ -298,6 +299,25 @@ def test_prompts_are_a_pure_function_of_doc_id(gsm8k: TaskAdapter, no_http: None
     assert first == again
     # different docs draw different few-shot examples, as in a full lm-eval run
     assert len(set(first.values())) == len(first)
+
+
+def test_a_docs_requests_are_built_once_per_process_and_counted(
+    gsm8k: TaskAdapter, no_http: None
+) -> None:
+    """The loop's status reports what building requests cost (``requests_built``): a doc
+    counts once however many nodes are measured on it; a cached doc costs nothing."""
+    rows = _rows("gsm8k")
+    other = NODE.model_copy(update={"node_id": "another-node"})
+    before = request_build_stats()
+    gsm8k.build_prompts(NODE, 1201, rows[1201], "k1201", 0.0)
+    gsm8k.build_prompts(NODE, 1202, rows[1202], "k1202", 0.0)
+    after_two = request_build_stats()
+    assert after_two["docs"] - before["docs"] == 2
+    # a few-shot context tokenized: real CPU time, on the thread that built it
+    assert after_two["cpu_s"] > before["cpu_s"]
+    gsm8k.build_prompts(other, 1201, rows[1201], "k1201-other", 0.0)
+    gsm8k.build_prompts(NODE, 1202, rows[1202], "k1202-again", 0.0)
+    assert request_build_stats() == after_two
 
 
 def test_gsm8k_bodies_and_scores_match_lm_eval(
