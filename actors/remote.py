@@ -300,8 +300,10 @@ class RayPipeline:
         total = {"docs": 0, "cpu_s": 0.0}
         if not self.samplers:
             return total
-        done, _ = await asyncio.wait(
+        done, pending = await asyncio.wait(
             [asyncio.ensure_future(s.build_stats.remote()) for s in self.samplers], timeout=2.0)
+        for future in pending:  # not left to fail unobserved once the Sampler is back
+            future.cancel()
         for future in done:
             if future.exception() is None:
                 for key, value in future.result().items():
