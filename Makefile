@@ -40,7 +40,7 @@ chromium:
 test: install model chromium
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(OFFLINE) $(PY) -m pytest -q -p no:cacheprovider --durations=40 tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -239,7 +239,8 @@ class Manager:
                 self._state(item.node_id, item.task).reserved += item.count
             self._spawn(self._dispatch(batch))
         self._ticks += 1
-        self._progress.set()
+        if plan or self._ticks == 1:  # a tick that planned nothing changed nothing to report
+            self._progress.set()
         metrics.set_manager_queue(len(self._inflight_keys), planned=sum(i.count for i in plan))
         assert self._pipeline is not None
         self._checks.tick(now, self._nodes, self._pipeline, self._stores, self._spawn)
@@ -299,6 +300,7 @@ class Manager:
         finally:
             for item in batch:
                 self._state(item.node_id, item.task).reserved -= item.count
+            self._progress.set()  # drawn (in flight now), or failed, or fewer than planned
         keys: list[str] = []
         nodes: dict[str, Node] = {}
         for draw in draws:
@@ -376,13 +378,16 @@ class Manager:
             self._wake.set()
 
     def _release(self, keys: list[str]) -> None:
+        changed = False
         for key in keys:
             node_id, task, doc_id, _ = key.split("|")
             state = self._state(node_id, task)
+            changed = changed or int(doc_id) in state.in_flight or key in self._inflight_keys
             state.in_flight.discard(int(doc_id))
             state.at_node.discard(int(doc_id))
         self._inflight_keys.difference_update(keys)
-        self._progress.set()
+        if changed:  # docs left unscored (scored ones were released as they came in)
+            self._progress.set()
 
     async def _redrive(self, keys: list[str], attempts: int = 5) -> list[Sample] | None:
         """Finish samples from what MongoDB holds: relay what has no relay, then score."""
@@ -512,7 +517,8 @@ class Manager:
                 target = self._limits.target(task)
                 totals["valid"] += min(valid, target)
                 totals["target"] += target
-                totals["in_flight"] += len(state.in_flight)
+                in_flight = len(state.in_flight) + state.reserved  # being drawn counts too
+                totals["in_flight"] += in_flight
                 reason = state.unmeasurable or self._blocked_by(nid, task, tasks, now)
                 if reason is not None:
                     unmeasurable.append({"node_id": nid, "task": task, "reason": reason})
@@ -521,7 +527,7 @@ class Manager:
                 if detail:
                     pairs.append({
                         "node_id": nid, "task": task, "valid": valid,
-                        "in_flight": len(state.in_flight), "target": target,
+                        "in_flight": in_flight, "target": target,
                         "backoff_s": max(0.0, state.backoff_until - now),
                         "unmeasurable": reason,
                     })

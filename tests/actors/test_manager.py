@@ -67,6 +67,28 @@ async def test_manager_fills_buffers_respecting_max_in_flight(
     await manager.stop()
 
 
+async def test_docs_being_drawn_count_as_in_flight_until_scored(
+    fresh_settings: Settings, correct_node: Node
+) -> None:
+    """``testbench run --once`` ends when a tick happened and nothing is in flight: the
+    docs a tick planned are in flight from that moment (while the Sampler draws them),
+    not only once drawn, or the run would end before its docs were measured."""
+    settings = small(fresh_settings, target=2)  # one tick's docs fill the buffer
+    stores = StoreConnections(settings)
+    await (await stores.mongo()).nodes.add(correct_node)
+    manager = Manager(settings, LocalPipeline, stores=stores)
+    await manager.ensure_started(loop=False)
+    assert await manager.tick() == 1
+    status = await manager.status(detail=False)
+    assert status["in_flight"] + status["valid"] == 2, status
+    deadline = time.monotonic() + 60
+    while status["in_flight"]:
+        assert time.monotonic() < deadline, status
+        status = await manager.status(detail=False, wait_s=5)
+    assert status["valid"] == 2 and status["dispatched"] == 2, status
+    await manager.stop()
+
+
 async def test_restarted_manager_rebuilds_state_and_redrives_orphans(
     fresh_settings: Settings, correct_node: Node
 ) -> None:
@@ -173,7 +195,15 @@ async def test_status_with_wait_returns_on_progress_and_waits_while_nothing_chan
         calls += 1
         assert time.monotonic() - started < 10, "a waiting status missed the loop's progress"
     assert calls >= 2 and status["valid"] == 4
-    await manager.status(detail=False, wait_s=0.05)  # the last changes, if any
+    # the last changes, if any: the scoring of the final docs may still be finishing on a
+    # loaded machine; then nothing changes until the next tick, 60 s away
+    quiet_at = time.monotonic() + 20
+    while True:
+        started = time.monotonic()
+        await manager.status(detail=False, wait_s=0.2)
+        if time.monotonic() - started >= 0.19:
+            break
+        assert time.monotonic() < quiet_at, "the loop keeps reporting progress while full"
     started = time.monotonic()
     quiet = await manager.status(detail=False, wait_s=0.5)
     assert time.monotonic() - started >= 0.45 and quiet["valid"] == 4
