@@ -378,15 +378,15 @@ class Manager:
             self._wake.set()
 
     def _release(self, keys: list[str]) -> None:
-        changed = False
+        # docs left unscored (scored ones left ``_inflight_keys`` as they came in)
+        changed = not self._inflight_keys.isdisjoint(keys)
         for key in keys:
             node_id, task, doc_id, _ = key.split("|")
             state = self._state(node_id, task)
-            changed = changed or int(doc_id) in state.in_flight or key in self._inflight_keys
             state.in_flight.discard(int(doc_id))
             state.at_node.discard(int(doc_id))
         self._inflight_keys.difference_update(keys)
-        if changed:  # docs left unscored (scored ones were released as they came in)
+        if changed:
             self._progress.set()
 
     async def _redrive(self, keys: list[str], attempts: int = 5) -> list[Sample] | None:
